@@ -1,0 +1,230 @@
+//! Typed errors. Every message names the operation, the argument at fault
+//! and the shapes involved, so that a user can act on it without a debugger.
+
+use std::fmt;
+
+/// A shape, printed as `[2, 3, 4]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Shape(pub Vec<usize>);
+
+impl fmt::Debug for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(s: &[usize]) -> Self {
+        Shape(s.to_vec())
+    }
+}
+
+impl From<Vec<usize>> for Shape {
+    fn from(s: Vec<usize>) -> Self {
+        Shape(s)
+    }
+}
+
+/// Everything that can go wrong in normlab.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NormError {
+    /// Batch statistics in training need at least two values per channel.
+    #[error(
+        "{op}: expected more than 1 value per {per} when training, got input of shape {shape}"
+    )]
+    TooFewValues {
+        /// Operation name.
+        op: &'static str,
+        /// What the statistics are taken over (`channel`, `spatial element`).
+        per: &'static str,
+        /// Input shape.
+        shape: Shape,
+    },
+    /// An argument has the wrong shape for the input.
+    #[error("{op}: `{arg}` has shape {got}, expected {expected} for input of shape {input}")]
+    ShapeMismatch {
+        /// Operation name.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// Shape given.
+        got: Shape,
+        /// Shape required.
+        expected: Shape,
+        /// Input shape.
+        input: Shape,
+    },
+    /// A buffer's length does not match its declared shape.
+    #[error("{op}: `{arg}` holds {len} values but its shape {shape} needs {expected}")]
+    LengthMismatch {
+        /// Operation name.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// Length given.
+        len: usize,
+        /// Shape declared.
+        shape: Shape,
+        /// Length that shape needs.
+        expected: usize,
+    },
+    /// The input has too few dimensions.
+    #[error("{op}: `{arg}` must have rank at least {min}, got shape {shape}")]
+    RankTooLow {
+        /// Operation name.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// Minimum rank.
+        min: usize,
+        /// Shape given.
+        shape: Shape,
+    },
+    /// LayerNorm/RMSNorm: the input must end with the normalized shape.
+    #[error("{op}: input of shape {input} does not end with the normalized shape {expected}")]
+    TrailingShape {
+        /// Operation name.
+        op: &'static str,
+        /// The layer's normalized shape.
+        expected: Shape,
+        /// Input shape.
+        input: Shape,
+    },
+    /// GroupNorm: channels must split evenly into groups.
+    #[error("{op}: {channels} channels are not divisible by {groups} groups (input shape {shape})")]
+    GroupsNotDivisible {
+        /// Operation name.
+        op: &'static str,
+        /// Number of channels.
+        channels: usize,
+        /// Number of groups.
+        groups: usize,
+        /// Input shape.
+        shape: Shape,
+    },
+    /// An axis outside `-rank..rank`.
+    #[error("{op}: axis {axis} is out of range for input of rank {rank} (shape {shape})")]
+    AxisOutOfRange {
+        /// Operation name.
+        op: &'static str,
+        /// Axis given.
+        axis: isize,
+        /// Rank of the input.
+        rank: usize,
+        /// Input shape.
+        shape: Shape,
+    },
+    /// A scalar argument outside its domain (ε < 0, momentum ∉ [0, 1], size 0, …).
+    #[error("{op}: `{arg}` must be {expected}, got {value}")]
+    InvalidArgument {
+        /// Operation name.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// The value given, formatted.
+        value: String,
+        /// The domain, in words.
+        expected: &'static str,
+    },
+    /// Evaluation with running statistics that are not there.
+    #[error("{op}: evaluation needs running statistics (`running_mean` and `running_var`), but none were given")]
+    MissingRunningStats {
+        /// Operation name.
+        op: &'static str,
+    },
+    /// A training batch produced NaN or infinite statistics.
+    #[error("{op}: batch statistics are not finite in channel {channel} (mean {mean}, variance {var}); running statistics left unchanged")]
+    NonFiniteStatistics {
+        /// Operation name.
+        op: &'static str,
+        /// First offending channel.
+        channel: usize,
+        /// Its batch mean.
+        mean: f64,
+        /// Its biased batch variance.
+        var: f64,
+    },
+    /// A state-dict tensor is missing, has the wrong dtype, or the file is malformed.
+    #[error("state dict: {0}")]
+    State(String),
+    /// An I/O error while reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// File path.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// `Result` with [`NormError`].
+pub type Result<T, E = NormError> = std::result::Result<T, E>;
+
+/// Checks a scalar against a domain, building the error message on failure.
+pub(crate) fn ensure(
+    ok: bool,
+    op: &'static str,
+    arg: &'static str,
+    value: impl fmt::Display,
+    expected: &'static str,
+) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(NormError::InvalidArgument {
+            op,
+            arg,
+            value: value.to_string(),
+            expected,
+        })
+    }
+}
+
+/// Checks that an optional per-channel (or per-feature) argument has `expected` shape.
+pub(crate) fn check_shape(
+    op: &'static str,
+    arg: &'static str,
+    got: &[usize],
+    expected: &[usize],
+    input: &[usize],
+) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(NormError::ShapeMismatch {
+            op,
+            arg,
+            got: got.into(),
+            expected: expected.into(),
+            input: input.into(),
+        })
+    }
+}
+
+/// Checks a slice length against the number of values a kernel layout needs.
+pub(crate) fn check_len(
+    op: &'static str,
+    arg: &'static str,
+    len: usize,
+    shape: &[usize],
+) -> Result<()> {
+    let expected: usize = shape.iter().product();
+    if len == expected {
+        Ok(())
+    } else {
+        Err(NormError::LengthMismatch {
+            op,
+            arg,
+            len,
+            shape: shape.into(),
+            expected,
+        })
+    }
+}

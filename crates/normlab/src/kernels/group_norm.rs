@@ -1,0 +1,277 @@
+//! GroupNorm on `[N, C, *]`: channels split into G groups of C/G; statistics
+//! per (sample, group) over its C/G channels and all spatial positions;
+//! γ and β per channel.
+//!
+//! ```text
+//! μ_ng = mean of x[n, group g]   σ²_ng = Σ(x-μ_ng)²/(C/G·spatial)   r_ng = 1/√(σ²_ng+ε)
+//! y = γ_c·(x-μ_ng)·r_ng + β_c
+//! dx = r·(g - mean(g) - x̂·mean(g·x̂)),  g = γ_c·dy, means over the group
+//! dγ_c = Σ_n Σ_s dy·x̂   dβ_c = Σ_n Σ_s dy
+//! ```
+//! Each group is one contiguous block of `C/G·spatial` values.
+
+use super::layer_norm::write_acc;
+use super::{backward_coefficients, check_param, param_at, Epsilon, Grads, NcsLayout, Saved};
+use crate::error::{check_len, ensure, Result};
+use crate::moments::Moments;
+use crate::{Float, NormError, Tensor};
+
+const OP: &str = "group_norm";
+
+/// `[N, G, C/G, spatial]`: a channel-first layout split into groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupLayout {
+    /// The channel-first layout.
+    pub ncs: NcsLayout,
+    /// Number of groups G (divides C).
+    pub groups: usize,
+}
+
+impl GroupLayout {
+    /// Checks `groups > 0` and `C % groups == 0`.
+    ///
+    /// # Errors
+    /// [`NormError::InvalidArgument`] for 0 groups, [`NormError::GroupsNotDivisible`].
+    pub fn new(op: &'static str, ncs: NcsLayout, groups: usize, shape: &[usize]) -> Result<Self> {
+        ensure(groups > 0, op, "num_groups", groups, "at least 1")?;
+        if ncs.c % groups != 0 {
+            return Err(NormError::GroupsNotDivisible {
+                op,
+                channels: ncs.c,
+                groups,
+                shape: shape.into(),
+            });
+        }
+        Ok(Self { ncs, groups })
+    }
+
+    fn channels_per_group(&self) -> usize {
+        self.ncs.c / self.groups
+    }
+
+    fn group_len(&self) -> usize {
+        self.channels_per_group() * self.ncs.spatial
+    }
+}
+
+/// Forward: writes `y` and `saved` (N·G groups).
+///
+/// # Errors
+/// When a slice length disagrees with the layout.
+pub fn forward<T: Float>(
+    x: &[T],
+    layout: GroupLayout,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: &Epsilon,
+    y: &mut [T],
+    saved: &mut Saved,
+) -> Result<()> {
+    check_args(OP, x, layout, weight, bias, saved)?;
+    check_len(OP, "y", y.len(), &shape4(layout))?;
+    let (len, s, cpg) = (layout.group_len(), layout.ncs.spatial, layout.channels_per_group());
+    if len == 0 {
+        return Ok(());
+    }
+    for (group, (x_grp, y_grp)) in x.chunks_exact(len).zip(y.chunks_exact_mut(len)).enumerate() {
+        let m = Moments::of_slice(x_grp);
+        let rstd = eps.rstd(m.var(0));
+        saved.mean[group] = m.mean;
+        saved.rstd[group] = rstd;
+        let first_channel = (group % layout.groups) * cpg;
+        for (i, (x_ch, y_ch)) in x_grp.chunks_exact(s).zip(y_grp.chunks_exact_mut(s)).enumerate() {
+            let c = first_channel + i;
+            let scale = rstd * param_at(weight, c, 1.0);
+            let shift = param_at(bias, c, 0.0);
+            for (&xv, yv) in x_ch.iter().zip(y_ch) {
+                *yv = T::from_f64((xv.to_f64() - m.mean) * scale + shift);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Backward: writes `dx`, and `dweight`/`dbias` (length C) when given.
+///
+/// # Errors
+/// When a slice length disagrees with the layout.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    x: &[T],
+    dy: &[T],
+    layout: GroupLayout,
+    weight: Option<&[T]>,
+    eps: &Epsilon,
+    saved: &Saved,
+    dx: &mut [T],
+    dweight: Option<&mut [T]>,
+    dbias: Option<&mut [T]>,
+) -> Result<()> {
+    check_args(OP, x, layout, weight, None, saved)?;
+    check_len(OP, "dy", dy.len(), &shape4(layout))?;
+    check_len(OP, "dx", dx.len(), &shape4(layout))?;
+    let (len, s, cpg) = (layout.group_len(), layout.ncs.spatial, layout.channels_per_group());
+    let c_total = layout.ncs.c;
+    let mut dweight_acc = vec![0.0f64; if dweight.is_some() { c_total } else { 0 }];
+    let mut dbias_acc = vec![0.0f64; if dbias.is_some() { c_total } else { 0 }];
+    if len > 0 {
+        let groups = x.chunks_exact(len).zip(dy.chunks_exact(len)).zip(dx.chunks_exact_mut(len));
+        for (group, ((x_grp, dy_grp), dx_grp)) in groups.enumerate() {
+            let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
+            let first_channel = (group % layout.groups) * cpg;
+            let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
+            for (i, (x_ch, dy_ch)) in x_grp.chunks_exact(s).zip(dy_grp.chunks_exact(s)).enumerate() {
+                let c = first_channel + i;
+                let (mut sum_dy, mut sum_dy_xhat) = (0.0, 0.0);
+                for (&xv, &dyv) in x_ch.iter().zip(dy_ch) {
+                    let dy = dyv.to_f64();
+                    sum_dy += dy;
+                    sum_dy_xhat += dy * (xv.to_f64() - mean) * rstd;
+                }
+                let w = param_at(weight, c, 1.0);
+                sum_g += w * sum_dy;
+                sum_g_xhat += w * sum_dy_xhat;
+                if let Some(acc) = dweight_acc.get_mut(c) {
+                    *acc += sum_dy_xhat;
+                }
+                if let Some(acc) = dbias_acc.get_mut(c) {
+                    *acc += sum_dy;
+                }
+            }
+            let (b, cc) = backward_coefficients(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+            let chans = x_grp.chunks_exact(s).zip(dy_grp.chunks_exact(s)).zip(dx_grp.chunks_exact_mut(s));
+            for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
+                let a = rstd * param_at(weight, first_channel + i, 1.0);
+                for ((&xv, &dyv), dxv) in x_ch.iter().zip(dy_ch).zip(dx_ch) {
+                    *dxv = T::from_f64(a * dyv.to_f64() + b * (xv.to_f64() - mean) + cc);
+                }
+            }
+        }
+    }
+    write_acc(dweight, &dweight_acc);
+    write_acc(dbias, &dbias_acc);
+    Ok(())
+}
+
+fn shape4(layout: GroupLayout) -> [usize; 4] {
+    [layout.ncs.n, layout.groups, layout.channels_per_group(), layout.ncs.spatial]
+}
+
+fn check_args<T: Float>(
+    op: &'static str,
+    x: &[T],
+    layout: GroupLayout,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    saved: &Saved,
+) -> Result<()> {
+    check_len(op, "x", x.len(), &shape4(layout))?;
+    let groups = [layout.ncs.n * layout.groups];
+    check_len(op, "saved.mean", saved.mean.len(), &groups)?;
+    check_len(op, "saved.rstd", saved.rstd.len(), &groups)?;
+    if let Some(w) = weight {
+        check_len(op, "weight", w.len(), &[layout.ncs.c])?;
+    }
+    if let Some(b) = bias {
+        check_len(op, "bias", b.len(), &[layout.ncs.c])?;
+    }
+    Ok(())
+}
+
+/// GroupNorm of `x` (`[N, C, *]`) with `num_groups` groups; γ, β of shape `[C]`.
+///
+/// # Errors
+/// Rank < 2; `num_groups` 0 or not dividing C; weight/bias not `[C]`; invalid ε.
+///
+/// ```
+/// use normlab::{Tensor, kernels::group_norm::group_norm};
+/// let x = Tensor::new(vec![1, 2, 2], vec![0.0f64, 2.0, 10.0, 30.0]).unwrap();
+/// let (y, saved) = group_norm(&x, 2, None, None, 0.0.into()).unwrap();
+/// assert_eq!(saved.mean, vec![1.0, 20.0]);
+/// assert_eq!(y.data(), &[-1.0, 1.0, -1.0, 1.0]);
+/// ```
+pub fn group_norm<T: Float>(
+    x: &Tensor<T>,
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    eps: Epsilon,
+) -> Result<(Tensor<T>, Saved)> {
+    group_norm_op(OP, x, num_groups, weight, bias, eps)
+}
+
+/// GroupNorm under another operation's name (InstanceNorm is G = C).
+pub(crate) fn group_norm_op<T: Float>(
+    op: &'static str,
+    x: &Tensor<T>,
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    eps: Epsilon,
+) -> Result<(Tensor<T>, Saved)> {
+    eps.validate(op)?;
+    let ncs = NcsLayout::of(op, x.shape(), 2)?;
+    let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
+    check_param(op, "weight", weight, &[ncs.c], x.shape())?;
+    check_param(op, "bias", bias, &[ncs.c], x.shape())?;
+    let mut y = Tensor::zeros(x.shape());
+    let mut saved = Saved::zeros(ncs.n * num_groups);
+    forward(
+        x.data(),
+        layout,
+        weight.map(Tensor::data),
+        bias.map(Tensor::data),
+        &eps,
+        y.data_mut(),
+        &mut saved,
+    )?;
+    Ok((y, saved))
+}
+
+/// Gradients of [`group_norm`].
+///
+/// # Errors
+/// Shapes that disagree with the forward call's.
+pub fn group_norm_backward<T: Float>(
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    with_bias: bool,
+    eps: Epsilon,
+    saved: &Saved,
+) -> Result<Grads<T>> {
+    group_norm_backward_op(OP, x, dy, num_groups, weight, with_bias, eps, saved)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_norm_backward_op<T: Float>(
+    op: &'static str,
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    with_bias: bool,
+    eps: Epsilon,
+    saved: &Saved,
+) -> Result<Grads<T>> {
+    let ncs = NcsLayout::of(op, x.shape(), 2)?;
+    let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
+    crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
+    check_param(op, "weight", weight, &[ncs.c], x.shape())?;
+    let mut dx = Tensor::zeros(x.shape());
+    let mut dweight = weight.map(|_| Tensor::zeros(&[ncs.c]));
+    let mut dbias = with_bias.then(|| Tensor::zeros(&[ncs.c]));
+    backward(
+        x.data(),
+        dy.data(),
+        layout,
+        weight.map(Tensor::data),
+        &eps,
+        saved,
+        dx.data_mut(),
+        dweight.as_mut().map(Tensor::data_mut),
+        dbias.as_mut().map(Tensor::data_mut),
+    )?;
+    Ok(Grads { dx, dweight, dbias })
+}

@@ -1,0 +1,236 @@
+//! Local Response Normalization on `[N, C, *]` (rank ≥ 3).
+//!
+//! ```text
+//! S_i = k + a·Σ_{j ∈ W(i)} x_j²        y_i = x_i · S_i^(-β)
+//! dx_j = dy_j·S_j^(-β) - 2aβ·x_j·Σ_{i : j ∈ W(i)} dy_i·x_i·S_i^(-β-1)
+//! ```
+//! Across channels (AlexNet, PyTorch, ONNX) `W(i)` is `size` neighbouring
+//! channels at the same position; within channel (Caffe's WITHIN_CHANNEL) it
+//! is a `size × size` (× …) box of spatial neighbours in the same channel.
+//! Windows are clipped at the edges. `a = α/size` (α over the window volume
+//! within channel), as PyTorch, ONNX and Caffe scale it, or plain `α` as in
+//! AlexNet's paper.
+//!
+//! The window sum is separable: a 1-d box sum along each windowed axis. The
+//! backward sum over `{i : j ∈ W(i)}` is the same box with its two sides
+//! swapped, which matters only for even sizes.
+
+use crate::error::{check_len, ensure, Result};
+use crate::{Float, NormError, Tensor};
+
+const OP: &str = "local_response_norm";
+
+/// Which neighbours enter the sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LrnRegion {
+    /// `size` adjacent channels at the same position (default).
+    #[default]
+    AcrossChannels,
+    /// A square (cubic, …) spatial window of side `size` in the same channel.
+    WithinChannel,
+}
+
+/// Where an even-sized window puts its extra element.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EvenWindow {
+    /// `size/2` before, `size/2 - 1` after (PyTorch; default).
+    #[default]
+    Torch,
+    /// `size/2 - 1` before, `size/2` after (ONNX).
+    Onnx,
+}
+
+/// LRN hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LrnOptions {
+    /// Window side, ≥ 1.
+    pub size: usize,
+    /// α (PyTorch default 1e-4).
+    pub alpha: f64,
+    /// β (default 0.75).
+    pub beta: f64,
+    /// k (default 1).
+    pub k: f64,
+    /// `a = α/size` (true, PyTorch/ONNX/Caffe) or `a = α` (AlexNet's paper).
+    pub alpha_over_size: bool,
+    /// Across or within channels.
+    pub region: LrnRegion,
+    /// Even-size window convention.
+    pub even_window: EvenWindow,
+}
+
+impl LrnOptions {
+    /// PyTorch's `LocalResponseNorm(size)` defaults: α = 1e-4, β = 0.75, k = 1.
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            alpha: 1e-4,
+            beta: 0.75,
+            k: 1.0,
+            alpha_over_size: true,
+            region: LrnRegion::AcrossChannels,
+            even_window: EvenWindow::Torch,
+        }
+    }
+
+    /// Elements before and after the centre.
+    pub fn window(&self) -> (usize, usize) {
+        let before = match self.even_window {
+            EvenWindow::Torch => self.size / 2,
+            EvenWindow::Onnx => (self.size - 1) / 2,
+        };
+        (before, self.size - 1 - before)
+    }
+
+    /// The coefficient `a` of the squared sum for `spatial_rank` spatial axes.
+    pub fn scale(&self, spatial_rank: usize) -> f64 {
+        if !self.alpha_over_size {
+            return self.alpha;
+        }
+        let volume = match self.region {
+            LrnRegion::AcrossChannels => self.size as f64,
+            LrnRegion::WithinChannel => (self.size as f64).powi(spatial_rank as i32),
+        };
+        self.alpha / volume
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure(self.size >= 1, OP, "size", self.size, "at least 1")?;
+        for (arg, v) in [("alpha", self.alpha), ("beta", self.beta), ("k", self.k)] {
+            ensure(v.is_finite(), OP, arg, v, "finite")?;
+        }
+        Ok(())
+    }
+}
+
+/// Box sums along one axis of a `[outer, len, inner]` buffer:
+/// `out[o, i, r] = Σ_{j=i-before}^{i+after} v[o, j, r]`, clipped to `0..len`.
+fn box_sum(v: &[f64], outer: usize, len: usize, inner: usize, before: usize, after: usize) -> Vec<f64> {
+    let mut out = vec![0.0; v.len()];
+    for o in 0..outer {
+        let base = o * len * inner;
+        for i in 0..len {
+            let lo = i.saturating_sub(before);
+            let hi = (i + after).min(len.saturating_sub(1));
+            let dst = &mut out[base + i * inner..][..inner];
+            for j in lo..=hi {
+                for (d, s) in dst.iter_mut().zip(&v[base + j * inner..][..inner]) {
+                    *d += s;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The windowed sum over every windowed axis of `shape` (`swap`: the transposed window).
+fn window_sum(v: Vec<f64>, shape: &[usize], options: &LrnOptions, swap: bool) -> Vec<f64> {
+    let (mut before, mut after) = options.window();
+    if swap {
+        std::mem::swap(&mut before, &mut after);
+    }
+    let axes: Vec<usize> = match options.region {
+        LrnRegion::AcrossChannels => vec![1],
+        LrnRegion::WithinChannel => (2..shape.len()).collect(),
+    };
+    axes.into_iter().fold(v, |acc, axis| {
+        let outer = shape[..axis].iter().product();
+        let inner = shape[axis + 1..].iter().product();
+        box_sum(&acc, outer, shape[axis], inner, before, after)
+    })
+}
+
+/// `S = k + a·Σ_window x²` for every element.
+fn scale_terms<T: Float>(x: &[T], shape: &[usize], options: &LrnOptions) -> Vec<f64> {
+    let squares = x.iter().map(|v| v.to_f64() * v.to_f64()).collect();
+    let a = options.scale(shape.len() - 2);
+    let mut s = window_sum(squares, shape, options, false);
+    for v in &mut s {
+        *v = options.k + a * *v;
+    }
+    s
+}
+
+fn check_input(shape: &[usize], options: &LrnOptions) -> Result<()> {
+    options.validate()?;
+    if shape.len() < 3 {
+        return Err(NormError::RankTooLow {
+            op: OP,
+            arg: "x",
+            min: 3,
+            shape: shape.into(),
+        });
+    }
+    Ok(())
+}
+
+/// Forward on a buffer of `shape`: writes `y`.
+///
+/// # Errors
+/// Rank < 3, size 0, non-finite α/β/k, or lengths that disagree with `shape`.
+pub fn forward<T: Float>(x: &[T], shape: &[usize], options: &LrnOptions, y: &mut [T]) -> Result<()> {
+    check_input(shape, options)?;
+    check_len(OP, "x", x.len(), shape)?;
+    check_len(OP, "y", y.len(), shape)?;
+    let s = scale_terms(x, shape, options);
+    for ((yv, &xv), &sv) in y.iter_mut().zip(x).zip(&s) {
+        *yv = T::from_f64(xv.to_f64() * sv.powf(-options.beta));
+    }
+    Ok(())
+}
+
+/// Backward on a buffer of `shape`: writes `dx` (LRN has no parameters).
+///
+/// # Errors
+/// As [`forward`], and `dy`/`dx` lengths.
+pub fn backward<T: Float>(x: &[T], dy: &[T], shape: &[usize], options: &LrnOptions, dx: &mut [T]) -> Result<()> {
+    check_input(shape, options)?;
+    check_len(OP, "x", x.len(), shape)?;
+    check_len(OP, "dy", dy.len(), shape)?;
+    check_len(OP, "dx", dx.len(), shape)?;
+    let s = scale_terms(x, shape, options);
+    let beta = options.beta;
+    // t_i = dy_i·x_i·S_i^(-β-1), gathered over the transposed window.
+    let t = dy
+        .iter()
+        .zip(x)
+        .zip(&s)
+        .map(|((&d, &xv), &sv)| d.to_f64() * xv.to_f64() * sv.powf(-beta - 1.0))
+        .collect();
+    let gathered = window_sum(t, shape, options, true);
+    let coef = 2.0 * options.scale(shape.len() - 2) * beta;
+    for (((dxv, &d), &xv), (&sv, &u)) in dx.iter_mut().zip(dy).zip(x).zip(s.iter().zip(&gathered)) {
+        *dxv = T::from_f64(d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u);
+    }
+    Ok(())
+}
+
+/// LRN of `x` (`[N, C, *]`, rank ≥ 3).
+///
+/// # Errors
+/// Rank < 3, size 0, non-finite α/β/k.
+///
+/// ```
+/// use normlab::{Tensor, kernels::lrn::{lrn, LrnOptions}};
+/// let x = Tensor::new(vec![1, 2, 1], vec![1.0f64, 2.0]).unwrap();
+/// let options = LrnOptions { alpha: 1.0, beta: 1.0, k: 1.0, alpha_over_size: false, ..LrnOptions::new(3) };
+/// let y = lrn(&x, &options).unwrap();
+/// // each window holds both channels: S = 1 + (1 + 4) = 6
+/// assert_eq!(y.data(), &[1.0 / 6.0, 2.0 / 6.0]);
+/// ```
+pub fn lrn<T: Float>(x: &Tensor<T>, options: &LrnOptions) -> Result<Tensor<T>> {
+    let mut y = Tensor::zeros(x.shape());
+    forward(x.data(), x.shape(), options, y.data_mut())?;
+    Ok(y)
+}
+
+/// `dx` of [`lrn`].
+///
+/// # Errors
+/// As [`lrn`], and `dy` not shaped as `x`.
+pub fn lrn_backward<T: Float>(x: &Tensor<T>, dy: &Tensor<T>, options: &LrnOptions) -> Result<Tensor<T>> {
+    crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
+    let mut dx = Tensor::zeros(x.shape());
+    backward(x.data(), dy.data(), x.shape(), options, dx.data_mut())?;
+    Ok(dx)
+}

@@ -1,0 +1,239 @@
+//! Kernels: one file per normalization, forward and backward side by side.
+//!
+//! Each file has two levels:
+//! - slice kernels over an explicit layout (`rows × features`,
+//!   `N × C × spatial`, …) that write into caller-provided outputs;
+//! - checked, allocating functions over [`Tensor`](crate::Tensor) that
+//!   validate shapes and options and return typed errors.
+//!
+//! Forward saves the minimum the backward needs: the mean and `rstd` of each
+//! normalized group, in f64 (see [`Saved`]).
+//!
+//! Every normalization with centring shares one backward. With `g = γ·dy`,
+//! `x̂ = (x - μ)·r` and `r = rstd(σ²)`, differentiating through μ and σ² gives
+//! the coefficient form
+//! ```text
+//! dx = r·g + b·(x - μ) + c,   c = -r·mean(g),   b = k·mean(g·x̂)
+//! k  = 2·r'(σ²)/r  =  -r²       (ε inside the square root)
+//!                  =  -r/σ      (ε added to σ)
+//! ```
+//! RMSNorm is the same with μ = 0 and no `c` term.
+
+pub mod batch_norm;
+pub mod group_norm;
+pub mod instance_norm;
+pub mod layer_norm;
+pub mod lrn;
+pub mod rms_norm;
+
+use crate::error::{ensure, Result};
+
+/// Where ε enters the normalization.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EpsPlacement {
+    /// `(x - μ) / √(σ² + ε)`: PyTorch, ONNX, TensorFlow (default).
+    #[default]
+    InsideSqrt,
+    /// `(x - μ) / (σ + ε)`: the lecture's formula.
+    AddToStd,
+}
+
+/// ε and where it goes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Epsilon {
+    /// The value (≥ 0, finite).
+    pub value: f64,
+    /// Its placement.
+    pub placement: EpsPlacement,
+}
+
+impl Default for Epsilon {
+    /// PyTorch's 1e-5 inside the square root.
+    fn default() -> Self {
+        Self::inside_sqrt(1e-5)
+    }
+}
+
+impl From<f64> for Epsilon {
+    fn from(value: f64) -> Self {
+        Self::inside_sqrt(value)
+    }
+}
+
+impl Epsilon {
+    /// `√(σ² + ε)`.
+    pub fn inside_sqrt(value: f64) -> Self {
+        Self {
+            value,
+            placement: EpsPlacement::InsideSqrt,
+        }
+    }
+
+    /// `σ + ε`.
+    pub fn add_to_std(value: f64) -> Self {
+        Self {
+            value,
+            placement: EpsPlacement::AddToStd,
+        }
+    }
+
+    /// Checks ε is finite and non-negative.
+    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+        ensure(
+            self.value.is_finite() && self.value >= 0.0,
+            op,
+            "eps",
+            self.value,
+            "finite and non-negative",
+        )
+    }
+
+    /// `r = 1/√(σ² + ε)` or `1/(σ + ε)`.
+    #[inline]
+    pub fn rstd(&self, var: f64) -> f64 {
+        match self.placement {
+            EpsPlacement::InsideSqrt => 1.0 / (var + self.value).sqrt(),
+            EpsPlacement::AddToStd => 1.0 / (var.sqrt() + self.value),
+        }
+    }
+
+    /// `k = 2·r'(σ²)/r` from `r` alone (see the module docs).
+    #[inline]
+    pub fn var_grad_factor(&self, rstd: f64) -> f64 {
+        match self.placement {
+            EpsPlacement::InsideSqrt => -rstd * rstd,
+            EpsPlacement::AddToStd => {
+                let std = 1.0 / rstd - self.value;
+                // σ = 0 means every x equals μ: the (x - μ) it multiplies is 0.
+                if std > 0.0 {
+                    -rstd / std
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// What forward keeps for backward: per normalized group, its mean and `rstd`.
+/// Kept in f64 whatever the element type, so that backward can centre
+/// `x - μ` exactly even when |μ| ≫ σ.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Saved {
+    /// Mean of each group (0 for RMSNorm).
+    pub mean: Vec<f64>,
+    /// `1/√(σ² + ε)` (or `1/(σ + ε)`) of each group.
+    pub rstd: Vec<f64>,
+}
+
+impl Saved {
+    /// Room for `groups` groups.
+    pub fn zeros(groups: usize) -> Self {
+        Self {
+            mean: vec![0.0; groups],
+            rstd: vec![0.0; groups],
+        }
+    }
+}
+
+/// Gradients of a normalization with respect to its inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grads<T> {
+    /// ∂L/∂x, shaped as x.
+    pub dx: crate::Tensor<T>,
+    /// ∂L/∂weight, when there is a weight.
+    pub dweight: Option<crate::Tensor<T>>,
+    /// ∂L/∂bias, when there is a bias.
+    pub dbias: Option<crate::Tensor<T>>,
+}
+
+/// The coefficients `(b, c)` of `dx = r·g + b·(x - μ) + c` for one group,
+/// from `mean(g)` and `mean(g·x̂)` over it (`centred = false` drops `c`: RMSNorm).
+#[inline]
+pub(crate) fn backward_coefficients(
+    eps: &Epsilon,
+    rstd: f64,
+    mean_g: f64,
+    mean_g_xhat: f64,
+) -> (f64, f64) {
+    (eps.var_grad_factor(rstd) * mean_g_xhat, -rstd * mean_g)
+}
+
+/// Resolves a possibly negative axis against `rank` (`-1` is the last).
+pub(crate) fn resolve_axis(op: &'static str, axis: isize, shape: &[usize]) -> Result<usize> {
+    let rank = shape.len() as isize;
+    let resolved = if axis < 0 { axis + rank } else { axis };
+    if (0..rank).contains(&resolved) {
+        Ok(resolved as usize)
+    } else {
+        Err(crate::NormError::AxisOutOfRange {
+            op,
+            axis,
+            rank: shape.len(),
+            shape: shape.into(),
+        })
+    }
+}
+
+/// `[N, C, spatial]` view of a channel-first shape (rank ≥ 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NcsLayout {
+    /// Batch size N.
+    pub n: usize,
+    /// Channels C.
+    pub c: usize,
+    /// Product of the spatial sizes (1 for `[N, C]`).
+    pub spatial: usize,
+}
+
+impl NcsLayout {
+    /// Reads `[N, C, *]`; errors on rank < `min_rank` (2 for BatchNorm, …).
+    pub fn of(op: &'static str, shape: &[usize], min_rank: usize) -> Result<Self> {
+        if shape.len() < min_rank.max(2) {
+            return Err(crate::NormError::RankTooLow {
+                op,
+                arg: "x",
+                min: min_rank.max(2),
+                shape: shape.into(),
+            });
+        }
+        Ok(Self {
+            n: shape[0],
+            c: shape[1],
+            spatial: shape[2..].iter().product(),
+        })
+    }
+
+    /// Total number of values.
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.spatial
+    }
+
+    /// No values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Checks an optional per-channel/feature parameter against `expected` shape.
+pub(crate) fn check_param<T: crate::Float>(
+    op: &'static str,
+    arg: &'static str,
+    p: Option<&crate::Tensor<T>>,
+    expected: &[usize],
+    input: &[usize],
+) -> Result<()> {
+    match p {
+        Some(t) => crate::error::check_shape(op, arg, t.shape(), expected, input),
+        None => Ok(()),
+    }
+}
+
+/// Reads parameter `p` at index `i` as f64, or `default` when absent.
+#[inline(always)]
+pub(crate) fn param_at<T: crate::Float>(p: Option<&[T]>, i: usize, default: f64) -> f64 {
+    match p {
+        Some(p) => p[i].to_f64(),
+        None => default,
+    }
+}

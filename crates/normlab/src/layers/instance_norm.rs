@@ -1,0 +1,173 @@
+//! `InstanceNorm`: PyTorch's `InstanceNorm1d/2d/3d` in one layer (`[N, C, *]`).
+
+use super::{
+    check_channels, impl_affine_access, impl_running_access, impl_state_dict, Affine, Mode, Output,
+    RunningStats,
+};
+use crate::kernels::batch_norm::BatchNormOptions;
+use crate::kernels::instance_norm::{instance_norm, instance_norm_backward};
+use crate::kernels::Grads;
+use crate::state::{StateDict, StateTensor, StateView};
+use crate::{Epsilon, Float, Momentum, Result, RunningVarEstimator, Tensor};
+
+const OP: &str = "instance_norm";
+
+/// Configuration of an [`InstanceNorm`]; defaults as PyTorch's (no affine,
+/// no running statistics).
+///
+/// ```text
+/// y = γ_c·(x - μ_nc)/√(σ²_nc + ε) + β_c     statistics per sample and channel
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceNormConfig {
+    /// Channels C.
+    pub num_features: usize,
+    /// ε = 1e-5 inside the square root.
+    pub eps: Epsilon,
+    /// Exponential 0.1.
+    pub momentum: Momentum,
+    /// Unbiased instance variance into `running_var`.
+    pub running_var: RunningVarEstimator,
+    /// Learnable γ, β (false).
+    pub affine: bool,
+    /// Keep running statistics (false).
+    pub track_running_stats: bool,
+}
+
+impl InstanceNormConfig {
+    /// PyTorch's defaults for `num_features` channels.
+    pub fn new(num_features: usize) -> Self {
+        Self {
+            num_features,
+            eps: Epsilon::default(),
+            momentum: Momentum::default(),
+            running_var: RunningVarEstimator::Unbiased,
+            affine: false,
+            track_running_stats: false,
+        }
+    }
+
+    /// Sets ε.
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps.value = eps;
+        self
+    }
+
+    /// Sets where ε goes.
+    pub fn with_eps_placement(mut self, placement: crate::EpsPlacement) -> Self {
+        self.eps.placement = placement;
+        self
+    }
+
+    /// Sets the momentum.
+    pub fn with_momentum(mut self, momentum: Momentum) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
+    /// Sets the running-variance estimator.
+    pub fn with_running_var(mut self, estimator: RunningVarEstimator) -> Self {
+        self.running_var = estimator;
+        self
+    }
+
+    /// Turns γ, β on or off.
+    pub fn with_affine(mut self, affine: bool) -> Self {
+        self.affine = affine;
+        self
+    }
+
+    /// Turns running statistics on or off.
+    pub fn with_track_running_stats(mut self, track: bool) -> Self {
+        self.track_running_stats = track;
+        self
+    }
+
+    /// Builds the layer in mode Train.
+    ///
+    /// # Errors
+    /// Invalid ε or momentum.
+    pub fn init<T: Float>(&self) -> Result<InstanceNorm<T>> {
+        self.eps.validate(OP)?;
+        self.momentum.validate(OP)?;
+        Ok(InstanceNorm {
+            config: self.clone(),
+            affine: Affine::new(&[self.num_features], self.affine, self.affine),
+            running: self
+                .track_running_stats
+                .then(|| RunningStats::new(self.num_features)),
+            mode: Mode::Train,
+        })
+    }
+}
+
+/// Instance normalization, optionally with running statistics used in
+/// evaluation.
+///
+/// # Shapes
+/// `x`, `y`: `[N, C, *]` with at least one spatial axis; parameters `[C]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceNorm<T> {
+    config: InstanceNormConfig,
+    affine: Affine<T>,
+    running: Option<RunningStats<T>>,
+    mode: Mode,
+}
+
+impl<T: Float> InstanceNorm<T> {
+    /// The configuration it was built with.
+    pub fn config(&self) -> &InstanceNormConfig {
+        &self.config
+    }
+
+    /// Normalizes `x`.
+    ///
+    /// # Errors
+    /// `x` not `[N, C, *]` of rank ≥ 3; one spatial value with instance
+    /// statistics; non-finite statistics (running statistics left unchanged).
+    pub fn forward(&mut self, x: &Tensor<T>) -> Result<Output<T>> {
+        check_channels(OP, x.shape(), self.config.num_features, 3)?;
+        let train = self.mode == Mode::Train;
+        let options = BatchNormOptions {
+            use_batch_stats: train || self.running.is_none(),
+            update_running_stats: train,
+            eps: self.config.eps,
+            momentum: self.config.momentum,
+            running_var: self.config.running_var,
+        };
+        let running = self.running.as_mut().map(RunningStats::as_mut);
+        let (y, saved) = instance_norm(
+            x,
+            running,
+            self.affine.weight.as_ref(),
+            self.affine.bias.as_ref(),
+            &options,
+        )?;
+        Ok(Output {
+            y,
+            saved,
+            input_stats: options.use_batch_stats,
+        })
+    }
+
+    /// Gradients for the `x` and `out` of a [`Self::forward`] call.
+    ///
+    /// # Errors
+    /// Shapes that disagree with that call's.
+    pub fn backward(&self, x: &Tensor<T>, out: &Output<T>, dy: &Tensor<T>) -> Result<Grads<T>> {
+        let grads = instance_norm_backward(
+            x,
+            dy,
+            self.affine.weight.as_ref(),
+            self.affine.bias.is_some(),
+            self.config.eps,
+            &out.saved,
+            out.input_stats,
+        )?;
+        Ok(self.affine.mask(grads))
+    }
+}
+
+impl_state_dict!(InstanceNorm, running: true);
+impl_affine_access!(InstanceNorm);
+impl_running_access!(InstanceNorm);

@@ -1,0 +1,157 @@
+//! Stable mean and variance: one algorithm for every kernel.
+//!
+//! A [`Moments`] holds `(count, mean, m2)` where `m2 = Σ(x - mean)²`. A run of
+//! values is summarized chunk by chunk with an exact two-pass in `f64`
+//! (`mean = Σx/n`, then `m2 = Σ(x - mean)²`, the chunk still in cache), and
+//! chunks are combined with Chan's formula:
+//!
+//! ```text
+//! n = n_a + n_b   δ = mean_b - mean_a
+//! mean = mean_a + δ·n_b/n
+//! m2   = m2_a + m2_b + δ²·n_a·n_b/n
+//! ```
+//!
+//! The same merge combines threads and ranks (SyncBatchNorm). The textbook
+//! shortcut `E[x²] - E[x]²` cancels catastrophically when |mean| ≫ std and is
+//! never used.
+
+use crate::Float;
+
+/// Values per chunk of the two-pass: small enough to stay in L1 between passes.
+pub const CHUNK: usize = 2048;
+
+/// Count, mean and sum of squared deviations of a set of values.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Moments {
+    /// Number of values.
+    pub count: f64,
+    /// Their mean (0 when empty).
+    pub mean: f64,
+    /// `Σ(x - mean)²`.
+    pub m2: f64,
+}
+
+impl Moments {
+    /// No values.
+    pub const EMPTY: Moments = Moments {
+        count: 0.0,
+        mean: 0.0,
+        m2: 0.0,
+    };
+
+    /// Adds one value (Welford's update).
+    ///
+    /// ```
+    /// let mut m = normlab::Moments::EMPTY;
+    /// for x in [1.0, 2.0, 3.0, 4.0] { m.push(x); }
+    /// assert_eq!((m.mean, m.var(0)), (2.5, 1.25));
+    /// ```
+    #[inline]
+    pub fn push(&mut self, x: f64) {
+        self.count += 1.0;
+        let delta = x - self.mean;
+        self.mean += delta / self.count;
+        self.m2 += delta * (x - self.mean);
+    }
+
+    /// Combines two disjoint sets (Chan et al.). Either may be empty.
+    #[inline]
+    pub fn merge(self, other: Moments) -> Moments {
+        if other.count == 0.0 {
+            return self;
+        }
+        if self.count == 0.0 {
+            return other;
+        }
+        let count = self.count + other.count;
+        let delta = other.mean - self.mean;
+        Moments {
+            count,
+            mean: self.mean + delta * (other.count / count),
+            m2: self.m2 + other.m2 + delta * delta * (self.count * other.count / count),
+        }
+    }
+
+    /// Variance with `ddof` degrees of freedom removed: `m2 / (count - ddof)`.
+    /// `ddof = 0` is the biased (population) variance used to normalize,
+    /// `ddof = 1` the unbiased one PyTorch keeps in `running_var`.
+    /// NaN when `count <= ddof`.
+    pub fn var(&self, ddof: u32) -> f64 {
+        let denom = self.count - ddof as f64;
+        if denom > 0.0 {
+            self.m2 / denom
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// Moments of a slice: exact two-pass per chunk of [`CHUNK`] values, chunks merged.
+    pub fn of_slice<T: Float>(xs: &[T]) -> Moments {
+        xs.chunks(CHUNK).fold(Moments::EMPTY, |acc, chunk| {
+            acc.merge(Self::of_chunk(chunk, |x| x.to_f64()))
+        })
+    }
+
+    /// Two-pass over one chunk.
+    #[inline]
+    fn of_chunk<T: Copy>(chunk: &[T], widen: impl Fn(T) -> f64) -> Moments {
+        if chunk.is_empty() {
+            return Moments::EMPTY;
+        }
+        let count = chunk.len() as f64;
+        let mean = chunk.iter().map(|&x| widen(x)).sum::<f64>() / count;
+        let m2 = chunk
+            .iter()
+            .map(|&x| {
+                let d = widen(x) - mean;
+                d * d
+            })
+            .sum::<f64>();
+        Moments { count, mean, m2 }
+    }
+}
+
+/// `Σx²` of a slice in f64 (RMSNorm's statistic; no cancellation, so one pass).
+pub fn sum_of_squares<T: Float>(xs: &[T]) -> f64 {
+    xs.iter()
+        .map(|x| {
+            let v = x.to_f64();
+            v * v
+        })
+        .sum()
+}
+
+/// Moments of several disjoint slices combined (e.g. one channel across the batch).
+pub fn moments_of_slices<'a, T: Float>(slices: impl IntoIterator<Item = &'a [T]>) -> Moments {
+    slices
+        .into_iter()
+        .fold(Moments::EMPTY, |acc, s| acc.merge(Moments::of_slice(s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_matches_direct_two_pass() {
+        let xs: Vec<f64> = (0..5000).map(|i| 1e6 + ((i * 37) % 101) as f64 * 0.01).collect();
+        let all = Moments::of_slice(&xs);
+        let n = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let m2: f64 = xs.iter().map(|x| (x - mean) * (x - mean)).sum();
+        assert!((all.mean - mean).abs() < 1e-9);
+        assert!((all.m2 - m2).abs() / m2 < 1e-9);
+        let (a, b) = xs.split_at(1234);
+        let merged = Moments::of_slice(a).merge(Moments::of_slice(b));
+        assert!((merged.m2 - m2).abs() / m2 < 1e-9);
+    }
+
+    #[test]
+    fn empty_is_identity_and_var_needs_enough_values() {
+        let m = Moments::of_slice(&[3.0f32]);
+        assert_eq!(m.merge(Moments::EMPTY), m);
+        assert_eq!(Moments::EMPTY.merge(m), m);
+        assert_eq!(m.var(0), 0.0);
+        assert!(m.var(1).is_nan());
+    }
+}

@@ -1,0 +1,103 @@
+//! A minimal owned, contiguous, row-major tensor: a shape and its values.
+//!
+//! The core crate has no framework dependency; this type is only the
+//! currency of the checked, allocating API. Framework adapters hand the
+//! kernels their own buffers directly.
+
+use crate::error::{check_len, Result};
+use crate::Float;
+
+/// Contiguous row-major tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor<T> {
+    shape: Vec<usize>,
+    data: Vec<T>,
+}
+
+impl<T: Float> Tensor<T> {
+    /// Wraps `data` with `shape`.
+    ///
+    /// # Errors
+    /// [`NormError::LengthMismatch`](crate::NormError::LengthMismatch) when
+    /// `data.len()` is not the product of `shape`.
+    ///
+    /// ```
+    /// let t = normlab::Tensor::new(vec![2, 3], vec![0.0f32; 6]).unwrap();
+    /// assert_eq!(t.shape(), &[2, 3]);
+    /// assert!(normlab::Tensor::new(vec![2, 3], vec![0.0f32; 5]).is_err());
+    /// ```
+    pub fn new(shape: Vec<usize>, data: Vec<T>) -> Result<Self> {
+        check_len("tensor", "data", data.len(), &shape)?;
+        Ok(Self { shape, data })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Self {
+        Self {
+            shape: shape.to_vec(),
+            data: vec![T::default(); shape.iter().product()],
+        }
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full(shape: &[usize], value: f64) -> Self {
+        Self {
+            shape: shape.to_vec(),
+            data: vec![T::from_f64(value); shape.iter().product()],
+        }
+    }
+
+    /// A 1-d tensor.
+    pub fn from_vec(data: Vec<T>) -> Self {
+        Self {
+            shape: vec![data.len()],
+            data,
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The values, row-major.
+    pub fn data(&self) -> &[T] {
+        &self.data
+    }
+
+    /// The values, mutable.
+    pub fn data_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Gives up the values.
+    pub fn into_data(self) -> Vec<T> {
+        self.data
+    }
+
+    /// Number of values.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Rank (number of dimensions).
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Converts every value to another float type (through f64).
+    pub fn cast<U: Float>(&self) -> Tensor<U> {
+        Tensor {
+            shape: self.shape.clone(),
+            data: self.data.iter().map(|v| U::from_f64(v.to_f64())).collect(),
+        }
+    }
+
+    /// Same values, another shape with the same number of values.
+    ///
+    /// # Errors
+    /// [`NormError::LengthMismatch`](crate::NormError::LengthMismatch) when the counts differ.
+    pub fn reshape(self, shape: Vec<usize>) -> Result<Self> {
+        Self::new(shape, self.data)
+    }
+}
