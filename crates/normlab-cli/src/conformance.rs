@@ -1,0 +1,511 @@
+//! Runner for normcase/1 conformance cases (see `tests/data/FORMAT.md`).
+//!
+//! A case names an operation, its attributes and inputs, and the expected
+//! outputs (forward, running-statistics updates, and optionally gradients),
+//! or says the input must be refused (`expect_error`). Values are float32,
+//! parsed straight from their decimal text to f32.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use normlab::kernels::batch_norm::{batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut};
+use normlab::kernels::group_norm::{group_norm, group_norm_backward};
+use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
+use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
+use normlab::kernels::lrn::{lrn, lrn_backward};
+use normlab::kernels::rms_norm::{rms_norm, rms_norm_backward};
+use normlab::{
+    EpsPlacement, Epsilon, EvenWindow, Grads, LrnOptions, LrnRegion, Momentum, NormError,
+    RunningVarEstimator, Saved, Tensor,
+};
+use serde_json::{Map, Value};
+
+/// A float32 tensor as stored in a case.
+type T32 = Tensor<f32>;
+
+/// How a case can go wrong.
+#[derive(Debug)]
+enum Failure {
+    /// The operation refused the input: right for `expect_error` cases.
+    Refused(NormError),
+    /// The case itself is malformed (unknown op, bad tensor, …).
+    Malformed(String),
+}
+
+impl From<NormError> for Failure {
+    fn from(e: NormError) -> Self {
+        Failure::Refused(e)
+    }
+}
+
+type CaseResult<T> = Result<T, Failure>;
+
+fn malformed<T>(msg: impl Into<String>) -> CaseResult<T> {
+    Err(Failure::Malformed(msg.into()))
+}
+
+/// Outcome of one case.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Case name.
+    pub name: String,
+    /// Passed?
+    pub passed: bool,
+    /// What to print after PASS/FAIL.
+    pub detail: String,
+}
+
+/// Pass/fail totals.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Cases that passed.
+    pub passed: usize,
+    /// Cases that failed.
+    pub failed: usize,
+}
+
+/// Collects `.json` files from files and directories (recursively, sorted).
+pub fn collect_cases(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut stack = vec![path.clone()];
+            while let Some(dir) = stack.pop() {
+                let entries = std::fs::read_dir(&dir).with_context(|| format!("reading directory {}", dir.display()))?;
+                for entry in entries {
+                    let p = entry.with_context(|| format!("reading directory {}", dir.display()))?.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if p.extension().is_some_and(|e| e == "json") {
+                        files.push(p);
+                    }
+                }
+            }
+        } else if path.exists() {
+            files.push(path.clone());
+        } else {
+            bail!("{}: no such file or directory", path.display());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Runs every case under `paths`, printing one line per case and the totals.
+pub fn run(paths: &[PathBuf], out: &mut impl std::io::Write) -> anyhow::Result<Summary> {
+    let files = collect_cases(paths)?;
+    if files.is_empty() {
+        bail!("no .json case files under {:?}", paths);
+    }
+    let mut summary = Summary::default();
+    for file in &files {
+        let outcome = run_file(file);
+        if outcome.passed {
+            summary.passed += 1;
+        } else {
+            summary.failed += 1;
+        }
+        let verdict = if outcome.passed { "PASS" } else { "FAIL" };
+        writeln!(out, "{verdict} {} {}", outcome.name, outcome.detail)?;
+    }
+    writeln!(out, "{} passed, {} failed", summary.passed, summary.failed)?;
+    Ok(summary)
+}
+
+/// Runs one case file.
+pub fn run_file(path: &Path) -> Outcome {
+    let fallback = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let case: Value = match std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            return Outcome {
+                name: fallback,
+                passed: false,
+                detail: format!("(cannot read {}: {e})", path.display()),
+            }
+        }
+    };
+    let name = case.get("name").and_then(Value::as_str).map(String::from).unwrap_or(fallback);
+    let (passed, detail) = judge(&case);
+    Outcome { name, passed, detail }
+}
+
+/// Runs a parsed case and says whether it passed, and why.
+pub fn judge(case: &Value) -> (bool, String) {
+    if case.get("format").and_then(Value::as_str) != Some("normcase/1") {
+        return (false, "(not a normcase/1 file)".into());
+    }
+    let expect_error = case.get("expect_error").and_then(Value::as_bool).unwrap_or(false);
+    match evaluate(case) {
+        Err(Failure::Malformed(msg)) => (false, format!("(malformed case: {msg})")),
+        Err(Failure::Refused(e)) if expect_error => (true, format!("(refused: {e})")),
+        Err(Failure::Refused(e)) => (false, format!("(error: {e})")),
+        Ok(_) if expect_error => (false, "(expected an error, got a result)".into()),
+        Ok(report) => (report.ok, report.detail),
+    }
+}
+
+/// Comparison of computed against expected values.
+struct Report {
+    ok: bool,
+    detail: String,
+}
+
+fn evaluate(case: &Value) -> CaseResult<Report> {
+    let op = case.get("op").and_then(Value::as_str).ok_or_else(|| Failure::Malformed("no `op`".into()))?;
+    let empty = Map::new();
+    let attrs = Attrs(case.get("attrs").and_then(Value::as_object).unwrap_or(&empty));
+    let inputs = tensors(case.get("inputs"))?;
+    let x = inputs.get("x").ok_or_else(|| Failure::Malformed("no input `x`".into()))?;
+    let dy = match case.get("backward") {
+        Some(b) => Some(tensor(b.get("dy").ok_or_else(|| Failure::Malformed("backward without `dy`".into()))?)?),
+        None => None,
+    };
+    let (forward, grads) = run_op(op, &attrs, x, &inputs, dy.as_ref())?;
+    let mut results = Vec::new();
+    if let Some(expected) = case.get("expected") {
+        let tol = tolerance(case.get("tolerance"), (1e-5, 1e-4))?;
+        results.extend(compare(&tensors(Some(expected))?, &forward, tol)?);
+    }
+    if let (Some(b), Some(grads)) = (case.get("backward"), grads) {
+        let tol = tolerance(b.get("tolerance"), (1e-4, 1e-3))?;
+        let mut got = BTreeMap::new();
+        got.insert("dx".to_string(), grads.dx.into_data());
+        if let Some(t) = grads.dweight {
+            got.insert("dweight".to_string(), t.into_data());
+        }
+        if let Some(t) = grads.dbias {
+            got.insert("dbias".to_string(), t.into_data());
+        }
+        results.extend(compare(&tensors(b.get("expected"))?, &got, tol)?);
+    }
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let max_err = results.iter().filter_map(|r| r.as_ref().ok()).fold(0.0f64, |a, &b| a.max(b));
+    Ok(if failures.is_empty() {
+        Report {
+            ok: true,
+            detail: format!("(max abs err {max_err:.3e})"),
+        }
+    } else {
+        Report {
+            ok: false,
+            detail: format!("({})", failures.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; ")),
+        }
+    })
+}
+
+/// Compares each expected output; `Ok(max abs err)` or `Err(description)` per key.
+fn compare(
+    expected: &BTreeMap<String, T32>,
+    got: &BTreeMap<String, Vec<f32>>,
+    (atol, rtol): (f64, f64),
+) -> CaseResult<Vec<Result<f64, String>>> {
+    let mut out = Vec::new();
+    for (key, want) in expected {
+        let Some(have) = got.get(key) else {
+            return malformed(format!("the runner does not produce output `{key}` for this op"));
+        };
+        if have.len() != want.numel() {
+            out.push(Err(format!("{key}: {} values, expected {} (shape {:?})", have.len(), want.numel(), want.shape())));
+            continue;
+        }
+        let mut max_err = 0.0f64;
+        let mut worst: Option<(usize, f64, f64)> = None;
+        for (i, (&h, &w)) in have.iter().zip(want.data()).enumerate() {
+            let (h, w) = (h as f64, w as f64);
+            let err = (h - w).abs();
+            let within = err <= atol + rtol * w.abs() || (h.is_nan() && w.is_nan());
+            if !within && worst.is_none() {
+                worst = Some((i, h, w));
+            }
+            if err.is_finite() {
+                max_err = max_err.max(err);
+            } else if !within {
+                max_err = f64::INFINITY;
+            }
+        }
+        out.push(match worst {
+            None => Ok(max_err),
+            Some((i, h, w)) => Err(format!("{key}[{i}] = {h:e}, expected {w:e} (max abs err {max_err:.3e})")),
+        });
+    }
+    Ok(out)
+}
+
+fn tolerance(v: Option<&Value>, default: (f64, f64)) -> CaseResult<(f64, f64)> {
+    let Some(v) = v else { return Ok(default) };
+    let get = |k: &str, d: f64| v.get(k).map(|x| number(x, k)).transpose().map(|o| o.unwrap_or(d));
+    Ok((get("atol", default.0)?, get("rtol", default.1)?))
+}
+
+fn number(v: &Value, what: &str) -> CaseResult<f64> {
+    match v {
+        Value::Number(n) => n.to_string().parse::<f64>().map_err(|e| Failure::Malformed(format!("`{what}`: {e}"))),
+        _ => malformed(format!("`{what}` is not a number")),
+    }
+}
+
+/// Parses `{"shape": [...], "data": [...]}`, each value straight to f32.
+fn tensor(v: &Value) -> CaseResult<T32> {
+    let shape: Vec<usize> = v
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Failure::Malformed("tensor without `shape`".into()))?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| Failure::Malformed(format!("bad dimension {d}"))))
+        .collect::<CaseResult<_>>()?;
+    let data: Vec<f32> = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Failure::Malformed("tensor without `data`".into()))?
+        .iter()
+        .map(|d| match d {
+            Value::Number(n) => n.to_string().parse::<f32>().map_err(|e| Failure::Malformed(format!("value {n}: {e}"))),
+            other => malformed(format!("value {other} is not a number")),
+        })
+        .collect::<CaseResult<_>>()?;
+    Tensor::new(shape, data).map_err(|e| Failure::Malformed(e.to_string()))
+}
+
+fn tensors(v: Option<&Value>) -> CaseResult<BTreeMap<String, T32>> {
+    let mut out = BTreeMap::new();
+    if let Some(map) = v.and_then(Value::as_object) {
+        for (k, t) in map {
+            if !t.is_null() {
+                out.insert(k.clone(), tensor(t)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Typed access to a case's attributes.
+struct Attrs<'a>(&'a Map<String, Value>);
+
+impl Attrs<'_> {
+    fn f64(&self, key: &str, default: f64) -> CaseResult<f64> {
+        self.0.get(key).map_or(Ok(default), |v| number(v, key))
+    }
+
+    fn bool(&self, key: &str, default: bool) -> CaseResult<bool> {
+        match self.0.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(Value::Number(n)) => Ok(n.to_string() != "0"),
+            Some(other) => malformed(format!("`{key}` = {other} is not a boolean")),
+        }
+    }
+
+    fn str(&self, key: &str, default: &'static str) -> CaseResult<String> {
+        match self.0.get(key) {
+            None => Ok(default.to_string()),
+            Some(Value::String(s)) => Ok(s.to_ascii_lowercase()),
+            Some(other) => malformed(format!("`{key}` = {other} is not a string")),
+        }
+    }
+
+    /// An integer attribute that must be non-negative: a negative value is
+    /// the operation's to refuse, not a malformed case.
+    fn count(&self, op: &'static str, key: &'static str, default: Option<i64>) -> CaseResult<usize> {
+        let v = match self.0.get(key) {
+            None => default.ok_or_else(|| Failure::Malformed(format!("missing attribute `{key}`")))?,
+            Some(v) => {
+                let f = number(v, key)?;
+                if f.fract() != 0.0 {
+                    return malformed(format!("`{key}` = {f} is not an integer"));
+                }
+                f as i64
+            }
+        };
+        if v < 0 {
+            return Err(Failure::Refused(NormError::InvalidArgument {
+                op,
+                arg: key,
+                value: v.to_string(),
+                expected: "non-negative",
+            }));
+        }
+        Ok(v as usize)
+    }
+
+    fn axis(&self) -> CaseResult<isize> {
+        let a = self.f64("axis", -1.0)?;
+        if a.fract() != 0.0 {
+            return malformed(format!("`axis` = {a} is not an integer"));
+        }
+        Ok(a as isize)
+    }
+
+    fn eps(&self, default: f64) -> CaseResult<Epsilon> {
+        let value = self.f64("eps", default)?;
+        let placement = match self.str("eps_placement", "inside_sqrt")?.as_str() {
+            "inside_sqrt" => EpsPlacement::InsideSqrt,
+            "add_to_std" => EpsPlacement::AddToStd,
+            other => return malformed(format!("unknown eps_placement `{other}`")),
+        };
+        Ok(Epsilon { value, placement })
+    }
+
+    fn momentum(&self) -> CaseResult<Momentum> {
+        match self.0.get("momentum") {
+            Some(Value::Null) => Ok(Momentum::Cumulative),
+            None => Ok(Momentum::default()),
+            Some(v) => Ok(Momentum::Exponential(number(v, "momentum")?)),
+        }
+    }
+
+    fn running_var(&self) -> CaseResult<RunningVarEstimator> {
+        match self.str("running_var_estimator", "unbiased")?.as_str() {
+            "unbiased" => Ok(RunningVarEstimator::Unbiased),
+            "biased" => Ok(RunningVarEstimator::Biased),
+            other => malformed(format!("unknown running_var_estimator `{other}`")),
+        }
+    }
+}
+
+type Outputs = BTreeMap<String, Vec<f32>>;
+
+fn outputs(y: T32, saved: Option<&Saved>) -> Outputs {
+    let mut out = Outputs::new();
+    out.insert("y".into(), y.into_data());
+    if let Some(s) = saved {
+        out.insert("mean".into(), s.mean.iter().map(|&v| v as f32).collect());
+        out.insert("rstd".into(), s.rstd.iter().map(|&v| v as f32).collect());
+    }
+    out
+}
+
+/// Runs forward (and backward when `dy` is given) of `op`.
+fn run_op(
+    op: &str,
+    attrs: &Attrs<'_>,
+    x: &T32,
+    inputs: &BTreeMap<String, T32>,
+    dy: Option<&T32>,
+) -> CaseResult<(Outputs, Option<Grads<f32>>)> {
+    let weight = inputs.get("weight");
+    let bias = inputs.get("bias");
+    match op {
+        "batch_norm" | "instance_norm" => {
+            let instance = op == "instance_norm";
+            let training = if instance {
+                attrs.bool("use_input_stats", attrs.bool("training", true)?)?
+            } else {
+                attrs.bool("training", false)?
+            };
+            let options = BatchNormOptions {
+                use_batch_stats: attrs.bool("use_batch_stats", training)?,
+                update_running_stats: attrs.bool("update_running_stats", training)?,
+                eps: attrs.eps(1e-5)?,
+                momentum: attrs.momentum()?,
+                running_var: attrs.running_var()?,
+            };
+            let mut running_mean = inputs.get("running_mean").map(|t| t.data().to_vec());
+            let mut running_var = inputs.get("running_var").map(|t| t.data().to_vec());
+            let mut tracked = match inputs.get("num_batches_tracked") {
+                Some(t) if t.numel() == 1 => t.data()[0] as i64,
+                Some(_) => return malformed("`num_batches_tracked` must hold one value"),
+                None => 0,
+            };
+            let running = match (running_mean.as_mut(), running_var.as_mut()) {
+                (Some(mean), Some(var)) => Some(RunningStatsMut {
+                    mean,
+                    var,
+                    num_batches_tracked: &mut tracked,
+                }),
+                (None, None) => None,
+                _ => return malformed("`running_mean` and `running_var` come together"),
+            };
+            let call = if instance { instance_norm } else { batch_norm };
+            let (y, saved) = call(x, running, weight, bias, &options)?;
+            let mut out = outputs(y, Some(&saved));
+            if let (Some(m), Some(v)) = (running_mean, running_var) {
+                out.insert("running_mean".into(), m);
+                out.insert("running_var".into(), v);
+                out.insert("num_batches_tracked".into(), vec![tracked as f32]);
+            }
+            let grads = match dy {
+                Some(dy) if instance => Some(instance_norm_backward(
+                    x,
+                    dy,
+                    weight,
+                    bias.is_some(),
+                    options.eps,
+                    &saved,
+                    options.use_batch_stats,
+                )?),
+                Some(dy) => Some(batch_norm_backward(
+                    x,
+                    dy,
+                    weight,
+                    bias.is_some(),
+                    options.eps,
+                    &saved,
+                    options.use_batch_stats,
+                )?),
+                None => None,
+            };
+            Ok((out, grads))
+        }
+        "layer_norm" => {
+            let (axis, eps) = (attrs.axis()?, attrs.eps(1e-5)?);
+            let (y, saved) = layer_norm(x, axis, weight, bias, eps)?;
+            let grads = dy
+                .map(|dy| layer_norm_backward(x, dy, axis, weight, bias.is_some(), eps, &saved))
+                .transpose()?;
+            Ok((outputs(y, Some(&saved)), grads))
+        }
+        "rms_norm" => {
+            let (axis, eps) = (attrs.axis()?, attrs.eps(f32::EPSILON as f64)?);
+            let (y, saved) = rms_norm(x, axis, weight, eps)?;
+            let grads = dy.map(|dy| rms_norm_backward(x, dy, axis, weight, eps, &saved)).transpose()?;
+            let mut out = outputs(y, None);
+            out.insert("rstd".into(), saved.rstd.iter().map(|&v| v as f32).collect());
+            Ok((out, grads))
+        }
+        "group_norm" => {
+            let groups = attrs.count("group_norm", "num_groups", None)?;
+            let eps = attrs.eps(1e-5)?;
+            let (y, saved) = group_norm(x, groups, weight, bias, eps)?;
+            let grads = dy
+                .map(|dy| group_norm_backward(x, dy, groups, weight, bias.is_some(), eps, &saved))
+                .transpose()?;
+            Ok((outputs(y, Some(&saved)), grads))
+        }
+        "lrn" | "local_response_norm" => {
+            let options = LrnOptions {
+                size: attrs.count("local_response_norm", "size", None)?,
+                alpha: attrs.f64("alpha", 1e-4)?,
+                beta: attrs.f64("beta", 0.75)?,
+                k: attrs.f64("k", 1.0)?,
+                alpha_over_size: attrs.bool("alpha_over_size", true)?,
+                region: match attrs.str("region", "across_channels")?.as_str() {
+                    "across_channels" => LrnRegion::AcrossChannels,
+                    "within_channel" => LrnRegion::WithinChannel,
+                    other => return malformed(format!("unknown region `{other}`")),
+                },
+                even_window: match attrs.str("even_window", "torch")?.as_str() {
+                    "torch" => EvenWindow::Torch,
+                    "onnx" => EvenWindow::Onnx,
+                    other => return malformed(format!("unknown even_window `{other}`")),
+                },
+            };
+            let y = lrn(x, &options)?;
+            let grads = dy
+                .map(|dy| {
+                    lrn_backward(x, dy, &options).map(|dx| Grads {
+                        dx,
+                        dweight: None,
+                        dbias: None,
+                    })
+                })
+                .transpose()?;
+            Ok((outputs(y, None), grads))
+        }
+        other => malformed(format!("unknown op `{other}`")),
+    }
+}
