@@ -36,14 +36,12 @@ impl From<Vec<usize>> for Shape {
 #[non_exhaustive]
 pub enum NormError {
     /// Batch statistics in training need at least two values per channel.
-    #[error(
-        "{op}: expected more than 1 value per {per} when training, got input of shape {shape}"
-    )]
+    #[error("{op}: expected more than 1 {what} when training, got input of shape {shape}")]
     TooFewValues {
         /// Operation name.
         op: &'static str,
-        /// What the statistics are taken over (`channel`, `spatial element`).
-        per: &'static str,
+        /// What there must be more than one of (`value per channel`, `spatial element`).
+        what: &'static str,
         /// Input shape.
         shape: Shape,
     },

@@ -391,7 +391,7 @@ pub(crate) fn batch_norm_op<T: Float>(
         if count == 1 {
             return Err(NormError::TooFewValues {
                 op: op,
-                per: "channel",
+                what: "value per channel",
                 shape: x.shape().into(),
             });
         }

@@ -52,7 +52,7 @@ pub fn instance_norm<T: Float>(
     if layout.spatial == 1 && layout.n * layout.c > 0 {
         return Err(NormError::TooFewValues {
             op: OP,
-            per: "spatial element",
+            what: "spatial element",
             shape: x.shape().into(),
         });
     }

@@ -1,0 +1,108 @@
+//! Numerics under stress: large offsets (|μ| ≫ σ), tiny and huge magnitudes,
+//! rows of length 1, empty batches.
+//!
+//! The offset table compares f32 outputs with an f64 reference computed on the
+//! same f32-rounded input. The bounds are one fifth of the maximum absolute
+//! errors PyTorch 2.x float32 CPU shows on these inputs (LayerNorm rows of
+//! 1024, BatchNorm and GroupNorm(8) on [16, 32, 8, 8]).
+
+mod common;
+
+use common::*;
+use normlab::kernels::batch_norm::{batch_norm, BatchNormOptions};
+use normlab::kernels::group_norm::group_norm;
+use normlab::kernels::layer_norm::layer_norm;
+use normlab::kernels::rms_norm::rms_norm;
+use normlab::{reference, Tensor};
+
+/// (offset, sd, PyTorch's LayerNorm, BatchNorm, GroupNorm max abs errors).
+const PYTORCH_ERRORS: [(f64, f64, [f64; 3]); 4] = [
+    (1e3, 1.0, [9.6e-5, 5.8e-5, 1.3e-4]),
+    (1e4, 1.0, [1.4e-3, 9.0e-4, 1.5e-3]),
+    (1e4, 0.01, [0.115, 0.062, 0.173]),
+    (3e5, 1.0, [0.044, 0.027, 0.054]),
+];
+
+fn rounded(seed: u64, shape: &[usize], offset: f64, sd: f64) -> (Tensor<f32>, Vec<f64>) {
+    let x32 = normal(&mut rng(seed), shape, offset, sd).cast::<f32>();
+    let x64 = widen(&x32);
+    (x32, x64)
+}
+
+#[test]
+fn large_offsets_are_five_times_more_accurate_than_pytorch() {
+    for (i, &(offset, sd, bounds)) in PYTORCH_ERRORS.iter().enumerate() {
+        let seed = 100 + i as u64;
+        // LayerNorm, rows of 1024.
+        let (x, x64) = rounded(seed, &[64, 1024], offset, sd);
+        let want = reference::layer_norm(&x64, 1024, &[1.0; 1024], &[0.0; 1024], 1e-5, false);
+        let (y, _) = layer_norm(&x, -1, None, None, 1e-5.into()).unwrap();
+        let err = max_abs_diff(&widen(&y), &want);
+        assert!(err <= bounds[0] / 5.0, "layer_norm offset {offset} sd {sd}: {err:e}");
+
+        // BatchNorm (training) and GroupNorm(8) on [16, 32, 8, 8].
+        let (x, x64) = rounded(seed, &[16, 32, 8, 8], offset, sd);
+        let ones = [1.0; 32];
+        let zeros = [0.0; 32];
+        let want = reference::batch_norm(&x64, (16, 32, 64), None, &ones, &zeros, 1e-5, false);
+        let (y, _) = batch_norm(&x, None, None, None, &BatchNormOptions::training()).unwrap();
+        let err = max_abs_diff(&widen(&y), &want);
+        assert!(err <= bounds[1] / 5.0, "batch_norm offset {offset} sd {sd}: {err:e}");
+
+        let want = reference::group_norm(&x64, (16, 32, 64), 8, &ones, &zeros, 1e-5, false);
+        let (y, _) = group_norm(&x, 8, None, None, 1e-5.into()).unwrap();
+        let err = max_abs_diff(&widen(&y), &want);
+        assert!(err <= bounds[2] / 5.0, "group_norm offset {offset} sd {sd}: {err:e}");
+    }
+}
+
+#[test]
+fn saved_statistics_stay_exact_for_backward_with_large_offsets() {
+    // The mean is kept in f64: centring in backward must not lose the spread.
+    let (x, x64) = rounded(7, &[4, 1024], 1e4, 0.01);
+    let (_, saved) = layer_norm(&x, -1, None, None, 1e-5.into()).unwrap();
+    for (row, chunk) in x64.chunks(1024).enumerate() {
+        let (mean, var) = reference::mean_var(chunk);
+        assert!((saved.mean[row] - mean).abs() <= 1e-12 * mean.abs());
+        let rstd = 1.0 / (var + 1e-5).sqrt();
+        assert!((saved.rstd[row] - rstd).abs() <= 1e-9 * rstd);
+    }
+}
+
+#[test]
+fn tiny_and_huge_magnitudes_normalize_to_unit_variance() {
+    for scale in [1e-30f64, 1e-10, 1e10, 1e30] {
+        let x = normal(&mut rng(3), &[8, 256], 0.0, 1.0);
+        let scaled = Tensor::new(vec![8, 256], x.data().iter().map(|v| (v * scale) as f32).collect()).unwrap();
+        // ε = 0 so that tiny values are not swamped by it.
+        let (y, _) = layer_norm(&scaled, -1, None, None, 0.0.into()).unwrap();
+        for row in y.data().chunks(256) {
+            let (mean, var) = reference::mean_var(&row.iter().map(|&v| v as f64).collect::<Vec<_>>());
+            assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5, "scale {scale}: mean {mean}, var {var}");
+        }
+        let (y, _) = rms_norm(&scaled, -1, None, 0.0.into()).unwrap();
+        assert!(y.data().iter().all(|v| v.is_finite()), "rms_norm scale {scale}");
+    }
+}
+
+#[test]
+fn rows_of_length_one_give_the_bias() {
+    let x = Tensor::new(vec![3, 1], vec![5.0f32, -2.0, 1e6]).unwrap();
+    let b = Tensor::new(vec![1], vec![0.25f32]).unwrap();
+    let (y, _) = layer_norm(&x, -1, None, Some(&b), 1e-5.into()).unwrap();
+    assert_eq!(y.data(), &[0.25, 0.25, 0.25]);
+}
+
+#[test]
+fn empty_batches_give_empty_outputs() {
+    let x = Tensor::<f32>::zeros(&[0, 3, 4]);
+    let (y, _) = batch_norm(&x, None, None, None, &BatchNormOptions::training()).unwrap();
+    assert_eq!(y.shape(), &[0, 3, 4]);
+    let (y, _) = group_norm(&x, 3, None, None, 1e-5.into()).unwrap();
+    assert_eq!(y.numel(), 0);
+    let (y, _) = layer_norm(&x, 1, None, None, 1e-5.into()).unwrap();
+    assert_eq!(y.numel(), 0);
+    let x = Tensor::<f32>::zeros(&[2, 0]);
+    let (y, _) = layer_norm(&x, -1, None, None, 1e-5.into()).unwrap();
+    assert_eq!(y.shape(), &[2, 0]);
+}
