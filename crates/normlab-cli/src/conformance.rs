@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use normlab::kernels::batch_norm::{batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut};
+use normlab::kernels::batch_norm::{
+    batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
+};
 use normlab::kernels::group_norm::{group_norm, group_norm_backward};
 use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
@@ -72,9 +74,12 @@ pub fn collect_cases(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         if path.is_dir() {
             let mut stack = vec![path.clone()];
             while let Some(dir) = stack.pop() {
-                let entries = std::fs::read_dir(&dir).with_context(|| format!("reading directory {}", dir.display()))?;
+                let entries = std::fs::read_dir(&dir)
+                    .with_context(|| format!("reading directory {}", dir.display()))?;
                 for entry in entries {
-                    let p = entry.with_context(|| format!("reading directory {}", dir.display()))?.path();
+                    let p = entry
+                        .with_context(|| format!("reading directory {}", dir.display()))?
+                        .path();
                     if p.is_dir() {
                         stack.push(p);
                     } else if p.extension().is_some_and(|e| e == "json") {
@@ -115,7 +120,10 @@ pub fn run(paths: &[PathBuf], out: &mut impl std::io::Write) -> anyhow::Result<S
 
 /// Runs one case file.
 pub fn run_file(path: &Path) -> Outcome {
-    let fallback = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let fallback = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let case: Value = match std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
         .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
@@ -129,9 +137,17 @@ pub fn run_file(path: &Path) -> Outcome {
             }
         }
     };
-    let name = case.get("name").and_then(Value::as_str).map(String::from).unwrap_or(fallback);
+    let name = case
+        .get("name")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .unwrap_or(fallback);
     let (passed, detail) = judge(&case);
-    Outcome { name, passed, detail }
+    Outcome {
+        name,
+        passed,
+        detail,
+    }
 }
 
 /// Runs a parsed case and says whether it passed, and why.
@@ -139,7 +155,10 @@ pub fn judge(case: &Value) -> (bool, String) {
     if case.get("format").and_then(Value::as_str) != Some("normcase/1") {
         return (false, "(not a normcase/1 file)".into());
     }
-    let expect_error = case.get("expect_error").and_then(Value::as_bool).unwrap_or(false);
+    let expect_error = case
+        .get("expect_error")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     match evaluate(case) {
         Err(Failure::Malformed(msg)) => (false, format!("(malformed case: {msg})")),
         Err(Failure::Refused(e)) if expect_error => (true, format!("(refused: {e})")),
@@ -156,13 +175,26 @@ struct Report {
 }
 
 fn evaluate(case: &Value) -> CaseResult<Report> {
-    let op = case.get("op").and_then(Value::as_str).ok_or_else(|| Failure::Malformed("no `op`".into()))?;
+    let op = case
+        .get("op")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Failure::Malformed("no `op`".into()))?;
     let empty = Map::new();
-    let attrs = Attrs(case.get("attrs").and_then(Value::as_object).unwrap_or(&empty));
+    let attrs = Attrs(
+        case.get("attrs")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty),
+    );
     let inputs = tensors(case.get("inputs"))?;
-    let x = inputs.get("x").ok_or_else(|| Failure::Malformed("no input `x`".into()))?;
+    let x = inputs
+        .get("x")
+        .ok_or_else(|| Failure::Malformed("no input `x`".into()))?;
     let dy = match case.get("backward") {
-        Some(b) => Some(tensor(b.get("dy").ok_or_else(|| Failure::Malformed("backward without `dy`".into()))?)?),
+        Some(b) => {
+            Some(tensor(b.get("dy").ok_or_else(|| {
+                Failure::Malformed("backward without `dy`".into())
+            })?)?)
+        }
         None => None,
     };
     let (forward, grads) = run_op(op, &attrs, x, &inputs, dy.as_ref())?;
@@ -184,7 +216,10 @@ fn evaluate(case: &Value) -> CaseResult<Report> {
         results.extend(compare(&tensors(b.get("expected"))?, &got, tol)?);
     }
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    let max_err = results.iter().filter_map(|r| r.as_ref().ok()).fold(0.0f64, |a, &b| a.max(b));
+    let max_err = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .fold(0.0f64, |a, &b| a.max(b));
     Ok(if failures.is_empty() {
         Report {
             ok: true,
@@ -193,7 +228,14 @@ fn evaluate(case: &Value) -> CaseResult<Report> {
     } else {
         Report {
             ok: false,
-            detail: format!("({})", failures.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; ")),
+            detail: format!(
+                "({})",
+                failures
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
         }
     })
 }
@@ -207,10 +249,17 @@ fn compare(
     let mut out = Vec::new();
     for (key, want) in expected {
         let Some(have) = got.get(key) else {
-            return malformed(format!("the runner does not produce output `{key}` for this op"));
+            return malformed(format!(
+                "the runner does not produce output `{key}` for this op"
+            ));
         };
         if have.len() != want.numel() {
-            out.push(Err(format!("{key}: {} values, expected {} (shape {:?})", have.len(), want.numel(), want.shape())));
+            out.push(Err(format!(
+                "{key}: {} values, expected {} (shape {:?})",
+                have.len(),
+                want.numel(),
+                want.shape()
+            )));
             continue;
         }
         let mut max_err = 0.0f64;
@@ -230,7 +279,9 @@ fn compare(
         }
         out.push(match worst {
             None => Ok(max_err),
-            Some((i, h, w)) => Err(format!("{key}[{i}] = {h:e}, expected {w:e} (max abs err {max_err:.3e})")),
+            Some((i, h, w)) => Err(format!(
+                "{key}[{i}] = {h:e}, expected {w:e} (max abs err {max_err:.3e})"
+            )),
         });
     }
     Ok(out)
@@ -238,13 +289,21 @@ fn compare(
 
 fn tolerance(v: Option<&Value>, default: (f64, f64)) -> CaseResult<(f64, f64)> {
     let Some(v) = v else { return Ok(default) };
-    let get = |k: &str, d: f64| v.get(k).map(|x| number(x, k)).transpose().map(|o| o.unwrap_or(d));
+    let get = |k: &str, d: f64| {
+        v.get(k)
+            .map(|x| number(x, k))
+            .transpose()
+            .map(|o| o.unwrap_or(d))
+    };
     Ok((get("atol", default.0)?, get("rtol", default.1)?))
 }
 
 fn number(v: &Value, what: &str) -> CaseResult<f64> {
     match v {
-        Value::Number(n) => n.to_string().parse::<f64>().map_err(|e| Failure::Malformed(format!("`{what}`: {e}"))),
+        Value::Number(n) => n
+            .to_string()
+            .parse::<f64>()
+            .map_err(|e| Failure::Malformed(format!("`{what}`: {e}"))),
         _ => malformed(format!("`{what}` is not a number")),
     }
 }
@@ -256,7 +315,11 @@ fn tensor(v: &Value) -> CaseResult<T32> {
         .and_then(Value::as_array)
         .ok_or_else(|| Failure::Malformed("tensor without `shape`".into()))?
         .iter()
-        .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| Failure::Malformed(format!("bad dimension {d}"))))
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as usize)
+                .ok_or_else(|| Failure::Malformed(format!("bad dimension {d}")))
+        })
         .collect::<CaseResult<_>>()?;
     let data: Vec<f32> = v
         .get("data")
@@ -264,7 +327,10 @@ fn tensor(v: &Value) -> CaseResult<T32> {
         .ok_or_else(|| Failure::Malformed("tensor without `data`".into()))?
         .iter()
         .map(|d| match d {
-            Value::Number(n) => n.to_string().parse::<f32>().map_err(|e| Failure::Malformed(format!("value {n}: {e}"))),
+            Value::Number(n) => n
+                .to_string()
+                .parse::<f32>()
+                .map_err(|e| Failure::Malformed(format!("value {n}: {e}"))),
             other => malformed(format!("value {other} is not a number")),
         })
         .collect::<CaseResult<_>>()?;
@@ -310,9 +376,16 @@ impl Attrs<'_> {
 
     /// An integer attribute that must be non-negative: a negative value is
     /// the operation's to refuse, not a malformed case.
-    fn count(&self, op: &'static str, key: &'static str, default: Option<i64>) -> CaseResult<usize> {
+    fn count(
+        &self,
+        op: &'static str,
+        key: &'static str,
+        default: Option<i64>,
+    ) -> CaseResult<usize> {
         let v = match self.0.get(key) {
-            None => default.ok_or_else(|| Failure::Malformed(format!("missing attribute `{key}`")))?,
+            None => {
+                default.ok_or_else(|| Failure::Malformed(format!("missing attribute `{key}`")))?
+            }
             Some(v) => {
                 let f = number(v, key)?;
                 if f.fract() != 0.0 {
@@ -462,9 +535,14 @@ fn run_op(
         "rms_norm" => {
             let (axis, eps) = (attrs.axis()?, attrs.eps(f32::EPSILON as f64)?);
             let (y, saved) = rms_norm(x, axis, weight, eps)?;
-            let grads = dy.map(|dy| rms_norm_backward(x, dy, axis, weight, eps, &saved)).transpose()?;
+            let grads = dy
+                .map(|dy| rms_norm_backward(x, dy, axis, weight, eps, &saved))
+                .transpose()?;
             let mut out = outputs(y, None);
-            out.insert("rstd".into(), saved.rstd.iter().map(|&v| v as f32).collect());
+            out.insert(
+                "rstd".into(),
+                saved.rstd.iter().map(|&v| v as f32).collect(),
+            );
             Ok((out, grads))
         }
         "group_norm" => {

@@ -96,7 +96,9 @@ pub enum NormError {
         input: Shape,
     },
     /// GroupNorm: channels must split evenly into groups.
-    #[error("{op}: {channels} channels are not divisible by {groups} groups (input shape {shape})")]
+    #[error(
+        "{op}: {channels} channels are not divisible by {groups} groups (input shape {shape})"
+    )]
     GroupsNotDivisible {
         /// Operation name.
         op: &'static str,

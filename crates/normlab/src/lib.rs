@@ -42,3 +42,8 @@ pub use kernels::{EpsPlacement, Epsilon, Grads, Saved};
 pub use layers::Mode;
 pub use moments::Moments;
 pub use tensor::Tensor;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -134,7 +134,9 @@ mod tests {
 
     #[test]
     fn merge_matches_direct_two_pass() {
-        let xs: Vec<f64> = (0..5000).map(|i| 1e6 + ((i * 37) % 101) as f64 * 0.01).collect();
+        let xs: Vec<f64> = (0..5000)
+            .map(|i| 1e6 + ((i * 37) % 101) as f64 * 0.01)
+            .collect();
         let all = Moments::of_slice(&xs);
         let n = xs.len() as f64;
         let mean = xs.iter().sum::<f64>() / n;

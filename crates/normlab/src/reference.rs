@@ -6,7 +6,10 @@
 pub fn mean_var(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
-    (mean, xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n)
+    (
+        mean,
+        xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n,
+    )
 }
 
 fn denom(var: f64, eps: f64, add_to_std: bool) -> f64 {
@@ -18,12 +21,23 @@ fn denom(var: f64, eps: f64, add_to_std: bool) -> f64 {
 }
 
 /// LayerNorm of each row of length `n` (`weight`, `bias` of length `n`).
-pub fn layer_norm(x: &[f64], n: usize, weight: &[f64], bias: &[f64], eps: f64, add_to_std: bool) -> Vec<f64> {
+pub fn layer_norm(
+    x: &[f64],
+    n: usize,
+    weight: &[f64],
+    bias: &[f64],
+    eps: f64,
+    add_to_std: bool,
+) -> Vec<f64> {
     let mut y = Vec::with_capacity(x.len());
     for row in x.chunks(n) {
         let (mean, var) = mean_var(row);
         let d = denom(var, eps, add_to_std);
-        y.extend(row.iter().enumerate().map(|(j, v)| (v - mean) / d * weight[j] + bias[j]));
+        y.extend(
+            row.iter()
+                .enumerate()
+                .map(|(j, v)| (v - mean) / d * weight[j] + bias[j]),
+        );
     }
     y
 }

@@ -77,16 +77,27 @@ fn encode<T: Float>(t: &StateTensor<T>) -> Result<Encoded> {
             let values = t.data().iter().map(|v| v.to_f64());
             let (dtype, bytes): (Dtype, Vec<u8>) = match T::NAME {
                 "float64" => (Dtype::F64, values.flat_map(f64::to_le_bytes).collect()),
-                "float32" => (Dtype::F32, values.flat_map(|v| (v as f32).to_le_bytes()).collect()),
+                "float32" => (
+                    Dtype::F32,
+                    values.flat_map(|v| (v as f32).to_le_bytes()).collect(),
+                ),
                 "float16" => (
                     Dtype::F16,
-                    values.flat_map(|v| half::f16::from_f64(v).to_le_bytes()).collect(),
+                    values
+                        .flat_map(|v| half::f16::from_f64(v).to_le_bytes())
+                        .collect(),
                 ),
                 "bfloat16" => (
                     Dtype::BF16,
-                    values.flat_map(|v| half::bf16::from_f64(v).to_le_bytes()).collect(),
+                    values
+                        .flat_map(|v| half::bf16::from_f64(v).to_le_bytes())
+                        .collect(),
                 ),
-                other => return Err(NormError::State(format!("cannot store element type {other}"))),
+                other => {
+                    return Err(NormError::State(format!(
+                        "cannot store element type {other}"
+                    )))
+                }
             };
             Encoded {
                 dtype,
@@ -111,7 +122,10 @@ pub fn to_bytes<T: Float>(layers: &[(&str, &dyn StateDict<T>)]) -> Result<Vec<u8
     let mut names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-        return Err(NormError::State(format!("two tensors are named `{}`", w[0])));
+        return Err(NormError::State(format!(
+            "two tensors are named `{}`",
+            w[0]
+        )));
     }
     safetensors::serialize(entries.iter().map(|(n, e)| (n.as_str(), e)), None)
         .map_err(|e| NormError::State(e.to_string()))
@@ -141,7 +155,8 @@ impl StateFile {
     /// # Errors
     /// [`NormError::State`] for a malformed file.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
-        SafeTensors::deserialize(&bytes).map_err(|e| NormError::State(format!("not a safetensors file: {e}")))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| NormError::State(format!("not a safetensors file: {e}")))?;
         Ok(Self { bytes })
     }
 
@@ -164,7 +179,12 @@ impl StateFile {
 
     /// Every tensor name in the file, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tensors().names().into_iter().map(String::from).collect();
+        let mut names: Vec<String> = self
+            .tensors()
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
         names.sort();
         names
     }
@@ -216,7 +236,7 @@ impl StateView<'_> {
         }
         let data = view.data();
         let values: Vec<T> = match view.dtype() {
-            Dtype::F64 => decode(data, |b| f64::from_le_bytes(b)),
+            Dtype::F64 => decode(data, f64::from_le_bytes),
             Dtype::F32 => decode(data, |b| f32::from_le_bytes(b) as f64),
             Dtype::F16 => decode(data, |b| half::f16::from_le_bytes(b).to_f64()),
             Dtype::BF16 => decode(data, |b| half::bf16::from_le_bytes(b).to_f64()),

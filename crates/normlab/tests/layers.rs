@@ -17,7 +17,9 @@ fn channel_stats(x: &Tensor<f64>) -> Vec<(f64, f64, f64)> {
     let s: usize = x.shape()[2..].iter().product();
     (0..c)
         .map(|ch| {
-            let v: Vec<f64> = (0..n).flat_map(|b| x.data()[(b * c + ch) * s..][..s].to_vec()).collect();
+            let v: Vec<f64> = (0..n)
+                .flat_map(|b| x.data()[(b * c + ch) * s..][..s].to_vec())
+                .collect();
             let (mean, var) = normlab::reference::mean_var(&v);
             let m = v.len() as f64;
             (mean, var * m / (m - 1.0), var)
@@ -38,8 +40,20 @@ fn batch_norm_running_statistics_follow_pytorch() {
             expect_var[ch] = 0.9 * expect_var[ch] + 0.1 * unbiased;
         }
     }
-    assert_close("running_mean", bn.running_mean().unwrap(), &expect_mean, 1e-12, 1e-12);
-    assert_close("running_var", bn.running_var().unwrap(), &expect_var, 1e-12, 1e-12);
+    assert_close(
+        "running_mean",
+        bn.running_mean().unwrap(),
+        &expect_mean,
+        1e-12,
+        1e-12,
+    );
+    assert_close(
+        "running_var",
+        bn.running_var().unwrap(),
+        &expect_var,
+        1e-12,
+        1e-12,
+    );
     assert_eq!(bn.num_batches_tracked(), Some(4));
 }
 
@@ -50,7 +64,9 @@ fn cumulative_momentum_averages_every_batch_and_biased_estimator_divides_by_m() 
         .with_running_var(RunningVarEstimator::Biased)
         .init::<f64>()
         .unwrap();
-    let batches: Vec<Tensor<f64>> = (0..5).map(|i| normal(&mut rng(20 + i), &[4, 2, 3], i as f64, 2.0)).collect();
+    let batches: Vec<Tensor<f64>> = (0..5)
+        .map(|i| normal(&mut rng(20 + i), &[4, 2, 3], i as f64, 2.0))
+        .collect();
     for x in &batches {
         bn.forward(x).unwrap();
     }
@@ -90,7 +106,10 @@ fn eval_uses_running_statistics_and_updates_nothing() {
 
 #[test]
 fn without_running_statistics_eval_uses_batch_statistics() {
-    let mut bn = BatchNormConfig::new(2).with_track_running_stats(false).init::<f64>().unwrap();
+    let mut bn = BatchNormConfig::new(2)
+        .with_track_running_stats(false)
+        .init::<f64>()
+        .unwrap();
     bn.set_mode(Mode::Eval);
     let out = bn.forward(&normal(&mut rng(3), &[6, 2], 5.0, 1.0)).unwrap();
     assert!(out.input_stats);
@@ -114,10 +133,14 @@ fn the_three_switches_are_independent() {
     assert_eq!(bn.num_batches_tracked(), Some(1));
     // Frozen γ/β: no parameter gradients.
     bn.set_affine_trainable(false);
-    let g = bn.backward(&x, &out, &Tensor::full(x.shape(), 1.0)).unwrap();
+    let g = bn
+        .backward(&x, &out, &Tensor::full(x.shape(), 1.0))
+        .unwrap();
     assert!(g.dweight.is_none() && g.dbias.is_none());
     bn.set_affine_trainable(true);
-    let g = bn.backward(&x, &out, &Tensor::full(x.shape(), 1.0)).unwrap();
+    let g = bn
+        .backward(&x, &out, &Tensor::full(x.shape(), 1.0))
+        .unwrap();
     assert!(g.dweight.is_some() && g.dbias.is_some());
 }
 
@@ -128,14 +151,24 @@ fn zero_size_batches_leave_running_statistics_unchanged() {
     assert_eq!(out.y.shape(), &[0, 3, 5]);
     assert_eq!(bn.num_batches_tracked(), Some(0));
     assert_eq!(bn.running_var().unwrap(), &[1.0, 1.0, 1.0]);
-    let mut inorm = InstanceNormConfig::new(3).with_track_running_stats(true).init::<f32>().unwrap();
-    assert_eq!(inorm.forward(&Tensor::zeros(&[0, 3, 5])).unwrap().y.numel(), 0);
+    let mut inorm = InstanceNormConfig::new(3)
+        .with_track_running_stats(true)
+        .init::<f32>()
+        .unwrap();
+    assert_eq!(
+        inorm.forward(&Tensor::zeros(&[0, 3, 5])).unwrap().y.numel(),
+        0
+    );
     assert_eq!(inorm.num_batches_tracked(), Some(0));
 }
 
 #[test]
 fn instance_norm_running_statistics_average_the_instances() {
-    let mut inorm = InstanceNormConfig::new(2).with_track_running_stats(true).with_affine(true).init::<f64>().unwrap();
+    let mut inorm = InstanceNormConfig::new(2)
+        .with_track_running_stats(true)
+        .with_affine(true)
+        .init::<f64>()
+        .unwrap();
     let x = normal(&mut rng(5), &[3, 2, 4], 1.0, 2.0);
     inorm.forward(&x).unwrap();
     for ch in 0..2 {
@@ -161,10 +194,15 @@ fn layers_match_their_functional_forms() {
     let ln = LayerNormConfig::new(&[4, 3]).init::<f64>().unwrap();
     let (y, _) = normlab::kernels::layer_norm::layer_norm(&x, 1, None, None, 1e-5.into()).unwrap();
     assert_eq!(ln.forward(&x).unwrap().y, y);
-    let ln = LayerNormConfig::new(&[3]).with_bias(false).init::<f64>().unwrap();
+    let ln = LayerNormConfig::new(&[3])
+        .with_bias(false)
+        .init::<f64>()
+        .unwrap();
     assert!(ln.bias().is_none() && ln.weight().is_some());
     let out = ln.forward(&x).unwrap();
-    let g = ln.backward(&x, &out, &Tensor::full(x.shape(), 1.0)).unwrap();
+    let g = ln
+        .backward(&x, &out, &Tensor::full(x.shape(), 1.0))
+        .unwrap();
     assert!(g.dbias.is_none() && g.dweight.is_some());
     let gn = GroupNormConfig::new(2, 4).init::<f64>().unwrap();
     let (y, _) = normlab::kernels::group_norm::group_norm(&x, 2, None, None, 1e-5.into()).unwrap();
@@ -173,14 +211,18 @@ fn layers_match_their_functional_forms() {
     assert_eq!(rms.eps().value, f32::EPSILON as f64);
     let lrn = LocalResponseNormConfig::new(2).init().unwrap();
     let y = lrn.forward(&x).unwrap();
-    assert_eq!(y, normlab::kernels::lrn::lrn(&x, &normlab::LrnOptions::new(2)).unwrap());
+    assert_eq!(
+        y,
+        normlab::kernels::lrn::lrn(&x, &normlab::LrnOptions::new(2)).unwrap()
+    );
 }
 
 #[test]
 fn state_dict_round_trip_restores_identical_outputs() {
     let mut bn = BatchNormConfig::new(3).init::<f32>().unwrap();
     for i in 0..3 {
-        bn.forward(&normal(&mut rng(30 + i), &[4, 3, 2], 1.0, 2.0).cast()).unwrap();
+        bn.forward(&normal(&mut rng(30 + i), &[4, 3, 2], 1.0, 2.0).cast())
+            .unwrap();
     }
     bn.weight_mut().unwrap().data_mut()[1] = 2.5;
     bn.bias_mut().unwrap().data_mut()[2] = -0.5;
@@ -190,8 +232,13 @@ fn state_dict_round_trip_restores_identical_outputs() {
     assert_eq!(
         file.names(),
         [
-            "features.1.bias", "features.1.num_batches_tracked", "features.1.running_mean",
-            "features.1.running_var", "features.1.weight", "head.norm.bias", "head.norm.weight",
+            "features.1.bias",
+            "features.1.num_batches_tracked",
+            "features.1.running_mean",
+            "features.1.running_var",
+            "features.1.weight",
+            "head.norm.bias",
+            "head.norm.weight",
         ]
     );
     let mut restored = BatchNormConfig::new(3).init::<f32>().unwrap();
@@ -204,7 +251,10 @@ fn state_dict_round_trip_restores_identical_outputs() {
     // Loading into a layer of another size names the tensor and both shapes.
     let mut wrong = BatchNormConfig::new(4).init::<f32>().unwrap();
     let err = file.load("features.1", &mut wrong).unwrap_err().to_string();
-    assert!(err.contains("features.1.weight") && err.contains("[3]") && err.contains("[4]"), "{err}");
+    assert!(
+        err.contains("features.1.weight") && err.contains("[3]") && err.contains("[4]"),
+        "{err}"
+    );
     let err = file.load("missing", &mut wrong).unwrap_err().to_string();
     assert!(err.contains("missing tensor `missing.weight`"), "{err}");
 }
@@ -214,18 +264,37 @@ fn state_dict_round_trip_restores_identical_outputs() {
 #[test]
 fn pytorch_state_dicts_load_as_is() {
     use safetensors::tensor::{Dtype, TensorView};
-    let f16 = |v: &[f32]| v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect::<Vec<u8>>();
+    let f16 = |v: &[f32]| {
+        v.iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect::<Vec<u8>>()
+    };
     let weight = f16(&[1.5, 0.5]);
     let bias = f16(&[0.25, -1.0]);
     let mean = f16(&[3.0, -2.0]);
     let var = f16(&[4.0, 0.25]);
     let count = 7i64.to_le_bytes();
     let entries = vec![
-        ("bn.weight", TensorView::new(Dtype::F16, vec![2], &weight).unwrap()),
-        ("bn.bias", TensorView::new(Dtype::F16, vec![2], &bias).unwrap()),
-        ("bn.running_mean", TensorView::new(Dtype::F16, vec![2], &mean).unwrap()),
-        ("bn.running_var", TensorView::new(Dtype::F16, vec![2], &var).unwrap()),
-        ("bn.num_batches_tracked", TensorView::new(Dtype::I64, vec![], &count).unwrap()),
+        (
+            "bn.weight",
+            TensorView::new(Dtype::F16, vec![2], &weight).unwrap(),
+        ),
+        (
+            "bn.bias",
+            TensorView::new(Dtype::F16, vec![2], &bias).unwrap(),
+        ),
+        (
+            "bn.running_mean",
+            TensorView::new(Dtype::F16, vec![2], &mean).unwrap(),
+        ),
+        (
+            "bn.running_var",
+            TensorView::new(Dtype::F16, vec![2], &var).unwrap(),
+        ),
+        (
+            "bn.num_batches_tracked",
+            TensorView::new(Dtype::I64, vec![], &count).unwrap(),
+        ),
     ];
     let bytes = safetensors::serialize(entries, None).unwrap();
     let dir = std::env::temp_dir().join(format!("normlab-state-{}", std::process::id()));
@@ -242,9 +311,14 @@ fn pytorch_state_dicts_load_as_is() {
     let out = dir.join("ours.safetensors");
     state::save::<f32>(&out, &[("bn", &bn)]).unwrap();
     let mut again = BatchNormConfig::new(2).init::<f32>().unwrap();
-    StateFile::read(&out).unwrap().load("bn", &mut again).unwrap();
+    StateFile::read(&out)
+        .unwrap()
+        .load("bn", &mut again)
+        .unwrap();
     assert_eq!(again.state_dict(), bn.state_dict());
-    let err = StateFile::read(dir.join("absent.safetensors")).unwrap_err().to_string();
+    let err = StateFile::read(dir.join("absent.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("absent.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -19,7 +19,8 @@ fn tensor(shape: Vec<usize>, data: Vec<f64>) -> Tensor<f64> {
 /// `[rows, n]` values with some spread in every row.
 fn rows_strategy() -> impl Strategy<Value = Tensor<f64>> {
     (1usize..6, 2usize..40).prop_flat_map(|(rows, n)| {
-        prop::collection::vec(-100.0f64..100.0, rows * n).prop_map(move |d| tensor(vec![rows, n], d))
+        prop::collection::vec(-100.0f64..100.0, rows * n)
+            .prop_map(move |d| tensor(vec![rows, n], d))
     })
 }
 
@@ -133,7 +134,14 @@ fn affine_off_equals_unit_weight_and_zero_bias() {
     let (b, _) = group_norm(&x, 2, Some(&ones), Some(&zeros), 1e-5.into()).unwrap();
     assert_eq!(a, b);
     let (a, _) = batch_norm(&x, None, None, None, &BatchNormOptions::training()).unwrap();
-    let (b, _) = batch_norm(&x, None, Some(&ones), Some(&zeros), &BatchNormOptions::training()).unwrap();
+    let (b, _) = batch_norm(
+        &x,
+        None,
+        Some(&ones),
+        Some(&zeros),
+        &BatchNormOptions::training(),
+    )
+    .unwrap();
     assert_eq!(a, b);
     let ones = Tensor::full(&[5], 1.0);
     let zeros = Tensor::full(&[5], 0.0);

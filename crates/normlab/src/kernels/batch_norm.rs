@@ -94,9 +94,7 @@ pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Momen
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
     let s = layout.spatial;
     Ok((0..layout.c)
-        .map(|c| {
-            moments_of_slices((0..layout.n).map(|n| &x[(n * layout.c + c) * s..][..s]))
-        })
+        .map(|c| moments_of_slices((0..layout.n).map(|n| &x[(n * layout.c + c) * s..][..s])))
         .collect())
 }
 
@@ -217,7 +215,10 @@ pub fn backward_input<T: Float>(
         })
         .collect();
     let s = layout.spatial.max(1);
-    let blocks = x.chunks_exact(s).zip(dy.chunks_exact(s)).zip(dx.chunks_exact_mut(s));
+    let blocks = x
+        .chunks_exact(s)
+        .zip(dy.chunks_exact(s))
+        .zip(dx.chunks_exact_mut(s));
     for (block, ((x_blk, dy_blk), dx_blk)) in blocks.enumerate() {
         let c = block % layout.c;
         let (a, b, cc) = coefs[c];
@@ -255,7 +256,8 @@ pub fn update_running<T: Float>(
         let (bm, bv) = (batch_mean[ch], batch_var[ch]);
         let nm = T::from_f64((1.0 - m) * running.mean[ch].to_f64() + m * bm);
         let nv = T::from_f64((1.0 - m) * running.var[ch].to_f64() + m * bv);
-        if !(bm.is_finite() && bv.is_finite() && nm.to_f64().is_finite() && nv.to_f64().is_finite()) {
+        if !(bm.is_finite() && bv.is_finite() && nm.to_f64().is_finite() && nv.to_f64().is_finite())
+        {
             return Err(NormError::NonFiniteStatistics {
                 op,
                 channel: ch,
@@ -390,7 +392,7 @@ pub(crate) fn batch_norm_op<T: Float>(
     let batch = if (options.use_batch_stats || update) && count > 0 {
         if count == 1 {
             return Err(NormError::TooFewValues {
-                op: op,
+                op,
                 what: "value per channel",
                 shape: x.shape().into(),
             });
@@ -401,7 +403,7 @@ pub(crate) fn batch_norm_op<T: Float>(
             .position(|m| !(m.mean.is_finite() && m.m2.is_finite()))
         {
             return Err(NormError::NonFiniteStatistics {
-                op: op,
+                op,
                 channel: ch,
                 mean: moments[ch].mean,
                 var: moments[ch].var(0),
@@ -423,7 +425,7 @@ pub(crate) fn batch_norm_op<T: Float>(
     } else {
         let r = running
             .as_ref()
-            .ok_or(NormError::MissingRunningStats { op: op })?;
+            .ok_or(NormError::MissingRunningStats { op })?;
         Saved {
             mean: r.mean.iter().map(|m| m.to_f64()).collect(),
             rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),

@@ -69,7 +69,11 @@ pub fn forward<T: Float>(
 ) -> Result<()> {
     check_args(OP, x, layout, weight, bias, saved)?;
     check_len(OP, "y", y.len(), &shape4(layout))?;
-    let (len, s, cpg) = (layout.group_len(), layout.ncs.spatial, layout.channels_per_group());
+    let (len, s, cpg) = (
+        layout.group_len(),
+        layout.ncs.spatial,
+        layout.channels_per_group(),
+    );
     if len == 0 {
         return Ok(());
     }
@@ -79,7 +83,11 @@ pub fn forward<T: Float>(
         saved.mean[group] = m.mean;
         saved.rstd[group] = rstd;
         let first_channel = (group % layout.groups) * cpg;
-        for (i, (x_ch, y_ch)) in x_grp.chunks_exact(s).zip(y_grp.chunks_exact_mut(s)).enumerate() {
+        for (i, (x_ch, y_ch)) in x_grp
+            .chunks_exact(s)
+            .zip(y_grp.chunks_exact_mut(s))
+            .enumerate()
+        {
             let c = first_channel + i;
             let scale = rstd * param_at(weight, c, 1.0);
             let shift = param_at(bias, c, 0.0);
@@ -110,17 +118,28 @@ pub fn backward<T: Float>(
     check_args(OP, x, layout, weight, None, saved)?;
     check_len(OP, "dy", dy.len(), &shape4(layout))?;
     check_len(OP, "dx", dx.len(), &shape4(layout))?;
-    let (len, s, cpg) = (layout.group_len(), layout.ncs.spatial, layout.channels_per_group());
+    let (len, s, cpg) = (
+        layout.group_len(),
+        layout.ncs.spatial,
+        layout.channels_per_group(),
+    );
     let c_total = layout.ncs.c;
     let mut dweight_acc = vec![0.0f64; if dweight.is_some() { c_total } else { 0 }];
     let mut dbias_acc = vec![0.0f64; if dbias.is_some() { c_total } else { 0 }];
     if len > 0 {
-        let groups = x.chunks_exact(len).zip(dy.chunks_exact(len)).zip(dx.chunks_exact_mut(len));
+        let groups = x
+            .chunks_exact(len)
+            .zip(dy.chunks_exact(len))
+            .zip(dx.chunks_exact_mut(len));
         for (group, ((x_grp, dy_grp), dx_grp)) in groups.enumerate() {
             let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
             let first_channel = (group % layout.groups) * cpg;
             let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
-            for (i, (x_ch, dy_ch)) in x_grp.chunks_exact(s).zip(dy_grp.chunks_exact(s)).enumerate() {
+            for (i, (x_ch, dy_ch)) in x_grp
+                .chunks_exact(s)
+                .zip(dy_grp.chunks_exact(s))
+                .enumerate()
+            {
                 let c = first_channel + i;
                 let (mut sum_dy, mut sum_dy_xhat) = (0.0, 0.0);
                 for (&xv, &dyv) in x_ch.iter().zip(dy_ch) {
@@ -138,8 +157,12 @@ pub fn backward<T: Float>(
                     *acc += sum_dy;
                 }
             }
-            let (b, cc) = backward_coefficients(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
-            let chans = x_grp.chunks_exact(s).zip(dy_grp.chunks_exact(s)).zip(dx_grp.chunks_exact_mut(s));
+            let (b, cc) =
+                backward_coefficients(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+            let chans = x_grp
+                .chunks_exact(s)
+                .zip(dy_grp.chunks_exact(s))
+                .zip(dx_grp.chunks_exact_mut(s));
             for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
                 let a = rstd * param_at(weight, first_channel + i, 1.0);
                 for ((&xv, &dyv), dxv) in x_ch.iter().zip(dy_ch).zip(dx_ch) {
@@ -154,7 +177,12 @@ pub fn backward<T: Float>(
 }
 
 fn shape4(layout: GroupLayout) -> [usize; 4] {
-    [layout.ncs.n, layout.groups, layout.channels_per_group(), layout.ncs.spatial]
+    [
+        layout.ncs.n,
+        layout.groups,
+        layout.channels_per_group(),
+        layout.ncs.spatial,
+    ]
 }
 
 fn check_args<T: Float>(

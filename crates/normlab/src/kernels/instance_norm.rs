@@ -57,7 +57,10 @@ pub fn instance_norm<T: Float>(
         });
     }
     let (y, saved) = group_norm_op(OP, x, layout.c, weight, bias, options.eps)?;
-    if let (true, Some(running)) = (options.update_running_stats && layout.n > 0 && layout.spatial > 0, running) {
+    if let (true, Some(running)) = (
+        options.update_running_stats && layout.n > 0 && layout.spatial > 0,
+        running,
+    ) {
         let s = layout.spatial;
         let ddof = options.running_var.ddof();
         let mut mean = vec![0.0; layout.c];
@@ -92,4 +95,3 @@ pub fn instance_norm_backward<T: Float>(
         batch_norm_backward_op(OP, x, dy, weight, with_bias, eps, saved, false)
     }
 }
-

@@ -100,7 +100,20 @@ pub fn backward_rows<T: Float>(
     dweight: Option<&mut [T]>,
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
-    rows_backward(OP, Centring::Mean, x, dy, rows, n, weight, eps, saved, dx, dweight, dbias)
+    rows_backward(
+        OP,
+        Centring::Mean,
+        x,
+        dy,
+        rows,
+        n,
+        weight,
+        eps,
+        saved,
+        dx,
+        dweight,
+        dbias,
+    )
 }
 
 /// The row backward shared by LayerNorm and RMSNorm (`saved.mean` is 0 for RMSNorm).
@@ -127,7 +140,10 @@ pub(crate) fn rows_backward<T: Float>(
     let mut dweight_acc = vec![0.0f64; if dweight.is_some() { n } else { 0 }];
     let mut dbias_acc = vec![0.0f64; if dbias.is_some() { n } else { 0 }];
     if n > 0 {
-        let rows_iter = x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(dx.chunks_exact_mut(n));
+        let rows_iter = x
+            .chunks_exact(n)
+            .zip(dy.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(n));
         for (row, ((x_row, dy_row), dx_row)) in rows_iter.enumerate() {
             let (mean, rstd) = (saved.mean[row], saved.rstd[row]);
             let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
@@ -191,7 +207,11 @@ fn check_rows<T: Float>(
 ///
 /// # Errors
 /// [`NormError::AxisOutOfRange`](crate::NormError::AxisOutOfRange).
-pub fn split_at_axis(op: &'static str, shape: &[usize], axis: isize) -> Result<(usize, usize, Vec<usize>)> {
+pub fn split_at_axis(
+    op: &'static str,
+    shape: &[usize],
+    axis: isize,
+) -> Result<(usize, usize, Vec<usize>)> {
     let axis = resolve_axis(op, axis, shape)?;
     let rows = shape[..axis].iter().product();
     let normalized = shape[axis..].to_vec();

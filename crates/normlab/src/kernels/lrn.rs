@@ -105,7 +105,14 @@ impl LrnOptions {
 
 /// Box sums along one axis of a `[outer, len, inner]` buffer:
 /// `out[o, i, r] = Σ_{j=i-before}^{i+after} v[o, j, r]`, clipped to `0..len`.
-fn box_sum(v: &[f64], outer: usize, len: usize, inner: usize, before: usize, after: usize) -> Vec<f64> {
+fn box_sum(
+    v: &[f64],
+    outer: usize,
+    len: usize,
+    inner: usize,
+    before: usize,
+    after: usize,
+) -> Vec<f64> {
     let mut out = vec![0.0; v.len()];
     for o in 0..outer {
         let base = o * len * inner;
@@ -168,7 +175,12 @@ fn check_input(shape: &[usize], options: &LrnOptions) -> Result<()> {
 ///
 /// # Errors
 /// Rank < 3, size 0, non-finite α/β/k, or lengths that disagree with `shape`.
-pub fn forward<T: Float>(x: &[T], shape: &[usize], options: &LrnOptions, y: &mut [T]) -> Result<()> {
+pub fn forward<T: Float>(
+    x: &[T],
+    shape: &[usize],
+    options: &LrnOptions,
+    y: &mut [T],
+) -> Result<()> {
     check_input(shape, options)?;
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "y", y.len(), shape)?;
@@ -183,7 +195,13 @@ pub fn forward<T: Float>(x: &[T], shape: &[usize], options: &LrnOptions, y: &mut
 ///
 /// # Errors
 /// As [`forward`], and `dy`/`dx` lengths.
-pub fn backward<T: Float>(x: &[T], dy: &[T], shape: &[usize], options: &LrnOptions, dx: &mut [T]) -> Result<()> {
+pub fn backward<T: Float>(
+    x: &[T],
+    dy: &[T],
+    shape: &[usize],
+    options: &LrnOptions,
+    dx: &mut [T],
+) -> Result<()> {
     check_input(shape, options)?;
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "dy", dy.len(), shape)?;
@@ -228,7 +246,11 @@ pub fn lrn<T: Float>(x: &Tensor<T>, options: &LrnOptions) -> Result<Tensor<T>> {
 ///
 /// # Errors
 /// As [`lrn`], and `dy` not shaped as `x`.
-pub fn lrn_backward<T: Float>(x: &Tensor<T>, dy: &Tensor<T>, options: &LrnOptions) -> Result<Tensor<T>> {
+pub fn lrn_backward<T: Float>(
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+    options: &LrnOptions,
+) -> Result<Tensor<T>> {
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
     let mut dx = Tensor::zeros(x.shape());
     backward(x.data(), dy.data(), x.shape(), options, dx.data_mut())?;

@@ -45,7 +45,20 @@ pub fn backward_rows<T: Float>(
     dx: &mut [T],
     dweight: Option<&mut [T]>,
 ) -> Result<()> {
-    rows_backward(OP, Centring::None, x, dy, rows, n, weight, eps, saved, dx, dweight, None)
+    rows_backward(
+        OP,
+        Centring::None,
+        x,
+        dy,
+        rows,
+        n,
+        weight,
+        eps,
+        saved,
+        dx,
+        dweight,
+        None,
+    )
 }
 
 /// RMSNorm of `x` over `x.shape[axis..]`.
@@ -71,7 +84,15 @@ pub fn rms_norm<T: Float>(
     check_param(OP, "weight", weight, &normalized, x.shape())?;
     let mut y = Tensor::zeros(x.shape());
     let mut saved = Saved::zeros(rows);
-    forward_rows(x.data(), rows, n, weight.map(Tensor::data), &eps, y.data_mut(), &mut saved)?;
+    forward_rows(
+        x.data(),
+        rows,
+        n,
+        weight.map(Tensor::data),
+        &eps,
+        y.data_mut(),
+        &mut saved,
+    )?;
     Ok((y, saved))
 }
 

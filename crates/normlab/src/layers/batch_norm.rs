@@ -146,7 +146,10 @@ impl<T: Float> BatchNorm<T> {
 
     /// Whether this forward updates the running statistics.
     pub fn updates_running_stats(&self) -> bool {
-        self.running.is_some() && self.update_running_stats.unwrap_or(self.mode == Mode::Train)
+        self.running.is_some()
+            && self
+                .update_running_stats
+                .unwrap_or(self.mode == Mode::Train)
     }
 
     /// Normalizes `x`.

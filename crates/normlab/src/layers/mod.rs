@@ -156,7 +156,12 @@ impl<T: Float> RunningStats<T> {
 }
 
 /// `x` must be `[N, channels, *]`.
-fn check_channels(op: &'static str, shape: &[usize], channels: usize, min_rank: usize) -> Result<()> {
+fn check_channels(
+    op: &'static str,
+    shape: &[usize],
+    channels: usize,
+    min_rank: usize,
+) -> Result<()> {
     if shape.len() < min_rank {
         return Err(NormError::RankTooLow {
             op,
@@ -192,7 +197,10 @@ fn trailing_axis(op: &'static str, shape: &[usize], normalized: &[usize]) -> Res
     }
 }
 
-fn state_of<T: Float>(affine: &Affine<T>, running: Option<&RunningStats<T>>) -> Vec<(String, StateTensor<T>)> {
+fn state_of<T: Float>(
+    affine: &Affine<T>,
+    running: Option<&RunningStats<T>>,
+) -> Vec<(String, StateTensor<T>)> {
     let mut out = Vec::new();
     affine.state(&mut out);
     if let Some(r) = running {

@@ -121,7 +121,14 @@ impl<T: Float> RmsNorm<T> {
     /// Shapes that disagree with that call's.
     pub fn backward(&self, x: &Tensor<T>, out: &Output<T>, dy: &Tensor<T>) -> Result<Grads<T>> {
         let axis = trailing_axis(OP, x.shape(), &self.config.normalized_shape)?;
-        let grads = rms_norm_backward(x, dy, axis, self.affine.weight.as_ref(), self.eps, &out.saved)?;
+        let grads = rms_norm_backward(
+            x,
+            dy,
+            axis,
+            self.affine.weight.as_ref(),
+            self.eps,
+            &out.saved,
+        )?;
         Ok(self.affine.mask(grads))
     }
 }

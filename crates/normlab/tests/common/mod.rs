@@ -33,7 +33,11 @@ pub fn dot(y: &Tensor<f64>, r: &Tensor<f64>) -> f64 {
 }
 
 /// Central finite differences of `loss` with respect to every value of `p`.
-pub fn numeric_grad(p: &Tensor<f64>, h: f64, mut loss: impl FnMut(&Tensor<f64>) -> f64) -> Vec<f64> {
+pub fn numeric_grad(
+    p: &Tensor<f64>,
+    h: f64,
+    mut loss: impl FnMut(&Tensor<f64>) -> f64,
+) -> Vec<f64> {
     (0..p.numel())
         .map(|i| {
             let mut plus = p.clone();
@@ -60,7 +64,10 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64)
 
 /// Largest absolute difference.
 pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Widens any float tensor's data to f64.

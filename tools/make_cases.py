@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Writes normcase/1 conformance cases for every op, option and bad input
+into tests/data/normlab/, with expected values from PyTorch in float64.
+
+Development tool: needs torch and numpy (not a dependency of the project or of
+its tests; the cases it writes are committed). Inputs are drawn in float32;
+expected outputs and gradients are computed in float64 from those float32
+values, by PyTorch's own functions where it has the option, and by autograd
+through the formula written out where it does not (ε added to σ, AlexNet's
+unscaled α, ONNX's even window, LRN within channel).
+
+    ~/.cache/torch-venv/bin/python tools/make_cases.py
+"""
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "normlab"
+SOURCE = f"PyTorch {torch.__version__.split('+')[0]} float64 on float32 inputs (tools/make_cases.py)"
+rng = np.random.default_rng(20261125)
+
+
+def f32(shape, offset=0.0, sd=1.0):
+    return torch.tensor((offset + sd * rng.standard_normal(shape)).astype(np.float32), dtype=torch.float64)
+
+
+def enc(t):
+    t = torch.as_tensor(t, dtype=torch.float64)
+    vals = t.detach().reshape(-1).numpy().astype(np.float32)
+    return {"shape": list(t.shape), "data": [float(v) for v in vals]}
+
+
+def write(name, op, attrs, inputs, expected=None, dy=None, grads=None, expect_error=False, note=None):
+    case = {"format": "normcase/1", "name": name, "source": note or SOURCE, "op": op, "attrs": attrs,
+            "inputs": {k: enc(v) for k, v in inputs.items() if v is not None}}
+    if expect_error:
+        case["expect_error"] = True
+    else:
+        case["expected"] = {k: enc(v) for k, v in expected.items()}
+        case["tolerance"] = {"atol": 1e-5, "rtol": 1e-4}
+    if dy is not None:
+        case["backward"] = {"dy": enc(dy), "expected": {k: enc(v) for k, v in grads.items() if v is not None},
+                            "tolerance": {"atol": 1e-4, "rtol": 1e-3}}
+    (OUT / f"{name}.json").write_text(json.dumps(case, separators=(",", ":")) + "\n")
+
+
+def grads_of(fn, x, weight=None, bias=None):
+    """Forward y and gradients of sum(y * dy) for a random dy."""
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+    y = fn(*leaves)
+    dy = f32(tuple(y.shape))
+    wanted = [t for t in leaves if t is not None]
+    g = torch.autograd.grad(y, wanted, dy)
+    it = iter(g)
+    out = {k: (next(it) if t is not None else None) for k, t in zip(("dx", "dweight", "dbias"), leaves)}
+    return y.detach(), dy, out
+
+
+def normalize(x, dims, eps, add_to_std, centred=True):
+    mean = x.mean(dim=dims, keepdim=True) if centred else 0.0
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    return (x - mean) / (var.sqrt() + eps if add_to_std else (var + eps).sqrt())
+
+
+def channel_view(t, x):
+    return t.reshape([1, -1] + [1] * (x.dim() - 2))
+
+
+# ---------------------------------------------------------------- batch_norm
+def batch_norm_cases():
+    for shape in [(4, 3), (3, 4, 5), (2, 3, 4, 5), (2, 2, 3, 2, 2), (1, 3, 4, 4)]:
+        c = shape[1]
+        tag = f"{len(shape) - 2}d" if len(shape) > 2 else "0d"
+        for momentum, nbt, est, affine in [(0.1, None, "unbiased", True), (0.3, None, "biased", False),
+                                           (None, 4, "unbiased", True)]:
+            x = f32(shape, 0.5, 2.0)
+            w, b = (f32((c,), 1.0, 0.3), f32((c,), 0.0, 0.3)) if affine else (None, None)
+            rm, rv = f32((c,), 0.0, 0.5), f32((c,), 0.0, 0.2).abs() + 0.5
+            m = momentum if momentum is not None else 1.0 / (nbt + 1)
+            rm2, rv2 = rm.clone(), rv.clone()
+            y, dy, g = grads_of(lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, True, m, 1e-5), x, w, b)
+            if est == "biased":  # PyTorch keeps the unbiased one; redo the update with the biased variance
+                dims = [0] + list(range(2, x.dim()))
+                count = x.numel() // c
+                rv2 = (1 - m) * rv + m * x.var(dim=dims, unbiased=False)
+            name = f"batch_norm_train_{tag}_m{'none' if momentum is None else momentum}_{est}{'' if affine else '_noaffine'}"
+            inputs = {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv}
+            if nbt is not None:
+                inputs["num_batches_tracked"] = torch.tensor(float(nbt))
+            write(name, "batch_norm", {"eps": 1e-5, "training": True, "momentum": momentum, "running_var_estimator": est},
+                  inputs, {"y": y, "running_mean": rm2, "running_var": rv2}, dy, g)
+        # evaluation, gradient with running statistics as constants
+        x = f32(shape, -1.0, 1.5)
+        w, b = f32((c,), 1.0, 0.3), f32((c,), 0.0, 0.3)
+        rm, rv = f32((c,), -1.0, 0.5), f32((c,), 0.0, 0.5).abs() + 0.5
+        y, dy, g = grads_of(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3), x, w, b)
+        write(f"batch_norm_eval_{tag}", "batch_norm", {"eps": 1e-3, "training": False, "momentum": 0.1},
+              {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv},
+              {"y": y, "running_mean": rm, "running_var": rv}, dy, g)
+    # ε added to σ, both modes (formula by autograd)
+    x = f32((5, 3, 4), 2.0, 0.7)
+    w, b = f32((3,), 1.0, 0.3), f32((3,), 0.0, 0.3)
+    y, dy, g = grads_of(lambda x, w, b: normalize(x, [0, 2], 0.1, True) * channel_view(w, x) + channel_view(b, x), x, w, b)
+    write("batch_norm_train_eps_add_to_std", "batch_norm", {"eps": 0.1, "eps_placement": "add_to_std", "training": True},
+          {"x": x, "weight": w, "bias": b}, {"y": y}, dy, g)
+    rm, rv = f32((3,), 2.0, 0.3), f32((3,), 0.0, 0.3).abs() + 0.2
+    fn = lambda x, w, b: (x - channel_view(rm, x)) / (channel_view(rv, x).sqrt() + 0.1) * channel_view(w, x) + channel_view(b, x)
+    y, dy, g = grads_of(fn, x, w, b)
+    write("batch_norm_eval_eps_add_to_std", "batch_norm", {"eps": 0.1, "eps_placement": "add_to_std", "training": False},
+          {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv}, {"y": y}, dy, g)
+    # large offset
+    x = f32((16, 4, 8), 1e4, 0.01)
+    y, dy, g = grads_of(lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5), x, None, None)
+    write("batch_norm_train_large_offset", "batch_norm", {"eps": 1e-5, "training": True}, {"x": x}, {"y": y}, dy, g)
+    # zero-size batch: empty output, running statistics unchanged
+    x = torch.zeros((0, 3, 4), dtype=torch.float64)
+    rm, rv = f32((3,)), f32((3,)).abs() + 0.5
+    write("batch_norm_train_empty_batch", "batch_norm", {"eps": 1e-5, "training": True, "momentum": 0.1},
+          {"x": x, "running_mean": rm, "running_var": rv}, {"y": x, "running_mean": rm, "running_var": rv})
+
+
+# ---------------------------------------------------------------- layer_norm / rms_norm
+def layer_and_rms_cases():
+    for shape, axis in [((4, 6), -1), ((2, 3, 5), 1), ((2, 3, 5), -2), ((2, 3, 4, 2), 0), ((3, 1), -1)]:
+        ax = axis % len(shape)
+        ns = shape[ax:]
+        for variant in ["affine", "no_bias", "no_affine"]:
+            x = f32(shape, 1.0, 2.0)
+            w = f32(ns, 1.0, 0.3) if variant != "no_affine" else None
+            b = f32(ns, 0.0, 0.3) if variant == "affine" else None
+            y, dy, g = grads_of(lambda x, w, b: F.layer_norm(x, ns, w, b, 1e-5), x, w, b)
+            dims = list(range(ax, len(shape)))
+            mean = x.mean(dim=dims, keepdim=True)
+            rstd = 1 / (x.var(dim=dims, unbiased=False, keepdim=True) + 1e-5).sqrt()
+            write(f"layer_norm_{len(shape)}d_axis{axis}_{variant}", "layer_norm", {"eps": 1e-5, "axis": axis},
+                  {"x": x, "weight": w, "bias": b}, {"y": y, "mean": mean, "rstd": rstd}, dy, g)
+        for variant in ["weight", "no_weight"]:
+            x = f32(shape, 0.3, 1.5)
+            w = f32(ns, 1.0, 0.3) if variant == "weight" else None
+            y, dy, g = grads_of(lambda x, w, b: F.rms_norm(x, ns, w, 1e-6), x, w, None)
+            write(f"rms_norm_{len(shape)}d_axis{axis}_{variant}", "rms_norm", {"eps": 1e-6, "axis": axis},
+                  {"x": x, "weight": w}, {"y": y}, dy, g)
+    x = f32((3, 8), -2.0, 1.0)
+    w, b = f32((8,), 1.0, 0.3), f32((8,), 0.0, 0.3)
+    y, dy, g = grads_of(lambda x, w, b: normalize(x, [-1], 0.05, True) * w + b, x, w, b)
+    write("layer_norm_eps_add_to_std", "layer_norm", {"eps": 0.05, "axis": -1, "eps_placement": "add_to_std"},
+          {"x": x, "weight": w, "bias": b}, {"y": y}, dy, g)
+    y, dy, g = grads_of(lambda x, w, b: normalize(x, [-1], 0.05, True, centred=False) * w, x, w, None)
+    write("rms_norm_eps_add_to_std", "rms_norm", {"eps": 0.05, "axis": -1, "eps_placement": "add_to_std"},
+          {"x": x, "weight": w}, {"y": y}, dy, g)
+    x = f32((4, 1024), 1e4, 0.01)
+    y, dy, g = grads_of(lambda x, w, b: F.layer_norm(x, (1024,), None, None, 1e-5), x)
+    write("layer_norm_large_offset", "layer_norm", {"eps": 1e-5, "axis": -1}, {"x": x}, {"y": y}, dy, g)
+
+
+# ---------------------------------------------------------------- group_norm / instance_norm
+def group_and_instance_cases():
+    for shape, groups in [((2, 6, 5), 1), ((2, 6, 5), 3), ((2, 6, 5), 6), ((3, 4), 2), ((2, 4, 3, 3), 2), ((1, 8, 2, 2, 2), 4)]:
+        c = shape[1]
+        for affine in [True, False]:
+            x = f32(shape, 2.0, 1.0)
+            w, b = (f32((c,), 1.0, 0.3), f32((c,), 0.0, 0.3)) if affine else (None, None)
+            y, dy, g = grads_of(lambda x, w, b: F.group_norm(x, groups, w, b, 1e-5), x, w, b)
+            write(f"group_norm_{'x'.join(map(str, shape))}_g{groups}{'' if affine else '_noaffine'}", "group_norm",
+                  {"eps": 1e-5, "num_groups": groups}, {"x": x, "weight": w, "bias": b}, {"y": y}, dy, g)
+    x = f32((2, 4, 6), 0.0, 2.0)
+    w, b = f32((4,), 1.0, 0.3), f32((4,), 0.0, 0.3)
+    fn = lambda x, w, b: normalize(x.reshape(2, 2, -1), [-1], 0.1, True).reshape(x.shape) * channel_view(w, x) + channel_view(b, x)
+    y, dy, g = grads_of(fn, x, w, b)
+    write("group_norm_eps_add_to_std", "group_norm", {"eps": 0.1, "num_groups": 2, "eps_placement": "add_to_std"},
+          {"x": x, "weight": w, "bias": b}, {"y": y}, dy, g)
+    for shape in [(2, 3, 5), (3, 2, 4, 3), (1, 2, 2, 2, 3)]:
+        c = shape[1]
+        for affine in [True, False]:
+            x = f32(shape, -1.0, 1.5)
+            w, b = (f32((c,), 1.0, 0.3), f32((c,), 0.0, 0.3)) if affine else (None, None)
+            y, dy, g = grads_of(lambda x, w, b: F.instance_norm(x, None, None, w, b, True, 0.1, 1e-5), x, w, b)
+            write(f"instance_norm_{len(shape) - 2}d{'' if affine else '_noaffine'}", "instance_norm", {"eps": 1e-5},
+                  {"x": x, "weight": w, "bias": b}, {"y": y}, dy, g)
+    # running statistics: updated from the instances in training, used in evaluation
+    x = f32((3, 2, 5), 1.0, 2.0)
+    w, b = f32((2,), 1.0, 0.3), f32((2,), 0.0, 0.3)
+    rm, rv = f32((2,), 0.0, 0.5), f32((2,), 0.0, 0.3).abs() + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    y, dy, g = grads_of(lambda x, w, b: F.instance_norm(x, rm2, rv2, w, b, True, 0.2, 1e-5), x, w, b)
+    write("instance_norm_train_running_stats", "instance_norm", {"eps": 1e-5, "use_input_stats": True, "momentum": 0.2},
+          {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv},
+          {"y": y, "running_mean": rm2, "running_var": rv2}, dy, g)
+    y, dy, g = grads_of(lambda x, w, b: F.instance_norm(x, rm, rv, w, b, False, 0.2, 1e-5), x, w, b)
+    write("instance_norm_eval_running_stats", "instance_norm", {"eps": 1e-5, "use_input_stats": False},
+          {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv}, {"y": y}, dy, g)
+
+
+# ---------------------------------------------------------------- lrn
+def lrn_formula(x, size, alpha, beta, k, over_size, even, within):
+    before = size // 2 if even == "torch" else (size - 1) // 2
+    after = size - 1 - before
+    sq = x * x
+    if within:  # box over every spatial axis
+        s = sq
+        for axis in range(2, x.dim()):
+            pad = [0, 0] * (x.dim() - 1 - axis) + [before, after]
+            padded = F.pad(s.movedim(axis, -1), pad[-2:]).movedim(-1, axis)
+            s = sum(padded.narrow(axis, i, x.shape[axis]) for i in range(size))
+        a = alpha / size ** (x.dim() - 2) if over_size else alpha
+    else:
+        padded = F.pad(sq.movedim(1, -1), (before, after)).movedim(-1, 1)
+        s = sum(padded.narrow(1, i, x.shape[1]) for i in range(size))
+        a = alpha / size if over_size else alpha
+    return x / (k + a * s) ** beta
+
+
+def lrn_cases():
+    for size in [1, 2, 3, 4, 5]:
+        x = f32((2, 6, 3, 4), 0.0, 2.0)
+        y, dy, g = grads_of(lambda x, w, b: F.local_response_norm(x, size, 0.3, 0.75, 1.5), x)
+        write(f"lrn_torch_size{size}", "lrn", {"size": size, "alpha": 0.3, "beta": 0.75, "k": 1.5}, {"x": x}, {"y": y}, dy, g)
+    for size, even, over, within, shape in [(4, "onnx", True, False, (2, 7, 3)), (5, "torch", False, False, (1, 6, 2, 3)),
+                                            (3, "torch", True, True, (2, 3, 5, 4)), (3, "torch", False, True, (1, 2, 4, 5)),
+                                            (2, "onnx", True, True, (2, 2, 4, 4)), (3, "torch", True, True, (2, 2, 7)),
+                                            (3, "torch", True, False, (2, 5, 2, 2, 3))]:
+        x = f32(shape, 0.0, 2.0)
+        y, dy, g = grads_of(lambda x, w, b: lrn_formula(x, size, 0.5, 0.75, 2.0, over, even, within), x)
+        region = "within_channel" if within else "across_channels"
+        write(f"lrn_{region}_size{size}_{even}_{'over_size' if over else 'plain_alpha'}_{len(shape)}d", "lrn",
+              {"size": size, "alpha": 0.5, "beta": 0.75, "k": 2.0, "alpha_over_size": over, "even_window": even, "region": region},
+              {"x": x}, {"y": y}, dy, g)
+
+
+# ---------------------------------------------------------------- bad input
+def error_cases():
+    x23, x234 = f32((2, 3)), f32((2, 3, 4))
+    c3, c4 = f32((3,)), f32((4,))
+    bn = {"eps": 1e-5, "training": True, "momentum": 0.1}
+    errs = [
+        ("batch_norm_train_one_value_per_channel", "batch_norm", bn, {"x": f32((1, 3))}),
+        ("batch_norm_train_one_value_per_channel_4d", "batch_norm", bn, {"x": f32((1, 3, 1, 1))}),
+        ("batch_norm_weight_length", "batch_norm", bn, {"x": x234, "weight": c4}),
+        ("batch_norm_bias_length", "batch_norm", bn, {"x": x234, "bias": c4}),
+        ("batch_norm_running_mean_length", "batch_norm", bn, {"x": x234, "running_mean": c4, "running_var": c3}),
+        ("batch_norm_running_var_length", "batch_norm", {**bn, "training": False}, {"x": x234, "running_mean": c3, "running_var": c4}),
+        ("batch_norm_eval_without_running_stats", "batch_norm", {**bn, "training": False}, {"x": x234}),
+        ("batch_norm_rank_1", "batch_norm", bn, {"x": c3}),
+        ("batch_norm_negative_eps", "batch_norm", {**bn, "eps": -1e-5}, {"x": x234}),
+        ("batch_norm_momentum_above_one", "batch_norm", {**bn, "momentum": 1.5}, {"x": x234, "running_mean": c3, "running_var": c3.abs()}),
+        ("batch_norm_momentum_negative", "batch_norm", {**bn, "momentum": -0.1}, {"x": x234}),
+        ("group_norm_channels_not_divisible", "group_norm", {"eps": 1e-5, "num_groups": 4}, {"x": f32((2, 6, 3))}),
+        ("group_norm_zero_groups", "group_norm", {"eps": 1e-5, "num_groups": 0}, {"x": f32((2, 6, 3))}),
+        ("group_norm_weight_length", "group_norm", {"eps": 1e-5, "num_groups": 3}, {"x": x234, "weight": c4}),
+        ("group_norm_negative_eps", "group_norm", {"eps": -1.0, "num_groups": 1}, {"x": x234}),
+        ("instance_norm_weight_length", "instance_norm", {"eps": 1e-5}, {"x": x234, "weight": c4}),
+        ("instance_norm_one_spatial_value", "instance_norm", {"eps": 1e-5}, {"x": f32((2, 3, 1))}),
+        ("instance_norm_eval_without_running_stats", "instance_norm", {"eps": 1e-5, "use_input_stats": False}, {"x": x234}),
+        ("layer_norm_weight_shape", "layer_norm", {"eps": 1e-5, "axis": -1}, {"x": x234, "weight": f32((3, 4))}),
+        ("layer_norm_bias_shape", "layer_norm", {"eps": 1e-5, "axis": 1}, {"x": x234, "bias": c4}),
+        ("layer_norm_axis_too_large", "layer_norm", {"eps": 1e-5, "axis": 3}, {"x": x234}),
+        ("layer_norm_axis_too_negative", "layer_norm", {"eps": 1e-5, "axis": -4}, {"x": x234}),
+        ("layer_norm_negative_eps", "layer_norm", {"eps": -1e-3, "axis": -1}, {"x": x23}),
+        ("rms_norm_weight_shape", "rms_norm", {"eps": 1e-5, "axis": -1}, {"x": x234, "weight": c3}),
+        ("rms_norm_axis_out_of_range", "rms_norm", {"eps": 1e-5, "axis": 2}, {"x": x23}),
+        ("lrn_rank_2", "lrn", {"size": 3, "alpha": 1e-4, "beta": 0.75, "k": 1.0}, {"x": x23}),
+        ("lrn_size_0", "lrn", {"size": 0, "alpha": 1e-4, "beta": 0.75, "k": 1.0}, {"x": x234}),
+    ]
+    for name, op, attrs, inputs in errs:
+        write(f"error_{name}", op, attrs, inputs, expect_error=True,
+              note="bad input: the operation must refuse it (tools/make_cases.py)")
+
+
+if __name__ == "__main__":
+    torch.set_default_dtype(torch.float64)
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True)
+    batch_norm_cases()
+    layer_and_rms_cases()
+    group_and_instance_cases()
+    lrn_cases()
+    error_cases()
+    print(f"{len(list(OUT.glob('*.json')))} cases in {OUT}")
