@@ -32,8 +32,13 @@ fn rounded(seed: u64, shape: &[usize], offset: f64, sd: f64) -> (Tensor<f32>, Ve
 /// Prints the error next to PyTorch's (`--nocapture` shows the table) and
 /// asserts it is at most a fifth of it.
 fn within_a_fifth(op: &str, offset: f64, sd: f64, err: f64, pytorch: f64) {
-    eprintln!("{op:<10} offset {offset:.0e} sd {sd:<4}: max abs err {err:.1e}, PyTorch {pytorch:.1e}");
-    assert!(err <= pytorch / 5.0, "{op} offset {offset} sd {sd}: {err:e}");
+    eprintln!(
+        "{op:<10} offset {offset:.0e} sd {sd:<4}: max abs err {err:.1e}, PyTorch {pytorch:.1e}"
+    );
+    assert!(
+        err <= pytorch / 5.0,
+        "{op} offset {offset} sd {sd}: {err:e}"
+    );
 }
 
 #[test]
@@ -44,7 +49,13 @@ fn large_offsets_are_five_times_more_accurate_than_pytorch() {
         let (x, x64) = rounded(seed, &[64, 1024], offset, sd);
         let want = reference::layer_norm(&x64, 1024, &[1.0; 1024], &[0.0; 1024], 1e-5, false);
         let (y, _) = layer_norm(&x, -1, None, None, 1e-5.into()).unwrap();
-        within_a_fifth("layer_norm", offset, sd, max_abs_diff(&widen(&y), &want), bounds[0]);
+        within_a_fifth(
+            "layer_norm",
+            offset,
+            sd,
+            max_abs_diff(&widen(&y), &want),
+            bounds[0],
+        );
 
         // BatchNorm (training) and GroupNorm(8) on [16, 32, 8, 8].
         let (x, x64) = rounded(seed, &[16, 32, 8, 8], offset, sd);
@@ -52,11 +63,23 @@ fn large_offsets_are_five_times_more_accurate_than_pytorch() {
         let zeros = [0.0; 32];
         let want = reference::batch_norm(&x64, (16, 32, 64), None, &ones, &zeros, 1e-5, false);
         let (y, _) = batch_norm(&x, None, None, None, &BatchNormOptions::training()).unwrap();
-        within_a_fifth("batch_norm", offset, sd, max_abs_diff(&widen(&y), &want), bounds[1]);
+        within_a_fifth(
+            "batch_norm",
+            offset,
+            sd,
+            max_abs_diff(&widen(&y), &want),
+            bounds[1],
+        );
 
         let want = reference::group_norm(&x64, (16, 32, 64), 8, &ones, &zeros, 1e-5, false);
         let (y, _) = group_norm(&x, 8, None, None, 1e-5.into()).unwrap();
-        within_a_fifth("group_norm", offset, sd, max_abs_diff(&widen(&y), &want), bounds[2]);
+        within_a_fifth(
+            "group_norm",
+            offset,
+            sd,
+            max_abs_diff(&widen(&y), &want),
+            bounds[2],
+        );
     }
 }
 
