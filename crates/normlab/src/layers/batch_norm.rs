@@ -1,8 +1,8 @@
 //! `BatchNorm`: PyTorch's `BatchNorm1d/2d/3d` in one layer (`[N, C, *]`).
 
 use super::{
-    check_channels, impl_affine_access, impl_running_access, impl_state_dict, Affine, Mode, Output,
-    RunningStats,
+    check_channels, impl_affine_access, impl_eps_builders, impl_running_access,
+    impl_running_builders, impl_state_dict, Affine, Mode, Output, RunningStats,
 };
 use crate::kernels::batch_norm::{batch_norm, batch_norm_backward, BatchNormOptions};
 use crate::kernels::Grads;
@@ -45,42 +45,6 @@ impl BatchNormConfig {
         }
     }
 
-    /// Sets ε (inside the square root unless [`Self::with_eps_placement`] says otherwise).
-    pub fn with_eps(mut self, eps: f64) -> Self {
-        self.eps.value = eps;
-        self
-    }
-
-    /// Sets where ε goes.
-    pub fn with_eps_placement(mut self, placement: crate::EpsPlacement) -> Self {
-        self.eps.placement = placement;
-        self
-    }
-
-    /// Sets the momentum.
-    pub fn with_momentum(mut self, momentum: Momentum) -> Self {
-        self.momentum = momentum;
-        self
-    }
-
-    /// Sets the running-variance estimator.
-    pub fn with_running_var(mut self, estimator: RunningVarEstimator) -> Self {
-        self.running_var = estimator;
-        self
-    }
-
-    /// Turns γ, β on or off.
-    pub fn with_affine(mut self, affine: bool) -> Self {
-        self.affine = affine;
-        self
-    }
-
-    /// Turns running statistics on or off.
-    pub fn with_track_running_stats(mut self, track: bool) -> Self {
-        self.track_running_stats = track;
-        self
-    }
-
     /// Builds the layer: γ = 1, β = 0, running mean 0 and variance 1, mode Train.
     ///
     /// # Errors
@@ -100,6 +64,9 @@ impl BatchNormConfig {
         })
     }
 }
+
+impl_eps_builders!(BatchNormConfig);
+impl_running_builders!(BatchNormConfig);
 
 /// Batch normalization with running statistics.
 ///

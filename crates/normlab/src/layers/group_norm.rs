@@ -1,6 +1,9 @@
 //! `GroupNorm`: PyTorch's `nn.GroupNorm(num_groups, num_channels, eps, affine)`.
 
-use super::{check_channels, impl_affine_access, impl_state_dict, Affine, Output};
+use super::{
+    check_channels, impl_affine_access, impl_affine_builder, impl_eps_builders, impl_state_dict,
+    Affine, Output,
+};
 use crate::kernels::group_norm::{group_norm, group_norm_backward, GroupLayout};
 use crate::kernels::{Grads, NcsLayout};
 use crate::state::{StateDict, StateTensor, StateView};
@@ -36,24 +39,6 @@ impl GroupNormConfig {
         }
     }
 
-    /// Sets ε.
-    pub fn with_eps(mut self, eps: f64) -> Self {
-        self.eps.value = eps;
-        self
-    }
-
-    /// Sets where ε goes.
-    pub fn with_eps_placement(mut self, placement: crate::EpsPlacement) -> Self {
-        self.eps.placement = placement;
-        self
-    }
-
-    /// Turns γ, β on or off.
-    pub fn with_affine(mut self, affine: bool) -> Self {
-        self.affine = affine;
-        self
-    }
-
     /// Builds the layer: γ = 1, β = 0.
     ///
     /// # Errors
@@ -72,6 +57,9 @@ impl GroupNormConfig {
         })
     }
 }
+
+impl_eps_builders!(GroupNormConfig);
+impl_affine_builder!(GroupNormConfig);
 
 /// Group normalization.
 ///

@@ -1,6 +1,8 @@
 //! `LayerNorm`: PyTorch's `nn.LayerNorm(normalized_shape, eps, elementwise_affine, bias)`.
 
-use super::{impl_affine_access, impl_state_dict, trailing_axis, Affine, Output};
+use super::{
+    impl_affine_access, impl_eps_builders, impl_state_dict, trailing_axis, Affine, Output,
+};
 use crate::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use crate::kernels::Grads;
 use crate::state::{StateDict, StateTensor, StateView};
@@ -36,18 +38,6 @@ impl LayerNormConfig {
         }
     }
 
-    /// Sets ε.
-    pub fn with_eps(mut self, eps: f64) -> Self {
-        self.eps.value = eps;
-        self
-    }
-
-    /// Sets where ε goes.
-    pub fn with_eps_placement(mut self, placement: crate::EpsPlacement) -> Self {
-        self.eps.placement = placement;
-        self
-    }
-
     /// Turns γ (and β) on or off.
     pub fn with_elementwise_affine(mut self, affine: bool) -> Self {
         self.elementwise_affine = affine;
@@ -80,6 +70,8 @@ impl LayerNormConfig {
         })
     }
 }
+
+impl_eps_builders!(LayerNormConfig);
 
 /// Layer normalization over the trailing `normalized_shape`.
 ///

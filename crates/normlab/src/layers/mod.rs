@@ -312,3 +312,65 @@ macro_rules! impl_running_access {
     };
 }
 pub(crate) use impl_running_access;
+
+/// `with_eps` and `with_eps_placement` on a config with an `eps: Epsilon` field.
+macro_rules! impl_eps_builders {
+    ($config:ident) => {
+        impl $config {
+            /// Sets ε (inside the square root unless [`Self::with_eps_placement`] says otherwise).
+            pub fn with_eps(mut self, eps: f64) -> Self {
+                self.eps.value = eps;
+                self
+            }
+
+            /// Sets where ε goes.
+            pub fn with_eps_placement(mut self, placement: crate::EpsPlacement) -> Self {
+                self.eps.placement = placement;
+                self
+            }
+        }
+    };
+}
+pub(crate) use impl_eps_builders;
+
+/// `with_affine` on a config with an `affine: bool` field.
+macro_rules! impl_affine_builder {
+    ($config:ident) => {
+        impl $config {
+            /// Turns γ, β on or off.
+            pub fn with_affine(mut self, affine: bool) -> Self {
+                self.affine = affine;
+                self
+            }
+        }
+    };
+}
+pub(crate) use impl_affine_builder;
+
+/// Builders of the running-statistics options (BatchNorm, InstanceNorm).
+macro_rules! impl_running_builders {
+    ($config:ident) => {
+        crate::layers::impl_affine_builder!($config);
+
+        impl $config {
+            /// Sets the momentum.
+            pub fn with_momentum(mut self, momentum: Momentum) -> Self {
+                self.momentum = momentum;
+                self
+            }
+
+            /// Sets the running-variance estimator.
+            pub fn with_running_var(mut self, estimator: RunningVarEstimator) -> Self {
+                self.running_var = estimator;
+                self
+            }
+
+            /// Turns running statistics on or off.
+            pub fn with_track_running_stats(mut self, track: bool) -> Self {
+                self.track_running_stats = track;
+                self
+            }
+        }
+    };
+}
+pub(crate) use impl_running_builders;
