@@ -71,3 +71,25 @@ impl Float for half::bf16 {
         half::bf16::from_f64(v)
     }
 }
+
+/// The same slice seen as `f32`, when `T` is `f32` (selects the SIMD paths).
+#[inline]
+pub(crate) fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32, so the layout is identical.
+        Some(unsafe { &*(s as *const [T] as *const [f32]) })
+    } else {
+        None
+    }
+}
+
+/// Mutable version of [`as_f32`].
+#[inline]
+pub(crate) fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32, so the layout is identical.
+        Some(unsafe { &mut *(s as *mut [T] as *mut [f32]) })
+    } else {
+        None
+    }
+}

@@ -31,6 +31,7 @@ pub mod kernels;
 pub mod layers;
 pub mod moments;
 pub mod reference;
+pub mod simd;
 pub mod state;
 pub mod tensor;
 

@@ -15,6 +15,8 @@
 //! shortcut `E[x²] - E[x]²` cancels catastrophically when |mean| ≫ std and is
 //! never used.
 
+use crate::float::as_f32;
+use crate::kernels::fast;
 use crate::Float;
 
 /// Values per chunk of the two-pass: small enough to stay in L1 between passes.
@@ -87,9 +89,32 @@ impl Moments {
 
     /// Moments of a slice: exact two-pass per chunk of [`CHUNK`] values, chunks merged.
     pub fn of_slice<T: Float>(xs: &[T]) -> Moments {
+        if let Some(xs) = as_f32(xs) {
+            return xs.chunks(CHUNK).fold(Moments::EMPTY, |acc, chunk| {
+                acc.merge(Self::of_f32_chunk(chunk))
+            });
+        }
         xs.chunks(CHUNK).fold(Moments::EMPTY, |acc, chunk| {
             acc.merge(Self::of_chunk(chunk, |x| x.to_f64()))
         })
+    }
+
+    /// Two-pass over an f32 chunk with SIMD: an f32 sum gives a shift `s`
+    /// near the mean; `d = x - s` is then exact in f32 when |μ| ≫ σ, and
+    /// `Σd`, `Σd²` are accumulated in f64:
+    /// `mean = s + Σd/n`, `m2 = Σd² - (Σd)²/n`.
+    fn of_f32_chunk(chunk: &[f32]) -> Moments {
+        if chunk.is_empty() {
+            return Moments::EMPTY;
+        }
+        let count = chunk.len() as f64;
+        let shift = (fast::sum(chunk) / count) as f32;
+        let (s1, s2) = fast::centred_sums(chunk, shift);
+        Moments {
+            count,
+            mean: shift as f64 + s1 / count,
+            m2: (s2 - s1 * s1 / count).max(0.0),
+        }
     }
 
     /// Two-pass over one chunk.
@@ -113,6 +138,9 @@ impl Moments {
 
 /// `Σx²` of a slice in f64 (RMSNorm's statistic; no cancellation, so one pass).
 pub fn sum_of_squares<T: Float>(xs: &[T]) -> f64 {
+    if let Some(xs) = as_f32(xs) {
+        return fast::sum_squares(xs);
+    }
     xs.iter()
         .map(|x| {
             let v = x.to_f64();

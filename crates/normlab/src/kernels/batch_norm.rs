@@ -12,10 +12,13 @@
 //! then the input gradient ([`backward_input`]), so that SyncBatchNorm can
 //! all-reduce the sums between them.
 
+use super::parallel::{channels, channels_mut};
+use super::slices;
 use super::{backward_coefficients, check_param, param_at, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
 use crate::moments::{moments_of_slices, Moments};
 use crate::{Float, NormError, Tensor};
+use rayon::prelude::*;
 
 const OP: &str = "batch_norm";
 
@@ -86,15 +89,15 @@ pub struct RunningStatsMut<'a, T> {
 }
 
 /// Per-channel moments of `x` laid out as `layout`: channel `c` gathers
-/// `x[n, c, :]` for every `n`.
+/// `x[n, c, :]` for every `n`. Parallel over channels.
 ///
 /// # Errors
 /// When `x.len()` is not `N·C·spatial`.
 pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Moments>> {
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
-    let s = layout.spatial;
-    Ok((0..layout.c)
-        .map(|c| moments_of_slices((0..layout.n).map(|n| &x[(n * layout.c + c) * s..][..s])))
+    Ok(channels(x, layout.c, layout.spatial)
+        .par_iter()
+        .map(|slices| moments_of_slices(slices.iter().copied()))
         .collect())
 }
 
@@ -112,17 +115,46 @@ pub fn normalize<T: Float>(
 ) -> Result<()> {
     check_channel_args(x, layout, saved, weight, bias)?;
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
-    let s = layout.spatial.max(1);
-    for (block, (x_blk, y_blk)) in x.chunks_exact(s).zip(y.chunks_exact_mut(s)).enumerate() {
-        let c = block % layout.c;
-        let (mean, rstd) = (saved.mean[c], saved.rstd[c]);
-        let scale = rstd * param_at(weight, c, 1.0);
-        let shift = param_at(bias, c, 0.0);
-        for (&xv, yv) in x_blk.iter().zip(y_blk) {
-            *yv = T::from_f64((xv.to_f64() - mean) * scale + shift);
-        }
-    }
+    let (c, s) = (layout.c, layout.spatial);
+    channels(x, c, s)
+        .into_par_iter()
+        .zip(channels_mut(y, c, s))
+        .enumerate()
+        .for_each(|(ch, (xs, ys))| {
+            let scale = saved.rstd[ch] * param_at(weight, ch, 1.0);
+            let shift = param_at(bias, ch, 0.0);
+            for (x_sl, y_sl) in xs.into_iter().zip(ys) {
+                slices::normalize(x_sl, y_sl, saved.mean[ch], scale, shift);
+            }
+        });
     Ok(())
+}
+
+/// Training forward fused per channel: statistics, then normalization while
+/// the channel is still in cache. Returns each channel's moments.
+fn train_forward<T: Float>(
+    x: &[T],
+    layout: NcsLayout,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: &Epsilon,
+    y: &mut [T],
+) -> Vec<Moments> {
+    let (c, s) = (layout.c, layout.spatial);
+    channels(x, c, s)
+        .into_par_iter()
+        .zip(channels_mut(y, c, s))
+        .enumerate()
+        .map(|(ch, (xs, ys))| {
+            let m = moments_of_slices(xs.iter().copied());
+            let scale = eps.rstd(m.var(0)) * param_at(weight, ch, 1.0);
+            let shift = param_at(bias, ch, 0.0);
+            for (x_sl, y_sl) in xs.into_iter().zip(ys) {
+                slices::normalize(x_sl, y_sl, m.mean, scale, shift);
+            }
+            m
+        })
+        .collect()
 }
 
 /// Per-channel `(Σdy, Σdy·x̂)`: all the backward needs from the whole batch,
@@ -138,22 +170,22 @@ pub fn channel_grad_sums<T: Float>(
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     check_channel_args(x, layout, saved, None, None)?;
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
-    let mut sum_dy = vec![0.0; layout.c];
-    let mut sum_dy_xhat = vec![0.0; layout.c];
-    let s = layout.spatial.max(1);
-    for (block, (x_blk, dy_blk)) in x.chunks_exact(s).zip(dy.chunks_exact(s)).enumerate() {
-        let c = block % layout.c;
-        let (mean, rstd) = (saved.mean[c], saved.rstd[c]);
-        let (mut a, mut b) = (0.0, 0.0);
-        for (&xv, &dyv) in x_blk.iter().zip(dy_blk) {
-            let dy = dyv.to_f64();
-            a += dy;
-            b += dy * (xv.to_f64() - mean) * rstd;
-        }
-        sum_dy[c] += a;
-        sum_dy_xhat[c] += b;
-    }
-    Ok((sum_dy, sum_dy_xhat))
+    let (c, s) = (layout.c, layout.spatial);
+    Ok(channels(x, c, s)
+        .into_par_iter()
+        .zip(channels(dy, c, s))
+        .enumerate()
+        .map(|(ch, (xs, dys))| channel_sums(&xs, &dys, saved.mean[ch], saved.rstd[ch]))
+        .unzip())
+}
+
+fn channel_sums<T: Float>(xs: &[&[T]], dys: &[&[T]], mean: f64, rstd: f64) -> (f64, f64) {
+    xs.iter()
+        .zip(dys)
+        .fold((0.0, 0.0), |(a, b), (x_sl, dy_sl)| {
+            let (da, db) = slices::grad_sums(x_sl, dy_sl, mean, rstd);
+            (a + da, b + db)
+        })
 }
 
 /// How the statistics used in forward depend on `x`.
@@ -171,6 +203,27 @@ pub enum StatsGradient<'a> {
     },
     /// Running statistics: constants.
     Constant,
+}
+
+/// `(a, b, c)` of `dx = a·dy + b·(x - μ) + c` for one channel.
+fn channel_coefficients(
+    eps: &Epsilon,
+    weight: f64,
+    rstd: f64,
+    batch: Option<(f64, f64, f64)>,
+) -> (f64, f64, f64) {
+    match batch {
+        Some((count, sum_dy, sum_dy_xhat)) => {
+            let (b, c) = backward_coefficients(
+                eps,
+                rstd,
+                weight * sum_dy / count,
+                weight * sum_dy_xhat / count,
+            );
+            (weight * rstd, b, c)
+        }
+        None => (weight * rstd, 0.0, 0.0),
+    }
 }
 
 /// `dx` from the saved statistics and, for batch statistics, the channel sums.
@@ -191,43 +244,69 @@ pub fn backward_input<T: Float>(
     check_channel_args(x, layout, saved, weight, None)?;
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "dx", dx.len(), &[layout.n, layout.c, layout.spatial])?;
-    // Per channel: dx = a·dy + b·(x - μ) + c.
-    let coefs: Vec<(f64, f64, f64)> = (0..layout.c)
-        .map(|c| {
-            let w = param_at(weight, c, 1.0);
-            let rstd = saved.rstd[c];
-            match stats {
+    if let StatsGradient::Batch {
+        sum_dy,
+        sum_dy_xhat,
+        ..
+    } = stats
+    {
+        check_len(OP, "sum_dy", sum_dy.len(), &[layout.c])?;
+        check_len(OP, "sum_dy_xhat", sum_dy_xhat.len(), &[layout.c])?;
+    }
+    let (c, s) = (layout.c, layout.spatial);
+    channels(x, c, s)
+        .into_par_iter()
+        .zip(channels(dy, c, s))
+        .zip(channels_mut(dx, c, s))
+        .enumerate()
+        .for_each(|(ch, ((xs, dys), dxs))| {
+            let batch = match stats {
                 StatsGradient::Batch {
                     count,
                     sum_dy,
                     sum_dy_xhat,
-                } => {
-                    let (b, cc) = backward_coefficients(
-                        eps,
-                        rstd,
-                        w * sum_dy[c] / count,
-                        w * sum_dy_xhat[c] / count,
-                    );
-                    (w * rstd, b, cc)
-                }
-                StatsGradient::Constant => (w * rstd, 0.0, 0.0),
+                } => Some((count, sum_dy[ch], sum_dy_xhat[ch])),
+                StatsGradient::Constant => None,
+            };
+            let coefs = channel_coefficients(eps, param_at(weight, ch, 1.0), saved.rstd[ch], batch);
+            for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
+                slices::input_grad(x_sl, dy_sl, saved.mean[ch], coefs, dx_sl);
             }
-        })
-        .collect();
-    let s = layout.spatial.max(1);
-    let blocks = x
-        .chunks_exact(s)
-        .zip(dy.chunks_exact(s))
-        .zip(dx.chunks_exact_mut(s));
-    for (block, ((x_blk, dy_blk), dx_blk)) in blocks.enumerate() {
-        let c = block % layout.c;
-        let (a, b, cc) = coefs[c];
-        let mean = saved.mean[c];
-        for ((&xv, &dyv), dxv) in x_blk.iter().zip(dy_blk).zip(dx_blk) {
-            *dxv = T::from_f64(a * dyv.to_f64() + b * (xv.to_f64() - mean) + cc);
-        }
-    }
+        });
     Ok(())
+}
+
+/// Backward fused per channel (sums, then `dx` while the channel is in
+/// cache); returns `(Σdy, Σdy·x̂)` per channel.
+#[allow(clippy::too_many_arguments)]
+fn backward_fused<T: Float>(
+    x: &[T],
+    dy: &[T],
+    layout: NcsLayout,
+    saved: &Saved,
+    weight: Option<&[T]>,
+    eps: &Epsilon,
+    batch_stats: bool,
+    dx: &mut [T],
+) -> (Vec<f64>, Vec<f64>) {
+    let (c, s) = (layout.c, layout.spatial);
+    let count = (layout.n * s) as f64;
+    channels(x, c, s)
+        .into_par_iter()
+        .zip(channels(dy, c, s))
+        .zip(channels_mut(dx, c, s))
+        .enumerate()
+        .map(|(ch, ((xs, dys), dxs))| {
+            let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
+            let (sum_dy, sum_dy_xhat) = channel_sums(&xs, &dys, mean, rstd);
+            let batch = batch_stats.then_some((count, sum_dy, sum_dy_xhat));
+            let coefs = channel_coefficients(eps, param_at(weight, ch, 1.0), rstd, batch);
+            for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
+                slices::input_grad(x_sl, dy_sl, mean, coefs, dx_sl);
+            }
+            (sum_dy, sum_dy_xhat)
+        })
+        .unzip()
 }
 
 /// Folds a batch's per-channel `(mean, var)` into running statistics.
@@ -388,16 +467,43 @@ pub(crate) fn batch_norm_op<T: Float>(
     let mut y = Tensor::zeros(x.shape());
     let update = options.update_running_stats && running.is_some();
     let count = layout.n * layout.spatial;
-    // Batch statistics, when they are used to normalize or to update.
-    let batch = if (options.use_batch_stats || update) && count > 0 {
-        if count == 1 {
-            return Err(NormError::TooFewValues {
-                op,
-                what: "value per channel",
-                shape: x.shape().into(),
-            });
+    let too_few = || NormError::TooFewValues {
+        op,
+        what: "value per channel",
+        shape: x.shape().into(),
+    };
+    let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
+    let (saved, moments) = if options.use_batch_stats {
+        match count {
+            // Zero-size batch: nothing to normalize, nothing to update.
+            0 => return Ok((y, Saved::zeros(layout.c))),
+            1 => return Err(too_few()),
+            _ => {}
         }
-        let moments = channel_moments(x.data(), layout)?;
+        let moments = train_forward(x.data(), layout, w, b, &options.eps, y.data_mut());
+        let saved = Saved {
+            mean: moments.iter().map(|m| m.mean).collect(),
+            rstd: moments.iter().map(|m| options.eps.rstd(m.var(0))).collect(),
+        };
+        (saved, Some(moments))
+    } else {
+        let r = running
+            .as_ref()
+            .ok_or(NormError::MissingRunningStats { op })?;
+        let saved = Saved {
+            mean: r.mean.iter().map(|m| m.to_f64()).collect(),
+            rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),
+        };
+        normalize(x.data(), layout, &saved, w, b, y.data_mut())?;
+        // Running statistics may still be updated from the batch (read before).
+        let moments = match (update, count) {
+            (false, _) | (true, 0) => None,
+            (true, 1) => return Err(too_few()),
+            (true, _) => Some(channel_moments(x.data(), layout)?),
+        };
+        (saved, moments)
+    };
+    if let Some(moments) = &moments {
         if let Some(ch) = moments
             .iter()
             .position(|m| !(m.mean.is_finite() && m.m2.is_finite()))
@@ -409,42 +515,13 @@ pub(crate) fn batch_norm_op<T: Float>(
                 var: moments[ch].var(0),
             });
         }
-        Some(moments)
-    } else {
-        None
-    };
-    let saved = if options.use_batch_stats {
-        match &batch {
-            Some(moments) => Saved {
-                mean: moments.iter().map(|m| m.mean).collect(),
-                rstd: moments.iter().map(|m| options.eps.rstd(m.var(0))).collect(),
-            },
-            // Zero-size batch: nothing to normalize, nothing to update.
-            None => return Ok((y, Saved::zeros(layout.c))),
+        if let (true, Some(running)) = (update, running) {
+            let ddof = options.running_var.ddof();
+            let batch_mean: Vec<f64> = moments.iter().map(|m| m.mean).collect();
+            let batch_var: Vec<f64> = moments.iter().map(|m| m.var(ddof)).collect();
+            update_running(op, running, &batch_mean, &batch_var, options.momentum)?;
         }
-    } else {
-        let r = running
-            .as_ref()
-            .ok_or(NormError::MissingRunningStats { op })?;
-        Saved {
-            mean: r.mean.iter().map(|m| m.to_f64()).collect(),
-            rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),
-        }
-    };
-    if let (true, Some(running), Some(moments)) = (update, running, &batch) {
-        let ddof = options.running_var.ddof();
-        let batch_mean: Vec<f64> = moments.iter().map(|m| m.mean).collect();
-        let batch_var: Vec<f64> = moments.iter().map(|m| m.var(ddof)).collect();
-        update_running(op, running, &batch_mean, &batch_var, options.momentum)?;
     }
-    normalize(
-        x.data(),
-        layout,
-        &saved,
-        weight.map(Tensor::data),
-        bias.map(Tensor::data),
-        y.data_mut(),
-    )?;
     Ok((y, saved))
 }
 
@@ -480,30 +557,19 @@ pub(crate) fn batch_norm_backward_op<T: Float>(
     let layout = NcsLayout::of(op, x.shape(), 2)?;
     crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(op, "weight", weight, &[layout.c], x.shape())?;
-    let (sum_dy, sum_dy_xhat) = channel_grad_sums(x.data(), dy.data(), layout, saved)?;
-    let count = (layout.n * layout.spatial) as f64;
-    let stats = if batch_stats {
-        StatsGradient::Batch {
-            count,
-            sum_dy: &sum_dy,
-            sum_dy_xhat: &sum_dy_xhat,
-        }
-    } else {
-        StatsGradient::Constant
-    };
+    check_len(op, "saved.mean", saved.mean.len(), &[layout.c])?;
+    check_len(op, "saved.rstd", saved.rstd.len(), &[layout.c])?;
     let mut dx = Tensor::zeros(x.shape());
-    if count > 0.0 {
-        backward_input(
-            x.data(),
-            dy.data(),
-            layout,
-            saved,
-            weight.map(Tensor::data),
-            &eps,
-            stats,
-            dx.data_mut(),
-        )?;
-    }
+    let (sum_dy, sum_dy_xhat) = backward_fused(
+        x.data(),
+        dy.data(),
+        layout,
+        saved,
+        weight.map(Tensor::data),
+        &eps,
+        batch_stats,
+        dx.data_mut(),
+    );
     let to_tensor = |v: &[f64]| Tensor::from_vec(v.iter().map(|&a| T::from_f64(a)).collect());
     Ok(Grads {
         dx,

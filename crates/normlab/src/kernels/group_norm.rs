@@ -11,10 +11,13 @@
 //! Each group is one contiguous block of `C/G·spatial` values.
 
 use super::layer_norm::write_acc;
+use super::parallel::{min_units, sum_partials};
+use super::slices;
 use super::{backward_coefficients, check_param, param_at, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
 use crate::moments::Moments;
 use crate::{Float, NormError, Tensor};
+use rayon::prelude::*;
 
 const OP: &str = "group_norm";
 
@@ -77,25 +80,25 @@ pub fn forward<T: Float>(
     if len == 0 {
         return Ok(());
     }
-    for (group, (x_grp, y_grp)) in x.chunks_exact(len).zip(y.chunks_exact_mut(len)).enumerate() {
-        let m = Moments::of_slice(x_grp);
-        let rstd = eps.rstd(m.var(0));
-        saved.mean[group] = m.mean;
-        saved.rstd[group] = rstd;
-        let first_channel = (group % layout.groups) * cpg;
-        for (i, (x_ch, y_ch)) in x_grp
-            .chunks_exact(s)
-            .zip(y_grp.chunks_exact_mut(s))
-            .enumerate()
-        {
-            let c = first_channel + i;
-            let scale = rstd * param_at(weight, c, 1.0);
-            let shift = param_at(bias, c, 0.0);
-            for (&xv, yv) in x_ch.iter().zip(y_ch) {
-                *yv = T::from_f64((xv.to_f64() - m.mean) * scale + shift);
+    x.par_chunks(len)
+        .zip(y.par_chunks_mut(len))
+        .zip(saved.mean.par_iter_mut().zip(saved.rstd.par_iter_mut()))
+        .enumerate()
+        .with_min_len(min_units(len))
+        .for_each(|(group, ((x_grp, y_grp), (mean, rstd)))| {
+            let m = Moments::of_slice(x_grp);
+            (*mean, *rstd) = (m.mean, eps.rstd(m.var(0)));
+            let first_channel = (group % layout.groups) * cpg;
+            for (i, (x_ch, y_ch)) in x_grp
+                .chunks_exact(s)
+                .zip(y_grp.chunks_exact_mut(s))
+                .enumerate()
+            {
+                let c = first_channel + i;
+                let scale = *rstd * param_at(weight, c, 1.0);
+                slices::normalize(x_ch, y_ch, m.mean, scale, param_at(bias, c, 0.0));
             }
-        }
-    }
+        });
     Ok(())
 }
 
@@ -124,55 +127,64 @@ pub fn backward<T: Float>(
         layout.channels_per_group(),
     );
     let c_total = layout.ncs.c;
-    let mut dweight_acc = vec![0.0f64; if dweight.is_some() { c_total } else { 0 }];
-    let mut dbias_acc = vec![0.0f64; if dbias.is_some() { c_total } else { 0 }];
-    if len > 0 {
-        let groups = x
-            .chunks_exact(len)
-            .zip(dy.chunks_exact(len))
-            .zip(dx.chunks_exact_mut(len));
-        for (group, ((x_grp, dy_grp), dx_grp)) in groups.enumerate() {
-            let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
-            let first_channel = (group % layout.groups) * cpg;
-            let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
-            for (i, (x_ch, dy_ch)) in x_grp
-                .chunks_exact(s)
-                .zip(dy_grp.chunks_exact(s))
-                .enumerate()
-            {
-                let c = first_channel + i;
-                let (mut sum_dy, mut sum_dy_xhat) = (0.0, 0.0);
-                for (&xv, &dyv) in x_ch.iter().zip(dy_ch) {
-                    let dy = dyv.to_f64();
-                    sum_dy += dy;
-                    sum_dy_xhat += dy * (xv.to_f64() - mean) * rstd;
-                }
-                let w = param_at(weight, c, 1.0);
-                sum_g += w * sum_dy;
-                sum_g_xhat += w * sum_dy_xhat;
-                if let Some(acc) = dweight_acc.get_mut(c) {
-                    *acc += sum_dy_xhat;
-                }
-                if let Some(acc) = dbias_acc.get_mut(c) {
-                    *acc += sum_dy;
-                }
-            }
-            let (b, cc) =
-                backward_coefficients(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
-            let chans = x_grp
-                .chunks_exact(s)
-                .zip(dy_grp.chunks_exact(s))
-                .zip(dx_grp.chunks_exact_mut(s));
-            for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
-                let a = rstd * param_at(weight, first_channel + i, 1.0);
-                for ((&xv, &dyv), dxv) in x_ch.iter().zip(dy_ch).zip(dx_ch) {
-                    *dxv = T::from_f64(a * dyv.to_f64() + b * (xv.to_f64() - mean) + cc);
-                }
-            }
-        }
+    let sample = c_total * s;
+    if len == 0 || layout.ncs.n == 0 {
+        write_acc(dweight, &vec![0.0; c_total]);
+        write_acc(dbias, &vec![0.0; c_total]);
+        return Ok(());
     }
-    write_acc(dweight, &dweight_acc);
-    write_acc(dbias, &dbias_acc);
+    // One task per sample, each with its own partial dγ, dβ (added in sample order).
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
+        .par_chunks(sample)
+        .zip(dy.par_chunks(sample))
+        .zip(dx.par_chunks_mut(sample))
+        .enumerate()
+        .map(|(n, ((x_s, dy_s), dx_s))| {
+            let mut dw = vec![0.0; c_total];
+            let mut db = vec![0.0; c_total];
+            let groups = x_s
+                .chunks_exact(len)
+                .zip(dy_s.chunks_exact(len))
+                .zip(dx_s.chunks_exact_mut(len));
+            for (g, ((x_grp, dy_grp), dx_grp)) in groups.enumerate() {
+                let group = n * layout.groups + g;
+                let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
+                let first_channel = g * cpg;
+                let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
+                for (i, (x_ch, dy_ch)) in x_grp
+                    .chunks_exact(s)
+                    .zip(dy_grp.chunks_exact(s))
+                    .enumerate()
+                {
+                    let c = first_channel + i;
+                    let (sum_dy, sum_dy_xhat) = slices::grad_sums(x_ch, dy_ch, mean, rstd);
+                    let w = param_at(weight, c, 1.0);
+                    sum_g += w * sum_dy;
+                    sum_g_xhat += w * sum_dy_xhat;
+                    dw[c] += sum_dy_xhat;
+                    db[c] += sum_dy;
+                }
+                let (b, cc) =
+                    backward_coefficients(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+                let chans = x_grp
+                    .chunks_exact(s)
+                    .zip(dy_grp.chunks_exact(s))
+                    .zip(dx_grp.chunks_exact_mut(s));
+                for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
+                    let a = rstd * param_at(weight, first_channel + i, 1.0);
+                    slices::input_grad(x_ch, dy_ch, mean, (a, b, cc), dx_ch);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (dw, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    if dweight.is_some() {
+        write_acc(dweight, &sum_partials(c_total, dw));
+    }
+    if dbias.is_some() {
+        write_acc(dbias, &sum_partials(c_total, db));
+    }
     Ok(())
 }
 

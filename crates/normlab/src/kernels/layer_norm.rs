@@ -8,10 +8,14 @@
 //! `axis` picks the first normalized dimension (PyTorch's
 //! `normalized_shape = x.shape[axis:]`, ONNX's `axis`); γ and β have that shape.
 
+use super::fast;
+use super::parallel::{block_units, min_units, sum_partials};
 use super::{backward_coefficients, check_param, param_at, resolve_axis, Epsilon, Grads, Saved};
 use crate::error::{check_len, Result};
+use crate::float::{as_f32, as_f32_mut};
 use crate::moments::{sum_of_squares, Moments};
 use crate::{Float, Tensor};
+use rayon::prelude::*;
 
 const OP: &str = "layer_norm";
 
@@ -63,23 +67,61 @@ pub(crate) fn rows_forward<T: Float>(
     if n == 0 {
         return Ok(());
     }
-    for (row, (x_row, y_row)) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)).enumerate() {
-        let (mean, var) = match centring {
-            Centring::Mean => {
-                let m = Moments::of_slice(x_row);
-                (m.mean, m.var(0))
-            }
-            Centring::None => (0.0, sum_of_squares(x_row) / n as f64),
-        };
+    if let (Some(x), Some(y)) = (as_f32(x), as_f32_mut(y)) {
+        let (w, b) = (weight.and_then(as_f32), bias.and_then(as_f32));
+        let ones = w.is_none().then(|| vec![1.0f32; n]);
+        let zeros = b.is_none().then(|| vec![0.0f32; n]);
+        let (w, b) = (
+            w.or(ones.as_deref()).unwrap_or(&[]),
+            b.or(zeros.as_deref()).unwrap_or(&[]),
+        );
+        for_each_row(x, y, n, saved, |x_row, y_row| {
+            let (mean, var) = row_stats(centring, x_row);
+            let rstd = eps.rstd(var);
+            let (hi, lo) = fast::split(mean);
+            fast::normalize_row(x_row, y_row, hi, lo, rstd as f32, w, b);
+            (mean, rstd)
+        });
+        return Ok(());
+    }
+    for_each_row(x, y, n, saved, |x_row, y_row| {
+        let (mean, var) = row_stats(centring, x_row);
         let rstd = eps.rstd(var);
-        saved.mean[row] = mean;
-        saved.rstd[row] = rstd;
         for (j, (&xv, yv)) in x_row.iter().zip(y_row.iter_mut()).enumerate() {
             let x_hat = (xv.to_f64() - mean) * rstd;
             *yv = T::from_f64(x_hat * param_at(weight, j, 1.0) + param_at(bias, j, 0.0));
         }
-    }
+        (mean, rstd)
+    });
     Ok(())
+}
+
+/// Mean and (biased) variance of a row, or 0 and the mean square without centring.
+fn row_stats<T: Float>(centring: Centring, row: &[T]) -> (f64, f64) {
+    match centring {
+        Centring::Mean => {
+            let m = Moments::of_slice(row);
+            (m.mean, m.var(0))
+        }
+        Centring::None => (0.0, sum_of_squares(row) / row.len() as f64),
+    }
+}
+
+/// Runs `f(x_row, y_row) -> (mean, rstd)` on every row, in parallel.
+fn for_each_row<X: Sync, Y: Send>(
+    x: &[X],
+    y: &mut [Y],
+    n: usize,
+    saved: &mut Saved,
+    f: impl Fn(&[X], &mut [Y]) -> (f64, f64) + Sync,
+) {
+    x.par_chunks(n)
+        .zip(y.par_chunks_mut(n))
+        .zip(saved.mean.par_iter_mut().zip(saved.rstd.par_iter_mut()))
+        .with_min_len(min_units(n))
+        .for_each(|((x_row, y_row), (mean, rstd))| {
+            (*mean, *rstd) = f(x_row, y_row);
+        });
 }
 
 /// Backward over `rows × n` values from the saved `mean`/`rstd`: writes `dx`,
@@ -137,44 +179,131 @@ pub(crate) fn rows_backward<T: Float>(
     check_len(op, "dx", dx.len(), &[rows, n])?;
     check_len(op, "saved.mean", saved.mean.len(), &[rows])?;
     check_len(op, "saved.rstd", saved.rstd.len(), &[rows])?;
-    let mut dweight_acc = vec![0.0f64; if dweight.is_some() { n } else { 0 }];
-    let mut dbias_acc = vec![0.0f64; if dbias.is_some() { n } else { 0 }];
-    if n > 0 {
-        let rows_iter = x
-            .chunks_exact(n)
-            .zip(dy.chunks_exact(n))
-            .zip(dx.chunks_exact_mut(n));
-        for (row, ((x_row, dy_row), dx_row)) in rows_iter.enumerate() {
-            let (mean, rstd) = (saved.mean[row], saved.rstd[row]);
-            let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
-            for (j, (&xv, &dyv)) in x_row.iter().zip(dy_row).enumerate() {
-                let dy = dyv.to_f64();
-                let x_hat = (xv.to_f64() - mean) * rstd;
-                let g = dy * param_at(weight, j, 1.0);
-                sum_g += g;
-                sum_g_xhat += g * x_hat;
-                if let Some(acc) = dweight_acc.get_mut(j) {
-                    *acc += dy * x_hat;
-                }
-                if let Some(acc) = dbias_acc.get_mut(j) {
-                    *acc += dy;
-                }
-            }
-            // Without centring there is no mean to differentiate through: no `c`.
-            let mean_g = match centring {
-                Centring::Mean => sum_g / n as f64,
-                Centring::None => 0.0,
-            };
-            let (b, c) = backward_coefficients(eps, rstd, mean_g, sum_g_xhat / n as f64);
-            for (j, ((&xv, &dyv), dxv)) in x_row.iter().zip(dy_row).zip(dx_row).enumerate() {
-                let g = dyv.to_f64() * param_at(weight, j, 1.0);
-                *dxv = T::from_f64(rstd * g + b * (xv.to_f64() - mean) + c);
-            }
-        }
+    if n == 0 || rows == 0 {
+        write_acc(dweight, &vec![0.0; n]);
+        write_acc(dbias, &vec![0.0; n]);
+        return Ok(());
     }
-    write_acc(dweight, &dweight_acc);
-    write_acc(dbias, &dbias_acc);
+    let per_block = block_units(rows);
+    let fast_inputs = (as_f32(x), as_f32(dy), weight.map_or(Some(&[][..]), as_f32));
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = if let (Some(x), Some(dy), Some(w)) = fast_inputs {
+        let dx = as_f32_mut(dx).expect("dx has the element type of x");
+        let ones = weight.is_none().then(|| vec![1.0f32; n]);
+        let w = ones.as_deref().unwrap_or(w);
+        for_each_block(
+            x,
+            dy,
+            dx,
+            n,
+            per_block,
+            saved,
+            |x_row, dy_row, dx_row, (mean, rstd), dw, db| {
+                let (hi, lo) = fast::split(mean);
+                let (sum_g, sum_g_xhat) =
+                    fast::row_grad_sums(x_row, dy_row, w, hi, lo, rstd as f32, dw, db);
+                let (b, c) = row_coefficients(centring, eps, rstd, sum_g, sum_g_xhat, n);
+                fast::row_dx(
+                    x_row,
+                    dy_row,
+                    w,
+                    hi,
+                    lo,
+                    rstd as f32,
+                    b as f32,
+                    c as f32,
+                    dx_row,
+                );
+            },
+        )
+    } else {
+        for_each_block(
+            x,
+            dy,
+            dx,
+            n,
+            per_block,
+            saved,
+            |x_row, dy_row, dx_row, (mean, rstd), dw, db| {
+                let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
+                for (j, (&xv, &dyv)) in x_row.iter().zip(dy_row).enumerate() {
+                    let dy = dyv.to_f64();
+                    let x_hat = (xv.to_f64() - mean) * rstd;
+                    let g = dy * param_at(weight, j, 1.0);
+                    sum_g += g;
+                    sum_g_xhat += g * x_hat;
+                    dw[j] += dy * x_hat;
+                    db[j] += dy;
+                }
+                let (b, c) = row_coefficients(centring, eps, rstd, sum_g, sum_g_xhat, n);
+                for (j, ((&xv, &dyv), dxv)) in x_row.iter().zip(dy_row).zip(dx_row).enumerate() {
+                    let g = dyv.to_f64() * param_at(weight, j, 1.0);
+                    *dxv = T::from_f64(rstd * g + b * (xv.to_f64() - mean) + c);
+                }
+            },
+        )
+    };
+    let (dw, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    if dweight.is_some() {
+        write_acc(dweight, &sum_partials(n, dw));
+    }
+    if dbias.is_some() {
+        write_acc(dbias, &sum_partials(n, db));
+    }
     Ok(())
+}
+
+/// `(b, c)` of `dx = r·g + b·(x - μ) + c` for a row, from `Σg` and `Σg·x̂`.
+fn row_coefficients(
+    centring: Centring,
+    eps: &Epsilon,
+    rstd: f64,
+    sum_g: f64,
+    sum_g_xhat: f64,
+    n: usize,
+) -> (f64, f64) {
+    // Without centring there is no mean to differentiate through: no `c`.
+    let mean_g = match centring {
+        Centring::Mean => sum_g / n as f64,
+        Centring::None => 0.0,
+    };
+    backward_coefficients(eps, rstd, mean_g, sum_g_xhat / n as f64)
+}
+
+/// Runs `f(x_row, dy_row, dx_row, (mean, rstd), dweight_partial, dbias_partial)`
+/// on every row, in parallel over fixed blocks of `per_block` rows; returns
+/// each block's partial `(dweight, dbias)` in block order.
+#[allow(clippy::type_complexity)]
+fn for_each_block<X: Sync, D: Send>(
+    x: &[X],
+    dy: &[X],
+    dx: &mut [D],
+    n: usize,
+    per_block: usize,
+    saved: &Saved,
+    f: impl Fn(&[X], &[X], &mut [D], (f64, f64), &mut [f64], &mut [f64]) + Sync,
+) -> Vec<(Vec<f64>, Vec<f64>)> {
+    let block = per_block * n;
+    x.par_chunks(block)
+        .zip(dy.par_chunks(block))
+        .zip(dx.par_chunks_mut(block))
+        .zip(
+            saved
+                .mean
+                .par_chunks(per_block)
+                .zip(saved.rstd.par_chunks(per_block)),
+        )
+        .map(|(((xb, dyb), dxb), (means, rstds))| {
+            let (mut dw, mut db) = (vec![0.0; n], vec![0.0; n]);
+            let rows = xb
+                .chunks_exact(n)
+                .zip(dyb.chunks_exact(n))
+                .zip(dxb.chunks_exact_mut(n));
+            for (((x_row, dy_row), dx_row), (&mean, &rstd)) in rows.zip(means.iter().zip(rstds)) {
+                f(x_row, dy_row, dx_row, (mean, rstd), &mut dw, &mut db);
+            }
+            (dw, db)
+        })
+        .collect()
 }
 
 pub(crate) fn write_acc<T: Float>(out: Option<&mut [T]>, acc: &[f64]) {

@@ -15,8 +15,11 @@
 //! backward sum over `{i : j ∈ W(i)}` is the same box with its two sides
 //! swapped, which matters only for even sizes.
 
+use super::fast::{self, NegPow};
 use crate::error::{check_len, ensure, Result};
+use crate::float::{as_f32, as_f32_mut};
 use crate::{Float, NormError, Tensor};
+use rayon::prelude::*;
 
 const OP: &str = "local_response_norm";
 
@@ -184,10 +187,30 @@ pub fn forward<T: Float>(
     check_input(shape, options)?;
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "y", y.len(), shape)?;
-    let s = scale_terms(x, shape, options);
-    for ((yv, &xv), &sv) in y.iter_mut().zip(x).zip(&s) {
-        *yv = T::from_f64(xv.to_f64() * sv.powf(-options.beta));
+    let sample_shape = sample_shape(shape);
+    let sample: usize = sample_shape.iter().product();
+    if sample == 0 {
+        return Ok(());
     }
+    // One task per sample: windows never cross samples.
+    if let Some(pow) = fast_path(options) {
+        if let (Some(x), Some(y)) = (as_f32(x), as_f32_mut(y)) {
+            x.par_chunks(sample)
+                .zip(y.par_chunks_mut(sample))
+                .for_each(|(xs, ys)| {
+                    forward_sample_f32(xs, ys, shape[1], sample / shape[1], options, pow)
+                });
+            return Ok(());
+        }
+    }
+    x.par_chunks(sample)
+        .zip(y.par_chunks_mut(sample))
+        .for_each(|(xs, ys)| {
+            let s = scale_terms(xs, &sample_shape, options);
+            for ((yv, &xv), &sv) in ys.iter_mut().zip(xs).zip(&s) {
+                *yv = T::from_f64(xv.to_f64() * sv.powf(-options.beta));
+            }
+        });
     Ok(())
 }
 
@@ -206,21 +229,154 @@ pub fn backward<T: Float>(
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "dy", dy.len(), shape)?;
     check_len(OP, "dx", dx.len(), shape)?;
-    let s = scale_terms(x, shape, options);
-    let beta = options.beta;
-    // t_i = dy_i·x_i·S_i^(-β-1), gathered over the transposed window.
-    let t = dy
-        .iter()
-        .zip(x)
-        .zip(&s)
-        .map(|((&d, &xv), &sv)| d.to_f64() * xv.to_f64() * sv.powf(-beta - 1.0))
-        .collect();
-    let gathered = window_sum(t, shape, options, true);
-    let coef = 2.0 * options.scale(shape.len() - 2) * beta;
-    for (((dxv, &d), &xv), (&sv, &u)) in dx.iter_mut().zip(dy).zip(x).zip(s.iter().zip(&gathered)) {
-        *dxv = T::from_f64(d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u);
+    let sample_shape = sample_shape(shape);
+    let sample: usize = sample_shape.iter().product();
+    if sample == 0 {
+        return Ok(());
     }
+    if let Some(pow) = fast_path(options) {
+        if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_mut(dx)) {
+            x.par_chunks(sample)
+                .zip(dy.par_chunks(sample))
+                .zip(dx.par_chunks_mut(sample))
+                .for_each(|((xs, dys), dxs)| {
+                    backward_sample_f32(xs, dys, dxs, shape[1], sample / shape[1], options, pow)
+                });
+            return Ok(());
+        }
+    }
+    let beta = options.beta;
+    let coef = 2.0 * options.scale(shape.len() - 2) * beta;
+    x.par_chunks(sample)
+        .zip(dy.par_chunks(sample))
+        .zip(dx.par_chunks_mut(sample))
+        .for_each(|((xs, dys), dxs)| {
+            let s = scale_terms(xs, &sample_shape, options);
+            // t_i = dy_i·x_i·S_i^(-β-1), gathered over the transposed window.
+            let t = dys
+                .iter()
+                .zip(xs)
+                .zip(&s)
+                .map(|((&d, &xv), &sv)| d.to_f64() * xv.to_f64() * sv.powf(-beta - 1.0))
+                .collect();
+            let gathered = window_sum(t, &sample_shape, options, true);
+            for (((dxv, &d), &xv), (&sv, &u)) in
+                dxs.iter_mut().zip(dys).zip(xs).zip(s.iter().zip(&gathered))
+            {
+                *dxv = T::from_f64(d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u);
+            }
+        });
     Ok(())
+}
+
+/// `[1, C, spatial…]`: the shape of one sample.
+fn sample_shape(shape: &[usize]) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    s[0] = 1;
+    s
+}
+
+/// The SIMD path covers LRN across channels with β ∈ {0.5, 0.75, 1}.
+fn fast_path(options: &LrnOptions) -> Option<NegPow> {
+    match options.region {
+        LrnRegion::AcrossChannels => NegPow::of(options.beta),
+        LrnRegion::WithinChannel => None,
+    }
+}
+
+/// Spatial positions per tile: a tile of every channel stays in L2.
+const TILE: usize = 256;
+
+/// Channels `[c - before, c + after]` clipped to `0..channels`.
+fn channel_window(
+    c: usize,
+    channels: usize,
+    before: usize,
+    after: usize,
+) -> std::ops::RangeInclusive<usize> {
+    c.saturating_sub(before)..=(c + after).min(channels - 1)
+}
+
+/// f32 forward of one sample `[C, S]`, tile by tile.
+fn forward_sample_f32(
+    x: &[f32],
+    y: &mut [f32],
+    channels: usize,
+    s: usize,
+    options: &LrnOptions,
+    pow: NegPow,
+) {
+    let (before, after) = options.window();
+    let (k, a) = (options.k as f32, options.scale(1) as f32);
+    let mut sum = vec![0f32; TILE.min(s)];
+    for t0 in (0..s).step_by(TILE) {
+        let len = TILE.min(s - t0);
+        let sum = &mut sum[..len];
+        for c in 0..channels {
+            sum.fill(0.0);
+            for j in channel_window(c, channels, before, after) {
+                fast::add_squares(sum, &x[j * s + t0..][..len]);
+            }
+            let at = c * s + t0;
+            fast::lrn_apply(&x[at..][..len], sum, &mut y[at..][..len], k, a, pow);
+        }
+    }
+}
+
+/// f32 backward of one sample `[C, S]`, tile by tile.
+fn backward_sample_f32(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    channels: usize,
+    s: usize,
+    options: &LrnOptions,
+    pow: NegPow,
+) {
+    let (before, after) = options.window();
+    let (k, a) = (options.k as f32, options.scale(1) as f32);
+    let coef = (2.0 * options.scale(1) * options.beta) as f32;
+    let tile = TILE.min(s);
+    let mut terms = vec![0f32; channels * tile];
+    let mut scale = vec![0f32; channels * tile];
+    let mut gathered = vec![0f32; tile];
+    for t0 in (0..s).step_by(TILE) {
+        let len = TILE.min(s - t0);
+        for c in 0..channels {
+            let t = &mut terms[c * tile..][..len];
+            t.fill(0.0);
+            for j in channel_window(c, channels, before, after) {
+                fast::add_squares(t, &x[j * s + t0..][..len]);
+            }
+            let at = c * s + t0;
+            fast::lrn_grad_terms(
+                &x[at..][..len],
+                &dy[at..][..len],
+                t,
+                &mut scale[c * tile..][..len],
+                k,
+                a,
+                pow,
+            );
+        }
+        for c in 0..channels {
+            let g = &mut gathered[..len];
+            g.fill(0.0);
+            // The transposed window: every i whose window holds c.
+            for i in channel_window(c, channels, after, before) {
+                fast::add_assign(g, &terms[i * tile..][..len]);
+            }
+            let at = c * s + t0;
+            fast::lrn_dx(
+                &x[at..][..len],
+                &dy[at..][..len],
+                &scale[c * tile..][..len],
+                g,
+                coef,
+                &mut dx[at..][..len],
+            );
+        }
+    }
 }
 
 /// LRN of `x` (`[N, C, *]`, rank ≥ 3).

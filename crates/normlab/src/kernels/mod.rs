@@ -20,11 +20,14 @@
 //! RMSNorm is the same with μ = 0 and no `c` term.
 
 pub mod batch_norm;
+pub mod fast;
 pub mod group_norm;
 pub mod instance_norm;
 pub mod layer_norm;
 pub mod lrn;
+pub(crate) mod parallel;
 pub mod rms_norm;
+pub(crate) mod slices;
 
 use crate::error::{ensure, Result};
 

@@ -1,0 +1,57 @@
+//! How kernels split their work over threads.
+//!
+//! Work is cut into units that do not depend on the number of threads (a row,
+//! a channel, a group, a sample, or a fixed number of blocks of them), and
+//! reductions across units (dγ, dβ) go through per-block partial sums added in
+//! block order. Results are therefore bit-identical for any thread count.
+
+/// Values a task should hold at least, so that scheduling stays cheap.
+const MIN_TASK_VALUES: usize = 1 << 15;
+
+/// Minimum number of units of `unit_len` values per rayon task.
+pub(crate) fn min_units(unit_len: usize) -> usize {
+    (MIN_TASK_VALUES / unit_len.max(1)).max(1)
+}
+
+/// Number of blocks a reduction over `units` is cut into: fixed by the
+/// problem size, never by the thread count.
+const REDUCTION_BLOCKS: usize = 64;
+
+/// Units per reduction block.
+pub(crate) fn block_units(units: usize) -> usize {
+    units.div_ceil(REDUCTION_BLOCKS).max(1)
+}
+
+/// Adds per-block partial sums in block order.
+pub(crate) fn sum_partials(len: usize, partials: impl IntoIterator<Item = Vec<f64>>) -> Vec<f64> {
+    let mut total = vec![0.0; len];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// Splits a `[N, C, S]` buffer into its `C` channels, each the list of its
+/// `N` contiguous slices of `S` values.
+pub(crate) fn channels<T>(data: &[T], c: usize, s: usize) -> Vec<Vec<&[T]>> {
+    let mut out: Vec<Vec<&[T]>> = (0..c).map(|_| Vec::new()).collect();
+    if s > 0 && c > 0 {
+        for (i, slice) in data.chunks_exact(s).enumerate() {
+            out[i % c].push(slice);
+        }
+    }
+    out
+}
+
+/// Mutable version of [`channels`].
+pub(crate) fn channels_mut<T>(data: &mut [T], c: usize, s: usize) -> Vec<Vec<&mut [T]>> {
+    let mut out: Vec<Vec<&mut [T]>> = (0..c).map(|_| Vec::new()).collect();
+    if s > 0 && c > 0 {
+        for (i, slice) in data.chunks_exact_mut(s).enumerate() {
+            out[i % c].push(slice);
+        }
+    }
+    out
+}

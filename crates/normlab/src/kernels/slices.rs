@@ -1,0 +1,57 @@
+//! Per-slice loops shared by the channel-wise kernels (BatchNorm, GroupNorm,
+//! InstanceNorm): a slice is a contiguous run of one channel's values, all
+//! normalized with the same statistics. f32 slices take the SIMD paths of
+//! [`super::fast`]; other element types compute in f64.
+
+use super::fast;
+use crate::float::{as_f32, as_f32_mut};
+use crate::Float;
+
+/// `y = (x - mean)·scale + shift`.
+#[inline]
+pub(crate) fn normalize<T: Float>(x: &[T], y: &mut [T], mean: f64, scale: f64, shift: f64) {
+    if let (Some(x), Some(y)) = (as_f32(x), as_f32_mut(y)) {
+        let (hi, lo) = fast::split(mean);
+        fast::normalize_slice(x, y, hi, lo, scale as f32, shift as f32);
+        return;
+    }
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv = T::from_f64((xv.to_f64() - mean) * scale + shift);
+    }
+}
+
+/// `(Σdy, Σdy·x̂)` with `x̂ = (x - mean)·rstd`.
+#[inline]
+pub(crate) fn grad_sums<T: Float>(x: &[T], dy: &[T], mean: f64, rstd: f64) -> (f64, f64) {
+    if let (Some(x), Some(dy)) = (as_f32(x), as_f32(dy)) {
+        let (hi, lo) = fast::split(mean);
+        return fast::slice_grad_sums(x, dy, hi, lo, rstd as f32);
+    }
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for (&xv, &dyv) in x.iter().zip(dy) {
+        let d = dyv.to_f64();
+        s1 += d;
+        s2 += d * (xv.to_f64() - mean) * rstd;
+    }
+    (s1, s2)
+}
+
+/// `dx = a·dy + b·(x - mean) + c`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn input_grad<T: Float>(
+    x: &[T],
+    dy: &[T],
+    mean: f64,
+    (a, b, c): (f64, f64, f64),
+    dx: &mut [T],
+) {
+    if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_mut(dx)) {
+        let (hi, lo) = fast::split(mean);
+        fast::slice_dx(x, dy, hi, lo, a as f32, b as f32, c as f32, dx);
+        return;
+    }
+    for ((o, &xv), &d) in dx.iter_mut().zip(x).zip(dy) {
+        *o = T::from_f64(a * d.to_f64() + b * (xv.to_f64() - mean) + c);
+    }
+}
