@@ -25,6 +25,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod error;
 pub mod float;
 pub mod kernels;

@@ -19,6 +19,10 @@ use crate::float::as_f32;
 use crate::kernels::fast;
 use crate::Float;
 
+/// Magnitudes for which `(x - s)²` neither overflows nor loses bits to
+/// underflow in f32.
+const F32_SAFE_RANGE: (f32, f32) = (1e-10, 1e18);
+
 /// Values per chunk of the two-pass: small enough to stay in L1 between passes.
 pub const CHUNK: usize = 2048;
 
@@ -101,14 +105,19 @@ impl Moments {
 
     /// Two-pass over an f32 chunk with SIMD: an f32 sum gives a shift `s`
     /// near the mean; `d = x - s` is then exact in f32 when |μ| ≫ σ, and
-    /// `Σd`, `Σd²` are accumulated in f64:
-    /// `mean = s + Σd/n`, `m2 = Σd² - (Σd)²/n`.
+    /// `Σd`, `Σd²` are summed in f32 over 8-term segments and in f64 across:
+    /// `mean = s + Σd/n`, `m2 = Σd² - (Σd)²/n`. Values whose squares would
+    /// overflow or underflow f32 take the f64 two-pass instead.
     fn of_f32_chunk(chunk: &[f32]) -> Moments {
         if chunk.is_empty() {
             return Moments::EMPTY;
         }
         let count = chunk.len() as f64;
-        let shift = (fast::sum(chunk) / count) as f32;
+        let (sum, max_abs) = fast::sum_and_max_abs(chunk);
+        if !(F32_SAFE_RANGE.0..=F32_SAFE_RANGE.1).contains(&max_abs) {
+            return Self::of_chunk(chunk, |x| x as f64);
+        }
+        let shift = (sum / count) as f32;
         let (s1, s2) = fast::centred_sums(chunk, shift);
         Moments {
             count,

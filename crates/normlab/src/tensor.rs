@@ -31,11 +31,11 @@ impl<T: Float> Tensor<T> {
         Ok(Self { shape, data })
     }
 
-    /// A tensor of zeros.
+    /// A tensor of zeros (large ones backed by huge pages, see [`crate::alloc`]).
     pub fn zeros(shape: &[usize]) -> Self {
         Self {
             shape: shape.to_vec(),
-            data: vec![T::default(); shape.iter().product()],
+            data: crate::alloc::zeroed(shape.iter().product()),
         }
     }
 

@@ -14,7 +14,7 @@
 
 use super::parallel::{channels, channels_mut};
 use super::slices;
-use super::{backward_coefficients, check_param, param_at, Epsilon, Grads, NcsLayout, Saved};
+use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
 use crate::moments::{moments_of_slices, Moments};
 use crate::{Float, NormError, Tensor};
@@ -131,17 +131,28 @@ pub fn normalize<T: Float>(
 }
 
 /// Training forward fused per channel: statistics, then normalization while
-/// the channel is still in cache. Returns each channel's moments.
-fn train_forward<T: Float>(
+/// the channel is still in cache. Returns each channel's moments (from which
+/// the caller takes `Saved` and the running-statistics update).
+///
+/// # Errors
+/// When a slice length disagrees with the layout.
+pub fn forward_train<T: Float>(
     x: &[T],
     layout: NcsLayout,
     weight: Option<&[T]>,
     bias: Option<&[T]>,
     eps: &Epsilon,
     y: &mut [T],
-) -> Vec<Moments> {
+) -> Result<Vec<Moments>> {
+    check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
+    check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
+    for (arg, p) in [("weight", weight), ("bias", bias)] {
+        if let Some(p) = p {
+            check_len(OP, arg, p.len(), &[layout.c])?;
+        }
+    }
     let (c, s) = (layout.c, layout.spatial);
-    channels(x, c, s)
+    Ok(channels(x, c, s)
         .into_par_iter()
         .zip(channels_mut(y, c, s))
         .enumerate()
@@ -154,7 +165,7 @@ fn train_forward<T: Float>(
             }
             m
         })
-        .collect()
+        .collect())
 }
 
 /// Per-channel `(Σdy, Σdy·x̂)`: all the backward needs from the whole batch,
@@ -205,24 +216,22 @@ pub enum StatsGradient<'a> {
     Constant,
 }
 
-/// `(a, b, c)` of `dx = a·dy + b·(x - μ) + c` for one channel.
+/// The `dx` coefficients of one channel; `batch` is `(count, Σdy, Σdy·x̂)`
+/// for batch statistics, `None` for constant ones.
 fn channel_coefficients(
     eps: &Epsilon,
     weight: f64,
     rstd: f64,
     batch: Option<(f64, f64, f64)>,
-) -> (f64, f64, f64) {
+) -> DxCoefficients {
     match batch {
-        Some((count, sum_dy, sum_dy_xhat)) => {
-            let (b, c) = backward_coefficients(
-                eps,
-                rstd,
-                weight * sum_dy / count,
-                weight * sum_dy_xhat / count,
-            );
-            (weight * rstd, b, c)
-        }
-        None => (weight * rstd, 0.0, 0.0),
+        Some((count, sum_dy, sum_dy_xhat)) => DxCoefficients::new(
+            eps,
+            rstd,
+            weight * sum_dy / count,
+            weight * sum_dy_xhat / count,
+        ),
+        None => DxCoefficients::constant(rstd),
     }
 }
 
@@ -268,9 +277,10 @@ pub fn backward_input<T: Float>(
                 } => Some((count, sum_dy[ch], sum_dy_xhat[ch])),
                 StatsGradient::Constant => None,
             };
-            let coefs = channel_coefficients(eps, param_at(weight, ch, 1.0), saved.rstd[ch], batch);
+            let w = param_at(weight, ch, 1.0);
+            let coefs = channel_coefficients(eps, w, saved.rstd[ch], batch);
             for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
-                slices::input_grad(x_sl, dy_sl, saved.mean[ch], coefs, dx_sl);
+                slices::input_grad(x_sl, dy_sl, saved.mean[ch], w, coefs, dx_sl);
             }
         });
     Ok(())
@@ -300,9 +310,10 @@ fn backward_fused<T: Float>(
             let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
             let (sum_dy, sum_dy_xhat) = channel_sums(&xs, &dys, mean, rstd);
             let batch = batch_stats.then_some((count, sum_dy, sum_dy_xhat));
-            let coefs = channel_coefficients(eps, param_at(weight, ch, 1.0), rstd, batch);
+            let w = param_at(weight, ch, 1.0);
+            let coefs = channel_coefficients(eps, w, rstd, batch);
             for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
-                slices::input_grad(x_sl, dy_sl, mean, coefs, dx_sl);
+                slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl);
             }
             (sum_dy, sum_dy_xhat)
         })
@@ -480,7 +491,7 @@ pub(crate) fn batch_norm_op<T: Float>(
             1 => return Err(too_few()),
             _ => {}
         }
-        let moments = train_forward(x.data(), layout, w, b, &options.eps, y.data_mut());
+        let moments = forward_train(x.data(), layout, w, b, &options.eps, y.data_mut())?;
         let saved = Saved {
             mean: moments.iter().map(|m| m.mean).collect(),
             rstd: moments.iter().map(|m| options.eps.rstd(m.var(0))).collect(),

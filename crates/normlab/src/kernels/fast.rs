@@ -31,57 +31,128 @@ fn reduce64(acc: &[f64]) -> f64 {
 }
 
 simd_fn! {
-    /// `Σx` with f32 lanes (only used for an approximate mean).
-    pub fn sum(x: &[f32]) -> f64 {
+    /// `(Σx, max|x|)` with f32 lanes: an approximate mean and the range check
+    /// that decides whether the f32 centred sums are safe.
+    pub fn sum_and_max_abs(x: &[f32]) -> (f64, f32) {
         let mut acc = [0f32; L32];
+        let mut top = [0f32; L32];
         let chunks = x.chunks_exact(L32);
         let tail = chunks.remainder();
         for c in chunks {
             for i in 0..L32 {
                 acc[i] += c[i];
             }
+            for i in 0..L32 {
+                top[i] = top[i].max(c[i].abs());
+            }
         }
-        acc.iter().map(|&v| v as f64).sum::<f64>() + tail.iter().map(|&v| v as f64).sum::<f64>()
+        let sum = acc.iter().map(|&v| v as f64).sum::<f64>() + tail.iter().map(|&v| v as f64).sum::<f64>();
+        let max = top.iter().chain(tail).fold(0f32, |m, &v| m.max(v.abs()));
+        (sum, max)
     }
 }
 
-simd_fn! {
-    /// `(Σd, Σd²)` with `d = x - shift`, accumulated in f64.
-    pub fn centred_sums(x: &[f32], shift: f32) -> (f64, f64) {
-        let mut s1 = [0f64; L64];
-        let mut s2 = [0f64; L64];
-        let chunks = x.chunks_exact(L64);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for i in 0..L64 {
-                let d = (c[i] - shift) as f64;
-                s1[i] += d;
-                s2[i] += d * d;
+/// `Σ f(x)` over f32 values into f64 lanes: one accumulator per loop, so
+/// that it vectorizes as one vector add per lane group.
+#[inline(always)]
+fn sum64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; L64];
+    let chunks = x.chunks_exact(L64);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L64 {
+            acc[i] += f(c[i]);
+        }
+    }
+    reduce64(&acc) + tail.iter().map(|&v| f(v)).sum::<f64>()
+}
+
+/// f32 lanes per vector of the widest level we compile for, and vectors
+/// summed in f32 before each flush into f64.
+const LANES: usize = 8;
+const FLUSH: usize = 8;
+const SEGMENT: usize = LANES * FLUSH;
+
+/// `(Σ f(x), Σ g(x))` with per-lane f32 sums over segments of
+/// [`SEGMENT`] values (each lane adds [`FLUSH`] terms), flushed into f64.
+/// The rounding error of a segment is that of an 8-term f32 sum.
+#[inline(always)]
+fn sum2_segments(x: &[f32], f: impl Fn(f32) -> f32, g: impl Fn(f32) -> f32) -> (f64, f64) {
+    let mut acc_f = [0f64; LANES];
+    let mut acc_g = [0f64; LANES];
+    let segments = x.chunks_exact(SEGMENT);
+    let tail = segments.remainder();
+    for seg in segments {
+        let mut sf = [0f32; LANES];
+        let mut sg = [0f32; LANES];
+        for v in seg.chunks_exact(LANES) {
+            for i in 0..LANES {
+                sf[i] += f(v[i]);
+            }
+            for i in 0..LANES {
+                sg[i] += g(v[i]);
             }
         }
-        let (mut t1, mut t2) = (0.0, 0.0);
-        for &v in tail {
-            let d = (v - shift) as f64;
-            t1 += d;
-            t2 += d * d;
+        for i in 0..LANES {
+            acc_f[i] += sf[i] as f64;
         }
-        (reduce64(&s1) + t1, reduce64(&s2) + t2)
+        for i in 0..LANES {
+            acc_g[i] += sg[i] as f64;
+        }
+    }
+    let tf: f64 = tail.iter().map(|&v| f(v) as f64).sum();
+    let tg: f64 = tail.iter().map(|&v| g(v) as f64).sum();
+    (reduce64(&acc_f) + tf, reduce64(&acc_g) + tg)
+}
+
+/// `(Σ f(a, b), Σ g(a, b))` over pairs, as [`sum2_segments`].
+#[inline(always)]
+fn sum2_segments_pairs(
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(f32, f32) -> f32,
+    g: impl Fn(f32, f32) -> f32,
+) -> (f64, f64) {
+    let mut acc_f = [0f64; LANES];
+    let mut acc_g = [0f64; LANES];
+    let sa = a.chunks_exact(SEGMENT);
+    let sb = b.chunks_exact(SEGMENT);
+    let (ta, tb) = (sa.remainder(), sb.remainder());
+    for (seg_a, seg_b) in sa.zip(sb) {
+        let mut sf = [0f32; LANES];
+        let mut sg = [0f32; LANES];
+        for (va, vb) in seg_a.chunks_exact(LANES).zip(seg_b.chunks_exact(LANES)) {
+            for i in 0..LANES {
+                sf[i] += f(va[i], vb[i]);
+            }
+            for i in 0..LANES {
+                sg[i] += g(va[i], vb[i]);
+            }
+        }
+        for i in 0..LANES {
+            acc_f[i] += sf[i] as f64;
+        }
+        for i in 0..LANES {
+            acc_g[i] += sg[i] as f64;
+        }
+    }
+    let tf: f64 = ta.iter().zip(tb).map(|(&x, &y)| f(x, y) as f64).sum();
+    let tg: f64 = ta.iter().zip(tb).map(|(&x, &y)| g(x, y) as f64).sum();
+    (reduce64(&acc_f) + tf, reduce64(&acc_g) + tg)
+}
+
+simd_fn! {
+    /// `(Σd, Σd²)` with `d = x - shift` (exact in f32 when |μ| ≫ σ), summed
+    /// in f32 over short segments and in f64 across them.
+    pub fn centred_sums(x: &[f32], shift: f32) -> (f64, f64) {
+        sum2_segments(x, |v| v - shift, |v| (v - shift) * (v - shift))
     }
 }
 
 simd_fn! {
     /// `Σx²` accumulated in f64 (RMSNorm).
     pub fn sum_squares(x: &[f32]) -> f64 {
-        let mut acc = [0f64; L64];
-        let chunks = x.chunks_exact(L64);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for i in 0..L64 {
-                let v = c[i] as f64;
-                acc[i] += v * v;
-            }
-        }
-        reduce64(&acc) + tail.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()
+        sum64(x, |v| (v as f64) * (v as f64))
     }
 }
 
@@ -108,7 +179,8 @@ simd_fn! {
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, first pass: returns
     /// `(Σg, Σg·x̂)` with `g = w·dy`, `x̂ = ((x - hi) - lo)·rstd`, and adds
-    /// `dy·x̂` to `dweight` and `dy` to `dbias` (f64 partials).
+    /// `dy·x̂` to `dweight` and `dy` to `dbias` (f32 partials, which the
+    /// caller flushes into f64 every few rows).
     pub fn row_grad_sums(
         x: &[f32],
         dy: &[f32],
@@ -116,46 +188,48 @@ simd_fn! {
         hi: f32,
         lo: f32,
         rstd: f32,
-        dweight: &mut [f64],
-        dbias: &mut [f64],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
     ) -> (f64, f64) {
-        let mut sg = [0f64; L64];
-        let mut sgx = [0f64; L64];
-        let lanes = x
-            .chunks_exact(L64)
-            .zip(dy.chunks_exact(L64))
-            .zip(w.chunks_exact(L64))
-            .zip(dweight.chunks_exact_mut(L64).zip(dbias.chunks_exact_mut(L64)));
-        for (((xc, dc), wc), (dwc, dbc)) in lanes {
-            for i in 0..L64 {
-                let x_hat = ((xc[i] - hi) - lo) * rstd;
-                let g = dc[i] * wc[i];
-                sg[i] += g as f64;
-                sgx[i] += (g * x_hat) as f64;
-                dwc[i] += (dc[i] * x_hat) as f64;
-                dbc[i] += dc[i] as f64;
+        let mut sums = (0.0, 0.0);
+        // Blocks small enough to stay in L1 between the two loops.
+        const BLOCK: usize = 1024;
+        let blocks = x.chunks(BLOCK).zip(dy.chunks(BLOCK)).zip(w.chunks(BLOCK));
+        let partials = dweight.chunks_mut(BLOCK).zip(dbias.chunks_mut(BLOCK));
+        for (((xb, dyb), wb), (dwp, dbp)) in blocks.zip(partials) {
+            let len = xb.len();
+            let (mut x_hat, mut g) = ([0f32; BLOCK], [0f32; BLOCK]);
+            let (x_hat, g) = (&mut x_hat[..len], &mut g[..len]);
+            for i in 0..len {
+                x_hat[i] = ((xb[i] - hi) - lo) * rstd;
+                g[i] = dyb[i] * wb[i];
+                dwp[i] += dyb[i] * x_hat[i];
+                dbp[i] += dyb[i];
             }
+            let (sum_g, sum_g_xhat) = sum2_segments_pairs(g, x_hat, |gv, _| gv, |gv, h| gv * h);
+            sums.0 += sum_g;
+            sums.1 += sum_g_xhat;
         }
-        let done = x.len() / L64 * L64;
-        let (mut tg, mut tgx) = (0.0, 0.0);
-        for j in done..x.len() {
-            let x_hat = ((x[j] - hi) - lo) * rstd;
-            let g = dy[j] * w[j];
-            tg += g as f64;
-            tgx += (g * x_hat) as f64;
-            dweight[j] += (dy[j] * x_hat) as f64;
-            dbias[j] += dy[j] as f64;
+        sums
+    }
+}
+
+simd_fn! {
+    /// `acc += partial` (f32 into f64), then `partial = 0`.
+    pub fn flush(acc: &mut [f64], partial: &mut [f32]) {
+        for (a, p) in acc.iter_mut().zip(partial.iter_mut()) {
+            *a += *p as f64;
+            *p = 0.0;
         }
-        (reduce64(&sg) + tg, reduce64(&sgx) + tgx)
     }
 }
 
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, second pass:
-    /// `dx = rstd·g + b·((x - hi) - lo) + c`, `g = w·dy`.
-    pub fn row_dx(x: &[f32], dy: &[f32], w: &[f32], hi: f32, lo: f32, rstd: f32, b: f32, c: f32, dx: &mut [f32]) {
+    /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)`.
+    pub fn row_dx(x: &[f32], dy: &[f32], w: &[f32], hi: f32, lo: f32, rstd: f32, mean_g: f32, b: f32, dx: &mut [f32]) {
         for (((o, &xv), &d), &wv) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-            *o = rstd * (d * wv) + (b * ((xv - hi) - lo) + c);
+            *o = rstd * (d * wv - mean_g) + b * ((xv - hi) - lo);
         }
     }
 }
@@ -163,32 +237,15 @@ simd_fn! {
 simd_fn! {
     /// `(Σdy, Σdy·x̂)` over one slice of a channel or group, `x̂ = ((x - hi) - lo)·rstd`.
     pub fn slice_grad_sums(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32) -> (f64, f64) {
-        let mut s1 = [0f64; L64];
-        let mut s2 = [0f64; L64];
-        let cx = x.chunks_exact(L64);
-        let cd = dy.chunks_exact(L64);
-        let (tx, td) = (cx.remainder(), cd.remainder());
-        for (a, d) in cx.zip(cd) {
-            for i in 0..L64 {
-                let x_hat = ((a[i] - hi) - lo) * rstd;
-                s1[i] += d[i] as f64;
-                s2[i] += (d[i] * x_hat) as f64;
-            }
-        }
-        let (mut t1, mut t2) = (0.0, 0.0);
-        for (&a, &d) in tx.iter().zip(td) {
-            t1 += d as f64;
-            t2 += (d * (((a - hi) - lo) * rstd)) as f64;
-        }
-        (reduce64(&s1) + t1, reduce64(&s2) + t2)
+        sum2_segments_pairs(x, dy, |_, d| d, |xv, d| d * (((xv - hi) - lo) * rstd))
     }
 }
 
 simd_fn! {
-    /// `dx = a·dy + b·((x - hi) - lo) + c` over one slice.
-    pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, a: f32, b: f32, c: f32, dx: &mut [f32]) {
+    /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one channel: `w` is a scalar).
+    pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32, w: f32, mean_g: f32, b: f32, dx: &mut [f32]) {
         for ((o, &xv), &d) in dx.iter_mut().zip(x).zip(dy) {
-            *o = a * d + (b * ((xv - hi) - lo) + c);
+            *o = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
         }
     }
 }
@@ -225,11 +282,14 @@ pub enum NegPow {
 impl NegPow {
     /// The closed form for `beta`, when there is one.
     pub fn of(beta: f64) -> Option<Self> {
-        match beta {
-            b if b == 0.5 => Some(Self::Half),
-            b if b == 0.75 => Some(Self::ThreeQuarters),
-            b if b == 1.0 => Some(Self::One),
-            _ => None,
+        if beta == 0.5 {
+            Some(Self::Half)
+        } else if beta == 0.75 {
+            Some(Self::ThreeQuarters)
+        } else if beta == 1.0 {
+            Some(Self::One)
+        } else {
+            None
         }
     }
 }

@@ -13,7 +13,7 @@
 use super::layer_norm::write_acc;
 use super::parallel::{min_units, sum_partials};
 use super::slices;
-use super::{backward_coefficients, check_param, param_at, Epsilon, Grads, NcsLayout, Saved};
+use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
 use crate::moments::Moments;
 use crate::{Float, NormError, Tensor};
@@ -164,15 +164,15 @@ pub fn backward<T: Float>(
                     dw[c] += sum_dy_xhat;
                     db[c] += sum_dy;
                 }
-                let (b, cc) =
-                    backward_coefficients(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+                let coefs =
+                    DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
                 let chans = x_grp
                     .chunks_exact(s)
                     .zip(dy_grp.chunks_exact(s))
                     .zip(dx_grp.chunks_exact_mut(s));
                 for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
-                    let a = rstd * param_at(weight, first_channel + i, 1.0);
-                    slices::input_grad(x_ch, dy_ch, mean, (a, b, cc), dx_ch);
+                    let w = param_at(weight, first_channel + i, 1.0);
+                    slices::input_grad(x_ch, dy_ch, mean, w, coefs, dx_ch);
                 }
             }
             (dw, db)

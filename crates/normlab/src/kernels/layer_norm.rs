@@ -10,7 +10,7 @@
 
 use super::fast;
 use super::parallel::{block_units, min_units, sum_partials};
-use super::{backward_coefficients, check_param, param_at, resolve_axis, Epsilon, Grads, Saved};
+use super::{check_param, param_at, resolve_axis, DxCoefficients, Epsilon, Grads, Saved};
 use crate::error::{check_len, Result};
 use crate::float::{as_f32, as_f32_mut};
 use crate::moments::{sum_of_squares, Moments};
@@ -190,31 +190,60 @@ pub(crate) fn rows_backward<T: Float>(
         let dx = as_f32_mut(dx).expect("dx has the element type of x");
         let ones = weight.is_none().then(|| vec![1.0f32; n]);
         let w = ones.as_deref().unwrap_or(w);
-        for_each_block(
-            x,
-            dy,
-            dx,
-            n,
-            per_block,
-            saved,
-            |x_row, dy_row, dx_row, (mean, rstd), dw, db| {
-                let (hi, lo) = fast::split(mean);
-                let (sum_g, sum_g_xhat) =
-                    fast::row_grad_sums(x_row, dy_row, w, hi, lo, rstd as f32, dw, db);
-                let (b, c) = row_coefficients(centring, eps, rstd, sum_g, sum_g_xhat, n);
-                fast::row_dx(
-                    x_row,
-                    dy_row,
-                    w,
-                    hi,
-                    lo,
-                    rstd as f32,
-                    b as f32,
-                    c as f32,
-                    dx_row,
-                );
-            },
-        )
+        let block = per_block * n;
+        x.par_chunks(block)
+            .zip(dy.par_chunks(block))
+            .zip(dx.par_chunks_mut(block))
+            .zip(
+                saved
+                    .mean
+                    .par_chunks(per_block)
+                    .zip(saved.rstd.par_chunks(per_block)),
+            )
+            .map(|(((xb, dyb), dxb), (means, rstds))| {
+                // dγ, dβ: f32 over a few rows, flushed into the block's f64 sums.
+                let (mut dw, mut db) = (vec![0.0; n], vec![0.0; n]);
+                let (mut dw32, mut db32) = (vec![0f32; n], vec![0f32; n]);
+                let rows = xb
+                    .chunks_exact(n)
+                    .zip(dyb.chunks_exact(n))
+                    .zip(dxb.chunks_exact_mut(n));
+                for (i, (((x_row, dy_row), dx_row), (&mean, &rstd))) in
+                    rows.zip(means.iter().zip(rstds)).enumerate()
+                {
+                    let (hi, lo) = fast::split(mean);
+                    let (sum_g, sum_g_xhat) = fast::row_grad_sums(
+                        x_row,
+                        dy_row,
+                        w,
+                        hi,
+                        lo,
+                        rstd as f32,
+                        &mut dw32,
+                        &mut db32,
+                    );
+                    let k = row_coefficients(centring, eps, rstd, sum_g, sum_g_xhat, n);
+                    fast::row_dx(
+                        x_row,
+                        dy_row,
+                        w,
+                        hi,
+                        lo,
+                        rstd as f32,
+                        k.mean_g as f32,
+                        k.b as f32,
+                        dx_row,
+                    );
+                    if (i + 1) % FLUSH_ROWS == 0 {
+                        fast::flush(&mut dw, &mut dw32);
+                        fast::flush(&mut db, &mut db32);
+                    }
+                }
+                fast::flush(&mut dw, &mut dw32);
+                fast::flush(&mut db, &mut db32);
+                (dw, db)
+            })
+            .collect()
     } else {
         for_each_block(
             x,
@@ -234,10 +263,10 @@ pub(crate) fn rows_backward<T: Float>(
                     dw[j] += dy * x_hat;
                     db[j] += dy;
                 }
-                let (b, c) = row_coefficients(centring, eps, rstd, sum_g, sum_g_xhat, n);
+                let k = row_coefficients(centring, eps, rstd, sum_g, sum_g_xhat, n);
                 for (j, ((&xv, &dyv), dxv)) in x_row.iter().zip(dy_row).zip(dx_row).enumerate() {
                     let g = dyv.to_f64() * param_at(weight, j, 1.0);
-                    *dxv = T::from_f64(rstd * g + b * (xv.to_f64() - mean) + c);
+                    *dxv = T::from_f64(rstd * (g - k.mean_g) + k.b * (xv.to_f64() - mean));
                 }
             },
         )
@@ -252,7 +281,10 @@ pub(crate) fn rows_backward<T: Float>(
     Ok(())
 }
 
-/// `(b, c)` of `dx = r·g + b·(x - μ) + c` for a row, from `Σg` and `Σg·x̂`.
+/// Rows whose dγ, dβ contributions are summed in f32 before joining the f64 sums.
+const FLUSH_ROWS: usize = 8;
+
+/// The `dx` coefficients of a row, from `Σg` and `Σg·x̂`.
 fn row_coefficients(
     centring: Centring,
     eps: &Epsilon,
@@ -260,13 +292,13 @@ fn row_coefficients(
     sum_g: f64,
     sum_g_xhat: f64,
     n: usize,
-) -> (f64, f64) {
-    // Without centring there is no mean to differentiate through: no `c`.
+) -> DxCoefficients {
+    // Without centring there is no mean to differentiate through.
     let mean_g = match centring {
         Centring::Mean => sum_g / n as f64,
         Centring::None => 0.0,
     };
-    backward_coefficients(eps, rstd, mean_g, sum_g_xhat / n as f64)
+    DxCoefficients::new(eps, rstd, mean_g, sum_g_xhat / n as f64)
 }
 
 /// Runs `f(x_row, dy_row, dx_row, (mean, rstd), dweight_partial, dbias_partial)`

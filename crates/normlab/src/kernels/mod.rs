@@ -13,11 +13,13 @@
 //! `x̂ = (x - μ)·r` and `r = rstd(σ²)`, differentiating through μ and σ² gives
 //! the coefficient form
 //! ```text
-//! dx = r·g + b·(x - μ) + c,   c = -r·mean(g),   b = k·mean(g·x̂)
+//! dx = r·(g - mean(g)) + b·(x - μ),   b = k·mean(g·x̂)
 //! k  = 2·r'(σ²)/r  =  -r²       (ε inside the square root)
 //!                  =  -r/σ      (ε added to σ)
 //! ```
-//! RMSNorm is the same with μ = 0 and no `c` term.
+//! RMSNorm is the same with μ = 0 and mean(g) = 0; statistics held constant
+//! (evaluation) leave `dx = r·g`. `g - mean(g)` is formed before scaling by
+//! `r` so that it cancels exactly where it should (rows of one value).
 
 pub mod batch_norm;
 pub mod fast;
@@ -150,16 +152,37 @@ pub struct Grads<T> {
     pub dbias: Option<crate::Tensor<T>>,
 }
 
-/// The coefficients `(b, c)` of `dx = r·g + b·(x - μ) + c` for one group,
-/// from `mean(g)` and `mean(g·x̂)` over it (`centred = false` drops `c`: RMSNorm).
-#[inline]
-pub(crate) fn backward_coefficients(
-    eps: &Epsilon,
-    rstd: f64,
-    mean_g: f64,
-    mean_g_xhat: f64,
-) -> (f64, f64) {
-    (eps.var_grad_factor(rstd) * mean_g_xhat, -rstd * mean_g)
+/// `dx = rstd·(w·dy - mean_g) + b·(x - μ)` for one normalized group.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct DxCoefficients {
+    /// `r`.
+    pub rstd: f64,
+    /// `mean(g)` over the group (0 without centring or for constant statistics).
+    pub mean_g: f64,
+    /// `k·mean(g·x̂)` (0 for constant statistics).
+    pub b: f64,
+}
+
+impl DxCoefficients {
+    /// For statistics that depend on x, from `mean(g)` and `mean(g·x̂)` over the group.
+    #[inline]
+    pub(crate) fn new(eps: &Epsilon, rstd: f64, mean_g: f64, mean_g_xhat: f64) -> Self {
+        Self {
+            rstd,
+            mean_g,
+            b: eps.var_grad_factor(rstd) * mean_g_xhat,
+        }
+    }
+
+    /// For constant statistics: `dx = r·g`.
+    #[inline]
+    pub(crate) fn constant(rstd: f64) -> Self {
+        Self {
+            rstd,
+            mean_g: 0.0,
+            b: 0.0,
+        }
+    }
 }
 
 /// Resolves a possibly negative axis against `rank` (`-1` is the last).

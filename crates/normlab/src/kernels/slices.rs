@@ -3,7 +3,7 @@
 //! normalized with the same statistics. f32 slices take the SIMD paths of
 //! [`super::fast`]; other element types compute in f64.
 
-use super::fast;
+use super::{fast, DxCoefficients};
 use crate::float::{as_f32, as_f32_mut};
 use crate::Float;
 
@@ -36,22 +36,32 @@ pub(crate) fn grad_sums<T: Float>(x: &[T], dy: &[T], mean: f64, rstd: f64) -> (f
     (s1, s2)
 }
 
-/// `dx = a·dy + b·(x - mean) + c`.
-#[allow(clippy::too_many_arguments)]
+/// `dx = rstd·(w·dy - mean_g) + b·(x - mean)` for a slice of one channel.
 #[inline]
 pub(crate) fn input_grad<T: Float>(
     x: &[T],
     dy: &[T],
     mean: f64,
-    (a, b, c): (f64, f64, f64),
+    weight: f64,
+    k: DxCoefficients,
     dx: &mut [T],
 ) {
     if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_mut(dx)) {
         let (hi, lo) = fast::split(mean);
-        fast::slice_dx(x, dy, hi, lo, a as f32, b as f32, c as f32, dx);
+        fast::slice_dx(
+            x,
+            dy,
+            hi,
+            lo,
+            k.rstd as f32,
+            weight as f32,
+            k.mean_g as f32,
+            k.b as f32,
+            dx,
+        );
         return;
     }
     for ((o, &xv), &d) in dx.iter_mut().zip(x).zip(dy) {
-        *o = T::from_f64(a * d.to_f64() + b * (xv.to_f64() - mean) + c);
+        *o = T::from_f64(k.rstd * (weight * d.to_f64() - k.mean_g) + k.b * (xv.to_f64() - mean));
     }
 }

@@ -1,0 +1,180 @@
+//! Every code path — each SIMD level this CPU has, one and several threads —
+//! against the f64 computation, over edge shapes (0, 1, lanes ± 1, 63,
+//! odd spatial sizes); and bit-identical results for any thread count.
+//!
+//! One test function on purpose: forcing a SIMD level is process-wide.
+
+mod common;
+
+use common::*;
+use normlab::kernels::batch_norm::{batch_norm, batch_norm_backward, BatchNormOptions};
+use normlab::kernels::group_norm::{group_norm, group_norm_backward};
+use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
+use normlab::kernels::lrn::{lrn, lrn_backward, LrnOptions};
+use normlab::kernels::rms_norm::{rms_norm, rms_norm_backward};
+use normlab::simd::{self, SimdLevel};
+use normlab::{Epsilon, Tensor};
+
+/// Everything one run computes, flattened, in f64.
+fn run_all<T: normlab::Float>(
+    x: &Tensor<T>,
+    dy: &Tensor<T>,
+    w: &Tensor<T>,
+    b: &Tensor<T>,
+    wn: &Tensor<T>,
+    bn: &Tensor<T>,
+) -> Vec<(String, Vec<f64>)> {
+    let eps = Epsilon::inside_sqrt(1e-5);
+    let mut out = Vec::new();
+    let mut push = |name: &str, g: normlab::Grads<T>, y: &Tensor<T>| {
+        out.push((format!("{name} y"), widen(y)));
+        out.push((format!("{name} dx"), widen(&g.dx)));
+        if let Some(d) = g.dweight {
+            out.push((format!("{name} dweight"), widen(&d)));
+        }
+        if let Some(d) = g.dbias {
+            out.push((format!("{name} dbias"), widen(&d)));
+        }
+    };
+    // Rows over the last dimension (length = x.shape().last()).
+    let (y, s) = layer_norm(x, -1, Some(wn), Some(bn), eps).unwrap();
+    push(
+        "layer_norm",
+        layer_norm_backward(x, dy, -1, Some(wn), true, eps, &s).unwrap(),
+        &y,
+    );
+    let (y, s) = layer_norm(x, -1, None, None, eps).unwrap();
+    push(
+        "layer_norm no affine",
+        layer_norm_backward(x, dy, -1, None, false, eps, &s).unwrap(),
+        &y,
+    );
+    let (y, s) = rms_norm(x, -1, Some(wn), eps).unwrap();
+    push(
+        "rms_norm",
+        rms_norm_backward(x, dy, -1, Some(wn), eps, &s).unwrap(),
+        &y,
+    );
+    // Channels: x is [N, C, *].
+    if x.shape()[0] * x.shape()[2..].iter().product::<usize>() > 1 {
+        let (y, s) = batch_norm(x, None, Some(w), Some(b), &BatchNormOptions::training()).unwrap();
+        push(
+            "batch_norm",
+            batch_norm_backward(x, dy, Some(w), true, eps, &s, true).unwrap(),
+            &y,
+        );
+    }
+    let c = x.shape()[1];
+    for groups in [1, c] {
+        let (y, s) = group_norm(x, groups, Some(w), Some(b), eps).unwrap();
+        push(
+            &format!("group_norm G={groups}"),
+            group_norm_backward(x, dy, groups, Some(w), true, eps, &s).unwrap(),
+            &y,
+        );
+    }
+    let options = LrnOptions {
+        alpha: 0.3,
+        k: 2.0,
+        ..LrnOptions::new(5)
+    };
+    let y = lrn(x, &options).unwrap();
+    let dx = lrn_backward(x, dy, &options).unwrap();
+    push(
+        "lrn",
+        normlab::Grads {
+            dx,
+            dweight: None,
+            dbias: None,
+        },
+        &y,
+    );
+    out
+}
+
+#[test]
+fn every_path_matches_f64_and_thread_counts_agree() {
+    let shapes: &[&[usize]] = &[
+        &[1, 1, 1],
+        &[2, 1, 1],
+        &[2, 3, 0],
+        &[0, 3, 5],
+        &[3, 2, 7],
+        &[2, 4, 15],
+        &[2, 4, 16],
+        &[2, 4, 17],
+        &[2, 3, 31],
+        &[2, 3, 33],
+        &[3, 2, 63],
+        &[2, 5, 3, 3],
+        &[2, 6, 65],
+        &[4, 8, 129],
+        &[2, 2, 2047],
+        &[1, 2, 4100],
+        &[3, 96, 5, 5],
+    ];
+    let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for (k, &shape) in shapes.iter().enumerate() {
+        let mut g = rng(50 + k as u64);
+        let x = normal(&mut g, shape, 3.0, 2.0).cast::<f32>();
+        let dy = normal(&mut g, shape, 0.0, 1.0).cast::<f32>();
+        let c = shape[1];
+        let last = shape[shape.len() - 1];
+        let w = normal(&mut g, &[c], 1.0, 0.3).cast::<f32>();
+        let b = normal(&mut g, &[c], 0.0, 0.3).cast::<f32>();
+        let wn = normal(&mut g, &[last], 1.0, 0.3).cast::<f32>();
+        let bn = normal(&mut g, &[last], 0.0, 0.3).cast::<f32>();
+        // The f64 computation on the same (f32-rounded) values.
+        let reference = run_all(
+            &x.cast::<f64>(),
+            &dy.cast(),
+            &w.cast(),
+            &b.cast(),
+            &wn.cast(),
+            &bn.cast(),
+        );
+        let mut first: Option<Vec<(String, Vec<f64>)>> = None;
+        for level in simd::available() {
+            simd::force(Some(level));
+            for pool in &pools {
+                let got = pool.install(|| run_all(&x, &dy, &w, &b, &wn, &bn));
+                for ((name, got), (_, want)) in got.iter().zip(&reference) {
+                    // Outputs carry one f32 rounding; gradients a few.
+                    let tol = if name.ends_with(" y") { 2e-6 } else { 2e-5 };
+                    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                    assert_close(
+                        &format!(
+                            "{shape:?} {} threads {} {name}",
+                            level.name(),
+                            pool.current_num_threads()
+                        ),
+                        got,
+                        want,
+                        tol * scale,
+                        tol,
+                    );
+                }
+                match &first {
+                    None => first = Some(got),
+                    Some(first) => assert_eq!(
+                        first,
+                        &got,
+                        "{shape:?}: {} with {} threads differs",
+                        level.name(),
+                        pool.current_num_threads()
+                    ),
+                }
+            }
+        }
+        simd::force(None);
+    }
+    assert!(simd::available().contains(&SimdLevel::Scalar));
+}
