@@ -9,10 +9,34 @@
 //! given before the first write and changes nothing else: the memory is
 //! zeroed and freed as any `Vec`'s.
 
+use std::mem::MaybeUninit;
+
 use crate::Float;
 
 /// Buffers at least this large (bytes) get the huge-page advice.
 pub const HUGE_PAGE_MIN: usize = 4 << 20;
+
+/// A buffer of `len` values that a kernel is about to overwrite entirely:
+/// no zeroing pass (which would cost a full write of the buffer), as
+/// `torch.empty`.
+pub fn for_overwrite<T: Float>(len: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { v.set_len(len) };
+    advise_huge_pages(&mut v);
+    v
+}
+
+/// The buffer of [`for_overwrite`] once every value has been written.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+pub unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, layout and length; the caller guarantees
+    // that every element is initialized.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+}
 
 /// A zeroed buffer of `len` values.
 pub fn zeroed<T: Float>(len: usize) -> Vec<T> {

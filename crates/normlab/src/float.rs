@@ -83,12 +83,25 @@ pub(crate) fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
     }
 }
 
-/// Mutable version of [`as_f32`].
+/// An initialized buffer seen as one that is about to be overwritten.
+/// Sound: kernels only ever write initialized values through it.
 #[inline]
-pub(crate) fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
+pub(crate) fn uninit_mut<T>(s: &mut [T]) -> &mut [std::mem::MaybeUninit<T>] {
+    // SAFETY: MaybeUninit<T> has T's layout, and every write through the
+    // result stores a valid T, so `s` stays initialized.
+    unsafe { &mut *(s as *mut [T] as *mut [std::mem::MaybeUninit<T>]) }
+}
+
+/// An output buffer of `T` seen as one of `f32`, when `T` is `f32`.
+#[inline]
+pub(crate) fn as_f32_out<T: 'static>(
+    s: &mut [std::mem::MaybeUninit<T>],
+) -> Option<&mut [std::mem::MaybeUninit<f32>]> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
         // SAFETY: T is f32, so the layout is identical.
-        Some(unsafe { &mut *(s as *mut [T] as *mut [f32]) })
+        Some(unsafe {
+            &mut *(s as *mut [std::mem::MaybeUninit<T>] as *mut [std::mem::MaybeUninit<f32>])
+        })
     } else {
         None
     }

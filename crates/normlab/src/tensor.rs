@@ -39,6 +39,23 @@ impl<T: Float> Tensor<T> {
         }
     }
 
+    /// A tensor of `shape` written by `fill`, which must write every value
+    /// of the buffer it is given (all kernels' allocating forms do). The
+    /// buffer is not zeroed first.
+    pub(crate) fn filled_by<R, E>(
+        shape: &[usize],
+        fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]) -> Result<R, E>,
+    ) -> Result<(Self, R), E> {
+        let mut data = crate::alloc::for_overwrite::<T>(shape.iter().product());
+        let extra = fill(&mut data)?;
+        let tensor = Self {
+            shape: shape.to_vec(),
+            // SAFETY: `fill` returned Ok, having written every value.
+            data: unsafe { crate::alloc::assume_init(data) },
+        };
+        Ok((tensor, extra))
+    }
+
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: f64) -> Self {
         Self {

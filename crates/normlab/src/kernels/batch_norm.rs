@@ -16,9 +16,11 @@ use super::parallel::{channels, channels_mut};
 use super::slices;
 use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
+use crate::float::uninit_mut;
 use crate::moments::{moments_of_slices, Moments};
 use crate::{Float, NormError, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 const OP: &str = "batch_norm";
 
@@ -113,6 +115,18 @@ pub fn normalize<T: Float>(
     bias: Option<&[T]>,
     y: &mut [T],
 ) -> Result<()> {
+    normalize_out(x, layout, saved, weight, bias, uninit_mut(y))
+}
+
+/// [`normalize`] into a buffer it overwrites entirely.
+pub(crate) fn normalize_out<T: Float>(
+    x: &[T],
+    layout: NcsLayout,
+    saved: &Saved,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    y: &mut [MaybeUninit<T>],
+) -> Result<()> {
     check_channel_args(x, layout, saved, weight, bias)?;
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
@@ -143,6 +157,18 @@ pub fn forward_train<T: Float>(
     bias: Option<&[T]>,
     eps: &Epsilon,
     y: &mut [T],
+) -> Result<Vec<Moments>> {
+    forward_train_out(x, layout, weight, bias, eps, uninit_mut(y))
+}
+
+/// [`forward_train`] into a buffer it overwrites entirely.
+pub(crate) fn forward_train_out<T: Float>(
+    x: &[T],
+    layout: NcsLayout,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: &Epsilon,
+    y: &mut [MaybeUninit<T>],
 ) -> Result<Vec<Moments>> {
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
@@ -250,6 +276,21 @@ pub fn backward_input<T: Float>(
     stats: StatsGradient<'_>,
     dx: &mut [T],
 ) -> Result<()> {
+    backward_input_out(x, dy, layout, saved, weight, eps, stats, uninit_mut(dx))
+}
+
+/// [`backward_input`] into a buffer it overwrites entirely.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_input_out<T: Float>(
+    x: &[T],
+    dy: &[T],
+    layout: NcsLayout,
+    saved: &Saved,
+    weight: Option<&[T]>,
+    eps: &Epsilon,
+    stats: StatsGradient<'_>,
+    dx: &mut [MaybeUninit<T>],
+) -> Result<()> {
     check_channel_args(x, layout, saved, weight, None)?;
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "dx", dx.len(), &[layout.n, layout.c, layout.spatial])?;
@@ -297,7 +338,7 @@ fn backward_fused<T: Float>(
     weight: Option<&[T]>,
     eps: &Epsilon,
     batch_stats: bool,
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
     let count = (layout.n * s) as f64;
@@ -475,7 +516,6 @@ pub(crate) fn batch_norm_op<T: Float>(
         crate::error::check_shape(op, "running_mean", &[r.mean.len()], &c, x.shape())?;
         crate::error::check_shape(op, "running_var", &[r.var.len()], &c, x.shape())?;
     }
-    let mut y = Tensor::zeros(x.shape());
     let update = options.update_running_stats && running.is_some();
     let count = layout.n * layout.spatial;
     let too_few = || NormError::TooFewValues {
@@ -484,36 +524,38 @@ pub(crate) fn batch_norm_op<T: Float>(
         shape: x.shape().into(),
     };
     let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
-    let (saved, moments) = if options.use_batch_stats {
-        match count {
-            // Zero-size batch: nothing to normalize, nothing to update.
-            0 => return Ok((y, Saved::zeros(layout.c))),
-            1 => return Err(too_few()),
-            _ => {}
+    let (y, (saved, moments)) = Tensor::filled_by(x.shape(), |y| {
+        if options.use_batch_stats {
+            match count {
+                // Zero-size batch (and output): nothing to normalize or update.
+                0 => return Ok((Saved::zeros(layout.c), None)),
+                1 => return Err(too_few()),
+                _ => {}
+            }
+            let moments = forward_train_out(x.data(), layout, w, b, &options.eps, y)?;
+            let saved = Saved {
+                mean: moments.iter().map(|m| m.mean).collect(),
+                rstd: moments.iter().map(|m| options.eps.rstd(m.var(0))).collect(),
+            };
+            Ok((saved, Some(moments)))
+        } else {
+            let r = running
+                .as_ref()
+                .ok_or(NormError::MissingRunningStats { op })?;
+            let saved = Saved {
+                mean: r.mean.iter().map(|m| m.to_f64()).collect(),
+                rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),
+            };
+            normalize_out(x.data(), layout, &saved, w, b, y)?;
+            // Running statistics may still be updated from the batch (read before).
+            let moments = match (update, count) {
+                (false, _) | (true, 0) => None,
+                (true, 1) => return Err(too_few()),
+                (true, _) => Some(channel_moments(x.data(), layout)?),
+            };
+            Ok((saved, moments))
         }
-        let moments = forward_train(x.data(), layout, w, b, &options.eps, y.data_mut())?;
-        let saved = Saved {
-            mean: moments.iter().map(|m| m.mean).collect(),
-            rstd: moments.iter().map(|m| options.eps.rstd(m.var(0))).collect(),
-        };
-        (saved, Some(moments))
-    } else {
-        let r = running
-            .as_ref()
-            .ok_or(NormError::MissingRunningStats { op })?;
-        let saved = Saved {
-            mean: r.mean.iter().map(|m| m.to_f64()).collect(),
-            rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),
-        };
-        normalize(x.data(), layout, &saved, w, b, y.data_mut())?;
-        // Running statistics may still be updated from the batch (read before).
-        let moments = match (update, count) {
-            (false, _) | (true, 0) => None,
-            (true, 1) => return Err(too_few()),
-            (true, _) => Some(channel_moments(x.data(), layout)?),
-        };
-        (saved, moments)
-    };
+    })?;
     if let Some(moments) = &moments {
         if let Some(ch) = moments
             .iter()
@@ -570,17 +612,18 @@ pub(crate) fn batch_norm_backward_op<T: Float>(
     check_param(op, "weight", weight, &[layout.c], x.shape())?;
     check_len(op, "saved.mean", saved.mean.len(), &[layout.c])?;
     check_len(op, "saved.rstd", saved.rstd.len(), &[layout.c])?;
-    let mut dx = Tensor::zeros(x.shape());
-    let (sum_dy, sum_dy_xhat) = backward_fused(
-        x.data(),
-        dy.data(),
-        layout,
-        saved,
-        weight.map(Tensor::data),
-        &eps,
-        batch_stats,
-        dx.data_mut(),
-    );
+    let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(x.shape(), |dx| {
+        Ok::<_, NormError>(backward_fused(
+            x.data(),
+            dy.data(),
+            layout,
+            saved,
+            weight.map(Tensor::data),
+            &eps,
+            batch_stats,
+            dx,
+        ))
+    })?;
     let to_tensor = |v: &[f64]| Tensor::from_vec(v.iter().map(|&a| T::from_f64(a)).collect());
     Ok(Grads {
         dx,

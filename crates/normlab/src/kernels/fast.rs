@@ -12,6 +12,9 @@
 
 use crate::simd::simd_fn;
 
+/// An f32 output slot, written once by a kernel.
+pub type Out = std::mem::MaybeUninit<f32>;
+
 /// f32 accumulator lanes: four AVX2 vectors in flight.
 const L32: usize = 32;
 /// f64 accumulator lanes: four AVX2 vectors.
@@ -160,18 +163,18 @@ simd_fn! {
     /// `y = ((x - hi) - lo)·rstd·w + b` with per-element `w`, `b` (LayerNorm,
     /// RMSNorm; callers pass ones and zeros for absent parameters, which
     /// changes no bit of the result).
-    pub fn normalize_row(x: &[f32], y: &mut [f32], hi: f32, lo: f32, rstd: f32, w: &[f32], b: &[f32]) {
+    pub fn normalize_row(x: &[f32], y: &mut [Out], hi: f32, lo: f32, rstd: f32, w: &[f32], b: &[f32]) {
         for (((yv, &xv), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
-            *yv = ((xv - hi) - lo) * rstd * wv + bv;
+            yv.write(((xv - hi) - lo) * rstd * wv + bv);
         }
     }
 }
 
 simd_fn! {
     /// `y = ((x - hi) - lo)·scale + shift` with scalar `scale`, `shift` (one channel).
-    pub fn normalize_slice(x: &[f32], y: &mut [f32], hi: f32, lo: f32, scale: f32, shift: f32) {
+    pub fn normalize_slice(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32) {
         for (yv, &xv) in y.iter_mut().zip(x) {
-            *yv = ((xv - hi) - lo) * scale + shift;
+            yv.write(((xv - hi) - lo) * scale + shift);
         }
     }
 }
@@ -227,9 +230,9 @@ simd_fn! {
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, second pass:
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)`.
-    pub fn row_dx(x: &[f32], dy: &[f32], w: &[f32], hi: f32, lo: f32, rstd: f32, mean_g: f32, b: f32, dx: &mut [f32]) {
+    pub fn row_dx(x: &[f32], dy: &[f32], w: &[f32], hi: f32, lo: f32, rstd: f32, mean_g: f32, b: f32, dx: &mut [Out]) {
         for (((o, &xv), &d), &wv) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-            *o = rstd * (d * wv - mean_g) + b * ((xv - hi) - lo);
+            o.write(rstd * (d * wv - mean_g) + b * ((xv - hi) - lo));
         }
     }
 }
@@ -243,9 +246,9 @@ simd_fn! {
 
 simd_fn! {
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one channel: `w` is a scalar).
-    pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32, w: f32, mean_g: f32, b: f32, dx: &mut [f32]) {
+    pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32, w: f32, mean_g: f32, b: f32, dx: &mut [Out]) {
         for ((o, &xv), &d) in dx.iter_mut().zip(x).zip(dy) {
-            *o = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
+            o.write(rstd * (w * d - mean_g) + b * ((xv - hi) - lo));
         }
     }
 }
@@ -297,7 +300,7 @@ impl NegPow {
 simd_fn! {
     /// LRN forward on one channel row: `scale = (k + a·sum)^(-β)` is
     /// written into `sum`, and `y = x·scale`.
-    pub fn lrn_apply(x: &[f32], sum: &mut [f32], y: &mut [f32], k: f32, a: f32, pow: NegPow) {
+    pub fn lrn_apply(x: &[f32], sum: &mut [f32], y: &mut [Out], k: f32, a: f32, pow: NegPow) {
         for ((s, &xv), yv) in sum.iter_mut().zip(x).zip(y.iter_mut()) {
             let base = k + a * *s;
             let r = match pow {
@@ -309,7 +312,7 @@ simd_fn! {
                 NegPow::One => 1.0 / base,
             };
             *s = r;
-            *yv = xv * r;
+            yv.write(xv * r);
         }
     }
 }
@@ -337,9 +340,9 @@ simd_fn! {
 
 simd_fn! {
     /// LRN backward, last step: `dx = dy·scale - coef·x·gathered`.
-    pub fn lrn_dx(x: &[f32], dy: &[f32], scale: &[f32], gathered: &[f32], coef: f32, dx: &mut [f32]) {
+    pub fn lrn_dx(x: &[f32], dy: &[f32], scale: &[f32], gathered: &[f32], coef: f32, dx: &mut [Out]) {
         for ((((o, &xv), &d), &r), &u) in dx.iter_mut().zip(x).zip(dy).zip(scale).zip(gathered) {
-            *o = d * r - coef * xv * u;
+            o.write(d * r - coef * xv * u);
         }
     }
 }

@@ -15,9 +15,11 @@ use super::parallel::{min_units, sum_partials};
 use super::slices;
 use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
+use crate::float::uninit_mut;
 use crate::moments::Moments;
 use crate::{Float, NormError, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 const OP: &str = "group_norm";
 
@@ -70,6 +72,19 @@ pub fn forward<T: Float>(
     y: &mut [T],
     saved: &mut Saved,
 ) -> Result<()> {
+    forward_out(x, layout, weight, bias, eps, uninit_mut(y), saved)
+}
+
+/// [`forward`] into output buffers it overwrites entirely.
+pub(crate) fn forward_out<T: Float>(
+    x: &[T],
+    layout: GroupLayout,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: &Epsilon,
+    y: &mut [MaybeUninit<T>],
+    saved: &mut Saved,
+) -> Result<()> {
     check_args(OP, x, layout, weight, bias, saved)?;
     check_len(OP, "y", y.len(), &shape4(layout))?;
     let (len, s, cpg) = (
@@ -115,6 +130,32 @@ pub fn backward<T: Float>(
     eps: &Epsilon,
     saved: &Saved,
     dx: &mut [T],
+    dweight: Option<&mut [T]>,
+    dbias: Option<&mut [T]>,
+) -> Result<()> {
+    backward_out(
+        x,
+        dy,
+        layout,
+        weight,
+        eps,
+        saved,
+        uninit_mut(dx),
+        dweight,
+        dbias,
+    )
+}
+
+/// [`backward`] into output buffers it overwrites entirely.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_out<T: Float>(
+    x: &[T],
+    dy: &[T],
+    layout: GroupLayout,
+    weight: Option<&[T]>,
+    eps: &Epsilon,
+    saved: &Saved,
+    dx: &mut [MaybeUninit<T>],
     dweight: Option<&mut [T]>,
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
@@ -254,17 +295,11 @@ pub(crate) fn group_norm_op<T: Float>(
     let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
     check_param(op, "weight", weight, &[ncs.c], x.shape())?;
     check_param(op, "bias", bias, &[ncs.c], x.shape())?;
-    let mut y = Tensor::zeros(x.shape());
     let mut saved = Saved::zeros(ncs.n * num_groups);
-    forward(
-        x.data(),
-        layout,
-        weight.map(Tensor::data),
-        bias.map(Tensor::data),
-        &eps,
-        y.data_mut(),
-        &mut saved,
-    )?;
+    let (y, ()) = Tensor::filled_by(x.shape(), |y| {
+        let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
+        forward_out(x.data(), layout, w, b, &eps, y, &mut saved)
+    })?;
     Ok((y, saved))
 }
 
@@ -299,19 +334,20 @@ pub(crate) fn group_norm_backward_op<T: Float>(
     let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
     crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(op, "weight", weight, &[ncs.c], x.shape())?;
-    let mut dx = Tensor::zeros(x.shape());
     let mut dweight = weight.map(|_| Tensor::zeros(&[ncs.c]));
     let mut dbias = with_bias.then(|| Tensor::zeros(&[ncs.c]));
-    backward(
-        x.data(),
-        dy.data(),
-        layout,
-        weight.map(Tensor::data),
-        &eps,
-        saved,
-        dx.data_mut(),
-        dweight.as_mut().map(Tensor::data_mut),
-        dbias.as_mut().map(Tensor::data_mut),
-    )?;
+    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+        backward_out(
+            x.data(),
+            dy.data(),
+            layout,
+            weight.map(Tensor::data),
+            &eps,
+            saved,
+            dx,
+            dweight.as_mut().map(Tensor::data_mut),
+            dbias.as_mut().map(Tensor::data_mut),
+        )
+    })?;
     Ok(Grads { dx, dweight, dbias })
 }

@@ -12,10 +12,11 @@ use super::fast;
 use super::parallel::{block_units, min_units, sum_partials};
 use super::{check_param, param_at, resolve_axis, DxCoefficients, Epsilon, Grads, Saved};
 use crate::error::{check_len, Result};
-use crate::float::{as_f32, as_f32_mut};
+use crate::float::{as_f32, as_f32_out, uninit_mut};
 use crate::moments::{sum_of_squares, Moments};
 use crate::{Float, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 const OP: &str = "layer_norm";
 
@@ -34,7 +35,18 @@ pub fn forward_rows<T: Float>(
     y: &mut [T],
     saved: &mut Saved,
 ) -> Result<()> {
-    rows_forward(OP, Centring::Mean, x, rows, n, weight, bias, eps, y, saved)
+    rows_forward(
+        OP,
+        Centring::Mean,
+        x,
+        rows,
+        n,
+        weight,
+        bias,
+        eps,
+        uninit_mut(y),
+        saved,
+    )
 }
 
 /// Whether rows are centred on their mean (LayerNorm) or not (RMSNorm).
@@ -57,7 +69,7 @@ pub(crate) fn rows_forward<T: Float>(
     weight: Option<&[T]>,
     bias: Option<&[T]>,
     eps: &Epsilon,
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     saved: &mut Saved,
 ) -> Result<()> {
     check_rows(op, x, rows, n, weight, bias)?;
@@ -67,7 +79,7 @@ pub(crate) fn rows_forward<T: Float>(
     if n == 0 {
         return Ok(());
     }
-    if let (Some(x), Some(y)) = (as_f32(x), as_f32_mut(y)) {
+    if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
         let (w, b) = (weight.and_then(as_f32), bias.and_then(as_f32));
         let ones = w.is_none().then(|| vec![1.0f32; n]);
         let zeros = b.is_none().then(|| vec![0.0f32; n]);
@@ -89,7 +101,9 @@ pub(crate) fn rows_forward<T: Float>(
         let rstd = eps.rstd(var);
         for (j, (&xv, yv)) in x_row.iter().zip(y_row.iter_mut()).enumerate() {
             let x_hat = (xv.to_f64() - mean) * rstd;
-            *yv = T::from_f64(x_hat * param_at(weight, j, 1.0) + param_at(bias, j, 0.0));
+            yv.write(T::from_f64(
+                x_hat * param_at(weight, j, 1.0) + param_at(bias, j, 0.0),
+            ));
         }
         (mean, rstd)
     });
@@ -152,7 +166,7 @@ pub fn backward_rows<T: Float>(
         weight,
         eps,
         saved,
-        dx,
+        uninit_mut(dx),
         dweight,
         dbias,
     )
@@ -170,7 +184,7 @@ pub(crate) fn rows_backward<T: Float>(
     weight: Option<&[T]>,
     eps: &Epsilon,
     saved: &Saved,
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
     dweight: Option<&mut [T]>,
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
@@ -187,7 +201,7 @@ pub(crate) fn rows_backward<T: Float>(
     let per_block = block_units(rows);
     let fast_inputs = (as_f32(x), as_f32(dy), weight.map_or(Some(&[][..]), as_f32));
     let partials: Vec<(Vec<f64>, Vec<f64>)> = if let (Some(x), Some(dy), Some(w)) = fast_inputs {
-        let dx = as_f32_mut(dx).expect("dx has the element type of x");
+        let dx = as_f32_out(dx).expect("dx has the element type of x");
         let ones = weight.is_none().then(|| vec![1.0f32; n]);
         let w = ones.as_deref().unwrap_or(w);
         let block = per_block * n;
@@ -266,7 +280,9 @@ pub(crate) fn rows_backward<T: Float>(
                 let k = row_coefficients(centring, eps, rstd, sum_g, sum_g_xhat, n);
                 for (j, ((&xv, &dyv), dxv)) in x_row.iter().zip(dy_row).zip(dx_row).enumerate() {
                     let g = dyv.to_f64() * param_at(weight, j, 1.0);
-                    *dxv = T::from_f64(rstd * (g - k.mean_g) + k.b * (xv.to_f64() - mean));
+                    dxv.write(T::from_f64(
+                        rstd * (g - k.mean_g) + k.b * (xv.to_f64() - mean),
+                    ));
                 }
             },
         )
@@ -404,18 +420,22 @@ pub fn layer_norm<T: Float>(
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
     check_param(OP, "bias", bias, &normalized, x.shape())?;
-    let mut y = Tensor::zeros(x.shape());
     let mut saved = Saved::zeros(rows);
-    forward_rows(
-        x.data(),
-        rows,
-        n,
-        weight.map(Tensor::data),
-        bias.map(Tensor::data),
-        &eps,
-        y.data_mut(),
-        &mut saved,
-    )?;
+    let (y, ()) = Tensor::filled_by(x.shape(), |y| {
+        let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
+        rows_forward(
+            OP,
+            Centring::Mean,
+            x.data(),
+            rows,
+            n,
+            w,
+            b,
+            &eps,
+            y,
+            &mut saved,
+        )
+    })?;
     Ok((y, saved))
 }
 
@@ -436,20 +456,23 @@ pub fn layer_norm_backward<T: Float>(
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
-    let mut dx = Tensor::zeros(x.shape());
     let mut dweight = weight.map(|_| Tensor::zeros(&normalized));
     let mut dbias = with_bias.then(|| Tensor::zeros(&normalized));
-    backward_rows(
-        x.data(),
-        dy.data(),
-        rows,
-        n,
-        weight.map(Tensor::data),
-        &eps,
-        saved,
-        dx.data_mut(),
-        dweight.as_mut().map(Tensor::data_mut),
-        dbias.as_mut().map(Tensor::data_mut),
-    )?;
+    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+        rows_backward(
+            OP,
+            Centring::Mean,
+            x.data(),
+            dy.data(),
+            rows,
+            n,
+            weight.map(Tensor::data),
+            &eps,
+            saved,
+            dx,
+            dweight.as_mut().map(Tensor::data_mut),
+            dbias.as_mut().map(Tensor::data_mut),
+        )
+    })?;
     Ok(Grads { dx, dweight, dbias })
 }

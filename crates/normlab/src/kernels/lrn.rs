@@ -17,9 +17,10 @@
 
 use super::fast::{self, NegPow};
 use crate::error::{check_len, ensure, Result};
-use crate::float::{as_f32, as_f32_mut};
+use crate::float::{as_f32, as_f32_out, uninit_mut};
 use crate::{Float, NormError, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 const OP: &str = "local_response_norm";
 
@@ -184,6 +185,16 @@ pub fn forward<T: Float>(
     options: &LrnOptions,
     y: &mut [T],
 ) -> Result<()> {
+    forward_out(x, shape, options, uninit_mut(y))
+}
+
+/// [`forward`] into output buffers it overwrites entirely.
+pub(crate) fn forward_out<T: Float>(
+    x: &[T],
+    shape: &[usize],
+    options: &LrnOptions,
+    y: &mut [MaybeUninit<T>],
+) -> Result<()> {
     check_input(shape, options)?;
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "y", y.len(), shape)?;
@@ -194,7 +205,7 @@ pub fn forward<T: Float>(
     }
     // One task per sample: windows never cross samples.
     if let Some(pow) = fast_path(options) {
-        if let (Some(x), Some(y)) = (as_f32(x), as_f32_mut(y)) {
+        if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
             x.par_chunks(sample)
                 .zip(y.par_chunks_mut(sample))
                 .for_each(|(xs, ys)| {
@@ -208,7 +219,7 @@ pub fn forward<T: Float>(
         .for_each(|(xs, ys)| {
             let s = scale_terms(xs, &sample_shape, options);
             for ((yv, &xv), &sv) in ys.iter_mut().zip(xs).zip(&s) {
-                *yv = T::from_f64(xv.to_f64() * sv.powf(-options.beta));
+                yv.write(T::from_f64(xv.to_f64() * sv.powf(-options.beta)));
             }
         });
     Ok(())
@@ -225,6 +236,17 @@ pub fn backward<T: Float>(
     options: &LrnOptions,
     dx: &mut [T],
 ) -> Result<()> {
+    backward_out(x, dy, shape, options, uninit_mut(dx))
+}
+
+/// [`backward`] into output buffers it overwrites entirely.
+pub(crate) fn backward_out<T: Float>(
+    x: &[T],
+    dy: &[T],
+    shape: &[usize],
+    options: &LrnOptions,
+    dx: &mut [MaybeUninit<T>],
+) -> Result<()> {
     check_input(shape, options)?;
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "dy", dy.len(), shape)?;
@@ -235,7 +257,7 @@ pub fn backward<T: Float>(
         return Ok(());
     }
     if let Some(pow) = fast_path(options) {
-        if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_mut(dx)) {
+        if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_out(dx)) {
             x.par_chunks(sample)
                 .zip(dy.par_chunks(sample))
                 .zip(dx.par_chunks_mut(sample))
@@ -263,7 +285,9 @@ pub fn backward<T: Float>(
             for (((dxv, &d), &xv), (&sv, &u)) in
                 dxs.iter_mut().zip(dys).zip(xs).zip(s.iter().zip(&gathered))
             {
-                *dxv = T::from_f64(d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u);
+                dxv.write(T::from_f64(
+                    d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u,
+                ));
             }
         });
     Ok(())
@@ -300,7 +324,7 @@ fn channel_window(
 /// f32 forward of one sample `[C, S]`, tile by tile.
 fn forward_sample_f32(
     x: &[f32],
-    y: &mut [f32],
+    y: &mut [fast::Out],
     channels: usize,
     s: usize,
     options: &LrnOptions,
@@ -327,7 +351,7 @@ fn forward_sample_f32(
 fn backward_sample_f32(
     x: &[f32],
     dy: &[f32],
-    dx: &mut [f32],
+    dx: &mut [fast::Out],
     channels: usize,
     s: usize,
     options: &LrnOptions,
@@ -393,8 +417,7 @@ fn backward_sample_f32(
 /// assert_eq!(y.data(), &[1.0 / 6.0, 2.0 / 6.0]);
 /// ```
 pub fn lrn<T: Float>(x: &Tensor<T>, options: &LrnOptions) -> Result<Tensor<T>> {
-    let mut y = Tensor::zeros(x.shape());
-    forward(x.data(), x.shape(), options, y.data_mut())?;
+    let (y, ()) = Tensor::filled_by(x.shape(), |y| forward_out(x.data(), x.shape(), options, y))?;
     Ok(y)
 }
 
@@ -408,7 +431,8 @@ pub fn lrn_backward<T: Float>(
     options: &LrnOptions,
 ) -> Result<Tensor<T>> {
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
-    let mut dx = Tensor::zeros(x.shape());
-    backward(x.data(), dy.data(), x.shape(), options, dx.data_mut())?;
+    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+        backward_out(x.data(), dy.data(), x.shape(), options, dx)
+    })?;
     Ok(dx)
 }

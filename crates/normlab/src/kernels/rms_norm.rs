@@ -9,6 +9,7 @@
 use super::layer_norm::{rows_backward, rows_forward, split_at_axis, Centring};
 use super::{check_param, Epsilon, Grads, Saved};
 use crate::error::Result;
+use crate::float::uninit_mut;
 use crate::{Float, Tensor};
 
 const OP: &str = "rms_norm";
@@ -26,7 +27,18 @@ pub fn forward_rows<T: Float>(
     y: &mut [T],
     saved: &mut Saved,
 ) -> Result<()> {
-    rows_forward(OP, Centring::None, x, rows, n, weight, None, eps, y, saved)
+    rows_forward(
+        OP,
+        Centring::None,
+        x,
+        rows,
+        n,
+        weight,
+        None,
+        eps,
+        uninit_mut(y),
+        saved,
+    )
 }
 
 /// Backward over `rows × n` values: writes `dx`, and `dweight` when given.
@@ -55,7 +67,7 @@ pub fn backward_rows<T: Float>(
         weight,
         eps,
         saved,
-        dx,
+        uninit_mut(dx),
         dweight,
         None,
     )
@@ -82,17 +94,22 @@ pub fn rms_norm<T: Float>(
     eps.validate(OP)?;
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
-    let mut y = Tensor::zeros(x.shape());
     let mut saved = Saved::zeros(rows);
-    forward_rows(
-        x.data(),
-        rows,
-        n,
-        weight.map(Tensor::data),
-        &eps,
-        y.data_mut(),
-        &mut saved,
-    )?;
+    let (y, ()) = Tensor::filled_by(x.shape(), |y| {
+        let w = weight.map(Tensor::data);
+        rows_forward(
+            OP,
+            Centring::None,
+            x.data(),
+            rows,
+            n,
+            w,
+            None,
+            &eps,
+            y,
+            &mut saved,
+        )
+    })?;
     Ok((y, saved))
 }
 
@@ -111,19 +128,23 @@ pub fn rms_norm_backward<T: Float>(
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
-    let mut dx = Tensor::zeros(x.shape());
     let mut dweight = weight.map(|_| Tensor::zeros(&normalized));
-    backward_rows(
-        x.data(),
-        dy.data(),
-        rows,
-        n,
-        weight.map(Tensor::data),
-        &eps,
-        saved,
-        dx.data_mut(),
-        dweight.as_mut().map(Tensor::data_mut),
-    )?;
+    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+        rows_backward(
+            OP,
+            Centring::None,
+            x.data(),
+            dy.data(),
+            rows,
+            n,
+            weight.map(Tensor::data),
+            &eps,
+            saved,
+            dx,
+            dweight.as_mut().map(Tensor::data_mut),
+            None,
+        )
+    })?;
     Ok(Grads {
         dx,
         dweight,

@@ -4,19 +4,27 @@
 //! [`super::fast`]; other element types compute in f64.
 
 use super::{fast, DxCoefficients};
-use crate::float::{as_f32, as_f32_mut};
+use std::mem::MaybeUninit;
+
+use crate::float::{as_f32, as_f32_out};
 use crate::Float;
 
 /// `y = (x - mean)·scale + shift`.
 #[inline]
-pub(crate) fn normalize<T: Float>(x: &[T], y: &mut [T], mean: f64, scale: f64, shift: f64) {
-    if let (Some(x), Some(y)) = (as_f32(x), as_f32_mut(y)) {
+pub(crate) fn normalize<T: Float>(
+    x: &[T],
+    y: &mut [MaybeUninit<T>],
+    mean: f64,
+    scale: f64,
+    shift: f64,
+) {
+    if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
         let (hi, lo) = fast::split(mean);
         fast::normalize_slice(x, y, hi, lo, scale as f32, shift as f32);
         return;
     }
     for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv = T::from_f64((xv.to_f64() - mean) * scale + shift);
+        yv.write(T::from_f64((xv.to_f64() - mean) * scale + shift));
     }
 }
 
@@ -44,9 +52,9 @@ pub(crate) fn input_grad<T: Float>(
     mean: f64,
     weight: f64,
     k: DxCoefficients,
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
 ) {
-    if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_mut(dx)) {
+    if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_out(dx)) {
         let (hi, lo) = fast::split(mean);
         fast::slice_dx(
             x,
@@ -62,6 +70,8 @@ pub(crate) fn input_grad<T: Float>(
         return;
     }
     for ((o, &xv), &d) in dx.iter_mut().zip(x).zip(dy) {
-        *o = T::from_f64(k.rstd * (weight * d.to_f64() - k.mean_g) + k.b * (xv.to_f64() - mean));
+        o.write(T::from_f64(
+            k.rstd * (weight * d.to_f64() - k.mean_g) + k.b * (xv.to_f64() - mean),
+        ));
     }
 }
