@@ -12,6 +12,7 @@
 //! then the input gradient ([`backward_input`]), so that SyncBatchNorm can
 //! all-reduce the sums between them.
 
+use super::fast::Store;
 use super::parallel::{channels, channels_mut};
 use super::slices;
 use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
@@ -130,6 +131,7 @@ pub(crate) fn normalize_out<T: Float>(
     check_channel_args(x, layout, saved, weight, bias)?;
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
+    let store = Store::for_len(x.len());
     channels(x, c, s)
         .into_par_iter()
         .zip(channels_mut(y, c, s))
@@ -138,7 +140,7 @@ pub(crate) fn normalize_out<T: Float>(
             let scale = saved.rstd[ch] * param_at(weight, ch, 1.0);
             let shift = param_at(bias, ch, 0.0);
             for (x_sl, y_sl) in xs.into_iter().zip(ys) {
-                slices::normalize(x_sl, y_sl, saved.mean[ch], scale, shift);
+                slices::normalize(x_sl, y_sl, saved.mean[ch], scale, shift, store);
             }
         });
     Ok(())
@@ -178,6 +180,7 @@ pub(crate) fn forward_train_out<T: Float>(
         }
     }
     let (c, s) = (layout.c, layout.spatial);
+    let store = Store::for_len(x.len());
     Ok(channels(x, c, s)
         .into_par_iter()
         .zip(channels_mut(y, c, s))
@@ -187,7 +190,7 @@ pub(crate) fn forward_train_out<T: Float>(
             let scale = eps.rstd(m.var(0)) * param_at(weight, ch, 1.0);
             let shift = param_at(bias, ch, 0.0);
             for (x_sl, y_sl) in xs.into_iter().zip(ys) {
-                slices::normalize(x_sl, y_sl, m.mean, scale, shift);
+                slices::normalize(x_sl, y_sl, m.mean, scale, shift, store);
             }
             m
         })
@@ -304,6 +307,7 @@ pub(crate) fn backward_input_out<T: Float>(
         check_len(OP, "sum_dy_xhat", sum_dy_xhat.len(), &[layout.c])?;
     }
     let (c, s) = (layout.c, layout.spatial);
+    let store = Store::for_len(x.len());
     channels(x, c, s)
         .into_par_iter()
         .zip(channels(dy, c, s))
@@ -321,7 +325,7 @@ pub(crate) fn backward_input_out<T: Float>(
             let w = param_at(weight, ch, 1.0);
             let coefs = channel_coefficients(eps, w, saved.rstd[ch], batch);
             for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
-                slices::input_grad(x_sl, dy_sl, saved.mean[ch], w, coefs, dx_sl);
+                slices::input_grad(x_sl, dy_sl, saved.mean[ch], w, coefs, dx_sl, store);
             }
         });
     Ok(())
@@ -341,6 +345,7 @@ fn backward_fused<T: Float>(
     dx: &mut [MaybeUninit<T>],
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
+    let store = Store::for_len(x.len());
     let count = (layout.n * s) as f64;
     channels(x, c, s)
         .into_par_iter()
@@ -354,7 +359,7 @@ fn backward_fused<T: Float>(
             let w = param_at(weight, ch, 1.0);
             let coefs = channel_coefficients(eps, w, rstd, batch);
             for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
-                slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl);
+                slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl, store);
             }
             (sum_dy, sum_dy_xhat)
         })

@@ -15,6 +15,86 @@ use crate::simd::simd_fn;
 /// An f32 output slot, written once by a kernel.
 pub type Out = std::mem::MaybeUninit<f32>;
 
+/// How a kernel's output values reach memory.
+///
+/// A normal store first reads the cache line it writes into (read for
+/// ownership), so an output costs two memory transfers; a non-temporal
+/// (streaming) store writes the line without reading it and without evicting
+/// the input from the caches. Streaming pays off for outputs too large to be
+/// read back from cache anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Ordinary stores.
+    Cached,
+    /// Non-temporal stores (x86-64), ordinary ones elsewhere.
+    Streaming,
+}
+
+/// Outputs at least this large (bytes) are written with streaming stores.
+pub const STREAMING_MIN_BYTES: usize = 16 << 20;
+
+impl Store {
+    /// Streaming for an output of `len` f32 values of [`STREAMING_MIN_BYTES`] or more.
+    pub fn for_len(len: usize) -> Self {
+        if len * 4 >= STREAMING_MIN_BYTES {
+            Store::Streaming
+        } else {
+            Store::Cached
+        }
+    }
+}
+
+/// Values computed per block before they are stored.
+const OUT_BLOCK: usize = 512;
+
+/// Fills `out` block by block: `fill(start, buf)` computes the values of
+/// `out[start..start + buf.len()]` into `buf` (a plain loop that vectorizes),
+/// which is then stored as `store` says.
+#[inline(always)]
+fn produce(out: &mut [Out], store: Store, fill: impl Fn(usize, &mut [f32])) {
+    let mut buf = [0f32; OUT_BLOCK];
+    for (k, chunk) in out.chunks_mut(OUT_BLOCK).enumerate() {
+        let buf = &mut buf[..chunk.len()];
+        fill(k * OUT_BLOCK, buf);
+        emit(chunk, buf, store);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if store == Store::Streaming {
+        // Streaming stores are weakly ordered: fence before anyone reads them.
+        // SAFETY: SSE is part of the x86-64 baseline.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+}
+
+/// Stores `src` into `dst`.
+#[inline(always)]
+fn emit(dst: &mut [Out], src: &[f32], store: Store) {
+    #[cfg(target_arch = "x86_64")]
+    if store == Store::Streaming {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        let p = dst.as_mut_ptr() as *mut f32;
+        // Scalar stores up to the first 16-byte boundary, then 4 at a time.
+        let head = ((16 - (p as usize) % 16) % 16 / 4).min(dst.len());
+        for i in 0..head {
+            dst[i].write(src[i]);
+        }
+        let mut i = head;
+        while i + 4 <= dst.len() {
+            // SAFETY: `p + i` is 16-byte aligned and `i + 4 <= len` for both
+            // slices; SSE is part of the x86-64 baseline.
+            unsafe { _mm_stream_ps(p.add(i), _mm_loadu_ps(src.as_ptr().add(i))) };
+            i += 4;
+        }
+        for j in i..dst.len() {
+            dst[j].write(src[j]);
+        }
+        return;
+    }
+    for (d, &v) in dst.iter_mut().zip(src) {
+        d.write(v);
+    }
+}
+
 /// f32 accumulator lanes: four AVX2 vectors in flight.
 const L32: usize = 32;
 /// f64 accumulator lanes: four AVX2 vectors.
@@ -70,15 +150,16 @@ fn sum64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     reduce64(&acc) + tail.iter().map(|&v| f(v)).sum::<f64>()
 }
 
-/// f32 lanes per vector of the widest level we compile for, and vectors
-/// summed in f32 before each flush into f64.
-const LANES: usize = 8;
-const FLUSH: usize = 8;
+/// f32 lanes of the segment sums (four AVX2 vectors, so that four
+/// independent add chains hide the add latency), and terms each lane sums in
+/// f32 before the flush into f64.
+const LANES: usize = 32;
+const FLUSH: usize = 4;
 const SEGMENT: usize = LANES * FLUSH;
 
 /// `(Σ f(x), Σ g(x))` with per-lane f32 sums over segments of
 /// [`SEGMENT`] values (each lane adds [`FLUSH`] terms), flushed into f64.
-/// The rounding error of a segment is that of an 8-term f32 sum.
+/// The rounding error of a segment is that of a 4-term f32 sum.
 #[inline(always)]
 fn sum2_segments(x: &[f32], f: impl Fn(f32) -> f32, g: impl Fn(f32) -> f32) -> (f64, f64) {
     let mut acc_f = [0f64; LANES];
@@ -88,10 +169,14 @@ fn sum2_segments(x: &[f32], f: impl Fn(f32) -> f32, g: impl Fn(f32) -> f32) -> (
     for seg in segments {
         let mut sf = [0f32; LANES];
         let mut sg = [0f32; LANES];
+        // Two loops, one accumulator each: in one loop LLVM pairs the two
+        // sums lane by lane instead of vectorizing each.
         for v in seg.chunks_exact(LANES) {
             for i in 0..LANES {
                 sf[i] += f(v[i]);
             }
+        }
+        for v in seg.chunks_exact(LANES) {
             for i in 0..LANES {
                 sg[i] += g(v[i]);
             }
@@ -124,10 +209,13 @@ fn sum2_segments_pairs(
     for (seg_a, seg_b) in sa.zip(sb) {
         let mut sf = [0f32; LANES];
         let mut sg = [0f32; LANES];
+        // One accumulator per loop, as in `sum2_segments`.
         for (va, vb) in seg_a.chunks_exact(LANES).zip(seg_b.chunks_exact(LANES)) {
             for i in 0..LANES {
                 sf[i] += f(va[i], vb[i]);
             }
+        }
+        for (va, vb) in seg_a.chunks_exact(LANES).zip(seg_b.chunks_exact(LANES)) {
             for i in 0..LANES {
                 sg[i] += g(va[i], vb[i]);
             }
@@ -163,19 +251,24 @@ simd_fn! {
     /// `y = ((x - hi) - lo)·rstd·w + b` with per-element `w`, `b` (LayerNorm,
     /// RMSNorm; callers pass ones and zeros for absent parameters, which
     /// changes no bit of the result).
-    pub fn normalize_row(x: &[f32], y: &mut [Out], hi: f32, lo: f32, rstd: f32, w: &[f32], b: &[f32]) {
-        for (((yv, &xv), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
-            yv.write(((xv - hi) - lo) * rstd * wv + bv);
-        }
+    pub fn normalize_row(x: &[f32], y: &mut [Out], hi: f32, lo: f32, rstd: f32, w: &[f32], b: &[f32], store: Store) {
+        produce(y, store, |at, buf| {
+            let n = buf.len();
+            for (((o, &xv), &wv), &bv) in buf.iter_mut().zip(&x[at..at + n]).zip(&w[at..at + n]).zip(&b[at..at + n]) {
+                *o = ((xv - hi) - lo) * rstd * wv + bv;
+            }
+        });
     }
 }
 
 simd_fn! {
     /// `y = ((x - hi) - lo)·scale + shift` with scalar `scale`, `shift` (one channel).
-    pub fn normalize_slice(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32) {
-        for (yv, &xv) in y.iter_mut().zip(x) {
-            yv.write(((xv - hi) - lo) * scale + shift);
-        }
+    pub fn normalize_slice(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32, store: Store) {
+        produce(y, store, |at, buf| {
+            for (o, &xv) in buf.iter_mut().zip(&x[at..]) {
+                *o = ((xv - hi) - lo) * scale + shift;
+            }
+        });
     }
 }
 
@@ -230,10 +323,13 @@ simd_fn! {
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, second pass:
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)`.
-    pub fn row_dx(x: &[f32], dy: &[f32], w: &[f32], hi: f32, lo: f32, rstd: f32, mean_g: f32, b: f32, dx: &mut [Out]) {
-        for (((o, &xv), &d), &wv) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-            o.write(rstd * (d * wv - mean_g) + b * ((xv - hi) - lo));
-        }
+    pub fn row_dx(x: &[f32], dy: &[f32], w: &[f32], hi: f32, lo: f32, rstd: f32, mean_g: f32, b: f32, dx: &mut [Out], store: Store) {
+        produce(dx, store, |at, buf| {
+            let n = buf.len();
+            for (((o, &xv), &d), &wv) in buf.iter_mut().zip(&x[at..at + n]).zip(&dy[at..at + n]).zip(&w[at..at + n]) {
+                *o = rstd * (d * wv - mean_g) + b * ((xv - hi) - lo);
+            }
+        });
     }
 }
 
@@ -246,10 +342,13 @@ simd_fn! {
 
 simd_fn! {
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one channel: `w` is a scalar).
-    pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32, w: f32, mean_g: f32, b: f32, dx: &mut [Out]) {
-        for ((o, &xv), &d) in dx.iter_mut().zip(x).zip(dy) {
-            o.write(rstd * (w * d - mean_g) + b * ((xv - hi) - lo));
-        }
+    pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32, w: f32, mean_g: f32, b: f32, dx: &mut [Out], store: Store) {
+        produce(dx, store, |at, buf| {
+            let n = buf.len();
+            for ((o, &xv), &d) in buf.iter_mut().zip(&x[at..at + n]).zip(&dy[at..at + n]) {
+                *o = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
+            }
+        });
     }
 }
 
@@ -297,23 +396,28 @@ impl NegPow {
     }
 }
 
-simd_fn! {
-    /// LRN forward on one channel row: `scale = (k + a·sum)^(-β)` is
-    /// written into `sum`, and `y = x·scale`.
-    pub fn lrn_apply(x: &[f32], sum: &mut [f32], y: &mut [Out], k: f32, a: f32, pow: NegPow) {
-        for ((s, &xv), yv) in sum.iter_mut().zip(x).zip(y.iter_mut()) {
-            let base = k + a * *s;
-            let r = match pow {
-                NegPow::Half => 1.0 / base.sqrt(),
-                NegPow::ThreeQuarters => {
-                    let r = 1.0 / base.sqrt();
-                    r * r.sqrt()
-                }
-                NegPow::One => 1.0 / base,
-            };
-            *s = r;
-            yv.write(xv * r);
+/// `base^(-β)` in the closed form of `pow`.
+#[inline(always)]
+fn neg_pow(base: f32, pow: NegPow) -> f32 {
+    match pow {
+        NegPow::Half => 1.0 / base.sqrt(),
+        NegPow::ThreeQuarters => {
+            let r = 1.0 / base.sqrt();
+            r * r.sqrt()
         }
+        NegPow::One => 1.0 / base,
+    }
+}
+
+simd_fn! {
+    /// LRN forward on one channel row: `y = x·(k + a·sum)^(-β)`.
+    pub fn lrn_apply(x: &[f32], sum: &[f32], y: &mut [Out], k: f32, a: f32, pow: NegPow, store: Store) {
+        produce(y, store, |at, buf| {
+            let n = buf.len();
+            for ((o, &xv), &sv) in buf.iter_mut().zip(&x[at..at + n]).zip(&sum[at..at + n]) {
+                *o = xv * neg_pow(k + a * sv, pow);
+            }
+        });
     }
 }
 
@@ -324,14 +428,7 @@ simd_fn! {
     pub fn lrn_grad_terms(x: &[f32], dy: &[f32], sum: &mut [f32], scale: &mut [f32], k: f32, a: f32, pow: NegPow) {
         for (((s, r_out), &xv), &d) in sum.iter_mut().zip(scale.iter_mut()).zip(x).zip(dy) {
             let base = k + a * *s;
-            let r = match pow {
-                NegPow::Half => 1.0 / base.sqrt(),
-                NegPow::ThreeQuarters => {
-                    let r = 1.0 / base.sqrt();
-                    r * r.sqrt()
-                }
-                NegPow::One => 1.0 / base,
-            };
+            let r = neg_pow(base, pow);
             *r_out = r;
             *s = d * xv * (r / base);
         }
@@ -340,9 +437,13 @@ simd_fn! {
 
 simd_fn! {
     /// LRN backward, last step: `dx = dy·scale - coef·x·gathered`.
-    pub fn lrn_dx(x: &[f32], dy: &[f32], scale: &[f32], gathered: &[f32], coef: f32, dx: &mut [Out]) {
-        for ((((o, &xv), &d), &r), &u) in dx.iter_mut().zip(x).zip(dy).zip(scale).zip(gathered) {
-            o.write(d * r - coef * xv * u);
-        }
+    pub fn lrn_dx(x: &[f32], dy: &[f32], scale: &[f32], gathered: &[f32], coef: f32, dx: &mut [Out], store: Store) {
+        produce(dx, store, |at, buf| {
+            let n = buf.len();
+            let inputs = x[at..at + n].iter().zip(&dy[at..at + n]).zip(&scale[at..at + n]).zip(&gathered[at..at + n]);
+            for (o, (((&xv, &d), &r), &u)) in buf.iter_mut().zip(inputs) {
+                *o = d * r - coef * xv * u;
+            }
+        });
     }
 }

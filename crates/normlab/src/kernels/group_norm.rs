@@ -10,6 +10,7 @@
 //! ```
 //! Each group is one contiguous block of `C/G·spatial` values.
 
+use super::fast::Store;
 use super::layer_norm::write_acc;
 use super::parallel::{min_units, sum_partials};
 use super::slices;
@@ -86,6 +87,7 @@ pub(crate) fn forward_out<T: Float>(
     saved: &mut Saved,
 ) -> Result<()> {
     check_args(OP, x, layout, weight, bias, saved)?;
+    let store = Store::for_len(x.len());
     check_len(OP, "y", y.len(), &shape4(layout))?;
     let (len, s, cpg) = (
         layout.group_len(),
@@ -111,7 +113,7 @@ pub(crate) fn forward_out<T: Float>(
             {
                 let c = first_channel + i;
                 let scale = *rstd * param_at(weight, c, 1.0);
-                slices::normalize(x_ch, y_ch, m.mean, scale, param_at(bias, c, 0.0));
+                slices::normalize(x_ch, y_ch, m.mean, scale, param_at(bias, c, 0.0), store);
             }
         });
     Ok(())
@@ -160,6 +162,7 @@ pub(crate) fn backward_out<T: Float>(
     dbias: Option<&mut [T]>,
 ) -> Result<()> {
     check_args(OP, x, layout, weight, None, saved)?;
+    let store = Store::for_len(x.len());
     check_len(OP, "dy", dy.len(), &shape4(layout))?;
     check_len(OP, "dx", dx.len(), &shape4(layout))?;
     let (len, s, cpg) = (
@@ -213,7 +216,7 @@ pub(crate) fn backward_out<T: Float>(
                     .zip(dx_grp.chunks_exact_mut(s));
                 for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
                     let w = param_at(weight, first_channel + i, 1.0);
-                    slices::input_grad(x_ch, dy_ch, mean, w, coefs, dx_ch);
+                    slices::input_grad(x_ch, dy_ch, mean, w, coefs, dx_ch, store);
                 }
             }
             (dw, db)

@@ -87,11 +87,12 @@ pub(crate) fn rows_forward<T: Float>(
             w.or(ones.as_deref()).unwrap_or(&[]),
             b.or(zeros.as_deref()).unwrap_or(&[]),
         );
+        let store = fast::Store::for_len(y.len());
         for_each_row(x, y, n, saved, |x_row, y_row| {
             let (mean, var) = row_stats(centring, x_row);
             let rstd = eps.rstd(var);
             let (hi, lo) = fast::split(mean);
-            fast::normalize_row(x_row, y_row, hi, lo, rstd as f32, w, b);
+            fast::normalize_row(x_row, y_row, hi, lo, rstd as f32, w, b, store);
             (mean, rstd)
         });
         return Ok(());
@@ -202,6 +203,7 @@ pub(crate) fn rows_backward<T: Float>(
     let fast_inputs = (as_f32(x), as_f32(dy), weight.map_or(Some(&[][..]), as_f32));
     let partials: Vec<(Vec<f64>, Vec<f64>)> = if let (Some(x), Some(dy), Some(w)) = fast_inputs {
         let dx = as_f32_out(dx).expect("dx has the element type of x");
+        let store = fast::Store::for_len(dx.len());
         let ones = weight.is_none().then(|| vec![1.0f32; n]);
         let w = ones.as_deref().unwrap_or(w);
         let block = per_block * n;
@@ -247,6 +249,7 @@ pub(crate) fn rows_backward<T: Float>(
                         k.mean_g as f32,
                         k.b as f32,
                         dx_row,
+                        store,
                     );
                     if (i + 1) % FLUSH_ROWS == 0 {
                         fast::flush(&mut dw, &mut dw32);

@@ -206,10 +206,13 @@ pub(crate) fn forward_out<T: Float>(
     // One task per sample: windows never cross samples.
     if let Some(pow) = fast_path(options) {
         if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
+            // Tile rows are short runs: streaming stores would thrash the
+            // write-combining buffers.
+            let store = fast::Store::Cached;
             x.par_chunks(sample)
                 .zip(y.par_chunks_mut(sample))
                 .for_each(|(xs, ys)| {
-                    forward_sample_f32(xs, ys, shape[1], sample / shape[1], options, pow)
+                    forward_sample_f32(xs, ys, shape[1], sample / shape[1], options, pow, store)
                 });
             return Ok(());
         }
@@ -258,11 +261,21 @@ pub(crate) fn backward_out<T: Float>(
     }
     if let Some(pow) = fast_path(options) {
         if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_out(dx)) {
+            let store = fast::Store::Cached;
             x.par_chunks(sample)
                 .zip(dy.par_chunks(sample))
                 .zip(dx.par_chunks_mut(sample))
                 .for_each(|((xs, dys), dxs)| {
-                    backward_sample_f32(xs, dys, dxs, shape[1], sample / shape[1], options, pow)
+                    backward_sample_f32(
+                        xs,
+                        dys,
+                        dxs,
+                        shape[1],
+                        sample / shape[1],
+                        options,
+                        pow,
+                        store,
+                    )
                 });
             return Ok(());
         }
@@ -322,6 +335,7 @@ fn channel_window(
 }
 
 /// f32 forward of one sample `[C, S]`, tile by tile.
+#[allow(clippy::too_many_arguments)]
 fn forward_sample_f32(
     x: &[f32],
     y: &mut [fast::Out],
@@ -329,6 +343,7 @@ fn forward_sample_f32(
     s: usize,
     options: &LrnOptions,
     pow: NegPow,
+    store: fast::Store,
 ) {
     let (before, after) = options.window();
     let (k, a) = (options.k as f32, options.scale(1) as f32);
@@ -342,12 +357,13 @@ fn forward_sample_f32(
                 fast::add_squares(sum, &x[j * s + t0..][..len]);
             }
             let at = c * s + t0;
-            fast::lrn_apply(&x[at..][..len], sum, &mut y[at..][..len], k, a, pow);
+            fast::lrn_apply(&x[at..][..len], sum, &mut y[at..][..len], k, a, pow, store);
         }
     }
 }
 
 /// f32 backward of one sample `[C, S]`, tile by tile.
+#[allow(clippy::too_many_arguments)]
 fn backward_sample_f32(
     x: &[f32],
     dy: &[f32],
@@ -356,6 +372,7 @@ fn backward_sample_f32(
     s: usize,
     options: &LrnOptions,
     pow: NegPow,
+    store: fast::Store,
 ) {
     let (before, after) = options.window();
     let (k, a) = (options.k as f32, options.scale(1) as f32);
@@ -398,6 +415,7 @@ fn backward_sample_f32(
                 g,
                 coef,
                 &mut dx[at..][..len],
+                store,
             );
         }
     }

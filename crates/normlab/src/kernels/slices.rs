@@ -3,7 +3,8 @@
 //! normalized with the same statistics. f32 slices take the SIMD paths of
 //! [`super::fast`]; other element types compute in f64.
 
-use super::{fast, DxCoefficients};
+use super::fast::{self, Store};
+use super::DxCoefficients;
 use std::mem::MaybeUninit;
 
 use crate::float::{as_f32, as_f32_out};
@@ -17,10 +18,11 @@ pub(crate) fn normalize<T: Float>(
     mean: f64,
     scale: f64,
     shift: f64,
+    store: Store,
 ) {
     if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
         let (hi, lo) = fast::split(mean);
-        fast::normalize_slice(x, y, hi, lo, scale as f32, shift as f32);
+        fast::normalize_slice(x, y, hi, lo, scale as f32, shift as f32, store);
         return;
     }
     for (yv, &xv) in y.iter_mut().zip(x) {
@@ -53,6 +55,7 @@ pub(crate) fn input_grad<T: Float>(
     weight: f64,
     k: DxCoefficients,
     dx: &mut [MaybeUninit<T>],
+    store: Store,
 ) {
     if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_out(dx)) {
         let (hi, lo) = fast::split(mean);
@@ -66,6 +69,7 @@ pub(crate) fn input_grad<T: Float>(
             k.mean_g as f32,
             k.b as f32,
             dx,
+            store,
         );
         return;
     }
