@@ -1,5 +1,14 @@
 //! Output buffers.
 //!
+//! Large buffers are recycled: when a [`Tensor`](crate::Tensor) of at least
+//! [`HUGE_PAGE_MIN`] bytes is dropped, its allocation goes into a bounded
+//! cache, and the next output of exactly that size takes it back — no page
+//! faults, no zeroing by the kernel, and memory that is likely still cached.
+//! A training loop allocates the same shapes at every step, so nearly every
+//! large output comes from the cache. The cache holds at most
+//! [`cache_limit`] bytes (default [`DEFAULT_CACHE_LIMIT`]);
+//! [`set_cache_limit`]`(0)` turns it off and frees what it holds.
+//!
 //! A fresh large buffer costs a page fault for every page on its first
 //! write; with 4 KiB pages that is 65,536 faults for a 256 MiB tensor, which
 //! can take longer than the normalization itself. On Linux, buffers of
@@ -10,16 +19,125 @@
 //! zeroed and freed as any `Vec`'s.
 
 use std::mem::MaybeUninit;
+use std::sync::Mutex;
 
 use crate::Float;
 
 /// Buffers at least this large (bytes) get the huge-page advice.
 pub const HUGE_PAGE_MIN: usize = 4 << 20;
 
+/// Bytes the cache of large buffers holds at most, unless set otherwise.
+pub const DEFAULT_CACHE_LIMIT: usize = 1 << 30;
+
+/// Freed allocations kept for reuse: `(address, bytes, align)`, newest last.
+struct Cache {
+    buffers: Vec<(usize, usize, usize)>,
+    bytes: usize,
+    limit: usize,
+}
+
+static CACHE: Mutex<Cache> = Mutex::new(Cache {
+    buffers: Vec::new(),
+    bytes: 0,
+    limit: DEFAULT_CACHE_LIMIT,
+});
+
+fn cache() -> std::sync::MutexGuard<'static, Cache> {
+    // A panic while holding the lock leaves the list consistent: recover it.
+    CACHE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sets how many bytes of freed large buffers are kept for reuse (0: none).
+pub fn set_cache_limit(bytes: usize) {
+    let evicted = {
+        let mut c = cache();
+        c.limit = bytes;
+        let mut evicted = Vec::new();
+        while c.bytes > c.limit {
+            let b = c.buffers.remove(0);
+            c.bytes -= b.1;
+            evicted.push(b);
+        }
+        evicted
+    };
+    evicted.into_iter().for_each(free);
+}
+
+/// The current limit of the cache, in bytes.
+pub fn cache_limit() -> usize {
+    cache().limit
+}
+
+/// Bytes the cache holds now.
+pub fn cached_bytes() -> usize {
+    cache().bytes
+}
+
+fn free((addr, bytes, align): (usize, usize, usize)) {
+    // SAFETY: the buffer was allocated by the global allocator with exactly
+    // this layout (it came from a Vec) and nothing else refers to it.
+    unsafe {
+        std::alloc::dealloc(
+            addr as *mut u8,
+            std::alloc::Layout::from_size_align_unchecked(bytes, align),
+        )
+    };
+}
+
+/// Keeps `v`'s allocation for reuse when it is large and the cache has room;
+/// otherwise frees it as usual. Called when a tensor is dropped.
+pub(crate) fn recycle<T>(mut v: Vec<T>) {
+    let bytes = v.capacity() * std::mem::size_of::<T>();
+    if bytes < HUGE_PAGE_MIN {
+        return;
+    }
+    v.clear();
+    let entry = (v.as_mut_ptr() as usize, bytes, std::mem::align_of::<T>());
+    let evicted = {
+        let mut c = cache();
+        if bytes > c.limit {
+            return;
+        }
+        std::mem::forget(v);
+        let mut evicted = Vec::new();
+        while c.bytes + bytes > c.limit {
+            let b = c.buffers.remove(0);
+            c.bytes -= b.1;
+            evicted.push(b);
+        }
+        c.buffers.push(entry);
+        c.bytes += bytes;
+        evicted
+    };
+    evicted.into_iter().for_each(free);
+}
+
+/// A cached allocation of exactly `len` values of `T`, if there is one.
+fn reuse<T>(len: usize) -> Option<Vec<MaybeUninit<T>>> {
+    let bytes = len * std::mem::size_of::<T>();
+    if bytes < HUGE_PAGE_MIN {
+        return None;
+    }
+    let align = std::mem::align_of::<T>();
+    let mut c = cache();
+    let i = c
+        .buffers
+        .iter()
+        .rposition(|&(_, b, a)| b == bytes && a == align)?;
+    let (addr, b, _) = c.buffers.remove(i);
+    c.bytes -= b;
+    // SAFETY: this allocation came from a Vec<T'> with the same size and
+    // alignment; MaybeUninit needs no initialization.
+    Some(unsafe { Vec::from_raw_parts(addr as *mut MaybeUninit<T>, len, len) })
+}
+
 /// A buffer of `len` values that a kernel is about to overwrite entirely:
 /// no zeroing pass (which would cost a full write of the buffer), as
-/// `torch.empty`.
+/// `torch.empty`; large ones come from the cache when it has one of this size.
 pub fn for_overwrite<T: Float>(len: usize) -> Vec<MaybeUninit<T>> {
+    if let Some(v) = reuse::<T>(len) {
+        return v;
+    }
     let mut v = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialization.
     unsafe { v.set_len(len) };
@@ -67,3 +185,36 @@ fn advise_huge_pages<T>(v: &mut [T]) {
 
 #[cfg(not(target_os = "linux"))]
 fn advise_huge_pages<T>(_v: &mut [T]) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_buffers_are_reused_and_the_limit_holds() {
+        let len = HUGE_PAGE_MIN / 4 + 1;
+        let first = for_overwrite::<f32>(len);
+        let addr = first.as_ptr() as usize;
+        // SAFETY: test only; f32 has no invalid bit patterns and the values are not read.
+        recycle(unsafe { assume_init(first) });
+        assert!(cached_bytes() >= len * 4);
+        let again = for_overwrite::<f32>(len);
+        assert_eq!(
+            again.as_ptr() as usize,
+            addr,
+            "the cached buffer comes back"
+        );
+        // Another size does not take it.
+        recycle(unsafe { assume_init(again) });
+        let other = for_overwrite::<f32>(len + 1);
+        assert_ne!(other.as_ptr() as usize, addr);
+        set_cache_limit(0);
+        assert_eq!(cached_bytes(), 0);
+        recycle(unsafe { assume_init(other) });
+        assert_eq!(cached_bytes(), 0);
+        set_cache_limit(DEFAULT_CACHE_LIMIT);
+        // Small buffers never enter the cache.
+        recycle(vec![0f32; 16]);
+        assert_eq!(cached_bytes(), 0);
+    }
+}

@@ -88,8 +88,8 @@ impl<T: Float> Tensor<T> {
     }
 
     /// Gives up the values.
-    pub fn into_data(self) -> Vec<T> {
-        self.data
+    pub fn into_data(mut self) -> Vec<T> {
+        std::mem::take(&mut self.data)
     }
 
     /// Number of values.
@@ -115,6 +115,13 @@ impl<T: Float> Tensor<T> {
     /// # Errors
     /// [`NormError::LengthMismatch`](crate::NormError::LengthMismatch) when the counts differ.
     pub fn reshape(self, shape: Vec<usize>) -> Result<Self> {
-        Self::new(shape, self.data)
+        Self::new(shape, self.into_data())
+    }
+}
+
+impl<T> Drop for Tensor<T> {
+    /// Large buffers go back to the cache of [`crate::alloc`] for reuse.
+    fn drop(&mut self) {
+        crate::alloc::recycle(std::mem::take(&mut self.data));
     }
 }
