@@ -23,6 +23,9 @@ use crate::Float;
 /// underflow in f32.
 const F32_SAFE_RANGE: (f32, f32) = (1e-10, 1e18);
 
+/// Leading values whose mean is the first guess of a chunk's shift.
+const SHIFT_SAMPLE: usize = 16;
+
 /// Values per chunk of the two-pass: small enough to stay in L1 between passes.
 pub const CHUNK: usize = 2048;
 
@@ -103,21 +106,42 @@ impl Moments {
         })
     }
 
-    /// Two-pass over an f32 chunk with SIMD: an f32 sum gives a shift `s`
-    /// near the mean; `d = x - s` is then exact in f32 when |μ| ≫ σ, and
-    /// `Σd`, `Σd²` are summed in f32 over 8-term segments and in f64 across:
-    /// `mean = s + Σd/n`, `m2 = Σd² - (Σd)²/n`. Values whose squares would
-    /// overflow or underflow f32 take the f64 two-pass instead.
+    /// Moments of an f32 chunk with SIMD, by sums centred on a shift `s`
+    /// near the mean: `d = x - s` is exact in f32 when |μ| ≫ σ; `Σd`, `Σd²`
+    /// are summed in f32 over 4-term segments and in f64 across them;
+    /// `mean = s + Σd/n`, `m2 = Σd² - (Σd)²/n`.
+    ///
+    /// The shift is first the mean of the chunk's first values, which is one
+    /// pass; when that lands more than a standard deviation from the mean
+    /// (so that `m2` would cancel), or when squares would overflow or
+    /// underflow f32, the chunk is redone as a proper two-pass: an f32 sum for
+    /// the shift, then the centred sums, or the f64 two-pass for magnitudes
+    /// outside f32's safe range.
     fn of_f32_chunk(chunk: &[f32]) -> Moments {
         if chunk.is_empty() {
             return Moments::EMPTY;
         }
         let count = chunk.len() as f64;
+        let head = &chunk[..chunk.len().min(SHIFT_SAMPLE)];
+        let guess = (head.iter().map(|&v| v as f64).sum::<f64>() / head.len() as f64) as f32;
+        let quick = Self::centred_on(chunk, guess);
+        let off = quick.mean - guess as f64;
+        let safe = quick.m2.is_finite()
+            && quick.m2 > count * F32_SAFE_RANGE.0 as f64 * F32_SAFE_RANGE.0 as f64;
+        if safe && off * off * count <= quick.m2 {
+            return quick;
+        }
         let (sum, max_abs) = fast::sum_and_max_abs(chunk);
         if !(F32_SAFE_RANGE.0..=F32_SAFE_RANGE.1).contains(&max_abs) {
             return Self::of_chunk(chunk, |x| x as f64);
         }
-        let shift = (sum / count) as f32;
+        Self::centred_on(chunk, (sum / count) as f32)
+    }
+
+    /// Moments from the sums centred on `shift`.
+    #[inline]
+    fn centred_on(chunk: &[f32], shift: f32) -> Moments {
+        let count = chunk.len() as f64;
         let (s1, s2) = fast::centred_sums(chunk, shift);
         Moments {
             count,

@@ -47,23 +47,30 @@ impl Store {
 /// Values computed per block before they are stored.
 const OUT_BLOCK: usize = 512;
 
-/// Fills `out` block by block: `fill(start, buf)` computes the values of
-/// `out[start..start + buf.len()]` into `buf` (a plain loop that vectorizes),
-/// which is then stored as `store` says.
-#[inline(always)]
-fn produce(out: &mut [Out], store: Store, fill: impl Fn(usize, &mut [f32])) {
-    let mut buf = [0f32; OUT_BLOCK];
-    for (k, chunk) in out.chunks_mut(OUT_BLOCK).enumerate() {
-        let buf = &mut buf[..chunk.len()];
-        fill(k * OUT_BLOCK, buf);
-        emit(chunk, buf, store);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if store == Store::Streaming {
-        // Streaming stores are weakly ordered: fence before anyone reads them.
-        // SAFETY: SSE is part of the x86-64 baseline.
-        unsafe { std::arch::x86_64::_mm_sfence() };
-    }
+/// Fills `out` block by block: the body computes the values of
+/// `out[at..at + buf.len()]` into `buf` (a plain loop that vectorizes),
+/// which are then stored as `store` says. A macro rather than a function
+/// taking a closure, so that the body is always compiled inside the
+/// caller's SIMD variant (a closure LLVM declines to inline would be
+/// compiled for the baseline target).
+macro_rules! produce {
+    ($out:expr, $store:expr, |$at:ident, $buf:ident| $body:block) => {{
+        let out: &mut [Out] = $out;
+        let store: Store = $store;
+        let mut block = [0f32; OUT_BLOCK];
+        for (k, chunk) in out.chunks_mut(OUT_BLOCK).enumerate() {
+            let $at = k * OUT_BLOCK;
+            let $buf = &mut block[..chunk.len()];
+            $body
+            emit(chunk, $buf, store);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if store == Store::Streaming {
+            // Streaming stores are weakly ordered: fence before anyone reads them.
+            // SAFETY: SSE is part of the x86-64 baseline.
+            unsafe { std::arch::x86_64::_mm_sfence() };
+        }
+    }};
 }
 
 /// Stores `src` into `dst`.
@@ -252,7 +259,7 @@ simd_fn! {
     /// RMSNorm; callers pass ones and zeros for absent parameters, which
     /// changes no bit of the result).
     pub fn normalize_row(x: &[f32], y: &mut [Out], hi: f32, lo: f32, rstd: f32, w: &[f32], b: &[f32], store: Store) {
-        produce(y, store, |at, buf| {
+        produce!(y, store, |at, buf| {
             let n = buf.len();
             for (((o, &xv), &wv), &bv) in buf.iter_mut().zip(&x[at..at + n]).zip(&w[at..at + n]).zip(&b[at..at + n]) {
                 *o = ((xv - hi) - lo) * rstd * wv + bv;
@@ -264,7 +271,7 @@ simd_fn! {
 simd_fn! {
     /// `y = ((x - hi) - lo)·scale + shift` with scalar `scale`, `shift` (one channel).
     pub fn normalize_slice(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32, store: Store) {
-        produce(y, store, |at, buf| {
+        produce!(y, store, |at, buf| {
             for (o, &xv) in buf.iter_mut().zip(&x[at..]) {
                 *o = ((xv - hi) - lo) * scale + shift;
             }
@@ -324,7 +331,7 @@ simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, second pass:
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)`.
     pub fn row_dx(x: &[f32], dy: &[f32], w: &[f32], hi: f32, lo: f32, rstd: f32, mean_g: f32, b: f32, dx: &mut [Out], store: Store) {
-        produce(dx, store, |at, buf| {
+        produce!(dx, store, |at, buf| {
             let n = buf.len();
             for (((o, &xv), &d), &wv) in buf.iter_mut().zip(&x[at..at + n]).zip(&dy[at..at + n]).zip(&w[at..at + n]) {
                 *o = rstd * (d * wv - mean_g) + b * ((xv - hi) - lo);
@@ -343,7 +350,7 @@ simd_fn! {
 simd_fn! {
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one channel: `w` is a scalar).
     pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32, w: f32, mean_g: f32, b: f32, dx: &mut [Out], store: Store) {
-        produce(dx, store, |at, buf| {
+        produce!(dx, store, |at, buf| {
             let n = buf.len();
             for ((o, &xv), &d) in buf.iter_mut().zip(&x[at..at + n]).zip(&dy[at..at + n]) {
                 *o = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
@@ -396,27 +403,56 @@ impl NegPow {
     }
 }
 
-/// `base^(-β)` in the closed form of `pow`.
+/// `b^(-1/2)`.
 #[inline(always)]
-fn neg_pow(base: f32, pow: NegPow) -> f32 {
-    match pow {
-        NegPow::Half => 1.0 / base.sqrt(),
-        NegPow::ThreeQuarters => {
-            let r = 1.0 / base.sqrt();
-            r * r.sqrt()
+fn pow_half(b: f32) -> f32 {
+    1.0 / b.sqrt()
+}
+
+/// `b^(-3/4) = r·√r` with `r = b^(-1/2)`.
+#[inline(always)]
+fn pow_three_quarters(b: f32) -> f32 {
+    let r = 1.0 / b.sqrt();
+    r * r.sqrt()
+}
+
+/// `b^(-1)`.
+#[inline(always)]
+fn pow_one(b: f32) -> f32 {
+    1.0 / b
+}
+
+/// Runs `$body` with `$f` bound to the function for `$pow`: the choice is
+/// made once, outside the loop, so that each loop vectorizes.
+macro_rules! with_neg_pow {
+    ($pow:expr, $f:ident, $body:block) => {
+        match $pow {
+            NegPow::Half => {
+                let $f = pow_half;
+                $body
+            }
+            NegPow::ThreeQuarters => {
+                let $f = pow_three_quarters;
+                $body
+            }
+            NegPow::One => {
+                let $f = pow_one;
+                $body
+            }
         }
-        NegPow::One => 1.0 / base,
-    }
+    };
 }
 
 simd_fn! {
     /// LRN forward on one channel row: `y = x·(k + a·sum)^(-β)`.
     pub fn lrn_apply(x: &[f32], sum: &[f32], y: &mut [Out], k: f32, a: f32, pow: NegPow, store: Store) {
-        produce(y, store, |at, buf| {
-            let n = buf.len();
-            for ((o, &xv), &sv) in buf.iter_mut().zip(&x[at..at + n]).zip(&sum[at..at + n]) {
-                *o = xv * neg_pow(k + a * sv, pow);
-            }
+        with_neg_pow!(pow, neg_pow, {
+            produce!(y, store, |at, buf| {
+                let n = buf.len();
+                for ((o, &xv), &sv) in buf.iter_mut().zip(&x[at..at + n]).zip(&sum[at..at + n]) {
+                    *o = xv * neg_pow(k + a * sv);
+                }
+            });
         });
     }
 }
@@ -426,19 +462,21 @@ simd_fn! {
     /// `sum`, writes `scale = base^(-β)` into `scale` and
     /// `t = dy·x·base^(-β-1)` into `sum`.
     pub fn lrn_grad_terms(x: &[f32], dy: &[f32], sum: &mut [f32], scale: &mut [f32], k: f32, a: f32, pow: NegPow) {
-        for (((s, r_out), &xv), &d) in sum.iter_mut().zip(scale.iter_mut()).zip(x).zip(dy) {
-            let base = k + a * *s;
-            let r = neg_pow(base, pow);
-            *r_out = r;
-            *s = d * xv * (r / base);
-        }
+        with_neg_pow!(pow, neg_pow, {
+            for (((s, r_out), &xv), &d) in sum.iter_mut().zip(scale.iter_mut()).zip(x).zip(dy) {
+                let base = k + a * *s;
+                let r = neg_pow(base);
+                *r_out = r;
+                *s = d * xv * (r / base);
+            }
+        });
     }
 }
 
 simd_fn! {
     /// LRN backward, last step: `dx = dy·scale - coef·x·gathered`.
     pub fn lrn_dx(x: &[f32], dy: &[f32], scale: &[f32], gathered: &[f32], coef: f32, dx: &mut [Out], store: Store) {
-        produce(dx, store, |at, buf| {
+        produce!(dx, store, |at, buf| {
             let n = buf.len();
             let inputs = x[at..at + n].iter().zip(&dy[at..at + n]).zip(&scale[at..at + n]).zip(&gathered[at..at + n]);
             for (o, (((&xv, &d), &r), &u)) in buf.iter_mut().zip(inputs) {
