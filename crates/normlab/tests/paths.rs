@@ -7,7 +7,9 @@
 mod common;
 
 use common::*;
-use normlab::kernels::batch_norm::{batch_norm, batch_norm_backward, BatchNormOptions};
+use normlab::kernels::batch_norm::{
+    batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
+};
 use normlab::kernels::group_norm::{group_norm, group_norm_backward};
 use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward, LrnOptions};
@@ -64,6 +66,33 @@ fn run_all<T: normlab::Float>(
             &y,
         );
     }
+    // Evaluation: running statistics (mean b, variance w² + 1/2), constant in backward.
+    let (mut rm, mut rv, mut seen) = (
+        b.data().to_vec(),
+        w.data()
+            .iter()
+            .map(|v| T::from_f64(v.to_f64() * v.to_f64() + 0.5))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let running = RunningStatsMut {
+        mean: &mut rm,
+        var: &mut rv,
+        num_batches_tracked: &mut seen,
+    };
+    let (y, s) = batch_norm(
+        x,
+        Some(running),
+        Some(w),
+        Some(b),
+        &BatchNormOptions::eval(),
+    )
+    .unwrap();
+    push(
+        "batch_norm eval",
+        batch_norm_backward(x, dy, Some(w), true, eps, &s, false).unwrap(),
+        &y,
+    );
     let c = x.shape()[1];
     for groups in [1, c] {
         let (y, s) = group_norm(x, groups, Some(w), Some(b), eps).unwrap();

@@ -13,7 +13,7 @@
 //! all-reduce the sums between them.
 
 use super::fast::Store;
-use super::parallel::{channels, channels_mut};
+use super::parallel::{channels, channels_mut, min_units, sum_partials};
 use super::slices;
 use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
@@ -132,16 +132,20 @@ pub(crate) fn normalize_out<T: Float>(
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
     let store = Store::for_len(x.len());
-    channels(x, c, s)
-        .into_par_iter()
-        .zip(channels_mut(y, c, s))
+    if s == 0 {
+        return Ok(());
+    }
+    // Statistics are given: no per-channel gathering needed, so the blocks
+    // are visited in memory order, one sequential stream per thread.
+    x.par_chunks(s)
+        .zip(y.par_chunks_mut(s))
         .enumerate()
-        .for_each(|(ch, (xs, ys))| {
+        .with_min_len(min_units(s))
+        .for_each(|(block, (x_sl, y_sl))| {
+            let ch = block % c;
             let scale = saved.rstd[ch] * param_at(weight, ch, 1.0);
             let shift = param_at(bias, ch, 0.0);
-            for (x_sl, y_sl) in xs.into_iter().zip(ys) {
-                slices::normalize(x_sl, y_sl, saved.mean[ch], scale, shift, store);
-            }
+            slices::normalize(x_sl, y_sl, saved.mean[ch], scale, shift, store);
         });
     Ok(())
 }
@@ -331,6 +335,56 @@ pub(crate) fn backward_input_out<T: Float>(
     Ok(())
 }
 
+/// Backward with statistics held constant (evaluation): `dx = γ·r·dy` needs
+/// no channel sums, so samples are visited in memory order; the sums for
+/// dγ, dβ are kept per sample and added in sample order.
+fn backward_constant<T: Float>(
+    x: &[T],
+    dy: &[T],
+    layout: NcsLayout,
+    saved: &Saved,
+    weight: Option<&[T]>,
+    dx: &mut [MaybeUninit<T>],
+) -> (Vec<f64>, Vec<f64>) {
+    let (c, s) = (layout.c, layout.spatial);
+    let store = Store::for_len(x.len());
+    let sample = c * s;
+    if sample == 0 {
+        return (vec![0.0; c], vec![0.0; c]);
+    }
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
+        .par_chunks(sample)
+        .zip(dy.par_chunks(sample))
+        .zip(dx.par_chunks_mut(sample))
+        .map(|((xs, dys), dxs)| {
+            let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
+            let blocks = xs
+                .chunks_exact(s)
+                .zip(dys.chunks_exact(s))
+                .zip(dxs.chunks_exact_mut(s));
+            for (ch, ((x_sl, dy_sl), dx_sl)) in blocks.enumerate() {
+                let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
+                let (a, b) = slices::grad_sums(x_sl, dy_sl, mean, rstd);
+                sum_dy[ch] = a;
+                sum_dy_xhat[ch] = b;
+                let w = param_at(weight, ch, 1.0);
+                slices::input_grad(
+                    x_sl,
+                    dy_sl,
+                    mean,
+                    w,
+                    DxCoefficients::constant(rstd),
+                    dx_sl,
+                    store,
+                );
+            }
+            (sum_dy, sum_dy_xhat)
+        })
+        .collect();
+    let (a, b): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    (sum_partials(c, a), sum_partials(c, b))
+}
+
 /// Backward fused per channel (sums, then `dx` while the channel is in
 /// cache); returns `(Σdy, Σdy·x̂)` per channel.
 #[allow(clippy::too_many_arguments)]
@@ -344,6 +398,9 @@ fn backward_fused<T: Float>(
     batch_stats: bool,
     dx: &mut [MaybeUninit<T>],
 ) -> (Vec<f64>, Vec<f64>) {
+    if !batch_stats {
+        return backward_constant(x, dy, layout, saved, weight, dx);
+    }
     let (c, s) = (layout.c, layout.spatial);
     let store = Store::for_len(x.len());
     let count = (layout.n * s) as f64;
@@ -355,9 +412,8 @@ fn backward_fused<T: Float>(
         .map(|(ch, ((xs, dys), dxs))| {
             let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
             let (sum_dy, sum_dy_xhat) = channel_sums(&xs, &dys, mean, rstd);
-            let batch = batch_stats.then_some((count, sum_dy, sum_dy_xhat));
             let w = param_at(weight, ch, 1.0);
-            let coefs = channel_coefficients(eps, w, rstd, batch);
+            let coefs = channel_coefficients(eps, w, rstd, Some((count, sum_dy, sum_dy_xhat)));
             for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
                 slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl, store);
             }
