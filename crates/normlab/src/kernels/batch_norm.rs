@@ -18,7 +18,7 @@ use super::slices;
 use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
 use crate::error::{check_len, ensure, Result};
 use crate::float::uninit_mut;
-use crate::moments::{moments_of_slices, Moments};
+use crate::moments::Moments;
 use crate::{Float, NormError, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -98,9 +98,22 @@ pub struct RunningStatsMut<'a, T> {
 /// When `x.len()` is not `N·C·spatial`.
 pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Moments>> {
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
-    Ok(channels(x, layout.c, layout.spatial)
-        .par_iter()
-        .map(|slices| moments_of_slices(slices.iter().copied()))
+    let (c, s) = (layout.c, layout.spatial);
+    if c * s == 0 {
+        return Ok(vec![Moments::EMPTY; c]);
+    }
+    // Memory order, one sample per task; each channel's per-sample moments
+    // are merged in sample order, whatever the number of threads.
+    let per_sample: Vec<Vec<Moments>> = x
+        .par_chunks(c * s)
+        .map(|sample| sample.chunks_exact(s).map(Moments::of_slice).collect())
+        .collect();
+    Ok((0..c)
+        .map(|ch| {
+            per_sample
+                .iter()
+                .fold(Moments::EMPTY, |acc, m| acc.merge(m[ch]))
+        })
         .collect())
 }
 
@@ -150,9 +163,11 @@ pub(crate) fn normalize_out<T: Float>(
     Ok(())
 }
 
-/// Training forward fused per channel: statistics, then normalization while
-/// the channel is still in cache. Returns each channel's moments (from which
-/// the caller takes `Saved` and the running-statistics update).
+/// Training forward: per-channel statistics, then normalization, each pass
+/// in memory order (one sequential stream per thread measured faster than
+/// gathering a channel's strided slices to keep it in cache). Returns each
+/// channel's moments (from which the caller takes `Saved` and the
+/// running-statistics update).
 ///
 /// # Errors
 /// When a slice length disagrees with the layout.
@@ -183,22 +198,13 @@ pub(crate) fn forward_train_out<T: Float>(
             check_len(OP, arg, p.len(), &[layout.c])?;
         }
     }
-    let (c, s) = (layout.c, layout.spatial);
-    let store = Store::for_len(x.len());
-    Ok(channels(x, c, s)
-        .into_par_iter()
-        .zip(channels_mut(y, c, s))
-        .enumerate()
-        .map(|(ch, (xs, ys))| {
-            let m = moments_of_slices(xs.iter().copied());
-            let scale = eps.rstd(m.var(0)) * param_at(weight, ch, 1.0);
-            let shift = param_at(bias, ch, 0.0);
-            for (x_sl, y_sl) in xs.into_iter().zip(ys) {
-                slices::normalize(x_sl, y_sl, m.mean, scale, shift, store);
-            }
-            m
-        })
-        .collect())
+    let moments = channel_moments(x, layout)?;
+    let saved = Saved {
+        mean: moments.iter().map(|m| m.mean).collect(),
+        rstd: moments.iter().map(|m| eps.rstd(m.var(0))).collect(),
+    };
+    normalize_out(x, layout, &saved, weight, bias, y)?;
+    Ok(moments)
 }
 
 /// Per-channel `(Σdy, Σdy·x̂)`: all the backward needs from the whole batch,
