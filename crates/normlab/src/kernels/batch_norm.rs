@@ -221,12 +221,25 @@ pub fn channel_grad_sums<T: Float>(
     check_channel_args(x, layout, saved, None, None)?;
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
-    Ok(channels(x, c, s)
-        .into_par_iter()
-        .zip(channels(dy, c, s))
-        .enumerate()
-        .map(|(ch, (xs, dys))| channel_sums(&xs, &dys, saved.mean[ch], saved.rstd[ch]))
-        .unzip())
+    if c * s == 0 {
+        return Ok((vec![0.0; c], vec![0.0; c]));
+    }
+    // Memory order, one sample per task, per-sample sums added in sample order.
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
+        .par_chunks(c * s)
+        .zip(dy.par_chunks(c * s))
+        .map(|(xs, dys)| {
+            xs.chunks_exact(s)
+                .zip(dys.chunks_exact(s))
+                .enumerate()
+                .map(|(ch, (x_sl, dy_sl))| {
+                    slices::grad_sums(x_sl, dy_sl, saved.mean[ch], saved.rstd[ch])
+                })
+                .unzip()
+        })
+        .collect();
+    let (a, b): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    Ok((sum_partials(c, a), sum_partials(c, b)))
 }
 
 fn channel_sums<T: Float>(xs: &[&[T]], dys: &[&[T]], mean: f64, rstd: f64) -> (f64, f64) {
@@ -318,12 +331,11 @@ pub(crate) fn backward_input_out<T: Float>(
     }
     let (c, s) = (layout.c, layout.spatial);
     let store = Store::for_len(x.len());
-    channels(x, c, s)
-        .into_par_iter()
-        .zip(channels(dy, c, s))
-        .zip(channels_mut(dx, c, s))
-        .enumerate()
-        .for_each(|(ch, ((xs, dys), dxs))| {
+    if s == 0 {
+        return Ok(());
+    }
+    let coefs: Vec<DxCoefficients> = (0..c)
+        .map(|ch| {
             let batch = match stats {
                 StatsGradient::Batch {
                     count,
@@ -332,11 +344,19 @@ pub(crate) fn backward_input_out<T: Float>(
                 } => Some((count, sum_dy[ch], sum_dy_xhat[ch])),
                 StatsGradient::Constant => None,
             };
+            channel_coefficients(eps, param_at(weight, ch, 1.0), saved.rstd[ch], batch)
+        })
+        .collect();
+    // Memory order: one sequential stream per thread.
+    x.par_chunks(s)
+        .zip(dy.par_chunks(s))
+        .zip(dx.par_chunks_mut(s))
+        .enumerate()
+        .with_min_len(min_units(s))
+        .for_each(|(block, ((x_sl, dy_sl), dx_sl))| {
+            let ch = block % c;
             let w = param_at(weight, ch, 1.0);
-            let coefs = channel_coefficients(eps, w, saved.rstd[ch], batch);
-            for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
-                slices::input_grad(x_sl, dy_sl, saved.mean[ch], w, coefs, dx_sl, store);
-            }
+            slices::input_grad(x_sl, dy_sl, saved.mean[ch], w, coefs[ch], dx_sl, store);
         });
     Ok(())
 }
@@ -391,8 +411,13 @@ fn backward_constant<T: Float>(
     (sum_partials(c, a), sum_partials(c, b))
 }
 
+/// Bytes of one channel's `x` and `dy` up to which backward is fused per
+/// channel (half of a 512 KiB L2).
+const FUSED_CHANNEL_BYTES: usize = 256 << 10;
+
 /// Backward fused per channel (sums, then `dx` while the channel is in
-/// cache); returns `(Σdy, Σdy·x̂)` per channel.
+/// cache) when a channel fits in L2, else two memory-order passes; returns
+/// `(Σdy, Σdy·x̂)` per channel.
 #[allow(clippy::too_many_arguments)]
 fn backward_fused<T: Float>(
     x: &[T],
@@ -408,8 +433,21 @@ fn backward_fused<T: Float>(
         return backward_constant(x, dy, layout, saved, weight, dx);
     }
     let (c, s) = (layout.c, layout.spatial);
-    let store = Store::for_len(x.len());
     let count = (layout.n * s) as f64;
+    if layout.n * s * 2 * std::mem::size_of::<T>() > FUSED_CHANNEL_BYTES {
+        // A channel's x and dy would not stay in L2 between the two passes:
+        // two passes in memory order stream better.
+        let sums = channel_grad_sums(x, dy, layout, saved).expect("layout checked by the caller");
+        let stats = StatsGradient::Batch {
+            count,
+            sum_dy: &sums.0,
+            sum_dy_xhat: &sums.1,
+        };
+        backward_input_out(x, dy, layout, saved, weight, eps, stats, dx)
+            .expect("layout checked by the caller");
+        return sums;
+    }
+    let store = Store::for_len(x.len());
     channels(x, c, s)
         .into_par_iter()
         .zip(channels(dy, c, s))
