@@ -1,0 +1,104 @@
+//! Moving values between candle's storage and normlab's slices.
+//!
+//! normlab computes in the input's precision for f32 and f64; f16 and bf16
+//! are widened to f32 (statistics in f32 or better) and the results rounded
+//! back. Strided inputs are gathered into contiguous buffers first.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+
+/// Contiguous values in a precision normlab computes in.
+#[derive(Debug)]
+pub(crate) enum Values {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// The values of `layout` in row-major order (strided and broadcast layouts
+/// included: a stride of 0 repeats a value).
+fn gather<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
+    if let Some((start, end)) = layout.contiguous_offsets() {
+        return data[start..end].to_vec();
+    }
+    let dims = layout.dims();
+    let strides = layout.stride();
+    let total: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(total);
+    let mut index = vec![0usize; dims.len()];
+    let mut offset = layout.start_offset();
+    for _ in 0..total {
+        out.push(data[offset]);
+        // Odometer: advance the last dimension, carrying into earlier ones.
+        for d in (0..dims.len()).rev() {
+            index[d] += 1;
+            offset += strides[d];
+            if index[d] < dims[d] {
+                break;
+            }
+            offset -= strides[d] * dims[d];
+            index[d] = 0;
+        }
+    }
+    out
+}
+
+/// Reads a CPU storage through its layout.
+pub(crate) fn read(op: &str, storage: &CpuStorage, layout: &Layout) -> Result<Values> {
+    Ok(match storage {
+        CpuStorage::F32(d) => Values::F32(gather(d, layout)),
+        CpuStorage::F64(d) => Values::F64(gather(d, layout)),
+        CpuStorage::F16(d) => {
+            Values::F32(gather(d, layout).into_iter().map(|v| v.to_f32()).collect())
+        }
+        CpuStorage::BF16(d) => {
+            Values::F32(gather(d, layout).into_iter().map(|v| v.to_f32()).collect())
+        }
+        other => candle_core::bail!(
+            "{op}: unsupported dtype {:?} (f32, f64, f16 and bf16 are)",
+            other.dtype()
+        ),
+    })
+}
+
+/// Writes computed values back as `dtype`.
+pub(crate) fn write(values: Values, dtype: DType) -> CpuStorage {
+    match (values, dtype) {
+        (Values::F64(v), _) => CpuStorage::F64(v),
+        (Values::F32(v), DType::F16) => {
+            CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect())
+        }
+        (Values::F32(v), DType::BF16) => {
+            CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect())
+        }
+        (Values::F32(v), _) => CpuStorage::F32(v),
+    }
+}
+
+/// The values of a tensor (any device it can be copied from), in the
+/// computing precision of `like`.
+pub(crate) fn of_tensor(t: &Tensor, like: &Values) -> Result<Values> {
+    let flat = t.flatten_all()?;
+    Ok(match like {
+        Values::F32(_) => Values::F32(flat.to_dtype(DType::F32)?.to_vec1()?),
+        Values::F64(_) => Values::F64(flat.to_dtype(DType::F64)?.to_vec1()?),
+    })
+}
+
+/// A tensor of `shape` from computed values, as `dtype`, on `t`'s device.
+pub(crate) fn to_tensor(
+    values: Values,
+    shape: &[usize],
+    dtype: DType,
+    like: &Tensor,
+) -> Result<Tensor> {
+    let t = match values {
+        Values::F32(v) => Tensor::from_vec(v, shape, like.device())?,
+        Values::F64(v) => Tensor::from_vec(v, shape, like.device())?,
+    };
+    t.to_dtype(dtype)
+}
+
+/// Maps a normlab error into candle's.
+pub(crate) fn err(e: normlab::NormError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
