@@ -6,17 +6,36 @@
 //! contiguous inputs, so gradients stop there without an error; the
 //! functions here differentiate.
 //!
+//! The constructors mirror candle-nn's (`layer_norm(size, config, vb)`,
+//! `rms_norm(size, eps, vb)`, `batch_norm(num_features, config, vb)`,
+//! `group_norm(num_groups, num_channels, eps, vb)`), plus
+//! `instance_norm(num_features, config, vb)` and `local_response_norm(size)`:
+//! switching from candle-nn is a change of import.
+//!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
 //! let x = Var::from_tensor(&Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu)?)?;
-//! let y = normlab_candle::layer_norm(&x, None, None, 1e-5)?;
+//! let y = normlab_candle::ops::layer_norm(&x, None, None, 1e-5)?;
 //! let grads = (y.sqr()?.sum_all()?).backward()?;
 //! assert!(grads.get(&x).is_some());
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 #![deny(missing_docs)]
 
+pub mod channels;
+pub mod layers;
 pub mod rows;
 mod values;
 
-pub use rows::{layer_norm, rms_norm};
+/// The differentiable functions, as `candle_nn::ops`.
+pub mod ops {
+    pub use crate::channels::{group_norm, local_response_norm};
+    pub use crate::rows::{layer_norm, rms_norm};
+}
+
+pub use layers::{
+    batch_norm, group_norm, instance_norm, layer_norm, local_response_norm, rms_norm, BatchNorm,
+    BatchNormConfig, GroupNorm, InstanceNorm, LayerNorm, LayerNormConfig, LocalResponseNorm,
+    RmsNorm,
+};
+pub use normlab::{EpsPlacement, Epsilon, LrnOptions, Momentum, RunningVarEstimator};

@@ -85,7 +85,7 @@ fn layer_norm_matches_candle_nn_in_value_and_gradient() -> Result<()> {
             compare(
                 dtype,
                 shape,
-                |x, w, b| normlab_candle::layer_norm(x, Some(w), Some(b), 1e-5),
+                |x, w, b| normlab_candle::ops::layer_norm(x, Some(w), Some(b), 1e-5),
                 |x, w, b| candle_nn::ops::layer_norm_slow(x, w, b, 1e-5),
                 tol,
                 true,
@@ -102,7 +102,7 @@ fn rms_norm_matches_candle_nn_in_value_and_gradient() -> Result<()> {
             compare(
                 dtype,
                 shape,
-                |x, w, _| normlab_candle::rms_norm(x, Some(w), 1e-5),
+                |x, w, _| normlab_candle::ops::rms_norm(x, Some(w), 1e-5),
                 |x, w, _| candle_nn::ops::rms_norm_slow(x, w, 1e-5),
                 tol,
                 false,
@@ -120,12 +120,12 @@ fn gradients_match_finite_differences_in_f64() -> Result<()> {
     let b = randn(&mut rng, &[5], 0.0, 0.3, DType::F64)?;
     let r = randn(&mut rng, &[3, 5], 0.0, 1.0, DType::F64)?;
     let loss = |x: &Tensor| -> Result<f64> {
-        (normlab_candle::layer_norm(x, Some(&w), Some(&b), 1e-3)? * &r)?
+        (normlab_candle::ops::layer_norm(x, Some(&w), Some(&b), 1e-3)? * &r)?
             .sum_all()?
             .to_scalar::<f64>()
     };
     let x = Var::from_tensor(&x0)?;
-    let grads = (normlab_candle::layer_norm(x.as_tensor(), Some(&w), Some(&b), 1e-3)? * &r)?
+    let grads = (normlab_candle::ops::layer_norm(x.as_tensor(), Some(&w), Some(&b), 1e-3)? * &r)?
         .sum_all()?
         .backward()?;
     let dx: Vec<f64> = grads.get(&x).unwrap().flatten_all()?.to_vec1()?;
@@ -155,7 +155,7 @@ fn strided_inputs_and_broadcast_gradients() -> Result<()> {
     let base = randn(&mut rng, &[6, 4], 0.0, 1.0, DType::F32)?;
     let x = base.t()?;
     assert!(!x.is_contiguous());
-    let ours = normlab_candle::layer_norm(&x, None, None, 1e-5)?;
+    let ours = normlab_candle::ops::layer_norm(&x, None, None, 1e-5)?;
     let theirs = candle_nn::ops::layer_norm_slow(
         &x.contiguous()?,
         &Tensor::ones(6, DType::F32, &Device::Cpu)?,
@@ -166,7 +166,7 @@ fn strided_inputs_and_broadcast_gradients() -> Result<()> {
     // A broadcast upstream gradient: the loss sums y times a row vector.
     let v = Var::from_tensor(&randn(&mut rng, &[3, 8], 2.0, 1.0, DType::F32)?)?;
     let row = randn(&mut rng, &[8], 0.0, 1.0, DType::F32)?;
-    let y = normlab_candle::layer_norm(v.as_tensor(), None, None, 1e-5)?;
+    let y = normlab_candle::ops::layer_norm(v.as_tensor(), None, None, 1e-5)?;
     let g = y.broadcast_mul(&row)?.sum_all()?.backward()?;
     let y2 = candle_nn::ops::layer_norm_slow(
         v.as_tensor(),
@@ -184,7 +184,7 @@ fn half_precision_inputs_normalize_and_differentiate() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(9);
     for dtype in [DType::F16, DType::BF16] {
         let x = Var::from_tensor(&randn(&mut rng, &[4, 32], 100.0, 1.0, dtype)?)?;
-        let y = normlab_candle::layer_norm(x.as_tensor(), None, None, 1e-5)?;
+        let y = normlab_candle::ops::layer_norm(x.as_tensor(), None, None, 1e-5)?;
         assert_eq!(y.dtype(), dtype);
         let reference = candle_nn::ops::layer_norm_slow(
             &x.as_tensor().to_dtype(DType::F64)?,
@@ -204,7 +204,7 @@ fn half_precision_inputs_normalize_and_differentiate() -> Result<()> {
 fn bad_parameter_shapes_are_errors() -> Result<()> {
     let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
     let w = Tensor::ones(3, DType::F32, &Device::Cpu)?;
-    let e = normlab_candle::layer_norm(&x, Some(&w), None, 1e-5)
+    let e = normlab_candle::ops::layer_norm(&x, Some(&w), None, 1e-5)
         .unwrap_err()
         .to_string();
     assert!(
@@ -212,7 +212,7 @@ fn bad_parameter_shapes_are_errors() -> Result<()> {
         "{e}"
     );
     let ints = Tensor::zeros((2, 4), DType::U32, &Device::Cpu)?;
-    let e = normlab_candle::rms_norm(&ints, None, 1e-5)
+    let e = normlab_candle::ops::rms_norm(&ints, None, 1e-5)
         .unwrap_err()
         .to_string();
     assert!(e.contains("unsupported dtype"), "{e}");

@@ -1,0 +1,392 @@
+//! Channel-wise normalizations on `[N, C, *]` as candle custom ops with a
+//! backward pass: BatchNorm (batch or running statistics), GroupNorm,
+//! InstanceNorm, and LRN.
+//!
+//! Each op is built for one forward call. It keeps the statistics its
+//! forward used, so the backward is one kernel call; BatchNorm's and
+//! InstanceNorm's updated running statistics are handed back to the layer
+//! through a shared cell.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use normlab::kernels::batch_norm::{
+    batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
+};
+use normlab::kernels::group_norm::{self as gn, group_norm_backward};
+use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
+use normlab::kernels::lrn::{lrn, lrn_backward};
+use normlab::{Float, LrnOptions, Saved};
+
+use crate::values::{err, of_tensor, read, to_tensor, write, Values};
+
+/// Running statistics going into (and, updated, out of) a forward call.
+#[derive(Clone, Debug, Default)]
+pub struct RunningCell {
+    /// Running mean, running variance, batches tracked (as f64).
+    pub stats: Option<(Vec<f64>, Vec<f64>, i64)>,
+}
+
+/// Which channel normalization an op computes.
+#[derive(Clone, Debug)]
+pub enum ChannelKind {
+    /// BatchNorm; `options` say which statistics are used and updated.
+    Batch(BatchNormOptions),
+    /// GroupNorm with this many groups and ε.
+    Group(usize, f64),
+    /// InstanceNorm; `options` as for BatchNorm (batch stats = instance stats).
+    Instance(BatchNormOptions),
+    /// Local response normalization.
+    Lrn(LrnOptions),
+}
+
+/// One forward call of a channel normalization (and its backward).
+pub struct ChannelNormOp {
+    kind: ChannelKind,
+    running: Arc<Mutex<RunningCell>>,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl ChannelNormOp {
+    /// A fresh op; `running` carries running statistics in and out.
+    pub fn new(kind: ChannelKind, running: Arc<Mutex<RunningCell>>) -> Self {
+        Self {
+            kind,
+            running,
+            saved: Mutex::new(None),
+        }
+    }
+
+    fn op_name(&self) -> &'static str {
+        match self.kind {
+            ChannelKind::Batch(_) => "normlab-batch-norm",
+            ChannelKind::Group(..) => "normlab-group-norm",
+            ChannelKind::Instance(_) => "normlab-instance-norm",
+            ChannelKind::Lrn(_) => "normlab-lrn",
+        }
+    }
+
+    /// Forward in element type `T`.
+    fn forward_t<T: Float>(
+        &self,
+        x: normlab::Tensor<T>,
+        w: Option<normlab::Tensor<T>>,
+        b: Option<normlab::Tensor<T>>,
+    ) -> Result<normlab::Tensor<T>> {
+        let (w, b) = (w.as_ref(), b.as_ref());
+        let (y, saved) = match &self.kind {
+            ChannelKind::Batch(options) | ChannelKind::Instance(options) => {
+                let mut cell = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                let mut running = cell.stats.as_ref().map(|(m, v, n)| {
+                    (
+                        m.iter().map(|&a| T::from_f64(a)).collect::<Vec<_>>(),
+                        v.iter().map(|&a| T::from_f64(a)).collect::<Vec<_>>(),
+                        *n,
+                    )
+                });
+                let view = running.as_mut().map(|(m, v, n)| RunningStatsMut {
+                    mean: m,
+                    var: v,
+                    num_batches_tracked: n,
+                });
+                let result = if matches!(self.kind, ChannelKind::Batch(_)) {
+                    batch_norm(&x, view, w, b, options)
+                } else {
+                    instance_norm(&x, view, w, b, options)
+                }
+                .map_err(err)?;
+                if let Some((m, v, n)) = running {
+                    cell.stats = Some((
+                        m.iter().map(|a| a.to_f64()).collect(),
+                        v.iter().map(|a| a.to_f64()).collect(),
+                        n,
+                    ));
+                }
+                result
+            }
+            ChannelKind::Group(groups, eps) => {
+                gn::group_norm(&x, *groups, w, b, (*eps).into()).map_err(err)?
+            }
+            ChannelKind::Lrn(options) => (lrn(&x, options).map_err(err)?, Saved::default()),
+        };
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok(y)
+    }
+
+    /// Backward in element type `T`: `(dx, dweight, dbias)`.
+    #[allow(clippy::type_complexity)]
+    fn backward_t<T: Float>(
+        &self,
+        x: normlab::Tensor<T>,
+        dy: normlab::Tensor<T>,
+        w: Option<normlab::Tensor<T>>,
+        with_bias: bool,
+    ) -> Result<(
+        normlab::Tensor<T>,
+        Option<normlab::Tensor<T>>,
+        Option<normlab::Tensor<T>>,
+    )> {
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(saved) = saved else {
+            candle_core::bail!("{}: backward before forward", self.op_name())
+        };
+        let g = match &self.kind {
+            ChannelKind::Batch(o) => batch_norm_backward(
+                &x,
+                &dy,
+                w.as_ref(),
+                with_bias,
+                o.eps,
+                &saved,
+                o.use_batch_stats,
+            ),
+            ChannelKind::Instance(o) => instance_norm_backward(
+                &x,
+                &dy,
+                w.as_ref(),
+                with_bias,
+                o.eps,
+                &saved,
+                o.use_batch_stats,
+            ),
+            ChannelKind::Group(groups, eps) => group_norm_backward(
+                &x,
+                &dy,
+                *groups,
+                w.as_ref(),
+                with_bias,
+                (*eps).into(),
+                &saved,
+            ),
+            ChannelKind::Lrn(options) => lrn_backward(&x, &dy, options).map(|dx| normlab::Grads {
+                dx,
+                dweight: None,
+                dbias: None,
+            }),
+        }
+        .map_err(err)?;
+        Ok((g.dx, g.dweight, g.dbias))
+    }
+
+    fn forward_values(
+        &self,
+        x: Values,
+        shape: &[usize],
+        w: Option<Values>,
+        b: Option<Values>,
+    ) -> Result<Values> {
+        let c = shape.get(1).copied().unwrap_or(0);
+        Ok(match x {
+            Values::F32(x) => Values::F32(
+                self.forward_t(
+                    tensor(x, shape)?,
+                    w.map(|w| f32v(w, c)).transpose()?,
+                    b.map(|b| f32v(b, c)).transpose()?,
+                )?
+                .into_data(),
+            ),
+            Values::F64(x) => Values::F64(
+                self.forward_t(
+                    tensor(x, shape)?,
+                    w.map(|w| f64v(w, c)).transpose()?,
+                    b.map(|b| f64v(b, c)).transpose()?,
+                )?
+                .into_data(),
+            ),
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        w: Option<&Tensor>,
+        with_bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        let probe = if x.dtype() == DType::F64 {
+            Values::F64(vec![])
+        } else {
+            Values::F32(vec![])
+        };
+        let shape = x.dims().to_vec();
+        let xv = of_tensor(x, &probe)?;
+        let dyv = of_tensor(dy, &probe)?;
+        let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
+        let c = shape.get(1).copied().unwrap_or(0);
+        macro_rules! back {
+            ($x:expr, $dy:expr, $conv:ident, $variant:ident) => {{
+                let w = wv.map(|w| $conv(w, c)).transpose()?;
+                let (dx, dw, db) =
+                    self.backward_t(tensor($x, &shape)?, tensor($dy, &shape)?, w, with_bias)?;
+                (
+                    Values::$variant(dx.into_data()),
+                    dw.map(|t| Values::$variant(t.into_data())),
+                    db.map(|t| Values::$variant(t.into_data())),
+                )
+            }};
+        }
+        let (dx, dw, db) = match (xv, dyv) {
+            (Values::F32(a), Values::F32(b)) => back!(a, b, f32v, F32),
+            (Values::F64(a), Values::F64(b)) => back!(a, b, f64v, F64),
+            _ => candle_core::bail!("{}: mixed precisions in backward", self.op_name()),
+        };
+        let pdtype = w.map_or(x.dtype(), |w| w.dtype());
+        Ok((
+            to_tensor(dx, &shape, x.dtype(), x)?,
+            dw.map(|v| to_tensor(v, &[c], pdtype, x)).transpose()?,
+            db.map(|v| to_tensor(v, &[c], pdtype, x)).transpose()?,
+        ))
+    }
+}
+
+fn tensor<T: Float>(data: Vec<T>, shape: &[usize]) -> Result<normlab::Tensor<T>> {
+    normlab::Tensor::new(shape.to_vec(), data).map_err(err)
+}
+
+fn f32v(v: Values, c: usize) -> Result<normlab::Tensor<f32>> {
+    match v {
+        Values::F32(v) if v.len() == c => tensor(v, &[c]),
+        Values::F32(v) => tensor(v.clone(), &[v.len()]),
+        Values::F64(_) => candle_core::bail!("parameters must have the input's precision"),
+    }
+}
+
+fn f64v(v: Values, c: usize) -> Result<normlab::Tensor<f64>> {
+    match v {
+        Values::F64(v) if v.len() == c => tensor(v, &[c]),
+        Values::F64(v) => tensor(v.clone(), &[v.len()]),
+        Values::F32(_) => candle_core::bail!("parameters must have the input's precision"),
+    }
+}
+
+impl CustomOp1 for ChannelNormOp {
+    fn name(&self) -> &'static str {
+        self.op_name()
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = read(self.op_name(), s, l)?;
+        let y = self.forward_values(x, l.dims(), None, None)?;
+        Ok((write(y, s.dtype()), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(x, dy, None, false)?.0))
+    }
+}
+
+impl CustomOp2 for ChannelNormOp {
+    fn name(&self) -> &'static str {
+        self.op_name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = read(self.op_name(), s1, l1)?;
+        let w = read(self.op_name(), s2, l2)?;
+        let y = self.forward_values(x, l1.dims(), Some(w), None)?;
+        Ok((write(y, s1.dtype()), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, dy, Some(w), false)?;
+        Ok((Some(dx), dw))
+    }
+}
+
+impl CustomOp3 for ChannelNormOp {
+    fn name(&self) -> &'static str {
+        self.op_name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = read(self.op_name(), s1, l1)?;
+        let w = read(self.op_name(), s2, l2)?;
+        let b = read(self.op_name(), s3, l3)?;
+        let y = self.forward_values(x, l1.dims(), Some(w), Some(b))?;
+        Ok((write(y, s1.dtype()), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.backward(x, dy, Some(w), true)?;
+        Ok((Some(dx), dw, db))
+    }
+}
+
+/// Applies a channel op to `x` with optional `weight`, `bias`.
+pub(crate) fn apply(
+    op: ChannelNormOp,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    match (weight, bias) {
+        (Some(w), Some(b)) => x.apply_op3(w, b, op),
+        (Some(w), None) => x.apply_op2(w, op),
+        (None, None) => x.apply_op1(op),
+        (None, Some(b)) => {
+            let shape: Vec<usize> = (0..x.rank())
+                .map(|d| if d == 1 { x.dims()[1] } else { 1 })
+                .collect();
+            x.apply_op1(op)?.broadcast_add(&b.reshape(shape)?)
+        }
+    }
+}
+
+/// GroupNorm of `x` (`[N, C, *]`) with a backward pass.
+///
+/// # Errors
+/// Unsupported device or dtype; C not divisible by `num_groups`; parameters not `[C]`.
+pub fn group_norm(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let op = ChannelNormOp::new(ChannelKind::Group(num_groups, eps), Default::default());
+    apply(op, x, weight, bias)
+}
+
+/// Local response normalization of `x` (`[N, C, *]`) with a backward pass.
+///
+/// # Errors
+/// Unsupported device or dtype; rank < 3; invalid options.
+pub fn local_response_norm(x: &Tensor, options: &LrnOptions) -> Result<Tensor> {
+    apply(
+        ChannelNormOp::new(ChannelKind::Lrn(*options), Default::default()),
+        x,
+        None,
+        None,
+    )
+}
