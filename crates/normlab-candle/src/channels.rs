@@ -19,9 +19,9 @@ use normlab::kernels::batch_norm::{
 use normlab::kernels::group_norm::{self as gn, group_norm_backward};
 use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward};
-use normlab::{Float, LrnOptions, Saved};
+use normlab::{Float, LrnOptions, Saved, TensorView, View};
 
-use crate::values::{err, of_tensor, read, to_tensor, write, Values};
+use crate::values::{err, of_tensor, read, to_tensor, with_slices, write, Slices, Values};
 
 /// Running statistics going into (and, updated, out of) a forward call.
 #[derive(Clone, Debug, Default)]
@@ -72,7 +72,7 @@ impl ChannelNormOp {
     /// Forward in element type `T`.
     fn forward_t<T: Float>(
         &self,
-        x: normlab::Tensor<T>,
+        x: &(impl View<T> + ?Sized),
         w: Option<normlab::Tensor<T>>,
         b: Option<normlab::Tensor<T>>,
     ) -> Result<normlab::Tensor<T>> {
@@ -93,9 +93,9 @@ impl ChannelNormOp {
                     num_batches_tracked: n,
                 });
                 let result = if matches!(self.kind, ChannelKind::Batch(_)) {
-                    batch_norm(&x, view, w, b, options)
+                    batch_norm(x, view, w, b, options)
                 } else {
-                    instance_norm(&x, view, w, b, options)
+                    instance_norm(x, view, w, b, options)
                 }
                 .map_err(err)?;
                 if let Some((m, v, n)) = running {
@@ -108,9 +108,9 @@ impl ChannelNormOp {
                 result
             }
             ChannelKind::Group(groups, eps) => {
-                gn::group_norm(&x, *groups, w, b, (*eps).into()).map_err(err)?
+                gn::group_norm(x, *groups, w, b, (*eps).into()).map_err(err)?
             }
-            ChannelKind::Lrn(options) => (lrn(&x, options).map_err(err)?, Saved::default()),
+            ChannelKind::Lrn(options) => (lrn(x, options).map_err(err)?, Saved::default()),
         };
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         Ok(y)
@@ -120,8 +120,8 @@ impl ChannelNormOp {
     #[allow(clippy::type_complexity)]
     fn backward_t<T: Float>(
         &self,
-        x: normlab::Tensor<T>,
-        dy: normlab::Tensor<T>,
+        x: &(impl View<T> + ?Sized),
+        dy: &(impl View<T> + ?Sized),
         w: Option<normlab::Tensor<T>>,
         with_bias: bool,
     ) -> Result<(
@@ -135,8 +135,8 @@ impl ChannelNormOp {
         };
         let g = match &self.kind {
             ChannelKind::Batch(o) => batch_norm_backward(
-                &x,
-                &dy,
+                x,
+                dy,
                 w.as_ref(),
                 with_bias,
                 o.eps,
@@ -144,24 +144,18 @@ impl ChannelNormOp {
                 o.use_batch_stats,
             ),
             ChannelKind::Instance(o) => instance_norm_backward(
-                &x,
-                &dy,
+                x,
+                dy,
                 w.as_ref(),
                 with_bias,
                 o.eps,
                 &saved,
                 o.use_batch_stats,
             ),
-            ChannelKind::Group(groups, eps) => group_norm_backward(
-                &x,
-                &dy,
-                *groups,
-                w.as_ref(),
-                with_bias,
-                (*eps).into(),
-                &saved,
-            ),
-            ChannelKind::Lrn(options) => lrn_backward(&x, &dy, options).map(|dx| normlab::Grads {
+            ChannelKind::Group(groups, eps) => {
+                group_norm_backward(x, dy, *groups, w.as_ref(), with_bias, (*eps).into(), &saved)
+            }
+            ChannelKind::Lrn(options) => lrn_backward(x, dy, options).map(|dx| normlab::Grads {
                 dx,
                 dweight: None,
                 dbias: None,
@@ -171,32 +165,54 @@ impl ChannelNormOp {
         Ok((g.dx, g.dweight, g.dbias))
     }
 
-    fn forward_values(
+    /// Forward on a CPU storage: its values are borrowed when contiguous f32
+    /// or f64, gathered (and widened from f16/bf16) otherwise.
+    fn forward_storage(
         &self,
-        x: Values,
-        shape: &[usize],
+        s: &CpuStorage,
+        l: &Layout,
         w: Option<Values>,
         b: Option<Values>,
-    ) -> Result<Values> {
+    ) -> Result<CpuStorage> {
+        let shape = l.dims();
         let c = shape.get(1).copied().unwrap_or(0);
-        Ok(match x {
-            Values::F32(x) => Values::F32(
-                self.forward_t(
-                    tensor(x, shape)?,
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((start, end))) => {
+                let x = TensorView::new(shape, &d[start..end]).map_err(err)?;
+                let (w, b) = (
                     w.map(|w| f32v(w, c)).transpose()?,
                     b.map(|b| f32v(b, c)).transpose()?,
-                )?
-                .into_data(),
-            ),
-            Values::F64(x) => Values::F64(
-                self.forward_t(
-                    tensor(x, shape)?,
+                );
+                Ok(CpuStorage::F32(self.forward_t(&x, w, b)?.into_data()))
+            }
+            (CpuStorage::F64(d), Some((start, end))) => {
+                let x = TensorView::new(shape, &d[start..end]).map_err(err)?;
+                let (w, b) = (
                     w.map(|w| f64v(w, c)).transpose()?,
                     b.map(|b| f64v(b, c)).transpose()?,
-                )?
-                .into_data(),
-            ),
-        })
+                );
+                Ok(CpuStorage::F64(self.forward_t(&x, w, b)?.into_data()))
+            }
+            _ => {
+                let y = match read(self.op_name(), s, l)? {
+                    Values::F32(x) => {
+                        let (w, b) = (
+                            w.map(|w| f32v(w, c)).transpose()?,
+                            b.map(|b| f32v(b, c)).transpose()?,
+                        );
+                        Values::F32(self.forward_t(&tensor(x, shape)?, w, b)?.into_data())
+                    }
+                    Values::F64(x) => {
+                        let (w, b) = (
+                            w.map(|w| f64v(w, c)).transpose()?,
+                            b.map(|b| f64v(b, c)).transpose()?,
+                        );
+                        Values::F64(self.forward_t(&tensor(x, shape)?, w, b)?.into_data())
+                    }
+                };
+                Ok(write(y, s.dtype()))
+            }
+        }
     }
 
     #[allow(clippy::type_complexity)]
@@ -213,15 +229,14 @@ impl ChannelNormOp {
             Values::F32(vec![])
         };
         let shape = x.dims().to_vec();
-        let xv = of_tensor(x, &probe)?;
-        let dyv = of_tensor(dy, &probe)?;
         let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
         let c = shape.get(1).copied().unwrap_or(0);
         macro_rules! back {
             ($x:expr, $dy:expr, $conv:ident, $variant:ident) => {{
                 let w = wv.map(|w| $conv(w, c)).transpose()?;
-                let (dx, dw, db) =
-                    self.backward_t(tensor($x, &shape)?, tensor($dy, &shape)?, w, with_bias)?;
+                let x = TensorView::new(&shape, &$x).map_err(err)?;
+                let dy = TensorView::new(&shape, &$dy).map_err(err)?;
+                let (dx, dw, db) = self.backward_t(&x, &dy, w, with_bias)?;
                 (
                     Values::$variant(dx.into_data()),
                     dw.map(|t| Values::$variant(t.into_data())),
@@ -229,11 +244,16 @@ impl ChannelNormOp {
                 )
             }};
         }
-        let (dx, dw, db) = match (xv, dyv) {
-            (Values::F32(a), Values::F32(b)) => back!(a, b, f32v, F32),
-            (Values::F64(a), Values::F64(b)) => back!(a, b, f64v, F64),
-            _ => candle_core::bail!("{}: mixed precisions in backward", self.op_name()),
-        };
+        // x and dy are borrowed from their storage when possible: no copies.
+        let (dx, dw, db) = with_slices(x, &probe, |xs| {
+            with_slices(dy, &probe, |dys| {
+                Ok(match (xs, dys) {
+                    (Slices::F32(a), Slices::F32(b)) => back!(a, b, f32v, F32),
+                    (Slices::F64(a), Slices::F64(b)) => back!(a, b, f64v, F64),
+                    _ => candle_core::bail!("{}: mixed precisions in backward", self.op_name()),
+                })
+            })
+        })?;
         let pdtype = w.map_or(x.dtype(), |w| w.dtype());
         Ok((
             to_tensor(dx, &shape, x.dtype(), x)?,
@@ -269,9 +289,7 @@ impl CustomOp1 for ChannelNormOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = read(self.op_name(), s, l)?;
-        let y = self.forward_values(x, l.dims(), None, None)?;
-        Ok((write(y, s.dtype()), l.shape().clone()))
+        Ok((self.forward_storage(s, l, None, None)?, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -291,10 +309,11 @@ impl CustomOp2 for ChannelNormOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = read(self.op_name(), s1, l1)?;
         let w = read(self.op_name(), s2, l2)?;
-        let y = self.forward_values(x, l1.dims(), Some(w), None)?;
-        Ok((write(y, s1.dtype()), l1.shape().clone()))
+        Ok((
+            self.forward_storage(s1, l1, Some(w), None)?,
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -323,11 +342,12 @@ impl CustomOp3 for ChannelNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = read(self.op_name(), s1, l1)?;
         let w = read(self.op_name(), s2, l2)?;
         let b = read(self.op_name(), s3, l3)?;
-        let y = self.forward_values(x, l1.dims(), Some(w), Some(b))?;
-        Ok((write(y, s1.dtype()), l1.shape().clone()))
+        Ok((
+            self.forward_storage(s1, l1, Some(w), Some(b))?,
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(

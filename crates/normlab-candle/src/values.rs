@@ -102,3 +102,40 @@ pub(crate) fn to_tensor(
 pub(crate) fn err(e: normlab::NormError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
+
+/// Values of a tensor borrowed from its CPU storage when contiguous and
+/// already in the computing precision, copied otherwise.
+pub(crate) enum Slices<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    F64(std::borrow::Cow<'a, [f64]>),
+}
+
+/// Runs `f` on the values of `t` in the computing precision of `like`,
+/// without copying them when they can be borrowed.
+pub(crate) fn with_slices<R>(
+    t: &Tensor,
+    like: &Values,
+    f: impl FnOnce(Slices<'_>) -> Result<R>,
+) -> Result<R> {
+    use std::borrow::Cow;
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            match (cpu, like) {
+                (CpuStorage::F32(v), Values::F32(_)) => {
+                    return f(Slices::F32(Cow::Borrowed(&v[start..end])))
+                }
+                (CpuStorage::F64(v), Values::F64(_)) => {
+                    return f(Slices::F64(Cow::Borrowed(&v[start..end])))
+                }
+                _ => {}
+            }
+        }
+    }
+    match of_tensor(t, like)? {
+        Values::F32(v) => f(Slices::F32(Cow::Owned(v))),
+        Values::F64(v) => f(Slices::F64(Cow::Owned(v))),
+    }
+}

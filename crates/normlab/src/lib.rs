@@ -43,7 +43,7 @@ pub use kernels::lrn::{EvenWindow, LrnOptions, LrnRegion};
 pub use kernels::{EpsPlacement, Epsilon, Grads, Saved};
 pub use layers::Mode;
 pub use moments::Moments;
-pub use tensor::Tensor;
+pub use tensor::{Tensor, TensorView, View};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

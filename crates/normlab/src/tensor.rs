@@ -125,3 +125,49 @@ impl<T> Drop for Tensor<T> {
         crate::alloc::recycle(std::mem::take(&mut self.data));
     }
 }
+
+/// Read access to a shaped buffer: what the checked functions need of their
+/// inputs, so that they take an owned [`Tensor`] or a borrowed [`TensorView`].
+pub trait View<T> {
+    /// The shape.
+    fn shape(&self) -> &[usize];
+    /// The values, row-major.
+    fn data(&self) -> &[T];
+}
+
+impl<T: Float> View<T> for Tensor<T> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> &[T] {
+        &self.data
+    }
+}
+
+/// A shape over borrowed values (no copy): e.g. a framework tensor's storage.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TensorView<'a, T> {
+    shape: &'a [usize],
+    data: &'a [T],
+}
+
+impl<'a, T: Float> TensorView<'a, T> {
+    /// Wraps `data` with `shape`.
+    ///
+    /// # Errors
+    /// [`NormError::LengthMismatch`](crate::NormError::LengthMismatch) when
+    /// `data.len()` is not the product of `shape`.
+    pub fn new(shape: &'a [usize], data: &'a [T]) -> Result<Self> {
+        check_len("tensor", "data", data.len(), shape)?;
+        Ok(Self { shape, data })
+    }
+}
+
+impl<T: Float> View<T> for TensorView<'_, T> {
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> &[T] {
+        self.data
+    }
+}

@@ -19,7 +19,7 @@ use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Sa
 use crate::error::{check_len, ensure, Result};
 use crate::float::uninit_mut;
 use crate::moments::Moments;
-use crate::{Float, NormError, Tensor};
+use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -593,7 +593,7 @@ pub type Running<'a, T> = Option<RunningStatsMut<'a, T>>;
 /// assert_eq!((rm[0], rv[0], seen), (0.2, 1.1, 1));
 /// ```
 pub fn batch_norm<T: Float>(
-    x: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
     running: Running<'_, T>,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -605,7 +605,7 @@ pub fn batch_norm<T: Float>(
 /// [`batch_norm`] under another operation's name (InstanceNorm's evaluation).
 pub(crate) fn batch_norm_op<T: Float>(
     op: &'static str,
-    x: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
     running: Running<'_, T>,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -690,8 +690,8 @@ pub(crate) fn batch_norm_op<T: Float>(
 /// Shapes that disagree with the forward call's.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_backward<T: Float>(
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     weight: Option<&Tensor<T>>,
     with_bias: bool,
     eps: Epsilon,
@@ -704,8 +704,8 @@ pub fn batch_norm_backward<T: Float>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batch_norm_backward_op<T: Float>(
     op: &'static str,
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     weight: Option<&Tensor<T>>,
     with_bias: bool,
     eps: Epsilon,

@@ -18,7 +18,7 @@ use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Sa
 use crate::error::{check_len, ensure, Result};
 use crate::float::uninit_mut;
 use crate::moments::Moments;
-use crate::{Float, NormError, Tensor};
+use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -275,7 +275,7 @@ fn check_args<T: Float>(
 /// assert_eq!(y.data(), &[-1.0, 1.0, -1.0, 1.0]);
 /// ```
 pub fn group_norm<T: Float>(
-    x: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
     num_groups: usize,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -287,7 +287,7 @@ pub fn group_norm<T: Float>(
 /// GroupNorm under another operation's name (InstanceNorm is G = C).
 pub(crate) fn group_norm_op<T: Float>(
     op: &'static str,
-    x: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
     num_groups: usize,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -311,8 +311,8 @@ pub(crate) fn group_norm_op<T: Float>(
 /// # Errors
 /// Shapes that disagree with the forward call's.
 pub fn group_norm_backward<T: Float>(
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     num_groups: usize,
     weight: Option<&Tensor<T>>,
     with_bias: bool,
@@ -325,8 +325,8 @@ pub fn group_norm_backward<T: Float>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn group_norm_backward_op<T: Float>(
     op: &'static str,
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     num_groups: usize,
     weight: Option<&Tensor<T>>,
     with_bias: bool,

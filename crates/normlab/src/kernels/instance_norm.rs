@@ -16,7 +16,7 @@ use super::group_norm::{group_norm_backward_op, group_norm_op};
 use super::{Grads, NcsLayout, Saved};
 use crate::error::Result;
 use crate::moments::Moments;
-use crate::{Float, NormError, Tensor};
+use crate::{Float, NormError, Tensor, View};
 
 const OP: &str = "instance_norm";
 
@@ -32,7 +32,7 @@ const OP: &str = "instance_norm";
 /// when they are to be used; invalid ε or momentum; non-finite statistics
 /// (running statistics are then left unchanged).
 pub fn instance_norm<T: Float>(
-    x: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
     running: Running<'_, T>,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -80,8 +80,8 @@ pub fn instance_norm<T: Float>(
 /// # Errors
 /// Shapes that disagree with the forward call's.
 pub fn instance_norm_backward<T: Float>(
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     weight: Option<&Tensor<T>>,
     with_bias: bool,
     eps: super::Epsilon,

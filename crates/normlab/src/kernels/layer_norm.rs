@@ -14,7 +14,7 @@ use super::{check_param, param_at, resolve_axis, DxCoefficients, Epsilon, Grads,
 use crate::error::{check_len, Result};
 use crate::float::{as_f32, as_f32_out, uninit_mut};
 use crate::moments::{sum_of_squares, Moments};
-use crate::{Float, Tensor};
+use crate::{Float, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -413,7 +413,7 @@ pub fn split_at_axis(
 /// for (a, b) in y.data().iter().zip(expect) { assert!((a - b).abs() < 1e-6); }
 /// ```
 pub fn layer_norm<T: Float>(
-    x: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
     axis: isize,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -448,8 +448,8 @@ pub fn layer_norm<T: Float>(
 /// # Errors
 /// Shapes that disagree with the forward call's.
 pub fn layer_norm_backward<T: Float>(
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     axis: isize,
     weight: Option<&Tensor<T>>,
     with_bias: bool,

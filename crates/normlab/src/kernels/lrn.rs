@@ -18,7 +18,7 @@
 use super::fast::{self, NegPow};
 use crate::error::{check_len, ensure, Result};
 use crate::float::{as_f32, as_f32_out, uninit_mut};
-use crate::{Float, NormError, Tensor};
+use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -444,7 +444,7 @@ fn backward_sample_f32(
 /// // each window holds both channels: S = 1 + (1 + 4) = 6
 /// assert_eq!(y.data(), &[1.0 / 6.0, 2.0 / 6.0]);
 /// ```
-pub fn lrn<T: Float>(x: &Tensor<T>, options: &LrnOptions) -> Result<Tensor<T>> {
+pub fn lrn<T: Float>(x: &(impl View<T> + ?Sized), options: &LrnOptions) -> Result<Tensor<T>> {
     let (y, ()) = Tensor::filled_by(x.shape(), |y| forward_out(x.data(), x.shape(), options, y))?;
     Ok(y)
 }
@@ -454,8 +454,8 @@ pub fn lrn<T: Float>(x: &Tensor<T>, options: &LrnOptions) -> Result<Tensor<T>> {
 /// # Errors
 /// As [`lrn`], and `dy` not shaped as `x`.
 pub fn lrn_backward<T: Float>(
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     options: &LrnOptions,
 ) -> Result<Tensor<T>> {
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;

@@ -10,7 +10,7 @@ use super::layer_norm::{rows_backward, rows_forward, split_at_axis, Centring};
 use super::{check_param, Epsilon, Grads, Saved};
 use crate::error::Result;
 use crate::float::uninit_mut;
-use crate::{Float, Tensor};
+use crate::{Float, Tensor, View};
 
 const OP: &str = "rms_norm";
 
@@ -86,7 +86,7 @@ pub fn backward_rows<T: Float>(
 /// assert!((y.data()[0] - 3.0 / 12.5f64.sqrt()).abs() < 1e-15);
 /// ```
 pub fn rms_norm<T: Float>(
-    x: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
     axis: isize,
     weight: Option<&Tensor<T>>,
     eps: Epsilon,
@@ -118,8 +118,8 @@ pub fn rms_norm<T: Float>(
 /// # Errors
 /// Shapes that disagree with the forward call's.
 pub fn rms_norm_backward<T: Float>(
-    x: &Tensor<T>,
-    dy: &Tensor<T>,
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
     axis: isize,
     weight: Option<&Tensor<T>>,
     eps: Epsilon,
