@@ -22,6 +22,11 @@
 //! ```
 #![deny(missing_docs)]
 
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod channels;
 pub mod layers;
 pub mod rows;
