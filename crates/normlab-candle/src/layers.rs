@@ -22,6 +22,8 @@ pub struct LayerNormConfig {
     pub remove_mean: bool,
     /// Learnable bias (true); the weight is always there, as in candle-nn.
     pub affine: bool,
+    /// Where ε goes (inside the square root).
+    pub eps_placement: EpsPlacement,
 }
 
 impl Default for LayerNormConfig {
@@ -30,6 +32,7 @@ impl Default for LayerNormConfig {
             eps: 1e-5,
             remove_mean: true,
             affine: true,
+            eps_placement: EpsPlacement::InsideSqrt,
         }
     }
 }
@@ -49,6 +52,7 @@ impl From<candle_nn::LayerNormConfig> for LayerNormConfig {
             eps: c.eps,
             remove_mean: c.remove_mean,
             affine: c.affine,
+            ..Self::default()
         }
     }
 }
@@ -84,10 +88,14 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let eps = Epsilon {
+            value: self.config.eps,
+            placement: self.config.eps_placement,
+        };
         if self.config.remove_mean {
-            crate::ops::layer_norm(x, Some(&self.weight), self.bias.as_ref(), self.config.eps)
+            crate::rows::layer_norm_eps(x, Some(&self.weight), self.bias.as_ref(), eps)
         } else {
-            let y = crate::ops::rms_norm(x, Some(&self.weight), self.config.eps)?;
+            let y = crate::rows::rms_norm_eps(x, Some(&self.weight), eps)?;
             match &self.bias {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
@@ -217,6 +225,9 @@ pub struct BatchNormConfig {
     pub momentum: Momentum,
     /// Batch variance put into `running_var` (unbiased).
     pub running_var: RunningVarEstimator,
+    /// candle-nn's `remove_mean`: must stay true (normalization without
+    /// centring is not BatchNorm; the constructor refuses false).
+    pub remove_mean: bool,
 }
 
 impl Default for BatchNormConfig {
@@ -227,6 +238,7 @@ impl Default for BatchNormConfig {
             track_running_stats: true,
             momentum: Momentum::default(),
             running_var: RunningVarEstimator::Unbiased,
+            remove_mean: true,
         }
     }
 }
@@ -246,6 +258,7 @@ impl From<candle_nn::BatchNormConfig> for BatchNormConfig {
             eps: Epsilon::inside_sqrt(c.eps),
             affine: c.affine,
             momentum: Momentum::Exponential(c.momentum),
+            remove_mean: c.remove_mean,
             ..Self::default()
         }
     }
@@ -333,6 +346,11 @@ impl StatNorm {
             candle_core::bail!(
                 "batch_norm: `eps` must be finite and non-negative, got {}",
                 config.eps.value
+            )
+        }
+        if !config.remove_mean {
+            candle_core::bail!(
+                "batch_norm: `remove_mean: false` is not supported (statistics are always centred)"
             )
         }
         if let Momentum::Exponential(m) = config.momentum {

@@ -35,7 +35,7 @@ mod values;
 /// The differentiable functions, as `candle_nn::ops`.
 pub mod ops {
     pub use crate::channels::{group_norm, local_response_norm};
-    pub use crate::rows::{layer_norm, rms_norm};
+    pub use crate::rows::{layer_norm, layer_norm_eps, rms_norm, rms_norm_eps};
 }
 
 pub use layers::{

@@ -306,7 +306,20 @@ pub fn layer_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    let op = RowNormOp::new(RowKind::LayerNorm, Epsilon::inside_sqrt(eps));
+    layer_norm_eps(x, weight, bias, Epsilon::inside_sqrt(eps))
+}
+
+/// [`layer_norm`] with ε placed as `eps` says.
+///
+/// # Errors
+/// As [`layer_norm`].
+pub fn layer_norm_eps(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: Epsilon,
+) -> Result<Tensor> {
+    let op = RowNormOp::new(RowKind::LayerNorm, eps);
     match (weight, bias) {
         (Some(w), Some(b)) => x.apply_op3(w, b, op),
         (Some(w), None) => x.apply_op2(w, op),
@@ -320,7 +333,15 @@ pub fn layer_norm(
 /// # Errors
 /// Unsupported device or dtype; `weight` not of the last dimension's size.
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let op = RowNormOp::new(RowKind::RmsNorm, Epsilon::inside_sqrt(eps));
+    rms_norm_eps(x, weight, Epsilon::inside_sqrt(eps))
+}
+
+/// [`rms_norm`] with ε placed as `eps` says.
+///
+/// # Errors
+/// As [`rms_norm`].
+pub fn rms_norm_eps(x: &Tensor, weight: Option<&Tensor>, eps: Epsilon) -> Result<Tensor> {
+    let op = RowNormOp::new(RowKind::RmsNorm, eps);
     match weight {
         Some(w) => x.apply_op2(w, op),
         None => x.apply_op1(op),

@@ -273,3 +273,127 @@ fn parameters_and_buffers_round_trip_through_safetensors_under_pytorch_names() -
     std::fs::remove_dir_all(&dir).unwrap();
     Ok(())
 }
+
+/// A PyTorch state dict saved with `safetensors.torch.save_file` (written by
+/// tools/make_torch_state.py) loads as-is, and evaluation reproduces
+/// PyTorch's outputs.
+#[test]
+fn a_pytorch_state_dict_loads_and_reproduces_pytorch() -> Result<()> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/torch_state.safetensors");
+    let mut map = VarMap::new();
+    let bn = normlab_candle::batch_norm(3, 1e-5, vb(&map).pp("bn"))?;
+    let ln = normlab_candle::layer_norm(5, 1e-5, vb(&map).pp("ln"))?;
+    let gn = normlab_candle::group_norm(2, 4, 1e-5, vb(&map).pp("gn"))?;
+    let rms = normlab_candle::rms_norm(5, 1e-6, vb(&map).pp("rms"))?;
+    map.load(&path)?;
+    assert_eq!(bn.num_batches_tracked().unwrap().to_scalar::<i64>()?, 3);
+    let file = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let t = |name: &str| file.get(name).unwrap().clone();
+    assert!(max_diff(&bn.forward_t(&t("test.x_bn"), false)?, &t("test.y_bn"))? < 1e-5);
+    assert!(max_diff(&ln.forward(&t("test.x_ln"))?, &t("test.y_ln"))? < 1e-5);
+    assert!(max_diff(&rms.forward(&t("test.x_ln"))?, &t("test.y_rms"))? < 1e-5);
+    assert!(max_diff(&gn.forward(&t("test.x_gn"))?, &t("test.y_gn"))? < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn config_types_reach_normlab_options() -> Result<()> {
+    let map = VarMap::new();
+    // candle-nn's own config types are accepted.
+    let ln =
+        normlab_candle::layer_norm(4, candle_nn::LayerNormConfig::default(), vb(&map).pp("a"))?;
+    let _ = normlab_candle::batch_norm(2, candle_nn::BatchNormConfig::default(), vb(&map).pp("b"))?;
+    // candle-nn's remove_mean = false is refused by BatchNorm, not ignored.
+    let no_mean = candle_nn::BatchNormConfig {
+        remove_mean: false,
+        ..Default::default()
+    };
+    assert!(normlab_candle::batch_norm(2, no_mean, vb(&map).pp("c")).is_err());
+    // ε added to σ: (x - μ)/(σ + ε).
+    let config = normlab_candle::LayerNormConfig {
+        eps: 0.5,
+        affine: false,
+        eps_placement: normlab_candle::EpsPlacement::AddToStd,
+        ..Default::default()
+    };
+    let lecture = normlab_candle::layer_norm(4, config, vb(&map).pp("d"))?;
+    let x = Tensor::new(&[[1f32, 2., 3., 4.]], &Device::Cpu)?;
+    let y: Vec<f32> = lecture.forward(&x)?.flatten_all()?.to_vec1()?;
+    let sd = 1.25f32.sqrt();
+    assert!((y[0] - (-1.5 / (sd + 0.5))).abs() < 1e-6, "{y:?}");
+    let _ = ln.forward(&x)?;
+    // Cumulative momentum and the biased running variance.
+    let config = normlab_candle::BatchNormConfig {
+        momentum: normlab_candle::Momentum::Cumulative,
+        running_var: normlab_candle::RunningVarEstimator::Biased,
+        ..1e-5.into()
+    };
+    let bn = normlab_candle::batch_norm(1, config, vb(&map).pp("e"))?;
+    for batch in [[1f32, 3.], [5., 9.]] {
+        bn.forward_t(&Tensor::new(&[[batch[0]], [batch[1]]], &Device::Cpu)?, true)?;
+    }
+    // Means 2 and 7 averaged: 4.5; biased variances 1 and 4 averaged: 2.5.
+    assert_eq!(bn.running_mean().unwrap().to_vec1::<f32>()?, [4.5]);
+    assert_eq!(bn.running_var().unwrap().to_vec1::<f32>()?, [2.5]);
+    Ok(())
+}
+
+#[test]
+fn channel_ops_accept_strided_inputs() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(6);
+    // [N, C, S] obtained by transposing a [N, S, C] tensor: not contiguous.
+    let base = randn(&mut rng, &[2, 6, 4], 1.0, 1.0)?;
+    let x = base.transpose(1, 2)?;
+    assert!(!x.is_contiguous());
+    let a = normlab_candle::ops::group_norm(&x, 2, None, None, 1e-5)?;
+    let b = normlab_candle::ops::group_norm(&x.contiguous()?, 2, None, None, 1e-5)?;
+    assert_eq!(max_diff(&a, &b)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn an_mlp_with_every_feature_layer_trains() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(8);
+    let map = VarMap::new();
+    let v = vb(&map);
+    let fc1 = candle_nn::linear(10, 16, v.pp("fc1"))?;
+    let bn = normlab_candle::batch_norm(16, 1e-5, v.pp("bn"))?; // BatchNorm1d on [N, C]
+    let fc2 = candle_nn::linear(16, 16, v.pp("fc2"))?;
+    let ln = normlab_candle::layer_norm(16, 1e-5, v.pp("ln"))?;
+    let gn = normlab_candle::group_norm(4, 16, 1e-5, v.pp("gn"))?;
+    let rms = normlab_candle::rms_norm(16, 1e-6, v.pp("rms"))?;
+    let head = candle_nn::linear(16, 2, v.pp("head"))?;
+    let x = randn(&mut rng, &[32, 10], 0.0, 1.0)?;
+    let labels = Tensor::from_vec(
+        (0..32u32).map(|i| i % 2).collect::<Vec<_>>(),
+        32,
+        &Device::Cpu,
+    )?;
+    let x = x.broadcast_add(&labels.to_dtype(DType::F32)?.reshape((32, 1))?)?;
+    let forward = |train: bool| -> Result<Tensor> {
+        let h = bn.forward_t(&fc1.forward(&x)?, train)?.relu()?;
+        let h = gn.forward(&ln.forward(&fc2.forward(&h)?)?.relu()?)?;
+        candle_nn::loss::cross_entropy(&head.forward(&rms.forward(&h)?)?, &labels)
+    };
+    let grads = forward(true)?.backward()?;
+    let vars = map.data().lock().unwrap().clone();
+    let mut trainable = Vec::new();
+    for (name, var) in &vars {
+        if name.ends_with("weight") || name.ends_with("bias") {
+            assert!(
+                grads.get(var.as_tensor()).is_some(),
+                "no gradient for {name}"
+            );
+            trainable.push(var.clone());
+        }
+    }
+    let mut opt = candle_nn::SGD::new(trainable, 0.1)?;
+    let first = forward(true)?.to_scalar::<f32>()?;
+    for _ in 0..30 {
+        opt.backward_step(&forward(true)?)?;
+    }
+    let last = forward(true)?.to_scalar::<f32>()?;
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    Ok(())
+}
