@@ -10,9 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 use normlab::kernels::batch_norm::{
     batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
 };
@@ -21,6 +19,7 @@ use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward};
 use normlab::{Float, LrnOptions, Saved, TensorView, View};
 
+use crate::custom::{apply, impl_custom_ops, NormOp};
 use crate::values::{err, of_tensor, read, to_tensor, with_slices, write, Slices, Values};
 
 /// Running statistics going into (and, updated, out of) a forward call.
@@ -60,7 +59,7 @@ impl ChannelNormOp {
         }
     }
 
-    fn op_name(&self) -> &'static str {
+    fn name_str(&self) -> &'static str {
         match self.kind {
             ChannelKind::Batch(_) => "normlab-batch-norm",
             ChannelKind::Group(..) => "normlab-group-norm",
@@ -131,7 +130,7 @@ impl ChannelNormOp {
     )> {
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(saved) = saved else {
-            candle_core::bail!("{}: backward before forward", self.op_name())
+            candle_core::bail!("{}: backward before forward", self.name_str())
         };
         let g = match &self.kind {
             ChannelKind::Batch(o) => batch_norm_backward(
@@ -167,7 +166,7 @@ impl ChannelNormOp {
 
     /// Forward on a CPU storage: its values are borrowed when contiguous f32
     /// or f64, gathered (and widened from f16/bf16) otherwise.
-    fn forward_storage(
+    fn forward_on(
         &self,
         s: &CpuStorage,
         l: &Layout,
@@ -194,7 +193,7 @@ impl ChannelNormOp {
                 Ok(CpuStorage::F64(self.forward_t(&x, w, b)?.into_data()))
             }
             _ => {
-                let y = match read(self.op_name(), s, l)? {
+                let y = match read(self.name_str(), s, l)? {
                     Values::F32(x) => {
                         let (w, b) = (
                             w.map(|w| f32v(w, c)).transpose()?,
@@ -216,7 +215,7 @@ impl ChannelNormOp {
     }
 
     #[allow(clippy::type_complexity)]
-    fn backward(
+    fn backward_channels(
         &self,
         x: &Tensor,
         dy: &Tensor,
@@ -250,7 +249,7 @@ impl ChannelNormOp {
                 Ok(match (xs, dys) {
                     (Slices::F32(a), Slices::F32(b)) => back!(a, b, f32v, F32),
                     (Slices::F64(a), Slices::F64(b)) => back!(a, b, f64v, F64),
-                    _ => candle_core::bail!("{}: mixed precisions in backward", self.op_name()),
+                    _ => candle_core::bail!("{}: mixed precisions in backward", self.name_str()),
                 })
             })
         })?;
@@ -283,104 +282,47 @@ fn f64v(v: Values, c: usize) -> Result<normlab::Tensor<f64>> {
     }
 }
 
-impl CustomOp1 for ChannelNormOp {
-    fn name(&self) -> &'static str {
-        self.op_name()
+impl NormOp for ChannelNormOp {
+    fn op_name(&self) -> &'static str {
+        self.name_str()
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((self.forward_storage(s, l, None, None)?, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.backward(x, dy, None, false)?.0))
-    }
-}
-
-impl CustomOp2 for ChannelNormOp {
-    fn name(&self) -> &'static str {
-        self.op_name()
-    }
-
-    fn cpu_fwd(
+    fn forward_storage(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let w = read(self.op_name(), s2, l2)?;
-        Ok((
-            self.forward_storage(s1, l1, Some(w), None)?,
-            l1.shape().clone(),
-        ))
+        (s, l): (&CpuStorage, &Layout),
+        weight: Option<(&CpuStorage, &Layout)>,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<CpuStorage> {
+        let read_param = |p: Option<(&CpuStorage, &Layout)>| {
+            p.map(|(ps, pl)| read(self.name_str(), ps, pl)).transpose()
+        };
+        self.forward_on(s, l, read_param(weight)?, read_param(bias)?)
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, dy, Some(w), false)?;
-        Ok((Some(dx), dw))
+        weight: Option<&Tensor>,
+        with_bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        self.backward_channels(x, dy, weight, with_bias)
     }
 }
 
-impl CustomOp3 for ChannelNormOp {
-    fn name(&self) -> &'static str {
-        self.op_name()
-    }
+impl_custom_ops!(ChannelNormOp);
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let w = read(self.op_name(), s2, l2)?;
-        let b = read(self.op_name(), s3, l3)?;
-        Ok((
-            self.forward_storage(s1, l1, Some(w), Some(b))?,
-            l1.shape().clone(),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.backward(x, dy, Some(w), true)?;
-        Ok((Some(dx), dw, db))
-    }
-}
-
-/// Applies a channel op to `x` with optional `weight`, `bias`.
-pub(crate) fn apply(
+/// Applies a channel op to `x` with optional `weight`, `bias` (`[C]`).
+pub(crate) fn apply_channels(
     op: ChannelNormOp,
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    match (weight, bias) {
-        (Some(w), Some(b)) => x.apply_op3(w, b, op),
-        (Some(w), None) => x.apply_op2(w, op),
-        (None, None) => x.apply_op1(op),
-        (None, Some(b)) => {
-            let shape: Vec<usize> = (0..x.rank())
-                .map(|d| if d == 1 { x.dims()[1] } else { 1 })
-                .collect();
-            x.apply_op1(op)?.broadcast_add(&b.reshape(shape)?)
-        }
-    }
+    let shape: Vec<usize> = (0..x.rank())
+        .map(|d| if d == 1 { x.dims()[1] } else { 1 })
+        .collect();
+    apply(op, x, weight, bias, &shape)
 }
 
 /// GroupNorm of `x` (`[N, C, *]`) with a backward pass.
@@ -395,7 +337,7 @@ pub fn group_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let op = ChannelNormOp::new(ChannelKind::Group(num_groups, eps), Default::default());
-    apply(op, x, weight, bias)
+    apply_channels(op, x, weight, bias)
 }
 
 /// Local response normalization of `x` (`[N, C, *]`) with a backward pass.
@@ -403,7 +345,7 @@ pub fn group_norm(
 /// # Errors
 /// Unsupported device or dtype; rank < 3; invalid options.
 pub fn local_response_norm(x: &Tensor, options: &LrnOptions) -> Result<Tensor> {
-    apply(
+    apply_channels(
         ChannelNormOp::new(ChannelKind::Lrn(*options), Default::default()),
         x,
         None,

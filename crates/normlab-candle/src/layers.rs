@@ -10,7 +10,7 @@ use candle_nn::{Init, VarBuilder};
 use normlab::kernels::batch_norm::BatchNormOptions;
 use normlab::{EpsPlacement, Epsilon, LrnOptions, Momentum, RunningVarEstimator};
 
-use crate::channels::{apply, ChannelKind, ChannelNormOp, RunningCell};
+use crate::channels::{apply_channels, ChannelKind, ChannelNormOp, RunningCell};
 
 /// LayerNorm (or, without mean removal, RMSNorm with a bias) over the last
 /// dimension. Options as candle-nn's `LayerNormConfig`; an `f64` is ε.
@@ -402,7 +402,7 @@ impl StatNorm {
             Some((w, b)) => (Some(w), Some(b)),
             None => (None, None),
         };
-        let y = apply(op, x, w, b)?;
+        let y = apply_channels(op, x, w, b)?;
         if let (true, Some(r)) = (train, &self.running) {
             r.store(&cell)?;
         }

@@ -28,6 +28,7 @@
 pub struct ReadmeDoctests;
 
 pub mod channels;
+mod custom;
 pub mod layers;
 pub mod rows;
 mod values;

@@ -7,10 +7,11 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Tensor};
 use normlab::kernels::{layer_norm, rms_norm};
 use normlab::{Epsilon, Saved};
 
+use crate::custom::{apply, impl_custom_ops, NormOp};
 use crate::values::{err, of_tensor, read, to_tensor, write, Values};
 
 /// Which row normalization.
@@ -90,9 +91,9 @@ impl RowNormOp {
         Ok(y)
     }
 
-    /// Backward: `(dx, dweight, dbias)` as values.
+    /// Backward: `(dx, dweight, dbias)`.
     #[allow(clippy::type_complexity)]
-    fn backward(
+    fn backward_rows(
         &self,
         x: &Tensor,
         dy: &Tensor,
@@ -209,91 +210,45 @@ fn last_dim(op: &str, l: &Layout) -> Result<usize> {
     }
 }
 
-impl CustomOp1 for RowNormOp {
-    fn name(&self) -> &'static str {
+impl NormOp for RowNormOp {
+    fn op_name(&self) -> &'static str {
         self.name_str()
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let n = last_dim(self.name_str(), l)?;
-        let x = read(self.name_str(), s, l)?;
-        let y = self.forward(&x, n, None, None)?;
-        Ok((write(y, s.dtype()), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.backward(x, dy, None, false)?.0))
-    }
-}
-
-impl CustomOp2 for RowNormOp {
-    fn name(&self) -> &'static str {
-        self.name_str()
-    }
-
-    fn cpu_fwd(
+    fn forward_storage(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let n = last_dim(self.name_str(), l1)?;
-        check_param(self.name_str(), "weight", l2, n, l1)?;
-        let x = read(self.name_str(), s1, l1)?;
-        let w = read(self.name_str(), s2, l2)?;
-        let y = self.forward(&x, n, Some(&w), None)?;
-        Ok((write(y, s1.dtype()), l1.shape().clone()))
+        (s, l): (&CpuStorage, &Layout),
+        weight: Option<(&CpuStorage, &Layout)>,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<CpuStorage> {
+        let op = self.name_str();
+        let n = last_dim(op, l)?;
+        let param = |p: Option<(&CpuStorage, &Layout)>, arg: &str| -> Result<Option<Values>> {
+            match p {
+                Some((ps, pl)) => {
+                    check_param(op, arg, pl, n, l)?;
+                    Ok(Some(read(op, ps, pl)?))
+                }
+                None => Ok(None),
+            }
+        };
+        let (w, b) = (param(weight, "weight")?, param(bias, "bias")?);
+        let y = self.forward(&read(op, s, l)?, n, w.as_ref(), b.as_ref())?;
+        Ok(write(y, s.dtype()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, dy, Some(w), false)?;
-        Ok((Some(dx), dw))
+        weight: Option<&Tensor>,
+        with_bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        self.backward_rows(x, dy, weight, with_bias)
     }
 }
 
-impl CustomOp3 for RowNormOp {
-    fn name(&self) -> &'static str {
-        self.name_str()
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let n = last_dim(self.name_str(), l1)?;
-        check_param(self.name_str(), "weight", l2, n, l1)?;
-        check_param(self.name_str(), "bias", l3, n, l1)?;
-        let x = read(self.name_str(), s1, l1)?;
-        let w = read(self.name_str(), s2, l2)?;
-        let b = read(self.name_str(), s3, l3)?;
-        let y = self.forward(&x, n, Some(&w), Some(&b))?;
-        Ok((write(y, s1.dtype()), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.backward(x, dy, Some(w), true)?;
-        Ok((Some(dx), dw, db))
-    }
-}
+impl_custom_ops!(RowNormOp);
 
 /// LayerNorm over the last dimension with a backward pass:
 /// `y = (x - μ)/√(σ² + ε)·γ + β`.
@@ -319,13 +274,14 @@ pub fn layer_norm_eps(
     bias: Option<&Tensor>,
     eps: Epsilon,
 ) -> Result<Tensor> {
-    let op = RowNormOp::new(RowKind::LayerNorm, eps);
-    match (weight, bias) {
-        (Some(w), Some(b)) => x.apply_op3(w, b, op),
-        (Some(w), None) => x.apply_op2(w, op),
-        (None, None) => x.apply_op1(op),
-        (None, Some(b)) => x.apply_op1(op)?.broadcast_add(b),
-    }
+    let n = x.dims().last().copied().unwrap_or(0);
+    apply(
+        RowNormOp::new(RowKind::LayerNorm, eps),
+        x,
+        weight,
+        bias,
+        &[n],
+    )
 }
 
 /// RMSNorm over the last dimension with a backward pass: `y = x/√(mean(x²) + ε)·γ`.
@@ -341,9 +297,5 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor>
 /// # Errors
 /// As [`rms_norm`].
 pub fn rms_norm_eps(x: &Tensor, weight: Option<&Tensor>, eps: Epsilon) -> Result<Tensor> {
-    let op = RowNormOp::new(RowKind::RmsNorm, eps);
-    match weight {
-        Some(w) => x.apply_op2(w, op),
-        None => x.apply_op1(op),
-    }
+    apply(RowNormOp::new(RowKind::RmsNorm, eps), x, weight, None, &[])
 }
