@@ -4,3 +4,4 @@
 pub mod bench;
 pub mod conformance;
 pub mod data;
+pub mod lab;

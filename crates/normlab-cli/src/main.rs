@@ -1,6 +1,8 @@
 //! `normlab`: the conformance runner and normalization lab.
 
-use normlab_cli::{bench, conformance};
+use normlab_cli::lab::model::{Activation, Arch, InitScheme, ModelConfig, NormKind, Placement};
+use normlab_cli::lab::train::{train, OptimizerKind, TrainConfig};
+use normlab_cli::{bench, conformance, data};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,11 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Train one network on the embedded MNIST test set (or --data-dir) and
+    /// report its loss and held-out accuracy.
+    ///
+    /// Example: normlab train --model mlp --depth 20 --width 128 --norm batch --steps 300
+    Train(TrainArgs),
     /// Time the kernels on the bench suite and compare with the copy bandwidth.
     ///
     /// For each case: the median allocating forward (fwd_ms), forward into a
@@ -60,6 +67,10 @@ enum Command {
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Train(args) => {
+            run_train(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench {
             cases,
             threads,
@@ -185,5 +196,185 @@ fn run_bench(
             );
         }
     }
+    Ok(())
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ArchArg {
+    Mlp,
+    Cnn,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PlacementArg {
+    /// linear → norm → activation
+    A,
+    /// linear → activation → norm
+    B,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ActivationArg {
+    Relu,
+    Tanh,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum OptimizerArg {
+    Sgd,
+    Adamw,
+}
+
+/// Options of `normlab train`.
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Network family.
+    #[arg(long, value_enum, default_value = "mlp")]
+    model: ArchArg,
+    /// Hidden blocks.
+    #[arg(long, default_value_t = 6)]
+    depth: usize,
+    /// Hidden features (MLP) or channels (CNN).
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    /// none, batch, layer, group (8 groups), groupG, instance, rms, lrn.
+    #[arg(long, default_value = "batch")]
+    norm: String,
+    /// a: linear → norm → activation; b: linear → activation → norm.
+    #[arg(long, value_enum, default_value = "a")]
+    placement: PlacementArg,
+    /// Normalization without learnable γ, β.
+    #[arg(long)]
+    no_affine: bool,
+    /// Non-linearity.
+    #[arg(long, value_enum, default_value = "relu")]
+    activation: ActivationArg,
+    /// Initialization: kaiming, xavier, or normal:SIGMA.
+    #[arg(long, default_value = "kaiming")]
+    init: String,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimizerArg,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Seed of the split, the initialization and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Read MNIST/Fashion-MNIST (IDX gzip) or CIFAR-10 (binary batches) from here
+    /// instead of the embedded MNIST test set.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Write the trained model (parameters and running statistics) as safetensors.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Print only the JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    let init = match args.init.as_str() {
+        "kaiming" => InitScheme::Kaiming,
+        "xavier" => InitScheme::Xavier,
+        s if s.starts_with("normal:") => {
+            let sigma: f64 = s[7..]
+                .parse()
+                .with_context(|| format!("--init {s}: SIGMA is not a number"))?;
+            if !(sigma > 0.0 && sigma.is_finite()) {
+                bail!("--init {s}: SIGMA must be positive");
+            }
+            InitScheme::Normal(sigma)
+        }
+        other => bail!("--init {other}: expected kaiming, xavier or normal:SIGMA"),
+    };
+    let model = ModelConfig {
+        arch: match args.model {
+            ArchArg::Mlp => Arch::Mlp,
+            ArchArg::Cnn => Arch::Cnn,
+        },
+        depth: args.depth,
+        width: args.width,
+        norm: args.norm.parse::<NormKind>()?,
+        placement: match args.placement {
+            PlacementArg::A => Placement::A,
+            PlacementArg::B => Placement::B,
+        },
+        affine: !args.no_affine,
+        activation: match args.activation {
+            ActivationArg::Relu => Activation::Relu,
+            ActivationArg::Tanh => Activation::Tanh,
+        },
+        init,
+    };
+    let config = TrainConfig {
+        optimizer: match args.optimizer {
+            OptimizerArg::Sgd => OptimizerKind::Sgd {
+                momentum: args.momentum,
+            },
+            OptimizerArg::Adamw => OptimizerKind::AdamW { weight_decay: 0.01 },
+        },
+        lr: args.lr,
+        batch_size: args.batch_size,
+        steps: args.steps,
+        seed: args.seed,
+    };
+    let dataset = match &args.data_dir {
+        Some(dir) => data::from_dir(dir)?,
+        None => data::embedded_mnist()?,
+    };
+    let held_out = dataset.len() / 5;
+    let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(args.steps as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps, loss {msg} [{elapsed_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let (_, map, summary) = train(&model, &config, &train_set, &held, |_, loss| {
+        bar.set_message(format!("{loss:.4}"));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    if let Some(path) = &args.save {
+        map.save(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !args.json {
+        println!(
+            "final loss {:.4}, held-out accuracy {:.2}%{} ({} training / {} held-out images, {:.1} s)",
+            summary.final_loss,
+            100.0 * summary.held_out_accuracy,
+            if summary.diverged { ", diverged" } else { "" },
+            train_set.len(),
+            held.len(),
+            summary.seconds
+        );
+    }
+    let json = serde_json::json!({
+        "model": format!("{:?}", model),
+        "train": format!("{:?}", config),
+        "final_loss": summary.final_loss,
+        "held_out_accuracy": summary.held_out_accuracy,
+        "diverged": summary.diverged,
+        "steps": summary.losses.len(),
+        "seconds": summary.seconds,
+    });
+    println!("{json}");
     Ok(())
 }

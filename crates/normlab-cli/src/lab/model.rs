@@ -1,0 +1,413 @@
+//! Networks for the lab, on candle with normlab-candle's layers: MLPs and
+//! small CNNs of configurable depth and width, normalization kind and
+//! placement, activation and initialization.
+//!
+//! Placement `a`: linear → norm → activation; placement `b`: linear →
+//! activation → norm. Every block records, when asked, the mean and
+//! standard deviation of its output and the fraction of dead ReLUs.
+
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use candle_core::{Module, ModuleT, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+/// Network family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Fully connected layers on the flattened image.
+    Mlp,
+    /// 3×3 convolutions (two 2×2 max-pools), global average pool, linear head.
+    Cnn,
+}
+
+/// Normalization inserted in every block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// None.
+    None,
+    /// BatchNorm (per channel over the batch).
+    Batch,
+    /// LayerNorm (per sample; in a CNN over C×H×W, i.e. GroupNorm with one group).
+    Layer,
+    /// GroupNorm with this many groups.
+    Group(usize),
+    /// InstanceNorm (CNN only).
+    Instance,
+    /// RMSNorm (per sample over features; in a CNN over channels at each pixel).
+    Rms,
+    /// Local response normalization across channels (size 5).
+    Lrn,
+}
+
+impl FromStr for NormKind {
+    type Err = anyhow::Error;
+
+    /// `none`, `batch`, `layer`, `group` (8 groups), `groupG`, `instance`, `rms`, `lrn`.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "none" => NormKind::None,
+            "batch" => NormKind::Batch,
+            "layer" => NormKind::Layer,
+            "group" => NormKind::Group(8),
+            "instance" => NormKind::Instance,
+            "rms" => NormKind::Rms,
+            "lrn" => NormKind::Lrn,
+            g if g.starts_with("group") => match g[5..].parse::<usize>() {
+                Ok(n) if n > 0 => NormKind::Group(n),
+                _ => bail!("`{s}`: group normalization is `group` or `groupG` with G ≥ 1 groups"),
+            },
+            other => bail!("unknown normalization `{other}` (none, batch, layer, group, groupG, instance, rms, lrn)"),
+        })
+    }
+}
+
+/// Where the normalization sits relative to the activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// linear → norm → activation (the usual choice).
+    A,
+    /// linear → activation → norm.
+    B,
+}
+
+/// Non-linearity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// max(0, x).
+    Relu,
+    /// tanh.
+    Tanh,
+}
+
+/// Weight initialization of linear and convolution layers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum InitScheme {
+    /// N(0, 2/fan_in) (He et al.).
+    Kaiming,
+    /// N(0, 2/(fan_in + fan_out)) (Glorot and Bengio).
+    Xavier,
+    /// N(0, σ²) with the given σ.
+    Normal(f64),
+}
+
+impl InitScheme {
+    fn stdev(&self, fan_in: usize, fan_out: usize) -> f64 {
+        match *self {
+            InitScheme::Kaiming => (2.0 / fan_in as f64).sqrt(),
+            InitScheme::Xavier => (2.0 / (fan_in + fan_out) as f64).sqrt(),
+            InitScheme::Normal(s) => s,
+        }
+    }
+}
+
+/// Everything that defines a network.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// MLP or CNN.
+    pub arch: Arch,
+    /// Hidden blocks.
+    pub depth: usize,
+    /// Hidden features (MLP) or channels (CNN).
+    pub width: usize,
+    /// Normalization in each block.
+    pub norm: NormKind,
+    /// Its placement.
+    pub placement: Placement,
+    /// Learnable γ, β in the normalization.
+    pub affine: bool,
+    /// Non-linearity.
+    pub activation: Activation,
+    /// Weight initialization.
+    pub init: InitScheme,
+}
+
+impl ModelConfig {
+    fn validate(&self) -> Result<()> {
+        if self.depth == 0 || self.width == 0 {
+            bail!(
+                "depth and width must be at least 1 (got depth {}, width {})",
+                self.depth,
+                self.width
+            );
+        }
+        if let NormKind::Group(g) = self.norm {
+            if self.width % g != 0 {
+                bail!(
+                    "group normalization: width {} is not divisible by {g} groups",
+                    self.width
+                );
+            }
+        }
+        if self.arch == Arch::Mlp && self.norm == NormKind::Instance {
+            bail!("instance normalization needs spatial positions: use --model cnn");
+        }
+        Ok(())
+    }
+}
+
+/// A normalization layer of either kind of module.
+enum Norm {
+    Plain(Box<dyn Module>),
+    Stateful(Box<dyn ModuleT>),
+    /// RMSNorm over channels at each pixel of `[N, C, H, W]`.
+    ChannelsLast(normlab_candle::RmsNorm),
+    /// LRN, which needs a spatial axis: `[N, C]` is seen as `[N, C, 1]`.
+    Lrn(normlab_candle::LocalResponseNorm),
+}
+
+impl Norm {
+    fn build(config: &ModelConfig, channels: usize, vb: VarBuilder) -> Result<Option<Norm>> {
+        let bn_config = normlab_candle::BatchNormConfig {
+            affine: config.affine,
+            ..1e-5.into()
+        };
+        let spatial = config.arch == Arch::Cnn;
+        Ok(Some(match config.norm {
+            NormKind::None => return Ok(None),
+            NormKind::Batch => Norm::Stateful(Box::new(normlab_candle::batch_norm(
+                channels, bn_config, vb,
+            )?)),
+            NormKind::Instance => Norm::Stateful(Box::new(normlab_candle::instance_norm(
+                channels, bn_config, vb,
+            )?)),
+            NormKind::Layer if spatial => {
+                Norm::Plain(Box::new(normlab_candle::group_norm(1, channels, 1e-5, vb)?))
+            }
+            NormKind::Layer => {
+                let ln = normlab_candle::LayerNormConfig {
+                    affine: config.affine,
+                    ..1e-5.into()
+                };
+                Norm::Plain(Box::new(normlab_candle::layer_norm(channels, ln, vb)?))
+            }
+            NormKind::Group(g) => {
+                Norm::Plain(Box::new(normlab_candle::group_norm(g, channels, 1e-5, vb)?))
+            }
+            NormKind::Rms if spatial => {
+                Norm::ChannelsLast(normlab_candle::rms_norm(channels, 1e-6, vb)?)
+            }
+            NormKind::Rms => Norm::Plain(Box::new(normlab_candle::rms_norm(channels, 1e-6, vb)?)),
+            NormKind::Lrn => Norm::Lrn(normlab_candle::local_response_norm(5)),
+        }))
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Plain(m) => m.forward(x),
+            Norm::Lrn(m) if x.rank() == 2 => m.forward(&x.unsqueeze(2)?)?.squeeze(2),
+            Norm::Lrn(m) => m.forward(x),
+            Norm::Stateful(m) => m.forward_t(x, train),
+            Norm::ChannelsLast(m) => m.forward(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2)),
+        }
+    }
+}
+
+/// Statistics of one block's output, for instrumentation.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BlockStats {
+    /// Mean of the block's output.
+    pub mean: f64,
+    /// Standard deviation of the block's output.
+    pub std: f64,
+    /// Fraction of the block's ReLU outputs that are exactly 0 (0 for tanh).
+    pub dead_fraction: f64,
+}
+
+struct Block {
+    linear: Option<candle_nn::Linear>,
+    conv: Option<candle_nn::Conv2d>,
+    norm: Option<Norm>,
+    pool: bool,
+}
+
+/// A network of `depth` blocks and a linear classifier head.
+pub struct Model {
+    config: ModelConfig,
+    blocks: Vec<Block>,
+    head: candle_nn::Linear,
+}
+
+/// A weight of `shape` drawn from N(0, stdev²) with the model's seeded
+/// generator (candle's CPU generator cannot be seeded), set into the
+/// `VarMap`'s variable so that it is trained and saved.
+fn weight(vb: &VarBuilder, shape: &[usize], stdev: f64, rng: &mut StdRng) -> Result<Tensor> {
+    let w = vb.get_with_hints(shape, "weight", Init::Const(0.0))?;
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| (stdev * rng.sample::<f64, _>(StandardNormal)) as f32)
+        .collect();
+    Var::from_tensor(&w)?.set(&Tensor::from_vec(values, shape, w.device())?)?;
+    Ok(w)
+}
+
+fn linear(
+    fan_in: usize,
+    fan_out: usize,
+    init: InitScheme,
+    vb: VarBuilder,
+    rng: &mut StdRng,
+) -> Result<candle_nn::Linear> {
+    let w = weight(&vb, &[fan_out, fan_in], init.stdev(fan_in, fan_out), rng)?;
+    let b = vb.get_with_hints(fan_out, "bias", Init::Const(0.0))?;
+    Ok(candle_nn::Linear::new(w, Some(b)))
+}
+
+impl Model {
+    /// Builds the network for images of `channels × height × width` and `classes` classes.
+    ///
+    /// # Errors
+    /// Invalid configurations (zero depth, groups not dividing the width, …).
+    pub fn new(
+        config: &ModelConfig,
+        (channels, height, width): (usize, usize, usize),
+        classes: usize,
+        vb: VarBuilder,
+        seed: u64,
+    ) -> Result<Model> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut blocks = Vec::new();
+        let mut features = channels * height * width;
+        let mut in_channels = channels;
+        for i in 0..config.depth {
+            let vb = vb.pp(format!("blocks.{i}"));
+            let block = match config.arch {
+                Arch::Mlp => {
+                    let l = linear(
+                        features,
+                        config.width,
+                        config.init,
+                        vb.pp("linear"),
+                        &mut rng,
+                    )?;
+                    features = config.width;
+                    Block {
+                        linear: Some(l),
+                        conv: None,
+                        norm: Norm::build(config, config.width, vb.pp("norm"))?,
+                        pool: false,
+                    }
+                }
+                Arch::Cnn => {
+                    let fan_in = in_channels * 9;
+                    let stdev = config.init.stdev(fan_in, config.width * 9);
+                    let w = weight(
+                        &vb.pp("conv"),
+                        &[config.width, in_channels, 3, 3],
+                        stdev,
+                        &mut rng,
+                    )?;
+                    let b = vb
+                        .pp("conv")
+                        .get_with_hints(config.width, "bias", Init::Const(0.0))?;
+                    let conv = candle_nn::Conv2d::new(
+                        w,
+                        Some(b),
+                        candle_nn::Conv2dConfig {
+                            padding: 1,
+                            ..Default::default()
+                        },
+                    );
+                    in_channels = config.width;
+                    // Halve the resolution after the first two blocks (28 → 14 → 7).
+                    Block {
+                        linear: None,
+                        conv: Some(conv),
+                        norm: Norm::build(config, config.width, vb.pp("norm"))?,
+                        pool: i < 2,
+                    }
+                }
+            };
+            blocks.push(block);
+        }
+        let head_in = match config.arch {
+            Arch::Mlp => features,
+            Arch::Cnn => config.width,
+        };
+        let head = linear(
+            head_in,
+            classes,
+            InitScheme::Xavier,
+            vb.pp("head"),
+            &mut rng,
+        )?;
+        Ok(Model {
+            config: config.clone(),
+            blocks,
+            head,
+        })
+    }
+
+    /// Logits for `x` (`[N, C, H, W]`), with each block's statistics when `record`.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn forward_recorded(
+        &self,
+        x: &Tensor,
+        train: bool,
+        record: bool,
+    ) -> Result<(Tensor, Vec<BlockStats>)> {
+        let mut h = match self.config.arch {
+            Arch::Mlp => x.flatten_from(1)?,
+            Arch::Cnn => x.clone(),
+        };
+        let mut stats = Vec::new();
+        for block in &self.blocks {
+            h = match (&block.linear, &block.conv) {
+                (Some(l), _) => l.forward(&h)?,
+                (_, Some(c)) => c.forward(&h)?,
+                _ => unreachable!("every block has a linear or a convolution"),
+            };
+            let activate = |t: &Tensor| -> candle_core::Result<Tensor> {
+                match self.config.activation {
+                    Activation::Relu => t.relu(),
+                    Activation::Tanh => t.tanh(),
+                }
+            };
+            h = match (&block.norm, self.config.placement) {
+                (None, _) => activate(&h)?,
+                (Some(n), Placement::A) => activate(&n.forward(&h, train)?)?,
+                (Some(n), Placement::B) => n.forward(&activate(&h)?, train)?,
+            };
+            if record {
+                stats.push(block_stats(&h, self.config.activation)?);
+            }
+            if block.pool {
+                h = h.max_pool2d(2)?;
+            }
+        }
+        if self.config.arch == Arch::Cnn {
+            h = h.mean(D::Minus1)?.mean(D::Minus1)?;
+        }
+        Ok((self.head.forward(&h)?, stats))
+    }
+
+    /// Logits for `x`.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_recorded(x, train, false)?.0)
+    }
+}
+
+fn block_stats(h: &Tensor, activation: Activation) -> Result<BlockStats> {
+    let v: Vec<f32> = h.flatten_all()?.to_vec1()?;
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n;
+    let dead = match activation {
+        Activation::Relu => v.iter().filter(|&&a| a == 0.0).count() as f64 / n,
+        Activation::Tanh => 0.0,
+    };
+    Ok(BlockStats {
+        mean,
+        std: var.sqrt(),
+        dead_fraction: dead,
+    })
+}

@@ -1,0 +1,324 @@
+//! One training run: a model, an optimizer, minibatches from a data set,
+//! progress on the terminal, and the final metrics.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::model::{Model, ModelConfig};
+use crate::data::Dataset;
+
+/// Optimizer choice.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerKind {
+    /// SGD with heavy-ball momentum `v ← μ·v + g`, `p ← p - lr·v`.
+    Sgd {
+        /// μ.
+        momentum: f64,
+    },
+    /// AdamW with candle-nn's defaults and this weight decay.
+    AdamW {
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+}
+
+/// Everything that defines a training run besides the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Learning rate.
+    pub lr: f64,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Seed of the initialization and of the batch order.
+    pub seed: u64,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TrainSummary {
+    /// Training loss of each step.
+    pub losses: Vec<f64>,
+    /// Mean training loss over the last tenth of the steps.
+    pub final_loss: f64,
+    /// Accuracy on the held-out set (evaluation mode).
+    pub held_out_accuracy: f64,
+    /// Whether every loss was finite.
+    pub diverged: bool,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// SGD with momentum over candle variables.
+struct MomentumSgd {
+    vars: Vec<(Var, Tensor)>,
+    lr: f64,
+    momentum: f64,
+}
+
+impl MomentumSgd {
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        for (var, velocity) in &mut self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *velocity = ((&*velocity * self.momentum)? + g)?;
+                var.set(&var.as_tensor().sub(&(&*velocity * self.lr)?)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A mini-batch of images `[B, C, H, W]` and labels `[B]`.
+pub fn batch(data: &Dataset, indices: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+    let sub = data.select(indices);
+    let x = Tensor::from_vec(
+        sub.images,
+        (indices.len(), data.channels, data.height, data.width),
+        device,
+    )?;
+    let y = Tensor::from_vec(
+        sub.labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+        indices.len(),
+        device,
+    )?;
+    Ok((x, y))
+}
+
+/// Accuracy of `model` (evaluation mode) on `data`, in batches of 500.
+pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
+    let mut correct = 0usize;
+    for chunk in (0..data.len()).collect::<Vec<_>>().chunks(500) {
+        let (x, y) = batch(data, chunk, &Device::Cpu)?;
+        let predicted = model.forward(&x, false)?.argmax(1)?;
+        correct += predicted
+            .eq(&y)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+    }
+    Ok(correct as f64 / data.len().max(1) as f64)
+}
+
+/// Trains a fresh model; `on_step(step, loss)` is called after every step.
+///
+/// # Errors
+/// Invalid configurations; candle errors.
+pub fn train(
+    model_config: &ModelConfig,
+    config: &TrainConfig,
+    train_set: &Dataset,
+    held_out: &Dataset,
+    mut on_step: impl FnMut(usize, f64),
+) -> Result<(Model, VarMap, TrainSummary)> {
+    ensure!(
+        config.batch_size > 0 && config.batch_size <= train_set.len(),
+        "batch size {} must be between 1 and the {} training images",
+        config.batch_size,
+        train_set.len()
+    );
+    ensure!(
+        config.lr.is_finite() && config.lr > 0.0,
+        "learning rate must be positive, got {}",
+        config.lr
+    );
+    let start = Instant::now();
+    let device = Device::Cpu;
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
+    let dims = (train_set.channels, train_set.height, train_set.width);
+    let model = Model::new(model_config, dims, train_set.classes, vb, config.seed)?;
+    let trainable: Vec<Var> = {
+        let data = map.data().lock().expect("var map lock");
+        let mut named: Vec<(&String, &Var)> = data
+            .iter()
+            .filter(|(n, _)| n.ends_with("weight") || n.ends_with("bias"))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    enum Opt {
+        Sgd(MomentumSgd),
+        AdamW(candle_nn::AdamW),
+    }
+    let mut opt = match config.optimizer {
+        OptimizerKind::Sgd { momentum } => Opt::Sgd(MomentumSgd {
+            vars: trainable
+                .iter()
+                .map(|v| Ok((v.clone(), v.as_tensor().zeros_like()?)))
+                .collect::<Result<_>>()?,
+            lr: config.lr,
+            momentum,
+        }),
+        OptimizerKind::AdamW { weight_decay } => Opt::AdamW(candle_nn::AdamW::new(
+            trainable,
+            candle_nn::ParamsAdamW {
+                lr: config.lr,
+                weight_decay,
+                ..Default::default()
+            },
+        )?),
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let mut order: Vec<usize> = Vec::new();
+    let mut losses = Vec::with_capacity(config.steps);
+    for step in 0..config.steps {
+        if order.len() < config.batch_size {
+            order = (0..train_set.len()).collect();
+            order.shuffle(&mut rng);
+        }
+        let indices: Vec<usize> = order.drain(..config.batch_size).collect();
+        let (x, y) = batch(train_set, &indices, &device)?;
+        let loss = candle_nn::loss::cross_entropy(&model.forward(&x, true)?, &y)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        losses.push(value);
+        on_step(step, value);
+        if !value.is_finite() {
+            break;
+        }
+        let grads = loss.backward()?;
+        match &mut opt {
+            Opt::Sgd(o) => o.step(&grads)?,
+            Opt::AdamW(o) => o.step(&grads)?,
+        }
+    }
+    let diverged = losses.iter().any(|l| !l.is_finite());
+    let tail = (losses.len() / 10).max(1);
+    let final_loss = losses[losses.len().saturating_sub(tail)..]
+        .iter()
+        .sum::<f64>()
+        / tail as f64;
+    let held_out_accuracy = if diverged {
+        0.0
+    } else {
+        accuracy(&model, held_out)?
+    };
+    let summary = TrainSummary {
+        losses,
+        final_loss,
+        held_out_accuracy,
+        diverged,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((model, map, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::model::{Activation, Arch, InitScheme, NormKind, Placement};
+
+    fn tiny(arch: Arch, norm: NormKind) -> ModelConfig {
+        ModelConfig {
+            arch,
+            depth: 3,
+            width: 16,
+            norm,
+            placement: Placement::A,
+            affine: true,
+            activation: Activation::Relu,
+            init: InitScheme::Kaiming,
+        }
+    }
+
+    #[test]
+    fn every_kind_of_network_trains_a_few_steps_and_is_reproducible() -> Result<()> {
+        let data = crate::data::embedded_mnist()?;
+        let (train_set, held) = data.split(8_000, 0)?;
+        let held = held.select(&(0..200).collect::<Vec<_>>());
+        let config = TrainConfig {
+            optimizer: OptimizerKind::Sgd { momentum: 0.9 },
+            lr: 0.05,
+            batch_size: 32,
+            steps: 12,
+            seed: 1,
+        };
+        for (arch, norm) in [
+            (Arch::Mlp, NormKind::None),
+            (Arch::Mlp, NormKind::Batch),
+            (Arch::Mlp, NormKind::Layer),
+            (Arch::Mlp, NormKind::Group(4)),
+            (Arch::Mlp, NormKind::Rms),
+            (Arch::Mlp, NormKind::Lrn),
+            (Arch::Cnn, NormKind::Batch),
+            (Arch::Cnn, NormKind::Instance),
+            (Arch::Cnn, NormKind::Layer),
+            (Arch::Cnn, NormKind::Rms),
+        ] {
+            let (_, _, s) = train(&tiny(arch, norm), &config, &train_set, &held, |_, _| {})?;
+            assert_eq!(s.losses.len(), 12, "{arch:?} {norm:?}");
+            assert!(!s.diverged, "{arch:?} {norm:?}");
+            assert!(
+                s.final_loss < s.losses[0],
+                "{arch:?} {norm:?}: {:?}",
+                s.losses
+            );
+        }
+        let a = train(
+            &tiny(Arch::Mlp, NormKind::Batch),
+            &config,
+            &train_set,
+            &held,
+            |_, _| {},
+        )?
+        .2;
+        let b = train(
+            &tiny(Arch::Mlp, NormKind::Batch),
+            &config,
+            &train_set,
+            &held,
+            |_, _| {},
+        )?
+        .2;
+        assert_eq!(a.losses, b.losses, "same seed, same run");
+        Ok(())
+    }
+
+    #[test]
+    fn block_statistics_are_recorded_and_shapes_fit() -> Result<()> {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let model = Model::new(&tiny(Arch::Cnn, NormKind::Batch), (1, 28, 28), 10, vb, 0)?;
+        let x = Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &Device::Cpu)?;
+        let (logits, stats) = model.forward_recorded(&x, true, true)?;
+        assert_eq!(logits.dims(), [4, 10]);
+        assert_eq!(stats.len(), 3);
+        // After BatchNorm and ReLU, about half the activations are zero.
+        for s in &stats {
+            assert!((0.3..0.7).contains(&s.dead_fraction), "{s:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let err = Model::new(
+            &tiny(Arch::Mlp, NormKind::Instance),
+            (1, 28, 28),
+            10,
+            vb.clone(),
+            0,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("--model cnn"), "{err}");
+        let err = Model::new(&tiny(Arch::Mlp, NormKind::Group(5)), (1, 28, 28), 10, vb, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not divisible by 5"), "{err}");
+        assert!("group0".parse::<NormKind>().is_err());
+        assert_eq!("group4".parse::<NormKind>().unwrap(), NormKind::Group(4));
+    }
+}
