@@ -321,7 +321,8 @@ fn fast_path(options: &LrnOptions) -> Option<NegPow> {
     }
 }
 
-/// Spatial positions per tile: a tile of every channel stays in L2.
+/// Spatial positions per tile in the backward: a tile of every channel (terms
+/// and scales) stays in L2.
 const TILE: usize = 256;
 
 /// Channels `[c - before, c + after]` clipped to `0..channels`.
