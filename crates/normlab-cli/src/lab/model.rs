@@ -387,6 +387,33 @@ impl Model {
         Ok((self.head.forward(&h)?, stats))
     }
 
+    /// The weight of each block's linear layer or convolution, in order.
+    pub fn block_weights(&self) -> Vec<&Tensor> {
+        self.blocks
+            .iter()
+            .filter_map(|b| match (&b.linear, &b.conv) {
+                (Some(l), _) => Some(l.weight()),
+                (_, Some(c)) => Some(c.weight()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The L2 norm of the gradient of each block's weight, from a backward
+    /// pass (0 where a block received none).
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn gradient_norms(&self, grads: &candle_core::backprop::GradStore) -> Result<Vec<f64>> {
+        self.block_weights()
+            .into_iter()
+            .map(|w| match grads.get(w) {
+                Some(g) => Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64),
+                None => Ok(0.0),
+            })
+            .collect()
+    }
+
     /// Logits for `x`.
     ///
     /// # Errors

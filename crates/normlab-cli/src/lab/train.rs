@@ -299,6 +299,47 @@ mod tests {
     }
 
     #[test]
+    fn instrumentation_sees_signals_vanish_without_normalization() -> Result<()> {
+        // A deep tanh MLP initialized with a small σ: without normalization the
+        // activations shrink block after block; with BatchNorm they keep unit
+        // scale. Every block reports a gradient norm.
+        let x = Tensor::randn(0f32, 1.0, (64, 1, 28, 28), &Device::Cpu)?;
+        let y = Tensor::from_vec(
+            (0..64u32).map(|i| i % 10).collect::<Vec<_>>(),
+            64,
+            &Device::Cpu,
+        )?;
+        let last_std = |norm: NormKind| -> Result<f64> {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+            let config = ModelConfig {
+                depth: 12,
+                activation: Activation::Tanh,
+                init: InitScheme::Normal(0.05),
+                ..tiny(Arch::Mlp, norm)
+            };
+            let model = Model::new(&config, (1, 28, 28), 10, vb, 7)?;
+            let (logits, stats) = model.forward_recorded(&x, true, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let norms = model.gradient_norms(&loss.backward()?)?;
+            assert_eq!(norms.len(), 12);
+            assert!(norms.iter().all(|&n| n > 0.0 && n.is_finite()), "{norms:?}");
+            Ok(stats[11].std)
+        };
+        let plain = last_std(NormKind::None)?;
+        let normalized = last_std(NormKind::Batch)?;
+        assert!(
+            plain < 1e-6,
+            "last block's std without normalization: {plain:e}"
+        );
+        assert!(
+            normalized > 0.3,
+            "last block's std with BatchNorm: {normalized:e}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn bad_configurations_are_refused() {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
