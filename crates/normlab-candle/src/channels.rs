@@ -20,7 +20,9 @@ use normlab::kernels::lrn::{lrn, lrn_backward};
 use normlab::{Float, LrnOptions, Saved, TensorView, View};
 
 use crate::custom::{apply, impl_custom_ops, NormOp};
-use crate::values::{err, of_tensor, read, to_tensor, with_slices, write, Slices, Values};
+use crate::values::{
+    err, of_tensor, read, read_slices, to_tensor, with_slices, write, Slices, Values,
+};
 
 /// Running statistics going into (and, updated, out of) a forward call.
 #[derive(Clone, Debug, Default)]
@@ -164,8 +166,7 @@ impl ChannelNormOp {
         Ok((g.dx, g.dweight, g.dbias))
     }
 
-    /// Forward on a CPU storage: its values are borrowed when contiguous f32
-    /// or f64, gathered (and widened from f16/bf16) otherwise.
+    /// Forward on a CPU storage (borrowed when it can be, see [`read_slices`]).
     fn forward_on(
         &self,
         s: &CpuStorage,
@@ -174,44 +175,19 @@ impl ChannelNormOp {
         b: Option<Values>,
     ) -> Result<CpuStorage> {
         let shape = l.dims();
-        let c = shape.get(1).copied().unwrap_or(0);
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(d), Some((start, end))) => {
-                let x = TensorView::new(shape, &d[start..end]).map_err(err)?;
-                let (w, b) = (
-                    w.map(|w| f32v(w, c)).transpose()?,
-                    b.map(|b| f32v(b, c)).transpose()?,
-                );
-                Ok(CpuStorage::F32(self.forward_t(&x, w, b)?.into_data()))
+        let y = match read_slices(self.name_str(), s, l)? {
+            Slices::F32(x) => {
+                let x = TensorView::new(shape, &x).map_err(err)?;
+                let (w, b) = (w.map(f32v).transpose()?, b.map(f32v).transpose()?);
+                Values::F32(self.forward_t(&x, w, b)?.into_data())
             }
-            (CpuStorage::F64(d), Some((start, end))) => {
-                let x = TensorView::new(shape, &d[start..end]).map_err(err)?;
-                let (w, b) = (
-                    w.map(|w| f64v(w, c)).transpose()?,
-                    b.map(|b| f64v(b, c)).transpose()?,
-                );
-                Ok(CpuStorage::F64(self.forward_t(&x, w, b)?.into_data()))
+            Slices::F64(x) => {
+                let x = TensorView::new(shape, &x).map_err(err)?;
+                let (w, b) = (w.map(f64v).transpose()?, b.map(f64v).transpose()?);
+                Values::F64(self.forward_t(&x, w, b)?.into_data())
             }
-            _ => {
-                let y = match read(self.name_str(), s, l)? {
-                    Values::F32(x) => {
-                        let (w, b) = (
-                            w.map(|w| f32v(w, c)).transpose()?,
-                            b.map(|b| f32v(b, c)).transpose()?,
-                        );
-                        Values::F32(self.forward_t(&tensor(x, shape)?, w, b)?.into_data())
-                    }
-                    Values::F64(x) => {
-                        let (w, b) = (
-                            w.map(|w| f64v(w, c)).transpose()?,
-                            b.map(|b| f64v(b, c)).transpose()?,
-                        );
-                        Values::F64(self.forward_t(&tensor(x, shape)?, w, b)?.into_data())
-                    }
-                };
-                Ok(write(y, s.dtype()))
-            }
-        }
+        };
+        Ok(write(y, s.dtype()))
     }
 
     #[allow(clippy::type_complexity)]
@@ -232,7 +208,7 @@ impl ChannelNormOp {
         let c = shape.get(1).copied().unwrap_or(0);
         macro_rules! back {
             ($x:expr, $dy:expr, $conv:ident, $variant:ident) => {{
-                let w = wv.map(|w| $conv(w, c)).transpose()?;
+                let w = wv.map($conv).transpose()?;
                 let x = TensorView::new(&shape, &$x).map_err(err)?;
                 let dy = TensorView::new(&shape, &$dy).map_err(err)?;
                 let (dx, dw, db) = self.backward_t(&x, &dy, w, with_bias)?;
@@ -262,22 +238,18 @@ impl ChannelNormOp {
     }
 }
 
-fn tensor<T: Float>(data: Vec<T>, shape: &[usize]) -> Result<normlab::Tensor<T>> {
-    normlab::Tensor::new(shape.to_vec(), data).map_err(err)
-}
-
-fn f32v(v: Values, c: usize) -> Result<normlab::Tensor<f32>> {
+/// A parameter as a 1-d tensor (normlab checks its length against C).
+fn f32v(v: Values) -> Result<normlab::Tensor<f32>> {
     match v {
-        Values::F32(v) if v.len() == c => tensor(v, &[c]),
-        Values::F32(v) => tensor(v.clone(), &[v.len()]),
+        Values::F32(v) => Ok(normlab::Tensor::from_vec(v)),
         Values::F64(_) => candle_core::bail!("parameters must have the input's precision"),
     }
 }
 
-fn f64v(v: Values, c: usize) -> Result<normlab::Tensor<f64>> {
+/// A parameter as a 1-d tensor (normlab checks its length against C).
+fn f64v(v: Values) -> Result<normlab::Tensor<f64>> {
     match v {
-        Values::F64(v) if v.len() == c => tensor(v, &[c]),
-        Values::F64(v) => tensor(v.clone(), &[v.len()]),
+        Values::F64(v) => Ok(normlab::Tensor::from_vec(v)),
         Values::F32(_) => candle_core::bail!("parameters must have the input's precision"),
     }
 }

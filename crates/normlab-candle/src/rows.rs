@@ -12,7 +12,9 @@ use normlab::kernels::{layer_norm, rms_norm};
 use normlab::{Epsilon, Saved};
 
 use crate::custom::{apply, impl_custom_ops, NormOp};
-use crate::values::{err, of_tensor, read, to_tensor, write, Values};
+use crate::values::{
+    err, of_tensor, read, read_slices, to_tensor, with_slices, write, Slices, Values,
+};
 
 /// Which row normalization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,15 +52,15 @@ impl RowNormOp {
     /// Forward on values: `x` is `rows × n` (n = last dimension).
     fn forward(
         &self,
-        x: &Values,
+        x: &Slices<'_>,
         n: usize,
         w: Option<&Values>,
         b: Option<&Values>,
     ) -> Result<Values> {
-        let rows = len(x).checked_div(n).unwrap_or(0);
+        let rows = x.len().checked_div(n).unwrap_or(0);
         let mut saved = Saved::zeros(rows);
         let y = match (x, w, b) {
-            (Values::F32(x), w, b) => {
+            (Slices::F32(x), w, b) => {
                 let (w, b) = (f32s(w)?, f32s(b)?);
                 let mut y = vec![0f32; x.len()];
                 match self.kind {
@@ -72,7 +74,7 @@ impl RowNormOp {
                 .map_err(err)?;
                 Values::F32(y)
             }
-            (Values::F64(x), w, b) => {
+            (Slices::F64(x), w, b) => {
                 let (w, b) = (f64s(w)?, f64s(b)?);
                 let mut y = vec![0f64; x.len()];
                 match self.kind {
@@ -91,30 +93,22 @@ impl RowNormOp {
         Ok(y)
     }
 
-    /// Backward: `(dx, dweight, dbias)`.
-    #[allow(clippy::type_complexity)]
-    fn backward_rows(
+    /// The backward's values: `(dx, dweight, dbias)` (empty when absent).
+    fn backward_values(
         &self,
-        x: &Tensor,
-        dy: &Tensor,
-        w: Option<&Tensor>,
+        xs: &Slices<'_>,
+        dys: &Slices<'_>,
+        n: usize,
+        wv: Option<&Values>,
         with_bias: bool,
-    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-        let n = *x.dims().last().unwrap_or(&1);
-        let probe = match x.dtype() {
-            candle_core::DType::F64 => Values::F64(Vec::new()),
-            _ => Values::F32(Vec::new()),
-        };
-        let xv = of_tensor(x, &probe)?;
-        let dyv = of_tensor(dy, &probe)?;
-        let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
-        let rows = len(&xv).checked_div(n).unwrap_or(0);
+    ) -> Result<(Values, Values, Values)> {
+        let rows = xs.len().checked_div(n).unwrap_or(0);
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
         let saved = match saved {
             Some(s) => s,
             // A second backward through the same graph: recompute.
             None => {
-                self.forward(&xv, n, wv.as_ref(), None)?;
+                self.forward(xs, n, wv, None)?;
                 self.saved
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -143,17 +137,40 @@ impl RowNormOp {
                 (dx, dw, db)
             }};
         }
-        let (dx, dw, db) = match (&xv, &dyv) {
-            (Values::F32(xs), Values::F32(dys)) => {
-                let (dx, dw, db) = run!(&xs[..], &dys[..], f32s(wv.as_ref())?, f32);
+        Ok(match (xs, dys) {
+            (Slices::F32(xs), Slices::F32(dys)) => {
+                let (dx, dw, db) = run!(&xs[..], &dys[..], f32s(wv)?, f32);
                 (Values::F32(dx), Values::F32(dw), Values::F32(db))
             }
-            (Values::F64(xs), Values::F64(dys)) => {
-                let (dx, dw, db) = run!(&xs[..], &dys[..], f64s(wv.as_ref())?, f64);
+            (Slices::F64(xs), Slices::F64(dys)) => {
+                let (dx, dw, db) = run!(&xs[..], &dys[..], f64s(wv)?, f64);
                 (Values::F64(dx), Values::F64(dw), Values::F64(db))
             }
             _ => candle_core::bail!("{}: mixed precisions in backward", self.name_str()),
+        })
+    }
+
+    /// Backward: `(dx, dweight, dbias)`.
+    #[allow(clippy::type_complexity)]
+    fn backward_rows(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        w: Option<&Tensor>,
+        with_bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        let n = *x.dims().last().unwrap_or(&1);
+        let probe = match x.dtype() {
+            candle_core::DType::F64 => Values::F64(Vec::new()),
+            _ => Values::F32(Vec::new()),
         };
+        let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
+        // x and dy are borrowed from their storage when possible: no copies.
+        let (dx, dw, db) = with_slices(x, &probe, |xs| {
+            with_slices(dy, &probe, |dys| {
+                self.backward_values(&xs, &dys, n, wv.as_ref(), with_bias)
+            })
+        })?;
         let dx = to_tensor(dx, x.dims(), x.dtype(), x)?;
         let dw = match w {
             Some(w) => Some(to_tensor(dw, w.dims(), w.dtype(), w)?),
@@ -165,13 +182,6 @@ impl RowNormOp {
             _ => None,
         };
         Ok((dx, dw, db))
-    }
-}
-
-fn len(v: &Values) -> usize {
-    match v {
-        Values::F32(v) => v.len(),
-        Values::F64(v) => v.len(),
     }
 }
 
@@ -233,7 +243,7 @@ impl NormOp for RowNormOp {
             }
         };
         let (w, b) = (param(weight, "weight")?, param(bias, "bias")?);
-        let y = self.forward(&read(op, s, l)?, n, w.as_ref(), b.as_ref())?;
+        let y = self.forward(&read_slices(op, s, l)?, n, w.as_ref(), b.as_ref())?;
         Ok(write(y, s.dtype()))
     }
 

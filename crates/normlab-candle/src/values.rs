@@ -110,6 +110,37 @@ pub(crate) enum Slices<'a> {
     F64(std::borrow::Cow<'a, [f64]>),
 }
 
+impl Slices<'_> {
+    /// Number of values.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Slices::F32(v) => v.len(),
+            Slices::F64(v) => v.len(),
+        }
+    }
+}
+
+/// The values of a CPU storage through its layout: borrowed when contiguous
+/// f32 or f64, gathered (and f16/bf16 widened to f32) otherwise.
+pub(crate) fn read_slices<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<Slices<'a>> {
+    use std::borrow::Cow;
+    if let Some((start, end)) = layout.contiguous_offsets() {
+        match storage {
+            CpuStorage::F32(v) => return Ok(Slices::F32(Cow::Borrowed(&v[start..end]))),
+            CpuStorage::F64(v) => return Ok(Slices::F64(Cow::Borrowed(&v[start..end]))),
+            _ => {}
+        }
+    }
+    Ok(match read(op, storage, layout)? {
+        Values::F32(v) => Slices::F32(Cow::Owned(v)),
+        Values::F64(v) => Slices::F64(Cow::Owned(v)),
+    })
+}
+
 /// Runs `f` on the values of `t` in the computing precision of `like`,
 /// without copying them when they can be borrowed.
 pub(crate) fn with_slices<R>(
