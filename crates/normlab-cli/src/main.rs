@@ -316,6 +316,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             ActivationArg::Tanh => Activation::Tanh,
         },
         init,
+        momentum: normlab::Momentum::default(),
     };
     let config = TrainConfig {
         optimizer: match args.optimizer {

@@ -123,6 +123,26 @@ pub struct ModelConfig {
     pub activation: Activation,
     /// Weight initialization.
     pub init: InitScheme,
+    /// How BatchNorm/InstanceNorm update their running statistics.
+    pub momentum: normlab::Momentum,
+}
+
+impl Default for ModelConfig {
+    /// An 8-block MLP of width 64 with BatchNorm before ReLU (placement A),
+    /// affine, Kaiming initialization, momentum 0.1.
+    fn default() -> Self {
+        ModelConfig {
+            arch: Arch::Mlp,
+            depth: 8,
+            width: 64,
+            norm: NormKind::Batch,
+            placement: Placement::A,
+            affine: true,
+            activation: Activation::Relu,
+            init: InitScheme::Kaiming,
+            momentum: normlab::Momentum::default(),
+        }
+    }
 }
 
 impl ModelConfig {
@@ -163,6 +183,7 @@ impl Norm {
     fn build(config: &ModelConfig, channels: usize, vb: VarBuilder) -> Result<Option<Norm>> {
         let bn_config = normlab_candle::BatchNormConfig {
             affine: config.affine,
+            momentum: config.momentum,
             ..1e-5.into()
         };
         let spatial = config.arch == Arch::Cnn;
@@ -213,7 +234,8 @@ pub struct BlockStats {
     pub mean: f64,
     /// Standard deviation of the block's output.
     pub std: f64,
-    /// Fraction of the block's ReLU outputs that are exactly 0 (0 for tanh).
+    /// Fraction of the block's ReLU outputs that are exactly 0 (0 for tanh);
+    /// under placement B these are the values entering the normalization.
     pub dead_fraction: f64,
 }
 
@@ -352,39 +374,89 @@ impl Model {
         train: bool,
         record: bool,
     ) -> Result<(Tensor, Vec<BlockStats>)> {
-        let mut h = match self.config.arch {
-            Arch::Mlp => x.flatten_from(1)?,
-            Arch::Cnn => x.clone(),
-        };
+        let mut h = self.prepare_input(x)?;
         let mut stats = Vec::new();
-        for block in &self.blocks {
-            h = match (&block.linear, &block.conv) {
-                (Some(l), _) => l.forward(&h)?,
-                (_, Some(c)) => c.forward(&h)?,
-                _ => unreachable!("every block has a linear or a convolution"),
-            };
-            let activate = |t: &Tensor| -> candle_core::Result<Tensor> {
-                match self.config.activation {
-                    Activation::Relu => t.relu(),
-                    Activation::Tanh => t.tanh(),
-                }
-            };
-            h = match (&block.norm, self.config.placement) {
-                (None, _) => activate(&h)?,
-                (Some(n), Placement::A) => activate(&n.forward(&h, train)?)?,
-                (Some(n), Placement::B) => n.forward(&activate(&h)?, train)?,
-            };
-            if record {
-                stats.push(block_stats(&h, self.config.activation)?);
-            }
-            if block.pool {
-                h = h.max_pool2d(2)?;
-            }
+        for i in 0..self.blocks.len() {
+            let (out, block_stats) = self.block_forward(i, &h, train, record)?;
+            h = out;
+            stats.extend(block_stats);
         }
         if self.config.arch == Arch::Cnn {
             h = h.mean(D::Minus1)?.mean(D::Minus1)?;
         }
         Ok((self.head.forward(&h)?, stats))
+    }
+
+    /// Number of hidden blocks.
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `i` alone: linear or convolution, normalization and activation in
+    /// the configured order, then the block's pooling. With `record`, also the
+    /// statistics of the block's output (before pooling).
+    ///
+    /// # Errors
+    /// candle errors; `i` out of range.
+    pub fn block_forward(
+        &self,
+        i: usize,
+        h: &Tensor,
+        train: bool,
+        record: bool,
+    ) -> Result<(Tensor, Option<BlockStats>)> {
+        let Some(block) = self.blocks.get(i) else {
+            bail!(
+                "block {i} out of range: the model has {}",
+                self.blocks.len()
+            );
+        };
+        let z = match (&block.linear, &block.conv) {
+            (Some(l), _) => l.forward(h)?,
+            (_, Some(c)) => c.forward(h)?,
+            _ => unreachable!("every block has a linear or a convolution"),
+        };
+        let activate = |t: &Tensor| -> candle_core::Result<Tensor> {
+            match self.config.activation {
+                Activation::Relu => t.relu(),
+                Activation::Tanh => t.tanh(),
+            }
+        };
+        // `activated` is the non-linearity's output, whose zeros are the dead
+        // ReLUs; `out` is what the block passes on.
+        let (activated, out) = match (&block.norm, self.config.placement) {
+            (None, _) => {
+                let a = activate(&z)?;
+                (a.clone(), a)
+            }
+            (Some(n), Placement::A) => {
+                let a = activate(&n.forward(&z, train)?)?;
+                (a.clone(), a)
+            }
+            (Some(n), Placement::B) => {
+                let a = activate(&z)?;
+                let out = n.forward(&a, train)?;
+                (a, out)
+            }
+        };
+        let stats = if record {
+            Some(block_stats(&out, &activated, self.config.activation)?)
+        } else {
+            None
+        };
+        let out = if block.pool { out.max_pool2d(2)? } else { out };
+        Ok((out, stats))
+    }
+
+    /// The input `[N, C, H, W]` in the shape the first block takes (flattened for an MLP).
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn prepare_input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.config.arch {
+            Arch::Mlp => x.flatten_from(1)?,
+            Arch::Cnn => x.clone(),
+        })
     }
 
     /// The weight of each block's linear layer or convolution, in order.
@@ -423,13 +495,16 @@ impl Model {
     }
 }
 
-fn block_stats(h: &Tensor, activation: Activation) -> Result<BlockStats> {
-    let v: Vec<f32> = h.flatten_all()?.to_vec1()?;
+fn block_stats(out: &Tensor, activated: &Tensor, activation: Activation) -> Result<BlockStats> {
+    let v: Vec<f32> = out.flatten_all()?.to_vec1()?;
     let n = v.len().max(1) as f64;
     let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n;
     let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n;
     let dead = match activation {
-        Activation::Relu => v.iter().filter(|&&a| a == 0.0).count() as f64 / n,
+        Activation::Relu => {
+            let a: Vec<f32> = activated.flatten_all()?.to_vec1()?;
+            a.iter().filter(|&&a| a == 0.0).count() as f64 / n
+        }
         Activation::Tanh => 0.0,
     };
     Ok(BlockStats {

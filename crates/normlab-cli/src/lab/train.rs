@@ -226,6 +226,7 @@ mod tests {
             affine: true,
             activation: Activation::Relu,
             init: InitScheme::Kaiming,
+            momentum: normlab::Momentum::default(),
         }
     }
 
