@@ -14,8 +14,8 @@
 
 use super::fast::Store;
 use super::parallel::{channels, channels_mut, min_units, sum_partials};
-use super::slices;
 use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
+use super::{narrow, slices};
 use crate::error::{check_len, ensure, Result};
 use crate::float::uninit_mut;
 use crate::moments::Moments;
@@ -102,6 +102,9 @@ pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Momen
     if c * s == 0 {
         return Ok(vec![Moments::EMPTY; c]);
     }
+    if s <= narrow::MAX_SPATIAL {
+        return Ok(narrow::moments(x, c, s));
+    }
     // Memory order, one sample per task; each channel's per-sample moments
     // are merged in sample order, whatever the number of threads.
     let per_sample: Vec<Vec<Moments>> = x
@@ -146,6 +149,14 @@ pub(crate) fn normalize_out<T: Float>(
     let (c, s) = (layout.c, layout.spatial);
     let store = Store::for_len(x.len());
     if s == 0 {
+        return Ok(());
+    }
+    if s <= narrow::MAX_SPATIAL {
+        let scale: Vec<f64> = (0..c)
+            .map(|ch| saved.rstd[ch] * param_at(weight, ch, 1.0))
+            .collect();
+        let shift: Vec<f64> = (0..c).map(|ch| param_at(bias, ch, 0.0)).collect();
+        narrow::normalize(x, y, c, s, &saved.mean, &scale, &shift);
         return Ok(());
     }
     // Statistics are given: no per-channel gathering needed, so the blocks
@@ -223,6 +234,9 @@ pub fn channel_grad_sums<T: Float>(
     let (c, s) = (layout.c, layout.spatial);
     if c * s == 0 {
         return Ok((vec![0.0; c], vec![0.0; c]));
+    }
+    if s <= narrow::MAX_SPATIAL {
+        return Ok(narrow::grad_sums(x, dy, c, s, &saved.mean, &saved.rstd));
     }
     // Memory order, one sample per task, per-sample sums added in sample order.
     let partials: Vec<(Vec<f64>, Vec<f64>)> = x
@@ -347,6 +361,11 @@ pub(crate) fn backward_input_out<T: Float>(
             channel_coefficients(eps, param_at(weight, ch, 1.0), saved.rstd[ch], batch)
         })
         .collect();
+    if s <= narrow::MAX_SPATIAL {
+        let w: Vec<f64> = (0..c).map(|ch| param_at(weight, ch, 1.0)).collect();
+        narrow::input_grad(x, dy, dx, c, s, &saved.mean, &w, &coefs);
+        return Ok(());
+    }
     // Memory order: one sequential stream per thread.
     x.par_chunks(s)
         .zip(dy.par_chunks(s))
@@ -429,11 +448,27 @@ fn backward_fused<T: Float>(
     batch_stats: bool,
     dx: &mut [MaybeUninit<T>],
 ) -> (Vec<f64>, Vec<f64>) {
+    let (c, s) = (layout.c, layout.spatial);
+    let count = (layout.n * s) as f64;
+    if c * s > 0 && s <= narrow::MAX_SPATIAL {
+        // Whole samples are short rows: sums, then dx, each in memory order.
+        let sums = channel_grad_sums(x, dy, layout, saved).expect("layout checked by the caller");
+        let stats = if batch_stats {
+            StatsGradient::Batch {
+                count,
+                sum_dy: &sums.0,
+                sum_dy_xhat: &sums.1,
+            }
+        } else {
+            StatsGradient::Constant
+        };
+        backward_input_out(x, dy, layout, saved, weight, eps, stats, dx)
+            .expect("layout checked by the caller");
+        return sums;
+    }
     if !batch_stats {
         return backward_constant(x, dy, layout, saved, weight, dx);
     }
-    let (c, s) = (layout.c, layout.spatial);
-    let count = (layout.n * s) as f64;
     if layout.n * s * 2 * std::mem::size_of::<T>() > FUSED_CHANNEL_BYTES {
         // A channel's x and dy would not stay in L2 between the two passes:
         // two passes in memory order stream better.

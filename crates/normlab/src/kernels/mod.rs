@@ -27,6 +27,7 @@ pub mod group_norm;
 pub mod instance_norm;
 pub mod layer_norm;
 pub mod lrn;
+pub(crate) mod narrow;
 pub(crate) mod parallel;
 pub mod rms_norm;
 pub(crate) mod slices;
