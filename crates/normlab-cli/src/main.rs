@@ -19,6 +19,26 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run every experiment and write a self-contained HTML report
+    /// (DIR/index.html) with the CSV and SVG files of each experiment.
+    ///
+    /// The report opens with the lecture's claims, the evidence measured for
+    /// each and a verdict computed by a stated rule.
+    ///
+    /// Example: normlab report --out report --profile quick
+    Report(SuiteArgs),
+    /// Run one experiment of the suite and write its files and an index.html.
+    ///
+    /// Experiments: signal, depth, robustness, batch_size, placement,
+    /// train_eval, gradient_mixing, jacobian, exploding, advice.
+    ///
+    /// Example: normlab experiment depth --out runs/depth
+    Experiment {
+        /// The experiment's name.
+        name: String,
+        #[command(flatten)]
+        args: SuiteArgs,
+    },
     /// Run normcase/1 conformance cases (files or directories of .json files).
     ///
     /// Prints one PASS/FAIL line per case and `N passed, M failed`; exits
@@ -64,9 +84,73 @@ enum Command {
     },
 }
 
+/// Options shared by `report` and `experiment`.
+#[derive(clap::Args, Debug)]
+struct SuiteArgs {
+    /// Run directory for index.html, CSV and SVG files (default: report, or
+    /// runs/NAME for one experiment).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// smoke (under 2 minutes), quick (under 15 minutes) or full.
+    #[arg(long, value_enum, default_value = "quick")]
+    profile: normlab_cli::lab::experiments::Profile,
+    /// Seed of the split, every initialization and every batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Read MNIST / Fashion-MNIST (IDX, gzip or not) or CIFAR-10 (binary
+    /// batches) from this directory instead of the embedded MNIST test set.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn run_suite(
+    experiments: &[&normlab_cli::lab::experiments::Experiment],
+    args: &SuiteArgs,
+    default_out: PathBuf,
+) -> anyhow::Result<()> {
+    use normlab_cli::lab::report;
+    let (dataset, data) = match &args.data_dir {
+        Some(dir) => (data::from_dir(dir)?, format!("{}", dir.display())),
+        None => (
+            data::embedded_mnist()?,
+            "embedded MNIST test set (10,000 images)".to_string(),
+        ),
+    };
+    let held_out = dataset.len() / 5;
+    let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
+    let settings = report::Settings {
+        profile: args.profile,
+        seed: args.seed,
+        data: format!(
+            "{data}, split with seed {} into {} training and {} held-out images",
+            args.seed,
+            train_set.len(),
+            held.len()
+        ),
+        progress: !args.quiet,
+    };
+    let dir = args.out.clone().unwrap_or(default_out);
+    let index = report::run_and_write(experiments, &settings, &train_set, &held, &dir)?;
+    println!("{}", index.display());
+    Ok(())
+}
+
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Report(args) => {
+            let all: Vec<_> = normlab_cli::lab::experiments::SUITE.iter().collect();
+            run_suite(&all, &args, PathBuf::from("report"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Experiment { name, args } => {
+            let e = normlab_cli::lab::experiments::find(&name)?;
+            run_suite(&[e], &args, PathBuf::from("runs").join(&name))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Train(args) => {
             run_train(args)?;
             Ok(ExitCode::SUCCESS)

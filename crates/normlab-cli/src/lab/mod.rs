@@ -1,5 +1,8 @@
 //! The lab: networks with and without normalization, and their training.
 
+pub mod experiments;
 pub mod model;
 pub mod plot;
+pub mod report;
 pub mod train;
+pub mod verdict;

@@ -381,10 +381,61 @@ impl Model {
             h = out;
             stats.extend(block_stats);
         }
-        if self.config.arch == Arch::Cnn {
-            h = h.mean(D::Minus1)?.mean(D::Minus1)?;
+        Ok((self.head_forward(&h)?, stats))
+    }
+
+    /// The classifier on the last block's output (after global average
+    /// pooling in a CNN).
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn head_forward(&self, h: &Tensor) -> Result<Tensor> {
+        let h = match self.config.arch {
+            Arch::Cnn => h.mean(D::Minus1)?.mean(D::Minus1)?,
+            Arch::Mlp => h.clone(),
+        };
+        Ok(self.head.forward(&h)?)
+    }
+
+    /// Logits, the statistics of every block, and the gradient of `loss_fn`
+    /// of the logits with respect to each block's output (its L2 norm over
+    /// the batch): the backward signal ‖∂loss/∂h_l‖ at every depth.
+    ///
+    /// candle keeps gradients only for variables, so a zero variable is
+    /// added to each block's output; its gradient is the output's.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn backward_signal(
+        &self,
+        x: &Tensor,
+        train: bool,
+        loss_fn: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<(Vec<BlockStats>, Vec<f64>)> {
+        let mut h = self.prepare_input(x)?;
+        let mut stats = Vec::new();
+        let mut probes = Vec::new();
+        for i in 0..self.blocks.len() {
+            let (out, s) = self.block_forward_unpooled(i, &h, train, true)?;
+            stats.extend(s);
+            let probe = Var::zeros(out.shape(), out.dtype(), out.device())?;
+            let out = (out + probe.as_tensor())?;
+            probes.push(probe);
+            h = if self.blocks[i].pool {
+                out.max_pool2d(2)?
+            } else {
+                out
+            };
         }
-        Ok((self.head.forward(&h)?, stats))
+        let grads = loss_fn(&self.head_forward(&h)?)?.backward()?;
+        let norms = probes
+            .iter()
+            .map(|p| match grads.get(p.as_tensor()) {
+                Some(g) => Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64),
+                None => Ok(0.0),
+            })
+            .collect::<Result<_>>()?;
+        Ok((stats, norms))
     }
 
     /// Number of hidden blocks.
@@ -405,17 +456,29 @@ impl Model {
         train: bool,
         record: bool,
     ) -> Result<(Tensor, Option<BlockStats>)> {
+        let (out, stats) = self.block_forward_unpooled(i, h, train, record)?;
+        let out = if self.blocks[i].pool {
+            out.max_pool2d(2)?
+        } else {
+            out
+        };
+        Ok((out, stats))
+    }
+
+    fn block_forward_unpooled(
+        &self,
+        i: usize,
+        h: &Tensor,
+        train: bool,
+        record: bool,
+    ) -> Result<(Tensor, Option<BlockStats>)> {
         let Some(block) = self.blocks.get(i) else {
             bail!(
                 "block {i} out of range: the model has {}",
                 self.blocks.len()
             );
         };
-        let z = match (&block.linear, &block.conv) {
-            (Some(l), _) => l.forward(h)?,
-            (_, Some(c)) => c.forward(h)?,
-            _ => unreachable!("every block has a linear or a convolution"),
-        };
+        let z = self.block_linear(i, h)?;
         let activate = |t: &Tensor| -> candle_core::Result<Tensor> {
             match self.config.activation {
                 Activation::Relu => t.relu(),
@@ -444,8 +507,26 @@ impl Model {
         } else {
             None
         };
-        let out = if block.pool { out.max_pool2d(2)? } else { out };
         Ok((out, stats))
+    }
+
+    /// Block `i`'s linear layer or convolution alone: the values its
+    /// normalization sees under placement A.
+    ///
+    /// # Errors
+    /// candle errors; `i` out of range.
+    pub fn block_linear(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        let Some(block) = self.blocks.get(i) else {
+            bail!(
+                "block {i} out of range: the model has {}",
+                self.blocks.len()
+            );
+        };
+        Ok(match (&block.linear, &block.conv) {
+            (Some(l), _) => l.forward(h)?,
+            (_, Some(c)) => c.forward(h)?,
+            _ => unreachable!("every block has a linear or a convolution"),
+        })
     }
 
     /// The input `[N, C, H, W]` in the shape the first block takes (flattened for an MLP).

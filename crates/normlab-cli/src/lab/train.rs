@@ -108,7 +108,161 @@ pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
     Ok(correct as f64 / data.len().max(1) as f64)
 }
 
+/// The optimizer of a run.
+enum Opt {
+    Sgd(MomentumSgd),
+    AdamW(candle_nn::AdamW),
+}
+
+/// A training run in progress: the model, its variables, the optimizer and
+/// the seeded batch order. [`train`] drives it to the end; experiments that
+/// look at the model between steps call [`Trainer::step`] themselves.
+pub struct Trainer<'a> {
+    /// The network being trained.
+    pub model: Model,
+    /// Its variables (parameters and running statistics), by PyTorch-style name.
+    pub map: VarMap,
+    train_set: &'a Dataset,
+    config: TrainConfig,
+    opt: Opt,
+    rng: rand::rngs::StdRng,
+    order: Vec<usize>,
+    losses: Vec<f64>,
+    start: Instant,
+}
+
+impl<'a> Trainer<'a> {
+    /// A fresh model and optimizer.
+    ///
+    /// # Errors
+    /// Invalid configurations; candle errors.
+    pub fn new(
+        model_config: &ModelConfig,
+        config: &TrainConfig,
+        train_set: &'a Dataset,
+    ) -> Result<Trainer<'a>> {
+        ensure!(
+            config.batch_size > 0 && config.batch_size <= train_set.len(),
+            "batch size {} must be between 1 and the {} training images",
+            config.batch_size,
+            train_set.len()
+        );
+        ensure!(
+            config.lr.is_finite() && config.lr > 0.0,
+            "learning rate must be positive, got {}",
+            config.lr
+        );
+        let start = Instant::now();
+        let device = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
+        let dims = (train_set.channels, train_set.height, train_set.width);
+        let model = Model::new(model_config, dims, train_set.classes, vb, config.seed)?;
+        let trainable: Vec<Var> = {
+            let data = map.data().lock().expect("var map lock");
+            let mut named: Vec<(&String, &Var)> = data
+                .iter()
+                .filter(|(n, _)| n.ends_with("weight") || n.ends_with("bias"))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(b.0));
+            named.into_iter().map(|(_, v)| v.clone()).collect()
+        };
+        let opt = match config.optimizer {
+            OptimizerKind::Sgd { momentum } => Opt::Sgd(MomentumSgd {
+                vars: trainable
+                    .iter()
+                    .map(|v| Ok((v.clone(), v.as_tensor().zeros_like()?)))
+                    .collect::<Result<_>>()?,
+                lr: config.lr,
+                momentum,
+            }),
+            OptimizerKind::AdamW { weight_decay } => Opt::AdamW(candle_nn::AdamW::new(
+                trainable,
+                candle_nn::ParamsAdamW {
+                    lr: config.lr,
+                    weight_decay,
+                    ..Default::default()
+                },
+            )?),
+        };
+        Ok(Trainer {
+            model,
+            map,
+            train_set,
+            config: config.clone(),
+            opt,
+            rng: rand::rngs::StdRng::seed_from_u64(config.seed),
+            order: Vec::new(),
+            losses: Vec::with_capacity(config.steps),
+            start,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> usize {
+        self.losses.len()
+    }
+
+    /// Whether a loss has been non-finite (the run stops there).
+    pub fn diverged(&self) -> bool {
+        self.losses.last().is_some_and(|l| !l.is_finite())
+    }
+
+    /// One optimizer step on the next mini-batch (reshuffled every epoch);
+    /// returns its loss. A non-finite loss is recorded and no update is made.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn step(&mut self) -> Result<f64> {
+        let batch_size = self.config.batch_size;
+        if self.order.len() < batch_size {
+            self.order = (0..self.train_set.len()).collect();
+            self.order.shuffle(&mut self.rng);
+        }
+        let indices: Vec<usize> = self.order.drain(..batch_size).collect();
+        let (x, y) = batch(self.train_set, &indices, &Device::Cpu)?;
+        let loss = candle_nn::loss::cross_entropy(&self.model.forward(&x, true)?, &y)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        self.losses.push(value);
+        if value.is_finite() {
+            let grads = loss.backward()?;
+            match &mut self.opt {
+                Opt::Sgd(o) => o.step(&grads)?,
+                Opt::AdamW(o) => o.step(&grads)?,
+            }
+        }
+        Ok(value)
+    }
+
+    /// The summary, with the held-out accuracy in evaluation mode.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn summary(&self, held_out: &Dataset) -> Result<TrainSummary> {
+        let losses = self.losses.clone();
+        let diverged = losses.iter().any(|l| !l.is_finite());
+        let tail = (losses.len() / 10).max(1);
+        let final_loss = match losses.len() {
+            0 => f64::NAN,
+            n => losses[n.saturating_sub(tail)..].iter().sum::<f64>() / tail.min(n) as f64,
+        };
+        let held_out_accuracy = if diverged {
+            0.0
+        } else {
+            accuracy(&self.model, held_out)?
+        };
+        Ok(TrainSummary {
+            losses,
+            final_loss,
+            held_out_accuracy,
+            diverged,
+            seconds: self.start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// Trains a fresh model; `on_step(step, loss)` is called after every step.
+/// The run stops early at a non-finite loss.
 ///
 /// # Errors
 /// Invalid configurations; candle errors.
@@ -119,96 +273,16 @@ pub fn train(
     held_out: &Dataset,
     mut on_step: impl FnMut(usize, f64),
 ) -> Result<(Model, VarMap, TrainSummary)> {
-    ensure!(
-        config.batch_size > 0 && config.batch_size <= train_set.len(),
-        "batch size {} must be between 1 and the {} training images",
-        config.batch_size,
-        train_set.len()
-    );
-    ensure!(
-        config.lr.is_finite() && config.lr > 0.0,
-        "learning rate must be positive, got {}",
-        config.lr
-    );
-    let start = Instant::now();
-    let device = Device::Cpu;
-    let map = VarMap::new();
-    let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
-    let dims = (train_set.channels, train_set.height, train_set.width);
-    let model = Model::new(model_config, dims, train_set.classes, vb, config.seed)?;
-    let trainable: Vec<Var> = {
-        let data = map.data().lock().expect("var map lock");
-        let mut named: Vec<(&String, &Var)> = data
-            .iter()
-            .filter(|(n, _)| n.ends_with("weight") || n.ends_with("bias"))
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
-    };
-    enum Opt {
-        Sgd(MomentumSgd),
-        AdamW(candle_nn::AdamW),
-    }
-    let mut opt = match config.optimizer {
-        OptimizerKind::Sgd { momentum } => Opt::Sgd(MomentumSgd {
-            vars: trainable
-                .iter()
-                .map(|v| Ok((v.clone(), v.as_tensor().zeros_like()?)))
-                .collect::<Result<_>>()?,
-            lr: config.lr,
-            momentum,
-        }),
-        OptimizerKind::AdamW { weight_decay } => Opt::AdamW(candle_nn::AdamW::new(
-            trainable,
-            candle_nn::ParamsAdamW {
-                lr: config.lr,
-                weight_decay,
-                ..Default::default()
-            },
-        )?),
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-    let mut order: Vec<usize> = Vec::new();
-    let mut losses = Vec::with_capacity(config.steps);
+    let mut trainer = Trainer::new(model_config, config, train_set)?;
     for step in 0..config.steps {
-        if order.len() < config.batch_size {
-            order = (0..train_set.len()).collect();
-            order.shuffle(&mut rng);
-        }
-        let indices: Vec<usize> = order.drain(..config.batch_size).collect();
-        let (x, y) = batch(train_set, &indices, &device)?;
-        let loss = candle_nn::loss::cross_entropy(&model.forward(&x, true)?, &y)?;
-        let value = loss.to_scalar::<f32>()? as f64;
-        losses.push(value);
-        on_step(step, value);
-        if !value.is_finite() {
+        let loss = trainer.step()?;
+        on_step(step, loss);
+        if trainer.diverged() {
             break;
         }
-        let grads = loss.backward()?;
-        match &mut opt {
-            Opt::Sgd(o) => o.step(&grads)?,
-            Opt::AdamW(o) => o.step(&grads)?,
-        }
     }
-    let diverged = losses.iter().any(|l| !l.is_finite());
-    let tail = (losses.len() / 10).max(1);
-    let final_loss = losses[losses.len().saturating_sub(tail)..]
-        .iter()
-        .sum::<f64>()
-        / tail as f64;
-    let held_out_accuracy = if diverged {
-        0.0
-    } else {
-        accuracy(&model, held_out)?
-    };
-    let summary = TrainSummary {
-        losses,
-        final_loss,
-        held_out_accuracy,
-        diverged,
-        seconds: start.elapsed().as_secs_f64(),
-    };
-    Ok((model, map, summary))
+    let summary = trainer.summary(held_out)?;
+    Ok((trainer.model, trainer.map, summary))
 }
 
 #[cfg(test)]
