@@ -24,8 +24,16 @@ use super::train::{self, TrainConfig, TrainSummary};
 use super::verdict::Verdict;
 use crate::data::Dataset;
 
+pub mod advice;
+pub mod batch_size;
 pub mod depth;
+pub mod exploding;
+pub mod gradient_mixing;
+pub mod jacobian;
+pub mod placement;
+pub mod robustness;
 pub mod signal;
+pub mod train_eval;
 
 /// How big the experiments are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -211,7 +219,18 @@ pub struct Outcome {
 }
 
 /// The suite, in report order.
-pub const SUITE: [Experiment; 2] = [signal::EXPERIMENT, depth::EXPERIMENT];
+pub const SUITE: [Experiment; 10] = [
+    signal::EXPERIMENT,
+    depth::EXPERIMENT,
+    robustness::EXPERIMENT,
+    batch_size::EXPERIMENT,
+    placement::EXPERIMENT,
+    train_eval::EXPERIMENT,
+    gradient_mixing::EXPERIMENT,
+    jacobian::EXPERIMENT,
+    exploding::EXPERIMENT,
+    advice::EXPERIMENT,
+];
 
 /// The experiment called `name`.
 ///
