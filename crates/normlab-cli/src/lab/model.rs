@@ -9,7 +9,7 @@
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use candle_core::{Module, ModuleT, Tensor, Var, D};
+use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -20,7 +20,8 @@ use rand_distr::StandardNormal;
 pub enum Arch {
     /// Fully connected layers on the flattened image.
     Mlp,
-    /// 3×3 convolutions (two 2×2 max-pools), global average pool, linear head.
+    /// 3×3 convolutions (2×2 max-pools after the first two blocks), a linear
+    /// head on the flattened last feature map.
     Cnn,
 }
 
@@ -348,7 +349,11 @@ impl Model {
         }
         let head_in = match config.arch {
             Arch::Mlp => features,
-            Arch::Cnn => config.width,
+            // Each of the first two blocks halves the resolution.
+            Arch::Cnn => {
+                let pools = config.depth.min(2) as u32;
+                config.width * (height >> pools) * (width >> pools)
+            }
         };
         let head = linear(
             head_in,
@@ -384,14 +389,15 @@ impl Model {
         Ok((self.head_forward(&h)?, stats))
     }
 
-    /// The classifier on the last block's output (after global average
-    /// pooling in a CNN).
+    /// The classifier on the last block's output (flattened in a CNN: a
+    /// global average pool would discard what per-sample normalizations
+    /// leave, since they fix each channel's spatial mean).
     ///
     /// # Errors
     /// candle errors.
     pub fn head_forward(&self, h: &Tensor) -> Result<Tensor> {
         let h = match self.config.arch {
-            Arch::Cnn => h.mean(D::Minus1)?.mean(D::Minus1)?,
+            Arch::Cnn => h.flatten_from(1)?,
             Arch::Mlp => h.clone(),
         };
         Ok(self.head.forward(&h)?)

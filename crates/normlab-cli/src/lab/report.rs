@@ -231,9 +231,9 @@ pub fn html(settings: &Settings, outcomes: &[Outcome], seconds: f64) -> String {
         for fig in &f.figures {
             // Inline the <svg> element without its XML declaration.
             let svg = fig.svg.find("<svg").map_or(&fig.svg[..], |i| &fig.svg[i..]);
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<figure class=\"plot\" data-file=\"{}\" data-points=\"{}\">{}<figcaption>{}</figcaption></figure>\n",
+                "<figure class=\"plot\" data-file=\"{}\" data-points=\"{}\">{}<figcaption>{}</figcaption></figure>",
                 escape(&fig.file),
                 fig.points,
                 svg,
@@ -243,8 +243,8 @@ pub fn html(settings: &Settings, outcomes: &[Outcome], seconds: f64) -> String {
         h.push_str("</section>\n");
     }
     h.push_str(
-        "<footer><p>Data: the MNIST database (Y. LeCun, C. Cortes, C. J. C. Burges), \
-         CC BY-SA 3.0, unless another --data-dir is stated above.</p></footer>\n</body></html>\n",
+        "<footer><p>Data, unless another directory is stated above: the MNIST test set, \
+         © Yann LeCun and Corinna Cortes, CC BY-SA 3.0.</p></footer>\n</body></html>\n",
     );
     h
 }

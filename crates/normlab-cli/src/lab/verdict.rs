@@ -156,7 +156,7 @@ points. Not supported if BatchNorm drops no more than one of them. Otherwise inc
 /// `batch_size`: accuracy drop from the largest to the smallest batch for
 /// BatchNorm, LayerNorm and GroupNorm.
 pub fn batch_size(batch_drop: f64, layer_drop: f64, group_drop: f64) -> Verdict {
-    if !(batch_drop > layer_drop && batch_drop > group_drop) {
+    if batch_drop.is_nan() || batch_drop <= layer_drop || batch_drop <= group_drop {
         Verdict::NotSupported
     } else if batch_drop >= 0.05 && batch_drop >= layer_drop.max(group_drop) + 0.03 {
         Verdict::Supported
@@ -211,7 +211,7 @@ pub fn train_eval(
         .iter()
         .min_by_key(|r| r.0)
         .map_or(f64::NAN, |r| r.1);
-    if !(running_accuracy >= smallest) {
+    if running_accuracy.is_nan() || smallest.is_nan() || running_accuracy < smallest {
         return Verdict::NotSupported;
     }
     let beats_tiny = batch_stat_accuracy
@@ -236,7 +236,11 @@ smallest batch is < 1e-4, or a per-sample normalization's exceeds 1e-3. Otherwis
 /// `gradient_mixing`: BatchNorm's change at the smallest and largest batch,
 /// and the largest change under the per-sample normalizations.
 pub fn gradient_mixing(batch_smallest: f64, batch_largest: f64, per_sample_max: f64) -> Verdict {
-    if !(batch_smallest >= 1e-4) || !(per_sample_max <= 1e-3) {
+    if batch_smallest.is_nan()
+        || batch_smallest < 1e-4
+        || per_sample_max.is_nan()
+        || per_sample_max > 1e-3
+    {
         Verdict::NotSupported
     } else if batch_smallest >= 1e-2
         && batch_largest <= batch_smallest / 4.0
@@ -270,17 +274,33 @@ pub fn log_distance_from_one(singular_values: &[f64]) -> f64 {
 }
 
 /// Rule of `jacobian`.
-pub const JACOBIAN_RULE: &str = "distance = median |log10 σ| over the singular values σ of the \
-per-sample Jacobians. Supported if every normalized network's distance is ≤ 1 (singular values \
-typically within 10× of one) and below the plain network's. Not supported if some normalized \
-network is no closer to one than the plain network. Otherwise inconclusive.";
+pub const JACOBIAN_RULE: &str = "A block's gain is the root-mean-square singular value of its own \
+Jacobian; block distance = mean over blocks of |log10 gain|; stack distance = |log10| of the \
+root-mean-square singular value of the whole stack's Jacobian. Supported if every normalized \
+network's block distance is ≤ 0.1 (gains within about 26% of one) and below the plain network's, \
+and its stack distance is below the plain network's. Not supported if some normalized network's \
+block distance is no smaller than the plain network's. Otherwise inconclusive.";
 
-/// `jacobian`: distance from one of the plain network and of each normalized one.
-pub fn jacobian(plain: f64, normalized: &[f64]) -> Verdict {
-    let worst = normalized.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if worst.is_nan() || worst >= plain {
+/// Distances from one of a network's Jacobians, for `jacobian`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JacobianDistances {
+    /// Mean over blocks of |log10 gain|.
+    pub block: f64,
+    /// |log10| of the whole stack's RMS singular value.
+    pub stack: f64,
+}
+
+/// `jacobian`: the plain network's distances and each normalized network's.
+pub fn jacobian(plain: JacobianDistances, normalized: &[JacobianDistances]) -> Verdict {
+    if normalized
+        .iter()
+        .any(|n| n.block.is_nan() || n.block >= plain.block)
+    {
         Verdict::NotSupported
-    } else if worst <= 1.0 {
+    } else if normalized
+        .iter()
+        .all(|n| n.block <= 0.1 && n.stack < plain.stack)
+    {
         Verdict::Supported
     } else {
         Verdict::Inconclusive
@@ -391,9 +411,9 @@ mod tests {
         let good = vec![(2, 0.95), (8, 0.95), (16, 0.94), (32, 0.9)];
         let shallow = vec![(2, 0.95), (8, 0.95), (16, 0.3), (32, 0.1)];
         assert_eq!(trainable_depth(&plain, 0.76), 8);
-        assert_eq!(depth(&plain, &[good.clone()]), Supported);
+        assert_eq!(depth(&plain, std::slice::from_ref(&good)), Supported);
         assert_eq!(depth(&plain, &[shallow]), NotSupported);
-        assert_eq!(depth(&good, &[good.clone()]), NotSupported);
+        assert_eq!(depth(&good, std::slice::from_ref(&good)), NotSupported);
         let to_16 = vec![(2, 0.95), (8, 0.95), (16, 0.94), (32, 0.1)];
         assert_eq!(depth(&plain, &[to_16]), Inconclusive);
     }
@@ -443,9 +463,15 @@ mod tests {
     fn jacobian_rule() {
         assert_eq!(log_distance_from_one(&[1.0, 10.0, 0.01]), 1.0);
         assert_eq!(log_distance_from_one(&[0.0, 0.0, 1.0]), f64::INFINITY);
-        assert_eq!(jacobian(3.0, &[0.3, 0.5]), Supported);
-        assert_eq!(jacobian(0.2, &[0.3, 0.1]), NotSupported);
-        assert_eq!(jacobian(3.0, &[1.5]), Inconclusive);
+        let d = |block, stack| JacobianDistances { block, stack };
+        assert_eq!(
+            jacobian(d(0.15, 3.0), &[d(0.05, 1.7), d(0.01, 0.1)]),
+            Supported
+        );
+        assert_eq!(jacobian(d(0.15, 3.0), &[d(0.2, 0.1)]), NotSupported);
+        assert_eq!(jacobian(d(0.15, 3.0), &[d(f64::NAN, 0.1)]), NotSupported);
+        assert_eq!(jacobian(d(0.15, 3.0), &[d(0.12, 0.1)]), Inconclusive);
+        assert_eq!(jacobian(d(0.15, 3.0), &[d(0.05, 3.5)]), Inconclusive);
     }
 
     #[test]

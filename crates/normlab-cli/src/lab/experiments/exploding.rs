@@ -138,7 +138,9 @@ fn run(ctx: &Context) -> Result<Findings> {
             .fold(0.0, f64::max)
     };
 
-    let per_block = |f: fn(&(Vec<f64>, Vec<f64>)) -> &Vec<f64>| -> Vec<Series> {
+    // signals[norm] = (activation std, backward signal) per block
+    type Signal = (Vec<f64>, Vec<f64>);
+    let per_block = |f: fn(&Signal) -> &Vec<f64>| -> Vec<Series> {
         norms
             .iter()
             .zip(&signals)

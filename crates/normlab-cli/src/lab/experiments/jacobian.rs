@@ -18,7 +18,7 @@ use super::signal::norm_name;
 use super::{Context, Experiment, Findings, Table};
 use crate::lab::model::{InitScheme, Model, ModelConfig, NormKind};
 use crate::lab::plot::{format_number, LineChart, Scale, Series};
-use crate::lab::verdict::{self, log_distance_from_one};
+use crate::lab::verdict::{self, log_distance_from_one, JacobianDistances};
 use crate::row;
 
 /// The experiment.
@@ -63,6 +63,18 @@ fn singular_values(j: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     s
 }
 
+/// The singular values above 1e-6 of the largest: a ReLU that is off for
+/// this sample zeroes its row of the Jacobian whatever the normalization,
+/// so those exact zeros say nothing about how signals are carried.
+fn nonzero(values: &[f64]) -> Vec<f64> {
+    let largest = values.iter().copied().fold(0.0, f64::max);
+    values
+        .iter()
+        .copied()
+        .filter(|&v| v > 1e-6 * largest)
+        .collect()
+}
+
 fn run(ctx: &Context) -> Result<Findings> {
     let p = ctx.profile;
     let depth = p.pick(6, 20, 30);
@@ -80,6 +92,8 @@ fn run(ctx: &Context) -> Result<Findings> {
     // per norm: all singular values (descending per sample), per-block gains
     let mut all_sv: Vec<Vec<f64>> = Vec::new();
     let mut gains: Vec<Vec<f64>> = Vec::new();
+    // per norm: the whole stack's RMS singular value ‖J‖_F/√W, mean over samples
+    let mut stack_rms: Vec<f64> = Vec::new();
     for &norm in &norms {
         let config = ModelConfig {
             depth,
@@ -110,12 +124,20 @@ fn run(ctx: &Context) -> Result<Findings> {
             Ok(h)
         };
         let mut values = Vec::new();
-        for (s, j) in jacobians(&h1, stack)?.iter().enumerate() {
+        let stack_js = jacobians(&h1, stack)?;
+        stack_rms.push(
+            stack_js
+                .iter()
+                .map(|j| (j.iter().map(|v| v * v).sum::<f64>() / width as f64).sqrt())
+                .sum::<f64>()
+                / stack_js.len() as f64,
+        );
+        for (s, j) in stack_js.iter().enumerate() {
             let sv = singular_values(j, width, width);
             for (i, v) in sv.iter().enumerate() {
                 sv_table.push(row![norm_name(norm), s, i, v]);
             }
-            values.extend(sv);
+            values.extend(nonzero(&sv));
         }
         all_sv.push(values);
         // Each block's gain at its own input.
@@ -161,8 +183,10 @@ fn run(ctx: &Context) -> Result<Findings> {
         .figure(
             "jacobian_singular_values.svg",
             &format!(
-                "All singular values of the per-sample Jacobians (block 1 output → block {depth} \
-                 output) of {samples} samples, sorted; Xavier initialization, width {width}."
+                "Non-zero singular values of the per-sample Jacobians (block 1 output → block \
+                 {depth} output) of {samples} samples, sorted; Xavier initialization, width \
+                 {width}. Inactive ReLUs add exact zeros, with or without normalization; they \
+                 are in the CSV."
             ),
         )?,
         LineChart {
@@ -191,19 +215,26 @@ fn run(ctx: &Context) -> Result<Findings> {
              shrinks through the block, above 1 it grows.",
         )?,
     ];
-    let distances: Vec<f64> = all_sv.iter().map(|sv| log_distance_from_one(sv)).collect();
+    let distances: Vec<JacobianDistances> = gains
+        .iter()
+        .zip(&stack_rms)
+        .map(|(g, &rms)| JacobianDistances {
+            block: g.iter().map(|v| v.log10().abs()).sum::<f64>() / g.len().max(1) as f64,
+            stack: rms.log10().abs(),
+        })
+        .collect();
     let verdict = verdict::jacobian(distances[0], &distances[1..]);
     let median = |sv: &Vec<f64>| {
         let mut s = sv.clone();
         s.sort_by(f64::total_cmp);
         s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let mean_gain = |g: &Vec<f64>| g.iter().sum::<f64>() / g.len().max(1) as f64;
     Ok(Findings {
         setup: format!(
             "{depth}-block ReLU MLPs of width {width}, Xavier initialization, placement A; \
              normalization statistics fixed at those of 512 training images; Jacobians of \
-             {samples} samples by reverse-mode differentiation, singular values by SVD (nalgebra)."
+             {samples} samples by reverse-mode differentiation, singular values by SVD (nalgebra); \
+             the spectrum plot shows the non-zero ones (above 1e-6 of the largest)."
         ),
         rule: verdict::JACOBIAN_RULE,
         verdict,
@@ -212,11 +243,16 @@ fn run(ctx: &Context) -> Result<Findings> {
             .enumerate()
             .map(|(k, &n)| {
                 format!(
-                    "{}: median singular value {}, distance {}, mean block gain {}",
+                    "{}: block gains {}–{} (block distance {}), whole-stack RMS singular value {} \
+                     (stack distance {}), median non-zero singular value {} (median |log10 σ| {})",
                     norm_name(n),
+                    format_number(gains[k].iter().copied().fold(f64::INFINITY, f64::min)),
+                    format_number(gains[k].iter().copied().fold(0.0, f64::max)),
+                    format_number(distances[k].block),
+                    format_number(stack_rms[k]),
+                    format_number(distances[k].stack),
                     format_number(median(&all_sv[k])),
-                    format_number(distances[k]),
-                    format_number(mean_gain(&gains[k]))
+                    format_number(log_distance_from_one(&all_sv[k]))
                 )
             })
             .collect::<Vec<_>>()
