@@ -283,13 +283,17 @@ impl Heatmap {
         {
             let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
             root.fill(&WHITE).map_err(draw_error)?;
-            let (main, bar) = root.split_horizontally(SIZE.0 - 110);
+            let (main, bar) = root.split_horizontally(SIZE.0 - 150);
             let mut chart = ChartBuilder::on(&main)
                 .caption(&self.title, ("sans-serif", 18))
                 .margin(12)
                 .x_label_area_size(44)
                 .y_label_area_size(70)
-                .build_cartesian_2d((0..nx).into_segmented(), (0..ny).into_segmented())
+                // A segmented range `0..n` has n + 1 segments: stop one short.
+                .build_cartesian_2d(
+                    (0..(nx - 1).max(0)).into_segmented(),
+                    (0..(ny - 1).max(0)).into_segmented(),
+                )
                 .map_err(draw_error)?;
             let label = |labels: &[String], v: &SegmentValue<i32>| match v {
                 SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
@@ -339,9 +343,9 @@ impl Heatmap {
             let mut legend = ChartBuilder::on(&bar)
                 .margin_top(40)
                 .margin_bottom(56)
-                .margin_right(46)
-                .y_label_area_size(0)
-                .right_y_label_area_size(40)
+                .margin_left(10)
+                .margin_right(60)
+                .y_label_area_size(70)
                 .build_cartesian_2d(0f64..1.0, lo..hi.max(lo + 1e-12))
                 .map_err(draw_error)?;
             legend
@@ -349,7 +353,10 @@ impl Heatmap {
                 .disable_mesh()
                 .disable_x_axis()
                 .y_desc(&self.value_label)
+                .y_labels(6)
                 .y_label_formatter(&|v| format_number(*v))
+                .label_style(("sans-serif", 12))
+                .axis_desc_style(("sans-serif", 13))
                 .draw()
                 .map_err(draw_error)?;
             const STEPS: usize = 40;

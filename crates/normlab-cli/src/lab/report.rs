@@ -27,15 +27,17 @@ pub struct Settings {
 }
 
 /// Runs `experiments` in order with a bar for the suite and one for the
-/// experiment in progress.
+/// experiment in progress; each experiment's CSV and SVG files are written
+/// into `dir` as soon as it finishes.
 ///
 /// # Errors
-/// The first experiment that fails.
+/// The first experiment that fails, or an I/O error.
 pub fn run_suite(
     experiments: &[&Experiment],
     settings: &Settings,
     train: &Dataset,
     held_out: &Dataset,
+    dir: &Path,
 ) -> Result<Vec<Outcome>> {
     let multi = MultiProgress::with_draw_target(if settings.progress {
         ProgressDrawTarget::stderr()
@@ -68,6 +70,7 @@ pub fn run_suite(
             progress: bar.clone(),
         };
         let outcome = experiments::run(e, &ctx)?;
+        experiments::write_files(&outcome, dir)?;
         bar.finish_and_clear();
         multi.remove(&bar);
         multi.suspend(|| {
@@ -100,23 +103,21 @@ pub fn run_and_write(
     dir: &Path,
 ) -> Result<PathBuf> {
     let start = Instant::now();
-    let outcomes = run_suite(experiments, settings, train, held_out)?;
-    write(dir, settings, &outcomes, start.elapsed().as_secs_f64())
+    let outcomes = run_suite(experiments, settings, train, held_out, dir)?;
+    write_index(dir, settings, &outcomes, start.elapsed().as_secs_f64())
 }
 
-/// Writes every outcome's files and `index.html` into `dir`.
+/// Writes `index.html` for `outcomes` into `dir`.
 ///
 /// # Errors
 /// I/O errors, naming the file.
-pub fn write(
+pub fn write_index(
     dir: &Path,
     settings: &Settings,
     outcomes: &[Outcome],
     seconds: f64,
 ) -> Result<PathBuf> {
-    for o in outcomes {
-        experiments::write_files(o, dir)?;
-    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("index.html");
     std::fs::write(&path, html(settings, outcomes, seconds))
         .with_context(|| format!("writing {}", path.display()))?;

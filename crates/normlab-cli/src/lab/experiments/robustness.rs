@@ -21,7 +21,7 @@ pub const EXPERIMENT: Experiment = Experiment {
 
 fn run(ctx: &Context) -> Result<Findings> {
     let p = ctx.profile;
-    let sigmas: Vec<f64> = p.pick(
+    let mut sigmas: Vec<f64> = p.pick(
         vec![0.01, 0.3],
         vec![0.01, 0.03, 0.1, 0.3, 1.0],
         vec![0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
@@ -34,6 +34,10 @@ fn run(ctx: &Context) -> Result<Findings> {
     let depth = p.pick(4, 8, 12);
     let width = p.pick(32, 64, 128);
     let steps = p.pick(30, 250, 1000);
+    // Kaiming's σ for the hidden layers, the scale a plain network needs.
+    let kaiming = (2.0 / width as f64).sqrt();
+    sigmas.push(kaiming);
+    sigmas.sort_by(f64::total_cmp);
     let norms = [NormKind::None, NormKind::Batch];
     let mut runs = Vec::new();
     for &norm in &norms {
@@ -140,9 +144,11 @@ fn run(ctx: &Context) -> Result<Findings> {
     };
     Ok(Findings {
         setup: format!(
-            "{depth}-block ReLU MLPs of width {width}, weights from N(0, σ²) for σ in {sigmas:?}, \
+            "{depth}-block ReLU MLPs of width {width}, weights from N(0, σ²) for σ in {:?} \
+             (σ = {kaiming:.3} is Kaiming's for the hidden layers), \
              learning rates {lrs:?}, SGD with momentum 0.9, batch 64, {steps} steps; without \
-             normalization and with BatchNorm (placement A)."
+             normalization and with BatchNorm (placement A).",
+            sigmas.iter().map(|&s| format_number(s)).collect::<Vec<_>>()
         ),
         rule: verdict::ROBUSTNESS_RULE,
         verdict,
