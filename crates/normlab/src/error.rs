@@ -133,6 +133,14 @@ pub enum NormError {
         /// The domain, in words.
         expected: &'static str,
     },
+    /// A collective between ranks failed (synchronized statistics).
+    #[error("{op}: communication between ranks failed: {detail}")]
+    Communication {
+        /// Collective name.
+        op: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
     /// Evaluation with running statistics that are not there.
     #[error("{op}: evaluation needs running statistics (`running_mean` and `running_var`), but none were given")]
     MissingRunningStats {

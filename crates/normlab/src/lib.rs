@@ -26,6 +26,7 @@
 #![deny(missing_docs)]
 
 pub mod alloc;
+pub mod comm;
 pub mod error;
 pub mod float;
 pub mod kernels;
@@ -36,6 +37,7 @@ pub mod simd;
 pub mod state;
 pub mod tensor;
 
+pub use comm::{Communicator, SingleProcess, ThreadGroup};
 pub use error::{NormError, Result};
 pub use float::Float;
 pub use kernels::batch_norm::{Momentum, RunningVarEstimator};

@@ -31,6 +31,7 @@ pub(crate) mod narrow;
 pub(crate) mod parallel;
 pub mod rms_norm;
 pub(crate) mod slices;
+pub mod sync_batch_norm;
 
 use crate::error::{ensure, Result};
 

@@ -81,12 +81,12 @@ impl_running_builders!(BatchNormConfig);
 /// `x`, `y`: `[N, C, *]`; `weight`, `bias`, `running_mean`, `running_var`: `[C]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchNorm<T> {
-    config: BatchNormConfig,
-    affine: Affine<T>,
-    running: Option<RunningStats<T>>,
-    mode: Mode,
-    use_batch_stats: Option<bool>,
-    update_running_stats: Option<bool>,
+    pub(crate) config: BatchNormConfig,
+    pub(crate) affine: Affine<T>,
+    pub(crate) running: Option<RunningStats<T>>,
+    pub(crate) mode: Mode,
+    pub(crate) use_batch_stats: Option<bool>,
+    pub(crate) update_running_stats: Option<bool>,
 }
 
 impl<T: Float> BatchNorm<T> {

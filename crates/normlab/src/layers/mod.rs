@@ -16,6 +16,7 @@ mod instance_norm;
 mod layer_norm;
 mod lrn;
 mod rms_norm;
+mod sync_batch_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormConfig};
 pub use group_norm::{GroupNorm, GroupNormConfig};
@@ -23,6 +24,7 @@ pub use instance_norm::{InstanceNorm, InstanceNormConfig};
 pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use lrn::{LocalResponseNorm, LocalResponseNormConfig};
 pub use rms_norm::{RmsNorm, RmsNormConfig};
+pub use sync_batch_norm::SyncBatchNorm;
 
 use crate::kernels::batch_norm::RunningStatsMut;
 use crate::kernels::{Grads, Saved};
