@@ -17,7 +17,8 @@ use normlab::kernels::batch_norm::{
 use normlab::kernels::group_norm::{self as gn, group_norm_backward};
 use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward};
-use normlab::{Float, LrnOptions, Saved, TensorView, View};
+use normlab::kernels::sync_batch_norm::{sync_batch_norm, sync_batch_norm_backward};
+use normlab::{Communicator, Float, LrnOptions, Saved, TensorView, View};
 
 use crate::custom::{apply, impl_custom_ops, NormOp};
 use crate::values::{
@@ -36,6 +37,8 @@ pub struct RunningCell {
 pub enum ChannelKind {
     /// BatchNorm; `options` say which statistics are used and updated.
     Batch(BatchNormOptions),
+    /// SyncBatchNorm: BatchNorm with statistics over all ranks of `comm`.
+    SyncBatch(BatchNormOptions, Arc<dyn Communicator>),
     /// GroupNorm with this many groups and ε.
     Group(usize, f64),
     /// InstanceNorm; `options` as for BatchNorm (batch stats = instance stats).
@@ -64,6 +67,7 @@ impl ChannelNormOp {
     fn name_str(&self) -> &'static str {
         match self.kind {
             ChannelKind::Batch(_) => "normlab-batch-norm",
+            ChannelKind::SyncBatch(..) => "normlab-sync-batch-norm",
             ChannelKind::Group(..) => "normlab-group-norm",
             ChannelKind::Instance(_) => "normlab-instance-norm",
             ChannelKind::Lrn(_) => "normlab-lrn",
@@ -79,7 +83,9 @@ impl ChannelNormOp {
     ) -> Result<normlab::Tensor<T>> {
         let (w, b) = (w.as_ref(), b.as_ref());
         let (y, saved) = match &self.kind {
-            ChannelKind::Batch(options) | ChannelKind::Instance(options) => {
+            ChannelKind::Batch(options)
+            | ChannelKind::SyncBatch(options, _)
+            | ChannelKind::Instance(options) => {
                 let mut cell = self.running.lock().unwrap_or_else(|e| e.into_inner());
                 let mut running = cell.stats.as_ref().map(|(m, v, n)| {
                     (
@@ -93,10 +99,12 @@ impl ChannelNormOp {
                     var: v,
                     num_batches_tracked: n,
                 });
-                let result = if matches!(self.kind, ChannelKind::Batch(_)) {
-                    batch_norm(x, view, w, b, options)
-                } else {
-                    instance_norm(x, view, w, b, options)
+                let result = match &self.kind {
+                    ChannelKind::Batch(_) => batch_norm(x, view, w, b, options),
+                    ChannelKind::SyncBatch(_, comm) => {
+                        sync_batch_norm(x, view, w, b, options, comm.as_ref())
+                    }
+                    _ => instance_norm(x, view, w, b, options),
                 }
                 .map_err(err)?;
                 if let Some((m, v, n)) = running {
@@ -143,6 +151,16 @@ impl ChannelNormOp {
                 o.eps,
                 &saved,
                 o.use_batch_stats,
+            ),
+            ChannelKind::SyncBatch(o, comm) => sync_batch_norm_backward(
+                x,
+                dy,
+                w.as_ref(),
+                with_bias,
+                o.eps,
+                &saved,
+                o.use_batch_stats,
+                comm.as_ref(),
             ),
             ChannelKind::Instance(o) => instance_norm_backward(
                 x,

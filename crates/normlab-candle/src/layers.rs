@@ -333,6 +333,8 @@ struct StatNorm {
     running: Option<RunningVars>,
     config: BatchNormConfig,
     instance: bool,
+    /// Synchronize batch statistics over these ranks (SyncBatchNorm).
+    comm: Option<Arc<dyn normlab::Communicator>>,
 }
 
 impl StatNorm {
@@ -376,6 +378,7 @@ impl StatNorm {
             running,
             config,
             instance,
+            comm: None,
         })
     }
 
@@ -392,10 +395,10 @@ impl StatNorm {
             Some(r) => r.cell()?,
             None => Arc::new(Mutex::new(RunningCell::default())),
         };
-        let kind = if self.instance {
-            ChannelKind::Instance(options)
-        } else {
-            ChannelKind::Batch(options)
+        let kind = match (&self.comm, self.instance) {
+            (_, true) => ChannelKind::Instance(options),
+            (Some(comm), false) => ChannelKind::SyncBatch(options, comm.clone()),
+            (None, false) => ChannelKind::Batch(options),
         };
         let op = ChannelNormOp::new(kind, cell.clone());
         let (w, b) = match &self.weight_and_bias {
@@ -463,6 +466,62 @@ pub fn batch_norm<C: Into<BatchNormConfig>>(
         vb,
         false,
     )?))
+}
+
+/// SyncBatchNorm over `[N, C, *]`: a [`BatchNorm`] whose training-mode
+/// statistics are those of the global batch over every rank of its
+/// communicator (each rank passes its shard, of any size, possibly empty;
+/// every rank must call it in the same order). Gradients of γ and β are the
+/// shard's: summing them over ranks, as data-parallel training does, gives
+/// the global batch's. Evaluation uses the running statistics, which are
+/// identical on every rank, and communicates nothing.
+#[derive(Clone, Debug)]
+pub struct SyncBatchNorm(BatchNorm);
+
+impl SyncBatchNorm {
+    /// The layer as a BatchNorm (its parameters and running statistics).
+    pub fn as_batch_norm(&self) -> &BatchNorm {
+        &self.0
+    }
+
+    /// Back to per-rank statistics.
+    pub fn into_batch_norm(mut self) -> BatchNorm {
+        (self.0).0.comm = None;
+        self.0
+    }
+}
+
+impl ModuleT for SyncBatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.0.forward_t(x, train)
+    }
+}
+
+/// Turns a BatchNorm into a SyncBatchNorm over `comm`, keeping its variables
+/// (PyTorch's `SyncBatchNorm.convert_sync_batchnorm`, for one layer).
+pub fn convert_sync_batch_norm(
+    bn: BatchNorm,
+    comm: Arc<dyn normlab::Communicator>,
+) -> SyncBatchNorm {
+    let mut inner = bn.0;
+    inner.comm = Some(comm);
+    SyncBatchNorm(BatchNorm(inner))
+}
+
+/// `batch_norm` with statistics synchronized over `comm`; same variables.
+///
+/// # Errors
+/// As [`batch_norm`].
+pub fn sync_batch_norm<C: Into<BatchNormConfig>>(
+    num_features: usize,
+    config: C,
+    comm: Arc<dyn normlab::Communicator>,
+    vb: VarBuilder,
+) -> Result<SyncBatchNorm> {
+    Ok(convert_sync_batch_norm(
+        batch_norm(num_features, config, vb)?,
+        comm,
+    ))
 }
 
 /// InstanceNorm over `[N, C, *]` (statistics per sample and channel).

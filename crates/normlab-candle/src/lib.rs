@@ -40,8 +40,11 @@ pub mod ops {
 }
 
 pub use layers::{
-    batch_norm, group_norm, instance_norm, layer_norm, local_response_norm, rms_norm, BatchNorm,
-    BatchNormConfig, GroupNorm, InstanceNorm, LayerNorm, LayerNormConfig, LocalResponseNorm,
-    RmsNorm,
+    batch_norm, convert_sync_batch_norm, group_norm, instance_norm, layer_norm,
+    local_response_norm, rms_norm, sync_batch_norm, BatchNorm, BatchNormConfig, GroupNorm,
+    InstanceNorm, LayerNorm, LayerNormConfig, LocalResponseNorm, RmsNorm, SyncBatchNorm,
 };
-pub use normlab::{EpsPlacement, Epsilon, LrnOptions, Momentum, RunningVarEstimator};
+pub use normlab::{
+    Communicator, EpsPlacement, Epsilon, LrnOptions, Momentum, RunningVarEstimator, SingleProcess,
+    ThreadGroup,
+};
