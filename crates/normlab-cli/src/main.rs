@@ -1,7 +1,7 @@
 //! `normlab`: the conformance runner and normalization lab.
 
 use normlab_cli::lab::model::{Activation, Arch, InitScheme, ModelConfig, NormKind, Placement};
-use normlab_cli::lab::train::{train, OptimizerKind, TrainConfig};
+use normlab_cli::lab::train::{train_on, OptimizerKind, TrainConfig};
 use normlab_cli::{bench, conformance, data};
 
 use std::path::PathBuf;
@@ -321,7 +321,8 @@ struct TrainArgs {
     /// Hidden features (MLP) or channels (CNN).
     #[arg(long, default_value_t = 64)]
     width: usize,
-    /// none, batch, layer, group (8 groups), groupG, instance, rms, lrn.
+    /// none, batch, sync-batch (BatchNorm over all ranks under mpirun), layer,
+    /// group (8 groups), groupG, instance, rms, lrn.
     #[arg(long, default_value = "batch")]
     norm: String,
     /// a: linear → norm → activation; b: linear → activation → norm.
@@ -420,7 +421,17 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let held_out = dataset.len() / 5;
     let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
-    let bar = if args.json {
+    // Under mpirun (built with --features mpi) every process is a rank of a
+    // data-parallel job; otherwise one process.
+    #[cfg(feature = "mpi")]
+    let mpi = normlab_mpi::Mpi::init()?;
+    #[cfg(feature = "mpi")]
+    let comm = mpi.communicator();
+    #[cfg(not(feature = "mpi"))]
+    let comm: std::sync::Arc<dyn normlab::Communicator> =
+        std::sync::Arc::new(normlab::SingleProcess);
+    let lead = comm.rank() == 0;
+    let bar = if args.json || !lead {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(args.steps as u64)
@@ -431,11 +442,16 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         )
         .expect("valid template"),
     );
-    let (_, map, summary) = train(&model, &config, &train_set, &held, |_, loss| {
+    let ranks = comm.size();
+    let (_, map, summary) = train_on(&model, &config, &train_set, &held, comm, |_, loss| {
         bar.set_message(format!("{loss:.4}"));
         bar.inc(1);
     })?;
     bar.finish_and_clear();
+    if !lead {
+        // Every rank holds the same parameters; rank 0 reports and saves.
+        return Ok(());
+    }
     if let Some(path) = &args.save {
         map.save(path)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -458,6 +474,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         "held_out_accuracy": summary.held_out_accuracy,
         "diverged": summary.diverged,
         "steps": summary.losses.len(),
+        "ranks": ranks,
         "seconds": summary.seconds,
     });
     println!("{json}");

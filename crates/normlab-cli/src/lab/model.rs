@@ -7,10 +7,12 @@
 //! standard deviation of its output and the fraction of dead ReLUs.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use normlab_candle::{Communicator, SingleProcess};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -32,6 +34,9 @@ pub enum NormKind {
     None,
     /// BatchNorm (per channel over the batch).
     Batch,
+    /// SyncBatchNorm: BatchNorm over the global batch of a data-parallel
+    /// job (on one process, the same as `Batch`).
+    SyncBatch,
     /// LayerNorm (per sample; in a CNN over C×H×W, i.e. GroupNorm with one group).
     Layer,
     /// GroupNorm with this many groups.
@@ -47,11 +52,13 @@ pub enum NormKind {
 impl FromStr for NormKind {
     type Err = anyhow::Error;
 
-    /// `none`, `batch`, `layer`, `group` (8 groups), `groupG`, `instance`, `rms`, `lrn`.
+    /// `none`, `batch`, `sync-batch`, `layer`, `group` (8 groups), `groupG`,
+    /// `instance`, `rms`, `lrn`.
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "none" => NormKind::None,
             "batch" => NormKind::Batch,
+            "sync-batch" => NormKind::SyncBatch,
             "layer" => NormKind::Layer,
             "group" => NormKind::Group(8),
             "instance" => NormKind::Instance,
@@ -61,7 +68,7 @@ impl FromStr for NormKind {
                 Ok(n) if n > 0 => NormKind::Group(n),
                 _ => bail!("`{s}`: group normalization is `group` or `groupG` with G ≥ 1 groups"),
             },
-            other => bail!("unknown normalization `{other}` (none, batch, layer, group, groupG, instance, rms, lrn)"),
+            other => bail!("unknown normalization `{other}` (none, batch, sync-batch, layer, group, groupG, instance, rms, lrn)"),
         })
     }
 }
@@ -173,6 +180,10 @@ impl ModelConfig {
 /// A normalization layer of either kind of module.
 enum Norm {
     Plain(Box<dyn Module>),
+    /// BatchNorm with per-process statistics.
+    Batch(normlab_candle::BatchNorm),
+    /// BatchNorm with statistics over every rank.
+    SyncBatch(normlab_candle::SyncBatchNorm),
     Stateful(Box<dyn ModuleT>),
     /// RMSNorm over channels at each pixel of `[N, C, H, W]`.
     ChannelsLast(normlab_candle::RmsNorm),
@@ -181,7 +192,12 @@ enum Norm {
 }
 
 impl Norm {
-    fn build(config: &ModelConfig, channels: usize, vb: VarBuilder) -> Result<Option<Norm>> {
+    fn build(
+        config: &ModelConfig,
+        channels: usize,
+        vb: VarBuilder,
+        comm: &Arc<dyn Communicator>,
+    ) -> Result<Option<Norm>> {
         let bn_config = normlab_candle::BatchNormConfig {
             affine: config.affine,
             momentum: config.momentum,
@@ -190,9 +206,13 @@ impl Norm {
         let spatial = config.arch == Arch::Cnn;
         Ok(Some(match config.norm {
             NormKind::None => return Ok(None),
-            NormKind::Batch => Norm::Stateful(Box::new(normlab_candle::batch_norm(
-                channels, bn_config, vb,
-            )?)),
+            NormKind::Batch => Norm::Batch(normlab_candle::batch_norm(channels, bn_config, vb)?),
+            NormKind::SyncBatch => Norm::SyncBatch(normlab_candle::sync_batch_norm(
+                channels,
+                bn_config,
+                comm.clone(),
+                vb,
+            )?),
             NormKind::Instance => Norm::Stateful(Box::new(normlab_candle::instance_norm(
                 channels, bn_config, vb,
             )?)),
@@ -223,6 +243,8 @@ impl Norm {
             Norm::Lrn(m) if x.rank() == 2 => m.forward(&x.unsqueeze(2)?)?.squeeze(2),
             Norm::Lrn(m) => m.forward(x),
             Norm::Stateful(m) => m.forward_t(x, train),
+            Norm::Batch(m) => m.forward_t(x, train),
+            Norm::SyncBatch(m) => m.forward_t(x, train),
             Norm::ChannelsLast(m) => m.forward(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2)),
         }
     }
@@ -286,10 +308,26 @@ impl Model {
     /// Invalid configurations (zero depth, groups not dividing the width, …).
     pub fn new(
         config: &ModelConfig,
+        dims: (usize, usize, usize),
+        classes: usize,
+        vb: VarBuilder,
+        seed: u64,
+    ) -> Result<Model> {
+        Model::new_on(config, dims, classes, vb, seed, Arc::new(SingleProcess))
+    }
+
+    /// [`Model::new`] for one rank of a data-parallel job: `sync-batch`
+    /// layers synchronize over `comm`.
+    ///
+    /// # Errors
+    /// As [`Model::new`].
+    pub fn new_on(
+        config: &ModelConfig,
         (channels, height, width): (usize, usize, usize),
         classes: usize,
         vb: VarBuilder,
         seed: u64,
+        comm: Arc<dyn Communicator>,
     ) -> Result<Model> {
         config.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
@@ -311,7 +349,7 @@ impl Model {
                     Block {
                         linear: Some(l),
                         conv: None,
-                        norm: Norm::build(config, config.width, vb.pp("norm"))?,
+                        norm: Norm::build(config, config.width, vb.pp("norm"), &comm)?,
                         pool: false,
                     }
                 }
@@ -340,7 +378,7 @@ impl Model {
                     Block {
                         linear: None,
                         conv: Some(conv),
-                        norm: Norm::build(config, config.width, vb.pp("norm"))?,
+                        norm: Norm::build(config, config.width, vb.pp("norm"), &comm)?,
                         pool: i < 2,
                     }
                 }
@@ -442,6 +480,29 @@ impl Model {
             })
             .collect::<Result<_>>()?;
         Ok((stats, norms))
+    }
+
+    /// Turns every BatchNorm layer into a SyncBatchNorm over `comm`, keeping
+    /// its variables (PyTorch's `convert_sync_batchnorm` for a whole model).
+    /// Returns how many layers were converted.
+    pub fn convert_sync_batch_norm(&mut self, comm: &Arc<dyn Communicator>) -> usize {
+        let mut converted = 0;
+        for block in &mut self.blocks {
+            if let Some(Norm::Batch(bn)) = &block.norm {
+                let sync = normlab_candle::convert_sync_batch_norm(bn.clone(), comm.clone());
+                block.norm = Some(Norm::SyncBatch(sync));
+                converted += 1;
+            }
+        }
+        if converted > 0 {
+            self.config.norm = NormKind::SyncBatch;
+        }
+        converted
+    }
+
+    /// The configuration it was built with (after any conversion).
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     /// Number of hidden blocks.

@@ -1,11 +1,21 @@
 //! One training run: a model, an optimizer, minibatches from a data set,
 //! progress on the terminal, and the final metrics.
+//!
+//! Data-parallel: on each of `R` ranks of a [`Communicator`], every rank
+//! draws the same global batch (same seed, same order) and takes its share
+//! (contiguous, the first `B mod R` ranks one image more). Each rank's loss
+//! is its images' summed cross-entropy divided by the global batch size, so
+//! the gradients summed over ranks (one all-reduce per step) are exactly
+//! the global batch's mean-loss gradients, whatever the number of ranks;
+//! every rank then takes the same optimizer step.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
+use normlab_candle::{Communicator, SingleProcess};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -124,6 +134,9 @@ pub struct Trainer<'a> {
     pub map: VarMap,
     train_set: &'a Dataset,
     config: TrainConfig,
+    comm: Arc<dyn Communicator>,
+    /// Trainable variables in name order (the order of the gradient all-reduce).
+    trainable: Vec<Var>,
     opt: Opt,
     rng: rand::rngs::StdRng,
     order: Vec<usize>,
@@ -141,6 +154,19 @@ impl<'a> Trainer<'a> {
         config: &TrainConfig,
         train_set: &'a Dataset,
     ) -> Result<Trainer<'a>> {
+        Trainer::new_on(model_config, config, train_set, Arc::new(SingleProcess))
+    }
+
+    /// A fresh model and optimizer on one rank of a data-parallel job.
+    ///
+    /// # Errors
+    /// As [`Trainer::new`].
+    pub fn new_on(
+        model_config: &ModelConfig,
+        config: &TrainConfig,
+        train_set: &'a Dataset,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Trainer<'a>> {
         ensure!(
             config.batch_size > 0 && config.batch_size <= train_set.len(),
             "batch size {} must be between 1 and the {} training images",
@@ -157,7 +183,14 @@ impl<'a> Trainer<'a> {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
         let dims = (train_set.channels, train_set.height, train_set.width);
-        let model = Model::new(model_config, dims, train_set.classes, vb, config.seed)?;
+        let model = Model::new_on(
+            model_config,
+            dims,
+            train_set.classes,
+            vb,
+            config.seed,
+            comm.clone(),
+        )?;
         let trainable: Vec<Var> = {
             let data = map.data().lock().expect("var map lock");
             let mut named: Vec<(&String, &Var)> = data
@@ -167,6 +200,7 @@ impl<'a> Trainer<'a> {
             named.sort_by(|a, b| a.0.cmp(b.0));
             named.into_iter().map(|(_, v)| v.clone()).collect()
         };
+        let vars = trainable.clone();
         let opt = match config.optimizer {
             OptimizerKind::Sgd { momentum } => Opt::Sgd(MomentumSgd {
                 vars: trainable
@@ -190,6 +224,8 @@ impl<'a> Trainer<'a> {
             map,
             train_set,
             config: config.clone(),
+            comm,
+            trainable: vars,
             opt,
             rng: rand::rngs::StdRng::seed_from_u64(config.seed),
             order: Vec::new(),
@@ -220,18 +256,58 @@ impl<'a> Trainer<'a> {
             self.order.shuffle(&mut self.rng);
         }
         let indices: Vec<usize> = self.order.drain(..batch_size).collect();
-        let (x, y) = batch(self.train_set, &indices, &Device::Cpu)?;
-        let loss = candle_nn::loss::cross_entropy(&self.model.forward(&x, true)?, &y)?;
-        let value = loss.to_scalar::<f32>()? as f64;
+        let (rank, ranks) = (self.comm.rank(), self.comm.size());
+        let share = |r: usize| batch_size / ranks + usize::from(r < batch_size % ranks);
+        let start: usize = (0..rank).map(share).sum();
+        let mine = &indices[start..start + share(rank)];
+        let (x, y) = batch(self.train_set, mine, &Device::Cpu)?;
+        let logits = self.model.forward(&x, true)?;
+        // Σ over this rank's images of the cross-entropy, / global batch size.
+        let loss = if mine.is_empty() {
+            logits.sum_all()?.affine(0.0, 0.0)?
+        } else {
+            (candle_nn::loss::cross_entropy(&logits, &y)?
+                * (mine.len() as f64 / batch_size as f64))?
+        };
+        let mut grads = loss.backward()?;
+        let mut value = [loss.to_scalar::<f32>()? as f64];
+        if ranks > 1 {
+            self.comm.all_reduce_sum(&mut value)?;
+            self.all_reduce_gradients(&mut grads)?;
+        }
+        let value = value[0];
         self.losses.push(value);
         if value.is_finite() {
-            let grads = loss.backward()?;
             match &mut self.opt {
                 Opt::Sgd(o) => o.step(&grads)?,
                 Opt::AdamW(o) => o.step(&grads)?,
             }
         }
         Ok(value)
+    }
+
+    /// Replaces each trainable variable's gradient by its sum over ranks
+    /// (one all-reduce of all gradients, in name order).
+    fn all_reduce_gradients(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let mut flat: Vec<f64> = Vec::new();
+        let mut sizes = Vec::with_capacity(self.trainable.len());
+        for v in &self.trainable {
+            let g: Vec<f32> = match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_vec1()?,
+                None => vec![0.0; v.as_tensor().elem_count()],
+            };
+            sizes.push(g.len());
+            flat.extend(g.iter().map(|&a| a as f64));
+        }
+        self.comm.all_reduce_sum(&mut flat)?;
+        let mut offset = 0;
+        for (v, n) in self.trainable.iter().zip(sizes) {
+            let values: Vec<f32> = flat[offset..offset + n].iter().map(|&a| a as f32).collect();
+            offset += n;
+            let g = Tensor::from_vec(values, v.as_tensor().shape(), &Device::Cpu)?;
+            grads.insert(v.as_tensor(), g);
+        }
+        Ok(())
     }
 
     /// The summary, with the held-out accuracy in evaluation mode.
@@ -271,9 +347,31 @@ pub fn train(
     config: &TrainConfig,
     train_set: &Dataset,
     held_out: &Dataset,
+    on_step: impl FnMut(usize, f64),
+) -> Result<(Model, VarMap, TrainSummary)> {
+    train_on(
+        model_config,
+        config,
+        train_set,
+        held_out,
+        Arc::new(SingleProcess),
+        on_step,
+    )
+}
+
+/// [`train`] as one rank of a data-parallel job over `comm`.
+///
+/// # Errors
+/// As [`train`]; communication errors.
+pub fn train_on(
+    model_config: &ModelConfig,
+    config: &TrainConfig,
+    train_set: &Dataset,
+    held_out: &Dataset,
+    comm: Arc<dyn Communicator>,
     mut on_step: impl FnMut(usize, f64),
 ) -> Result<(Model, VarMap, TrainSummary)> {
-    let mut trainer = Trainer::new(model_config, config, train_set)?;
+    let mut trainer = Trainer::new_on(model_config, config, train_set, comm)?;
     for step in 0..config.steps {
         let loss = trainer.step()?;
         on_step(step, loss);
@@ -289,6 +387,7 @@ pub fn train(
 mod tests {
     use super::*;
     use crate::lab::model::{Activation, Arch, InitScheme, NormKind, Placement};
+    use std::sync::Arc;
 
     fn tiny(arch: Arch, norm: NormKind) -> ModelConfig {
         ModelConfig {
@@ -411,6 +510,86 @@ mod tests {
             normalized > 0.3,
             "last block's std with BatchNorm: {normalized:e}"
         );
+        Ok(())
+    }
+
+    /// Every variable of a trainer, by name, as f32 values.
+    fn snapshot(map: &VarMap) -> Vec<(String, Vec<f32>)> {
+        let data = map.data().lock().unwrap();
+        let mut all: Vec<(String, Vec<f32>)> = data
+            .iter()
+            .map(|(n, v)| {
+                let t = v.as_tensor().flatten_all().unwrap();
+                let values = match t.dtype() {
+                    DType::F32 => t.to_vec1::<f32>().unwrap(),
+                    _ => t
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                        .iter()
+                        .map(|&a| a as f32)
+                        .collect(),
+                };
+                (n.clone(), values)
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    #[test]
+    fn data_parallel_sync_batch_norm_equals_one_process() -> Result<()> {
+        let data = crate::data::embedded_mnist()?;
+        let (train_set, _) = data.split(8_000, 0)?;
+        let model = ModelConfig {
+            depth: 3,
+            width: 16,
+            norm: NormKind::SyncBatch,
+            ..ModelConfig::default()
+        };
+        // 10 images over 3 ranks: shares of 4, 3 and 3.
+        let config = TrainConfig {
+            optimizer: OptimizerKind::Sgd { momentum: 0.9 },
+            lr: 0.05,
+            batch_size: 10,
+            steps: 8,
+            seed: 3,
+        };
+        // Losses and every variable after training.
+        type Run = (Vec<f64>, Vec<(String, Vec<f32>)>);
+        let run = |comm: Arc<dyn Communicator>| -> Result<Run> {
+            let mut t = Trainer::new_on(&model, &config, &train_set, comm)?;
+            let losses = (0..config.steps).map(|_| t.step()).collect::<Result<_>>()?;
+            Ok((losses, snapshot(&t.map)))
+        };
+        let (one_losses, one) = run(Arc::new(SingleProcess))?;
+        let group = normlab_candle::ThreadGroup::new(3).unwrap();
+        let ranks: Vec<Run> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .map(|comm| s.spawn(|| run(Arc::new(comm))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Result<_>>()
+        })?;
+        for (losses, vars) in &ranks {
+            assert_eq!(vars, &ranks[0].1, "every rank holds the same variables");
+            for (a, b) in losses.iter().zip(&one_losses) {
+                assert!((a - b).abs() <= 1e-5 * b.abs(), "loss {a} vs {b}");
+            }
+            assert_eq!(vars.len(), one.len());
+            for ((name, a), (_, b)) in vars.iter().zip(&one) {
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{name}: {x} vs {y}"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

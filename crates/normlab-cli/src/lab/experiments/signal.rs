@@ -207,6 +207,7 @@ pub fn norm_name(norm: NormKind) -> String {
     match norm {
         NormKind::None => "none".into(),
         NormKind::Batch => "batch".into(),
+        NormKind::SyncBatch => "sync-batch".into(),
         NormKind::Layer => "layer".into(),
         NormKind::Group(g) => format!("group{g}"),
         NormKind::Instance => "instance".into(),
