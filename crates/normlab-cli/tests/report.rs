@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-const EXPERIMENTS: [&str; 10] = [
+const EXPERIMENTS: [&str; 11] = [
     "signal",
     "depth",
     "robustness",
@@ -15,6 +15,7 @@ const EXPERIMENTS: [&str; 10] = [
     "gradient_mixing",
     "jacobian",
     "exploding",
+    "sync",
     "advice",
 ];
 

@@ -594,6 +594,23 @@ mod tests {
     }
 
     #[test]
+    fn converting_batch_norm_layers_keeps_the_model_and_its_outputs() -> Result<()> {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let mut model = Model::new(&tiny(Arch::Mlp, NormKind::Batch), (1, 28, 28), 10, vb, 0)?;
+        let x = Tensor::randn(0f32, 1.0, (8, 1, 28, 28), &Device::Cpu)?;
+        let before = model.forward(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
+        let comm: Arc<dyn Communicator> = Arc::new(SingleProcess);
+        assert_eq!(model.convert_sync_batch_norm(&comm), 3);
+        assert_eq!(model.config().norm, NormKind::SyncBatch);
+        let after = model.forward(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(before, after);
+        // Nothing left to convert.
+        assert_eq!(model.convert_sync_batch_norm(&comm), 0);
+        Ok(())
+    }
+
+    #[test]
     fn bad_configurations_are_refused() {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);

@@ -383,6 +383,27 @@ pub fn advice(s: AdviceSummary) -> Verdict {
     }
 }
 
+/// Rule of `sync`.
+pub const SYNC_RULE: &str = "overhead = SyncBatchNorm's time per step / per-rank BatchNorm's at \
+the same number of ranks. Supported if the overhead exceeds 1 at every number of ranks above one, \
+and at the smallest per-rank batch SyncBatchNorm is at least 2 points more accurate than per-rank \
+BatchNorm. Not supported if SyncBatchNorm is less accurate there, or never slower. Otherwise \
+inconclusive.";
+
+/// `sync`: overheads at each number of ranks > 1, and the accuracies of
+/// per-rank BatchNorm and SyncBatchNorm at the smallest per-rank batch.
+pub fn sync(overheads: &[f64], plain_accuracy: f64, sync_accuracy: f64) -> Verdict {
+    let costs = !overheads.is_empty() && overheads.iter().all(|&o| o > 1.0);
+    let never_slower = overheads.iter().all(|&o| o <= 1.0);
+    if sync_accuracy.is_nan() || sync_accuracy < plain_accuracy || never_slower {
+        Verdict::NotSupported
+    } else if costs && sync_accuracy >= plain_accuracy + 0.02 {
+        Verdict::Supported
+    } else {
+        Verdict::Inconclusive
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Verdict::*;
@@ -487,6 +508,15 @@ mod tests {
         assert_eq!(exploding(5.0, &[n(50.0, 0.1)]), NotSupported);
         assert_eq!(exploding(1e5, &[n(1.5, 0.1)]), NotSupported);
         assert_eq!(exploding(1e5, &[n(5.0, 0.1)]), Inconclusive);
+    }
+
+    #[test]
+    fn sync_rule() {
+        assert_eq!(sync(&[1.2, 1.5], 0.6, 0.9), Supported);
+        assert_eq!(sync(&[1.2, 1.5], 0.9, 0.8), NotSupported);
+        assert_eq!(sync(&[0.9, 1.0], 0.6, 0.9), NotSupported);
+        assert_eq!(sync(&[1.2, 0.9], 0.6, 0.9), Inconclusive);
+        assert_eq!(sync(&[1.2, 1.5], 0.9, 0.91), Inconclusive);
     }
 
     #[test]

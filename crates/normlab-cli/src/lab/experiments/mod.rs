@@ -33,6 +33,7 @@ pub mod jacobian;
 pub mod placement;
 pub mod robustness;
 pub mod signal;
+pub mod sync;
 pub mod train_eval;
 
 /// How big the experiments are.
@@ -219,7 +220,7 @@ pub struct Outcome {
 }
 
 /// The suite, in report order.
-pub const SUITE: [Experiment; 10] = [
+pub const SUITE: [Experiment; 11] = [
     signal::EXPERIMENT,
     depth::EXPERIMENT,
     robustness::EXPERIMENT,
@@ -229,6 +230,7 @@ pub const SUITE: [Experiment; 10] = [
     gradient_mixing::EXPERIMENT,
     jacobian::EXPERIMENT,
     exploding::EXPERIMENT,
+    sync::EXPERIMENT,
     advice::EXPERIMENT,
 ];
 
