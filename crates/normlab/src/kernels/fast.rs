@@ -416,34 +416,6 @@ fn pow_three_quarters(b: f32) -> f32 {
     r * r.sqrt()
 }
 
-/// `b^(-3/4)` without square roots or division, for normal positive `b`:
-/// `z ≈ b^(-1/4)` from the exponent bits (about 7% off), refined by three
-/// Newton steps on `z⁴·b = 1`, `z ← z + z·(1 - b·z⁴)/4`, each of which squares
-/// the relative error (7% → 0.7% → 1e-4 → f32 rounding), then `z³`.
-/// Multiplies and subtractions only, written out (no fused multiply-add), so
-/// every SIMD level computes the same bits; within a few f32 ulps of the
-/// exact power.
-#[inline(always)]
-fn pow_three_quarters_newton(b: f32) -> f32 {
-    // For y = x^(-1/4): bits(y) ≈ 1.25·bits(1.0) - bits(x)/4, less a small
-    // offset that centres the error of the piecewise-linear logarithm.
-    const MAGIC: u32 = 0x4F5A_0000;
-    let mut z = f32::from_bits(MAGIC - (b.to_bits() >> 2));
-    for _ in 0..3 {
-        // Correction form: the update is small, so its rounding is too.
-        let z2 = z * z;
-        let e = 1.0 - b * (z2 * z2);
-        z = z + (0.25 * z) * e;
-    }
-    z * (z * z)
-}
-
-/// Whether [`pow_three_quarters_newton`] applies: `b` positive, normal and finite.
-#[inline(always)]
-fn newton_domain(b: f32) -> bool {
-    (f32::MIN_POSITIVE..f32::INFINITY).contains(&b)
-}
-
 /// `b^(-1)`.
 #[inline(always)]
 fn pow_one(b: f32) -> f32 {
@@ -474,24 +446,6 @@ macro_rules! with_neg_pow {
 simd_fn! {
     /// LRN forward on one channel row: `y = x·(k + a·sum)^(-β)`.
     pub fn lrn_apply(x: &[f32], sum: &[f32], y: &mut [Out], k: f32, a: f32, pow: NegPow, store: Store) {
-        if pow == NegPow::ThreeQuarters {
-            // The common β: Newton's iteration where every base allows it
-            // (checked per block), two square roots and a division elsewhere.
-            produce!(y, store, |at, buf| {
-                let n = buf.len();
-                let (xs, sums) = (&x[at..at + n], &sum[at..at + n]);
-                if sums.iter().fold(true, |ok, &sv| ok & newton_domain(k + a * sv)) {
-                    for ((o, &xv), &sv) in buf.iter_mut().zip(xs).zip(sums) {
-                        *o = xv * pow_three_quarters_newton(k + a * sv);
-                    }
-                } else {
-                    for ((o, &xv), &sv) in buf.iter_mut().zip(xs).zip(sums) {
-                        *o = xv * pow_three_quarters(k + a * sv);
-                    }
-                }
-            });
-            return;
-        }
         with_neg_pow!(pow, neg_pow, {
             produce!(y, store, |at, buf| {
                 let n = buf.len();
@@ -529,30 +483,5 @@ simd_fn! {
                 *o = d * r - coef * xv * u;
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn newton_power_is_within_a_few_ulps_over_the_normal_range() {
-        let mut worst = 0.0f64;
-        // Log-spaced over the normal f32 range, plus the bases LRN meets most.
-        let bases = (0..200_000)
-            .map(|i| 2f64.powf(-125.0 + 252.0 * i as f64 / 200_000.0) as f32)
-            .chain((0..100_000).map(|i| 1.0 + i as f32 * 1e-3));
-        for b in bases {
-            assert!(newton_domain(b), "{b}");
-            let exact = (b as f64).powf(-0.75);
-            let got = pow_three_quarters_newton(b) as f64;
-            worst = worst.max((got - exact).abs() / exact);
-        }
-        eprintln!("worst relative error {worst:e}");
-        assert!(worst < 5e-7, "worst relative error {worst:e}");
-        for b in [0.0f32, -1.0, f32::INFINITY, f32::NAN, 1e-40] {
-            assert!(!newton_domain(b), "{b}");
-        }
     }
 }
