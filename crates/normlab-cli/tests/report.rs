@@ -204,3 +204,39 @@ fn an_unknown_experiment_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Runs one experiment in the smoke profile and returns its CSV text.
+fn experiment_csv(name: &str, seed: &str, file: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_normlab"))
+        .args([
+            "experiment",
+            name,
+            "--profile",
+            "smoke",
+            "--quiet",
+            "--seed",
+            seed,
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(dir.path().join(file)).unwrap()
+}
+
+#[test]
+fn runs_are_reproducible_from_their_seed() {
+    // Measurements without wall-clock columns.
+    let a = experiment_csv("gradient_mixing", "5", "gradient_mixing.csv");
+    let b = experiment_csv("gradient_mixing", "5", "gradient_mixing.csv");
+    let c = experiment_csv("gradient_mixing", "6", "gradient_mixing.csv");
+    assert!(a.lines().count() > 3, "{a}");
+    assert_eq!(a, b, "same seed, same numbers");
+    assert_ne!(a, c, "another seed, other numbers");
+}

@@ -161,6 +161,22 @@ pub fn html(settings: &Settings, outcomes: &[Outcome], seconds: f64) -> String {
          real data. Each verdict is computed from the measurements by the rule stated in its \
          section.</p>\n"
     );
+    h.push_str("<h2>Claims</h2>\n<table id=\"claims\"><tr><th>claim</th><th>evidence</th><th>verdict</th><th>time</th></tr>\n");
+    for o in outcomes {
+        let v = o.findings.verdict;
+        let _ = writeln!(
+            h,
+            "<tr><td><a href=\"#{name}\">{claim}</a></td><td>{evidence}</td>\
+             <td class=\"verdict {class}\">{verdict}</td><td>{secs:.1} s</td></tr>",
+            name = o.name,
+            claim = escape(o.claim),
+            evidence = escape(&o.findings.evidence),
+            class = verdict_class(v),
+            verdict = v.as_str(),
+            secs = o.seconds
+        );
+    }
+    h.push_str("</table>\n");
     let _ = write!(
         h,
         "<h2>Run</h2>\n<table><tr><th>profile</th><td>{}</td></tr>\
@@ -182,22 +198,6 @@ pub fn html(settings: &Settings, outcomes: &[Outcome], seconds: f64) -> String {
             " and the same --data-dir"
         }
     );
-    h.push_str("<h2>Claims</h2>\n<table id=\"claims\"><tr><th>claim</th><th>evidence</th><th>verdict</th><th>time</th></tr>\n");
-    for o in outcomes {
-        let v = o.findings.verdict;
-        let _ = writeln!(
-            h,
-            "<tr><td><a href=\"#{name}\">{claim}</a></td><td>{evidence}</td>\
-             <td class=\"verdict {class}\">{verdict}</td><td>{secs:.1} s</td></tr>",
-            name = o.name,
-            claim = escape(o.claim),
-            evidence = escape(&o.findings.evidence),
-            class = verdict_class(v),
-            verdict = v.as_str(),
-            secs = o.seconds
-        );
-    }
-    h.push_str("</table>\n");
     for o in outcomes {
         let f = &o.findings;
         let _ = write!(
