@@ -81,12 +81,12 @@ impl_running_builders!(BatchNormConfig);
 /// `x`, `y`: `[N, C, *]`; `weight`, `bias`, `running_mean`, `running_var`: `[C]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchNorm<T> {
-    pub(crate) config: BatchNormConfig,
+    config: BatchNormConfig,
     pub(crate) affine: Affine<T>,
     pub(crate) running: Option<RunningStats<T>>,
-    pub(crate) mode: Mode,
-    pub(crate) use_batch_stats: Option<bool>,
-    pub(crate) update_running_stats: Option<bool>,
+    mode: Mode,
+    use_batch_stats: Option<bool>,
+    update_running_stats: Option<bool>,
 }
 
 impl<T: Float> BatchNorm<T> {
@@ -119,6 +119,17 @@ impl<T: Float> BatchNorm<T> {
                 .unwrap_or(self.mode == Mode::Train)
     }
 
+    /// The functional options of the next forward call (mode and overrides applied).
+    pub(crate) fn options(&self) -> BatchNormOptions {
+        BatchNormOptions {
+            use_batch_stats: self.uses_batch_stats(),
+            update_running_stats: self.updates_running_stats(),
+            eps: self.config.eps,
+            momentum: self.config.momentum,
+            running_var: self.config.running_var,
+        }
+    }
+
     /// Normalizes `x`.
     ///
     /// # Errors
@@ -126,13 +137,7 @@ impl<T: Float> BatchNorm<T> {
     /// non-finite batch statistics (running statistics are left unchanged).
     pub fn forward(&mut self, x: &Tensor<T>) -> Result<Output<T>> {
         check_channels(OP, x.shape(), self.config.num_features, 2)?;
-        let options = BatchNormOptions {
-            use_batch_stats: self.uses_batch_stats(),
-            update_running_stats: self.updates_running_stats(),
-            eps: self.config.eps,
-            momentum: self.config.momentum,
-            running_var: self.config.running_var,
-        };
+        let options = self.options();
         let running = self.running.as_mut().map(RunningStats::as_mut);
         let (y, saved) = batch_norm(
             x,
