@@ -646,16 +646,7 @@ pub(crate) fn batch_norm_op<T: Float>(
     bias: Option<&Tensor<T>>,
     options: &BatchNormOptions,
 ) -> Result<(Tensor<T>, Saved)> {
-    options.eps.validate(op)?;
-    options.momentum.validate(op)?;
-    let layout = NcsLayout::of(op, x.shape(), 2)?;
-    let c = [layout.c];
-    check_param(op, "weight", weight, &c, x.shape())?;
-    check_param(op, "bias", bias, &c, x.shape())?;
-    if let Some(r) = &running {
-        crate::error::check_shape(op, "running_mean", &[r.mean.len()], &c, x.shape())?;
-        crate::error::check_shape(op, "running_var", &[r.var.len()], &c, x.shape())?;
-    }
+    let layout = check_args(op, x.shape(), &running, weight, bias, options)?;
     let update = options.update_running_stats && running.is_some();
     let count = layout.n * layout.spatial;
     let too_few = || NormError::TooFewValues {
@@ -709,13 +700,46 @@ pub(crate) fn batch_norm_op<T: Float>(
             });
         }
         if let (true, Some(running)) = (update, running) {
-            let ddof = options.running_var.ddof();
-            let batch_mean: Vec<f64> = moments.iter().map(|m| m.mean).collect();
-            let batch_var: Vec<f64> = moments.iter().map(|m| m.var(ddof)).collect();
-            update_running(op, running, &batch_mean, &batch_var, options.momentum)?;
+            update_running_from(op, running, moments, options)?;
         }
     }
     Ok((y, saved))
+}
+
+/// Validates a functional call's options and argument shapes; returns `x`'s layout.
+pub(crate) fn check_args<T: Float>(
+    op: &'static str,
+    shape: &[usize],
+    running: &Running<'_, T>,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    options: &BatchNormOptions,
+) -> Result<NcsLayout> {
+    options.eps.validate(op)?;
+    options.momentum.validate(op)?;
+    let layout = NcsLayout::of(op, shape, 2)?;
+    let c = [layout.c];
+    check_param(op, "weight", weight, &c, shape)?;
+    check_param(op, "bias", bias, &c, shape)?;
+    if let Some(r) = running {
+        crate::error::check_shape(op, "running_mean", &[r.mean.len()], &c, shape)?;
+        crate::error::check_shape(op, "running_var", &[r.var.len()], &c, shape)?;
+    }
+    Ok(layout)
+}
+
+/// Folds per-channel batch moments into running statistics with the
+/// options' momentum and variance estimator (see [`update_running`]).
+pub(crate) fn update_running_from<T: Float>(
+    op: &'static str,
+    running: RunningStatsMut<'_, T>,
+    moments: &[Moments],
+    options: &BatchNormOptions,
+) -> Result<()> {
+    let ddof = options.running_var.ddof();
+    let mean: Vec<f64> = moments.iter().map(|m| m.mean).collect();
+    let var: Vec<f64> = moments.iter().map(|m| m.var(ddof)).collect();
+    update_running(op, running, &mean, &var, options.momentum)
 }
 
 /// Gradients of [`batch_norm`]. `batch_stats` says whether forward used batch

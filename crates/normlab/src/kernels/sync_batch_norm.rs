@@ -22,7 +22,7 @@
 
 use super::batch_norm::{
     backward_input, batch_norm_backward_op, batch_norm_op, channel_grad_sums, channel_moments,
-    normalize, update_running, BatchNormOptions, Running, StatsGradient,
+    check_args, normalize, update_running_from, BatchNormOptions, Running, StatsGradient,
 };
 use super::{check_param, Grads, NcsLayout, Saved};
 use crate::comm::Communicator;
@@ -53,16 +53,7 @@ pub fn sync_batch_norm<T: Float>(
         // Evaluation: running statistics, no communication.
         return batch_norm_op(OP, x, running, weight, bias, options);
     }
-    options.eps.validate(OP)?;
-    options.momentum.validate(OP)?;
-    let layout = NcsLayout::of(OP, x.shape(), 2)?;
-    let c = [layout.c];
-    check_param(OP, "weight", weight, &c, x.shape())?;
-    check_param(OP, "bias", bias, &c, x.shape())?;
-    if let Some(r) = &running {
-        crate::error::check_shape(OP, "running_mean", &[r.mean.len()], &c, x.shape())?;
-        crate::error::check_shape(OP, "running_var", &[r.var.len()], &c, x.shape())?;
-    }
+    let layout = check_args(OP, x.shape(), &running, weight, bias, options)?;
     let local = if layout.n * layout.spatial == 0 {
         vec![Moments::EMPTY; layout.c]
     } else {
@@ -114,10 +105,7 @@ pub fn sync_batch_norm<T: Float>(
         )?;
     }
     if let (true, true, Some(running)) = (update, count > 0.0, running) {
-        let ddof = options.running_var.ddof();
-        let mean: Vec<f64> = global.iter().map(|m| m.mean).collect();
-        let var: Vec<f64> = global.iter().map(|m| m.var(ddof)).collect();
-        update_running(OP, running, &mean, &var, options.momentum)?;
+        update_running_from(OP, running, &global, options)?;
     }
     Ok((y, saved))
 }
