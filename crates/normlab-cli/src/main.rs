@@ -352,6 +352,10 @@ struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 200)]
     steps: usize,
+    /// Passes over the training images instead of --steps (each pass is
+    /// ⌈images / batch size⌉ steps).
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<usize>,
     /// Seed of the split, the initialization and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -403,6 +407,16 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         init,
         momentum: normlab::Momentum::default(),
     };
+    let dataset = match &args.data_dir {
+        Some(dir) => data::from_dir(dir)?,
+        None => data::embedded_mnist()?,
+    };
+    let held_out = dataset.len() / 5;
+    let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
+    let steps = match args.epochs {
+        Some(epochs) => epochs * train_set.len().div_ceil(args.batch_size.max(1)),
+        None => args.steps,
+    };
     let config = TrainConfig {
         optimizer: match args.optimizer {
             OptimizerArg::Sgd => OptimizerKind::Sgd {
@@ -412,15 +426,9 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         },
         lr: args.lr,
         batch_size: args.batch_size,
-        steps: args.steps,
+        steps,
         seed: args.seed,
     };
-    let dataset = match &args.data_dir {
-        Some(dir) => data::from_dir(dir)?,
-        None => data::embedded_mnist()?,
-    };
-    let held_out = dataset.len() / 5;
-    let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
     // Under mpirun (built with --features mpi) every process is a rank of a
     // data-parallel job; otherwise one process.
     #[cfg(feature = "mpi")]
@@ -434,7 +442,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let bar = if args.json || !lead {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(args.steps as u64)
+        indicatif::ProgressBar::new(steps as u64)
     };
     bar.set_style(
         indicatif::ProgressStyle::with_template(

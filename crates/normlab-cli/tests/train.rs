@@ -97,3 +97,25 @@ fn bad_options_are_clear_errors() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn epochs_count_passes_over_the_training_images() {
+    let out = normlab()
+        .args(["train", "--epochs", "1", "--batch-size", "400", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    // 8,000 training images in batches of 400.
+    assert_eq!(summary["steps"], 20);
+    let clash = normlab()
+        .args(["train", "--epochs", "1", "--steps", "5"])
+        .output()
+        .unwrap();
+    assert!(!clash.status.success());
+}
