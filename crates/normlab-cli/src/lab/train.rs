@@ -53,6 +53,30 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+impl TrainConfig {
+    /// SGD with momentum 0.9, the lab's default optimizer.
+    pub fn sgd(lr: f64, batch_size: usize, steps: usize, seed: u64) -> TrainConfig {
+        TrainConfig {
+            optimizer: OptimizerKind::Sgd { momentum: 0.9 },
+            lr,
+            batch_size,
+            steps,
+            seed,
+        }
+    }
+
+    /// AdamW without weight decay.
+    pub fn adamw(lr: f64, batch_size: usize, steps: usize, seed: u64) -> TrainConfig {
+        TrainConfig {
+            optimizer: OptimizerKind::AdamW { weight_decay: 0.0 },
+            lr,
+            batch_size,
+            steps,
+            seed,
+        }
+    }
+}
+
 /// What a run measured.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TrainSummary {

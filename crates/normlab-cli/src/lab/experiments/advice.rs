@@ -10,7 +10,7 @@ use super::signal::norm_name;
 use super::{pct, Context, Experiment, Findings, Table};
 use crate::lab::model::{Arch, ModelConfig, NormKind};
 use crate::lab::plot::Heatmap;
-use crate::lab::train::{OptimizerKind, TrainConfig};
+use crate::lab::train::TrainConfig;
 use crate::lab::verdict::{self, AdviceSummary};
 use crate::row;
 
@@ -68,13 +68,7 @@ fn run(ctx: &Context) -> Result<Findings> {
                 norm,
                 ..ModelConfig::default()
             };
-            let train = TrainConfig {
-                optimizer: OptimizerKind::AdamW { weight_decay: 0.0 },
-                lr: 2e-3,
-                batch_size: b,
-                steps,
-                seed: ctx.seed,
-            };
+            let train = TrainConfig::adamw(2e-3, b, steps, ctx.seed);
             runs.push((model, train));
             cells.push((r, c));
         }

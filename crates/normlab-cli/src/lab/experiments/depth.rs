@@ -12,7 +12,7 @@ use super::signal::norm_name;
 use super::{pct, Context, Experiment, Findings, Table};
 use crate::lab::model::{InitScheme, ModelConfig, NormKind};
 use crate::lab::plot::{LineChart, Scale, Series};
-use crate::lab::train::{OptimizerKind, TrainConfig};
+use crate::lab::train::TrainConfig;
 use crate::lab::verdict::{self, trainable_depth, TRAINS_FRACTION};
 use crate::row;
 
@@ -45,13 +45,7 @@ fn run(ctx: &Context) -> Result<Findings> {
     );
     let width = p.pick(32, 64, 128);
     let steps = p.pick(40, 800, 3000);
-    let train_config = TrainConfig {
-        optimizer: OptimizerKind::Sgd { momentum: 0.9 },
-        lr: 0.02,
-        batch_size: 64,
-        steps,
-        seed: ctx.seed,
-    };
+    let train_config = TrainConfig::sgd(0.02, 64, steps, ctx.seed);
     ctx.progress.set_length((depths.len() * norms.len()) as u64);
     let mut table = Table::new(
         "depth.csv",

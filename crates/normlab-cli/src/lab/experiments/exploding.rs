@@ -12,7 +12,7 @@ use super::signal::norm_name;
 use super::{pct, Context, Experiment, Findings, Table};
 use crate::lab::model::{InitScheme, Model, ModelConfig, NormKind};
 use crate::lab::plot::{format_number, LineChart, Scale, Series};
-use crate::lab::train::{OptimizerKind, TrainConfig};
+use crate::lab::train::TrainConfig;
 use crate::lab::verdict::{self, spread, ExplodingNormalized, TRAINS_FRACTION};
 use crate::row;
 
@@ -52,13 +52,7 @@ fn run(ctx: &Context) -> Result<Findings> {
                     init,
                     ..ModelConfig::default()
                 };
-                let train = TrainConfig {
-                    optimizer: OptimizerKind::Sgd { momentum: 0.9 },
-                    lr,
-                    batch_size: 64,
-                    steps,
-                    seed: ctx.seed,
-                };
+                let train = TrainConfig::sgd(lr, 64, steps, ctx.seed);
                 runs.push((model, train));
             }
         }

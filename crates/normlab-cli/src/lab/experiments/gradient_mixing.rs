@@ -14,7 +14,7 @@ use super::signal::norm_name;
 use super::{Context, Experiment, Findings, Table};
 use crate::lab::model::{Model, ModelConfig, NormKind};
 use crate::lab::plot::{format_number, LineChart, Scale, Series};
-use crate::lab::train::{OptimizerKind, TrainConfig};
+use crate::lab::train::TrainConfig;
 use crate::lab::verdict;
 use crate::row;
 
@@ -77,13 +77,7 @@ fn run(ctx: &Context) -> Result<Findings> {
             norm,
             ..ModelConfig::default()
         };
-        let train = TrainConfig {
-            optimizer: OptimizerKind::Sgd { momentum: 0.9 },
-            lr: 0.02,
-            batch_size: 64,
-            steps,
-            seed: ctx.seed,
-        };
+        let train = TrainConfig::sgd(0.02, 64, steps, ctx.seed);
         let (model, _, _) = ctx.train(&model_config, &train)?;
         let mut rows = Vec::new();
         for &b in &sizes {

@@ -8,7 +8,7 @@ use anyhow::Result;
 use super::{mean, pct, Context, Experiment, Findings, RunningSnapshot, Table};
 use crate::lab::model::{ModelConfig, Placement};
 use crate::lab::plot::{LineChart, Scale, Series};
-use crate::lab::train::{OptimizerKind, TrainConfig, Trainer};
+use crate::lab::train::{TrainConfig, Trainer};
 use crate::lab::verdict;
 use crate::row;
 
@@ -43,13 +43,7 @@ fn run(ctx: &Context) -> Result<Findings> {
     ];
     ctx.progress.set_length(variants.len() as u64);
     let (probe, _) = ctx.sample(512.min(ctx.train.len()), 5)?;
-    let train = TrainConfig {
-        optimizer: OptimizerKind::Sgd { momentum: 0.9 },
-        lr: 0.02,
-        batch_size: 64,
-        steps,
-        seed: ctx.seed,
-    };
+    let train = TrainConfig::sgd(0.02, 64, steps, ctx.seed);
     let mut results = Vec::new();
     for (placement, affine) in variants {
         let model = ModelConfig {

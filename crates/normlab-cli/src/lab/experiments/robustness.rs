@@ -7,7 +7,7 @@ use anyhow::Result;
 use super::{pct, Context, Experiment, Findings, Table};
 use crate::lab::model::{InitScheme, ModelConfig, NormKind};
 use crate::lab::plot::{format_number, Heatmap};
-use crate::lab::train::{OptimizerKind, TrainConfig};
+use crate::lab::train::TrainConfig;
 use crate::lab::verdict::{self, TRAINS_FRACTION};
 use crate::row;
 
@@ -50,13 +50,7 @@ fn run(ctx: &Context) -> Result<Findings> {
                     init: InitScheme::Normal(sigma),
                     ..ModelConfig::default()
                 };
-                let train = TrainConfig {
-                    optimizer: OptimizerKind::Sgd { momentum: 0.9 },
-                    lr,
-                    batch_size: 64,
-                    steps,
-                    seed: ctx.seed,
-                };
+                let train = TrainConfig::sgd(lr, 64, steps, ctx.seed);
                 runs.push((model, train));
             }
         }

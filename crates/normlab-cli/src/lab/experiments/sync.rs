@@ -23,7 +23,7 @@ use super::signal::norm_name;
 use super::{pct, Context, Experiment, Findings, Table};
 use crate::lab::model::{ModelConfig, NormKind};
 use crate::lab::plot::{format_number, LineChart, Scale, Series};
-use crate::lab::train::{self, OptimizerKind, TrainConfig, Trainer};
+use crate::lab::train::{self, TrainConfig, Trainer};
 use crate::lab::verdict;
 use crate::row;
 
@@ -84,13 +84,7 @@ fn run(ctx: &Context) -> Result<Findings> {
     let steps = p.pick(10, 200, 1000);
     let norms = [NormKind::Batch, NormKind::SyncBatch];
     ctx.progress.set_length((ranks.len() * norms.len()) as u64);
-    let config = TrainConfig {
-        optimizer: OptimizerKind::Sgd { momentum: 0.9 },
-        lr: 0.05,
-        batch_size: global_batch,
-        steps,
-        seed: ctx.seed,
-    };
+    let config = TrainConfig::sgd(0.05, global_batch, steps, ctx.seed);
     let mut table = Table::new(
         "sync.csv",
         &[

@@ -14,7 +14,7 @@ use normlab::Momentum;
 use super::{pct, Context, Experiment, Findings, RunningSnapshot, Table};
 use crate::lab::model::{Model, ModelConfig};
 use crate::lab::plot::{format_number, LineChart, Scale, Series};
-use crate::lab::train::{self, OptimizerKind, TrainConfig, Trainer};
+use crate::lab::train::{self, TrainConfig, Trainer};
 use crate::lab::verdict;
 use crate::row;
 
@@ -108,13 +108,7 @@ fn run(ctx: &Context) -> Result<Findings> {
     let batch_probes: Vec<Tensor> = (0..5)
         .map(|k| Ok(ctx.sample(64, 300 + k)?.0))
         .collect::<Result<_>>()?;
-    let train_config = TrainConfig {
-        optimizer: OptimizerKind::Sgd { momentum: 0.9 },
-        lr: 0.02,
-        batch_size: 64,
-        steps,
-        seed: ctx.seed,
-    };
+    let train_config = TrainConfig::sgd(0.02, 64, steps, ctx.seed);
     let mut gap_table = Table::new(
         "train_eval_gap.csv",
         &["momentum", "step", "running_gap", "batch_gap"],
