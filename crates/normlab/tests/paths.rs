@@ -12,7 +12,7 @@ use normlab::kernels::batch_norm::{
 };
 use normlab::kernels::group_norm::{group_norm, group_norm_backward};
 use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
-use normlab::kernels::lrn::{lrn, lrn_backward, LrnOptions};
+use normlab::kernels::lrn::{lrn, lrn_backward, EvenWindow, LrnOptions};
 use normlab::kernels::rms_norm::{rms_norm, rms_norm_backward};
 use normlab::simd::{self, SimdLevel};
 use normlab::{Epsilon, Tensor};
@@ -102,22 +102,34 @@ fn run_all<T: normlab::Float>(
             &y,
         );
     }
-    let options = LrnOptions {
-        alpha: 0.3,
-        k: 2.0,
-        ..LrnOptions::new(5)
-    };
-    let y = lrn(x, &options).unwrap();
-    let dx = lrn_backward(x, dy, &options).unwrap();
-    push(
-        "lrn",
-        normlab::Grads {
-            dx,
-            dweight: None,
-            dbias: None,
-        },
-        &y,
-    );
+    // β = 0.75, 0.5, 1 (each closed form), odd and even windows, both
+    // even-window conventions.
+    let lrns = [
+        (5, 0.75, EvenWindow::Torch),
+        (4, 0.5, EvenWindow::Torch),
+        (4, 1.0, EvenWindow::Onnx),
+        (1, 0.75, EvenWindow::Torch),
+    ];
+    for (size, beta, even_window) in lrns {
+        let options = LrnOptions {
+            alpha: 0.3,
+            beta,
+            k: 2.0,
+            even_window,
+            ..LrnOptions::new(size)
+        };
+        let y = lrn(x, &options).unwrap();
+        let dx = lrn_backward(x, dy, &options).unwrap();
+        push(
+            &format!("lrn size {size} beta {beta} {even_window:?}"),
+            normlab::Grads {
+                dx,
+                dweight: None,
+                dbias: None,
+            },
+            &y,
+        );
+    }
     out
 }
 

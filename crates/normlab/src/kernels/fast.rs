@@ -443,16 +443,47 @@ macro_rules! with_neg_pow {
     };
 }
 
+/// Spatial positions per block of the fused LRN forward: the window's
+/// partial sums stay in L1 while its rows stream through.
+const LRN_BLOCK: usize = 128;
+
 simd_fn! {
-    /// LRN forward on one channel row: `y = x·(k + a·sum)^(-β)`.
-    pub fn lrn_apply(x: &[f32], sum: &[f32], y: &mut [Out], k: f32, a: f32, pow: NegPow, store: Store) {
+    /// LRN forward of one channel of one sample `x` (`[C, s]` row-major):
+    /// `y = x_c·(k + a·Σ_{j=lo}^{hi} x_j²)^(-β)`, block by block, so each
+    /// window row is read straight from `x` (in cache: its neighbours just
+    /// used it) and no separate sum pass over memory is needed. The sum runs
+    /// from `lo` up, the same order in every path.
+    pub fn lrn_forward_channel(x: &[f32], s: usize, c: usize, lo: usize, hi: usize, y: &mut [Out], k: f32, a: f32, pow: NegPow, store: Store) {
         with_neg_pow!(pow, neg_pow, {
-            produce!(y, store, |at, buf| {
-                let n = buf.len();
-                for ((o, &xv), &sv) in buf.iter_mut().zip(&x[at..at + n]).zip(&sum[at..at + n]) {
-                    *o = xv * neg_pow(k + a * sv);
+            let mut block = [0f32; LRN_BLOCK];
+            for (b, out) in y.chunks_mut(LRN_BLOCK).enumerate() {
+                let (t0, len) = (b * LRN_BLOCK, out.len());
+                let sum = &mut block[..len];
+                for (o, &v) in sum.iter_mut().zip(&x[lo * s + t0..][..len]) {
+                    *o = v * v;
                 }
-            });
+                for j in lo + 1..=hi {
+                    for (o, &v) in sum.iter_mut().zip(&x[j * s + t0..][..len]) {
+                        *o += v * v;
+                    }
+                }
+                let xc = &x[c * s + t0..][..len];
+                if store == Store::Cached {
+                    for ((o, &xv), &sv) in out.iter_mut().zip(xc).zip(sum.iter()) {
+                        o.write(xv * neg_pow(k + a * sv));
+                    }
+                } else {
+                    for (sv, &xv) in sum.iter_mut().zip(xc) {
+                        *sv = xv * neg_pow(k + a * *sv);
+                    }
+                    emit(out, sum, store);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if store == Store::Streaming {
+                // SAFETY: SSE is part of the x86-64 baseline.
+                unsafe { std::arch::x86_64::_mm_sfence() };
+            }
         });
     }
 }

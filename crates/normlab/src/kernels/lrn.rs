@@ -206,8 +206,9 @@ pub(crate) fn forward_out<T: Float>(
     // One task per sample: windows never cross samples.
     if let Some(pow) = fast_path(options) {
         if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
-            // Streaming stores measured slower here: the loop is compute-heavy
-            // (a power per value) and ordinary stores overlap with it better.
+            // Streaming stores measured no faster here: the loop is
+            // compute-heavy (a power per value) and ordinary stores overlap
+            // with it as well.
             let store = fast::Store::Cached;
             x.par_chunks(sample)
                 .zip(y.par_chunks_mut(sample))
@@ -335,11 +336,9 @@ fn channel_window(
     c.saturating_sub(before)..=(c + after).min(channels - 1)
 }
 
-/// f32 forward of one sample `[C, S]`, channel by channel: the squares of
-/// the channels in the current window live in a ring of `size` rows (in
-/// cache), so `x` is read once and `y` written once, each as one sequential
-/// stream.
-#[allow(clippy::too_many_arguments)]
+/// f32 forward of one sample `[C, S]`, channel by channel: `x` is read as
+/// one sequential stream (each row is reused from cache by the `size`
+/// channels whose window holds it) and `y` written as another.
 fn forward_sample_f32(
     x: &[f32],
     y: &mut [fast::Out],
@@ -351,25 +350,10 @@ fn forward_sample_f32(
 ) {
     let (before, after) = options.window();
     let (k, a) = (options.k as f32, options.scale(1) as f32);
-    let size = options.size;
-    // Row `j % size` holds x_j² while channel j is in some window.
-    let mut ring = vec![0f32; size * s];
-    let mut sum = vec![0f32; s];
-    let mut squared = 0;
-    for c in 0..channels {
+    for (c, row) in y.chunks_mut(s).enumerate().take(channels) {
         let window = channel_window(c, channels, before, after);
-        while squared <= *window.end() {
-            let row = &mut ring[(squared % size) * s..][..s];
-            row.fill(0.0);
-            fast::add_squares(row, &x[squared * s..][..s]);
-            squared += 1;
-        }
-        sum.fill(0.0);
-        for j in window {
-            fast::add_assign(&mut sum, &ring[(j % size) * s..][..s]);
-        }
-        let at = c * s;
-        fast::lrn_apply(&x[at..][..s], &sum, &mut y[at..][..s], k, a, pow, store);
+        let (lo, hi) = (*window.start(), *window.end());
+        fast::lrn_forward_channel(x, s, c, lo, hi, row, k, a, pow, store);
     }
 }
 
