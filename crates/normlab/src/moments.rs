@@ -121,10 +121,30 @@ impl Moments {
         if chunk.is_empty() {
             return Moments::EMPTY;
         }
-        let count = chunk.len() as f64;
+        let guess = Self::shift_guess(chunk);
+        Self::of_f32_chunk_from(chunk, guess, fast::centred_sums(chunk, guess))
+    }
+
+    /// The first shift of [`of_f32_chunk`]: the mean of the leading values.
+    pub(crate) fn shift_guess(chunk: &[f32]) -> f32 {
         let head = &chunk[..chunk.len().min(SHIFT_SAMPLE)];
-        let guess = (head.iter().map(|&v| v as f64).sum::<f64>() / head.len() as f64) as f32;
-        let quick = Self::centred_on(chunk, guess);
+        (head.iter().map(|&v| v as f64).sum::<f64>() / head.len().max(1) as f64) as f32
+    }
+
+    /// [`of_f32_chunk`] from the centred sums `(Σ(x - guess), Σ(x - guess)²)`
+    /// of `chunk`, computed by the caller (with `fast::centred_sums`, or
+    /// fused with other work): accepted when safe, otherwise redone as
+    /// described there.
+    pub(crate) fn of_f32_chunk_from(chunk: &[f32], guess: f32, (s1, s2): (f64, f64)) -> Moments {
+        if chunk.is_empty() {
+            return Moments::EMPTY;
+        }
+        let count = chunk.len() as f64;
+        let quick = Moments {
+            count,
+            mean: guess as f64 + s1 / count,
+            m2: (s2 - s1 * s1 / count).max(0.0),
+        };
         let off = quick.mean - guess as f64;
         let safe = quick.m2.is_finite()
             && quick.m2 > count * F32_SAFE_RANGE.0 as f64 * F32_SAFE_RANGE.0 as f64;

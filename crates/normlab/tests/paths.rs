@@ -152,6 +152,9 @@ fn every_path_matches_f64_and_thread_counts_agree() {
         &[4, 8, 129],
         &[2, 2, 2047],
         &[1, 2, 4100],
+        // GroupNorm's pipelined forward (spatial ≥ 2048): several runs of
+        // groups per thread pool, channels not 16-byte aligned.
+        &[40, 2, 2049],
         &[3, 96, 5, 5],
     ];
     let pools: Vec<rayon::ThreadPool> = [1, 2, 3]

@@ -80,6 +80,19 @@ fn large_offsets_are_five_times_more_accurate_than_pytorch() {
             max_abs_diff(&widen(&y), &want),
             bounds[2],
         );
+
+        // GroupNorm(2) on [4, 4, 2048]: the pipelined forward (spatial ≥
+        // 2048), held to the same bound.
+        let (x, x64) = rounded(seed, &[4, 4, 2048], offset, sd);
+        let want = reference::group_norm(&x64, (4, 4, 2048), 2, &[1.0; 4], &[0.0; 4], 1e-5, false);
+        let (y, _) = group_norm(&x, 2, None, None, 1e-5.into()).unwrap();
+        within_a_fifth(
+            "group_norm (pipelined)",
+            offset,
+            sd,
+            max_abs_diff(&widen(&y), &want),
+            bounds[2],
+        );
     }
 }
 
@@ -113,6 +126,22 @@ fn tiny_and_huge_magnitudes_normalize_to_unit_variance() {
             assert!(
                 mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5,
                 "scale {scale}: mean {mean}, var {var}"
+            );
+        }
+        // GroupNorm's pipelined forward: [2, 2, 2048], one group per sample.
+        let x = normal(&mut rng(4), &[2, 2, 2048], 0.0, 1.0);
+        let grouped = Tensor::new(
+            vec![2, 2, 2048],
+            x.data().iter().map(|v| (v * scale) as f32).collect(),
+        )
+        .unwrap();
+        let (y, _) = group_norm(&grouped, 1, None, None, 0.0.into()).unwrap();
+        for group in y.data().chunks(4096) {
+            let (mean, var) =
+                reference::mean_var(&group.iter().map(|&v| v as f64).collect::<Vec<_>>());
+            assert!(
+                mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5,
+                "group_norm scale {scale}: mean {mean}, var {var}"
             );
         }
         let (y, _) = rms_norm(&scaled, -1, None, 0.0.into()).unwrap();

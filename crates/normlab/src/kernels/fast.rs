@@ -255,6 +255,115 @@ simd_fn! {
     }
 }
 
+/// Values per register block of [`normalize_and_sum_next`]: computed, then
+/// stored straight from registers.
+const REGISTER_BLOCK: usize = 32;
+
+/// Makes streaming stores visible before anyone reads them (they are weakly
+/// ordered); nothing for ordinary stores.
+#[inline]
+pub fn fence(store: Store) {
+    #[cfg(target_arch = "x86_64")]
+    if store == Store::Streaming {
+        // SAFETY: SSE is part of the x86-64 baseline.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = store;
+}
+
+/// Adds `Σd`, `Σd²` (`d = v - shift`) of one [`SEGMENT`] to `s1`, `s2`: f32
+/// lanes of [`FLUSH`] terms, then one f64 sum each.
+#[inline(always)]
+fn centred_segment(seg: &[f32], shift: f32, s1: &mut f64, s2: &mut f64) {
+    let (mut d1, mut d2) = ([0f32; LANES], [0f32; LANES]);
+    for v in seg.chunks_exact(LANES) {
+        for i in 0..LANES {
+            let d = v[i] - shift;
+            d1[i] += d;
+            d2[i] += d * d;
+        }
+    }
+    *s1 += d1.iter().map(|&v| v as f64).sum::<f64>();
+    *s2 += d2.iter().map(|&v| v as f64).sum::<f64>();
+}
+
+/// `y = ((x - hi) - lo)·scale + shift` for up to a few register blocks;
+/// with streaming stores when `store` says so and `y` is 16-byte aligned.
+#[inline(always)]
+fn normalize_blocks(
+    x: &[f32],
+    y: &mut [Out],
+    (hi, lo, scale, shift): (f32, f32, f32, f32),
+    store: Store,
+) {
+    let mut i = 0;
+    while i + REGISTER_BLOCK <= x.len() {
+        let mut block = [0f32; REGISTER_BLOCK];
+        for (b, &v) in block.iter_mut().zip(&x[i..i + REGISTER_BLOCK]) {
+            *b = ((v - hi) - lo) * scale + shift;
+        }
+        let out = &mut y[i..i + REGISTER_BLOCK];
+        #[cfg(target_arch = "x86_64")]
+        if store == Store::Streaming && (out.as_ptr() as usize) % 16 == 0 {
+            use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+            let p = out.as_mut_ptr() as *mut f32;
+            for j in (0..REGISTER_BLOCK).step_by(4) {
+                // SAFETY: `p + j` is 16-byte aligned with 4 values left in
+                // `out`; SSE is part of the x86-64 baseline.
+                unsafe { _mm_stream_ps(p.add(j), _mm_loadu_ps(block.as_ptr().add(j))) };
+            }
+            i += REGISTER_BLOCK;
+            continue;
+        }
+        for (o, &b) in out.iter_mut().zip(&block) {
+            o.write(b);
+        }
+        i += REGISTER_BLOCK;
+    }
+    for (o, &v) in y[i..x.len()].iter_mut().zip(&x[i..]) {
+        o.write(((v - hi) - lo) * scale + shift);
+    }
+}
+
+simd_fn! {
+    /// Normalizes `x` into `y` as [`normalize_slice`] while summing
+    /// `(Σd, Σd²)`, `d = v - next_shift`, over `next`, one [`SEGMENT`] of each
+    /// in turn: the statistics of the next slice are read from memory while
+    /// this one is written, so reads and writes stream at the same time
+    /// instead of taking turns. The sums depend on `next` alone (with `x`
+    /// empty this is a plain statistics pass, with the same bits). Streaming
+    /// stores are left unfenced: the caller calls [`fence`] when done.
+    pub fn normalize_and_sum_next(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32, store: Store, next: &[f32], next_shift: f32) -> (f64, f64) {
+        let coefs = (hi, lo, scale, shift);
+        let (mut s1, mut s2) = (0f64, 0f64);
+        // Values up to the first 16-byte boundary of `y`: the blocks after
+        // it are aligned for streaming stores.
+        let head = ((16 - (y.as_ptr() as usize) % 16) % 16 / 4).min(x.len());
+        normalize_blocks(&x[..head], &mut y[..head], coefs, Store::Cached);
+        let (x, y) = (&x[head..], &mut y[head..x.len()]);
+        let whole = next.len() / SEGMENT * SEGMENT;
+        let (mut at_x, mut at_next) = (0, 0);
+        while at_x < x.len() || at_next < whole {
+            if at_next < whole {
+                centred_segment(&next[at_next..at_next + SEGMENT], next_shift, &mut s1, &mut s2);
+                at_next += SEGMENT;
+            }
+            if at_x < x.len() {
+                let end = (at_x + SEGMENT).min(x.len());
+                normalize_blocks(&x[at_x..end], &mut y[at_x..end], coefs, store);
+                at_x = end;
+            }
+        }
+        for &v in &next[whole..] {
+            let d = v - next_shift;
+            s1 += d as f64;
+            s2 += (d * d) as f64;
+        }
+        (s1, s2)
+    }
+}
+
 simd_fn! {
     /// `Σx²` accumulated in f64 (RMSNorm).
     pub fn sum_squares(x: &[f32]) -> f64 {
