@@ -321,6 +321,20 @@ fn normalize_blocks(
         }
         i += REGISTER_BLOCK;
     }
+    // The rest four at a time, streamed too: an ordinary store into the
+    // lines between streamed ones measured far slower (784-value slices).
+    #[cfg(target_arch = "x86_64")]
+    if store == Store::Streaming && (y[i..].as_ptr() as usize) % 16 == 0 {
+        use std::arch::x86_64::{_mm_set_ps, _mm_stream_ps};
+        while i + 4 <= x.len() {
+            let v = |k: usize| ((x[i + k] - hi) - lo) * scale + shift;
+            let p = y[i..].as_mut_ptr() as *mut f32;
+            // SAFETY: `p` is 16-byte aligned with 4 values left in `y`; SSE
+            // is part of the x86-64 baseline.
+            unsafe { _mm_stream_ps(p, _mm_set_ps(v(3), v(2), v(1), v(0))) };
+            i += 4;
+        }
+    }
     for (o, &v) in y[i..x.len()].iter_mut().zip(&x[i..]) {
         o.write(((v - hi) - lo) * scale + shift);
     }
@@ -386,13 +400,15 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// `y = ((x - hi) - lo)·scale + shift` with scalar `scale`, `shift` (one channel).
+    /// `y = ((x - hi) - lo)·scale + shift` with scalar `scale`, `shift` (one
+    /// channel), stored from registers block by block (BatchNorm eval on
+    /// `[32, 64, 56, 56]`: 1.32 against 1.47 ms with `produce!`'s copy-out).
     pub fn normalize_slice(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32, store: Store) {
-        produce!(y, store, FORWARD_BLOCK, |at, buf| {
-            for (o, &xv) in buf.iter_mut().zip(&x[at..]) {
-                *o = ((xv - hi) - lo) * scale + shift;
-            }
-        });
+        let coefs = (hi, lo, scale, shift);
+        let head = ((16 - (y.as_ptr() as usize) % 16) % 16 / 4).min(x.len());
+        normalize_blocks(&x[..head], &mut y[..head], coefs, Store::Cached);
+        normalize_blocks(&x[head..], &mut y[head..x.len()], coefs, store);
+        fence(store);
     }
 }
 

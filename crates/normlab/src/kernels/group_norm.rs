@@ -129,8 +129,8 @@ pub(crate) fn forward_out<T: Float>(
 /// normalizing pass with the next group's statistics pass. On
 /// `[32, 64, 56, 56]` (spatial 3136) that took GroupNorm(32) from 2.57 to
 /// 2.18 ms and InstanceNorm from 2.53 to 2.11 ms; on `[64, 256, 28, 28]`
-/// (spatial 784, one call per channel) it was slower, 9.2 against 6.0 ms
-/// (`normlab bench --threads 2`, five alternating runs each).
+/// (spatial 784, one call per channel) it gained nothing (5.67 against
+/// 5.57 ms) (`normlab bench --threads 2`, four or five alternating runs).
 const PIPELINE_MIN_SPATIAL: usize = 2048;
 
 /// Moments of one f32 channel as [`forward_f32_pipelined`] computes them:
