@@ -272,10 +272,16 @@ pub fn fence(store: Store) {
     let _ = store;
 }
 
-/// Adds `Σd`, `Σd²` (`d = v - shift`) of one [`SEGMENT`] to `s1`, `s2`: f32
-/// lanes of [`FLUSH`] terms, then one f64 sum each.
+/// f64 lanes of [`centred_segment`]'s running sums.
+const WIDE: usize = 8;
+
+/// Adds `Σd`, `Σd²` (`d = v - shift`) of one [`SEGMENT`] to the f64 lanes
+/// `s1`, `s2`: f32 lanes of [`FLUSH`] terms, folded to [`WIDE`] lanes (16
+/// terms each), then added in f64 lane by lane. The lanes are summed once,
+/// at the end: a sum of all 32 lanes per segment would be one long chain of
+/// dependent f64 additions, which measured slower than the memory traffic.
 #[inline(always)]
-fn centred_segment(seg: &[f32], shift: f32, s1: &mut f64, s2: &mut f64) {
+fn centred_segment(seg: &[f32], shift: f32, s1: &mut [f64; WIDE], s2: &mut [f64; WIDE]) {
     let (mut d1, mut d2) = ([0f32; LANES], [0f32; LANES]);
     for v in seg.chunks_exact(LANES) {
         for i in 0..LANES {
@@ -284,8 +290,12 @@ fn centred_segment(seg: &[f32], shift: f32, s1: &mut f64, s2: &mut f64) {
             d2[i] += d * d;
         }
     }
-    *s1 += d1.iter().map(|&v| v as f64).sum::<f64>();
-    *s2 += d2.iter().map(|&v| v as f64).sum::<f64>();
+    for i in 0..WIDE {
+        let a = (d1[i] + d1[i + WIDE]) + (d1[i + 2 * WIDE] + d1[i + 3 * WIDE]);
+        let b = (d2[i] + d2[i + WIDE]) + (d2[i + 2 * WIDE] + d2[i + 3 * WIDE]);
+        s1[i] += a as f64;
+        s2[i] += b as f64;
+    }
 }
 
 /// `y = ((x - hi) - lo)·scale + shift` for up to a few register blocks;
@@ -350,7 +360,7 @@ simd_fn! {
     /// stores are left unfenced: the caller calls [`fence`] when done.
     pub fn normalize_and_sum_next(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32, store: Store, next: &[f32], next_shift: f32) -> (f64, f64) {
         let coefs = (hi, lo, scale, shift);
-        let (mut s1, mut s2) = (0f64, 0f64);
+        let (mut lanes1, mut lanes2) = ([0f64; WIDE], [0f64; WIDE]);
         // Values up to the first 16-byte boundary of `y`: the blocks after
         // it are aligned for streaming stores.
         let head = ((16 - (y.as_ptr() as usize) % 16) % 16 / 4).min(x.len());
@@ -360,7 +370,7 @@ simd_fn! {
         let (mut at_x, mut at_next) = (0, 0);
         while at_x < x.len() || at_next < whole {
             if at_next < whole {
-                centred_segment(&next[at_next..at_next + SEGMENT], next_shift, &mut s1, &mut s2);
+                centred_segment(&next[at_next..at_next + SEGMENT], next_shift, &mut lanes1, &mut lanes2);
                 at_next += SEGMENT;
             }
             if at_x < x.len() {
@@ -369,6 +379,7 @@ simd_fn! {
                 at_x = end;
             }
         }
+        let (mut s1, mut s2): (f64, f64) = (lanes1.iter().sum(), lanes2.iter().sum());
         for &v in &next[whole..] {
             let d = v - next_shift;
             s1 += d as f64;

@@ -128,7 +128,7 @@ pub(crate) fn forward_out<T: Float>(
 /// Spatial size from which the f32 forward overlaps each group's
 /// normalizing pass with the next group's statistics pass. On
 /// `[32, 64, 56, 56]` (spatial 3136) that took GroupNorm(32) from 2.57 to
-/// 2.18 ms and InstanceNorm from 2.53 to 2.11 ms; on `[64, 256, 28, 28]`
+/// 1.96 ms and InstanceNorm from 2.53 to 1.72 ms; on `[64, 256, 28, 28]`
 /// (spatial 784, one call per channel) it gained nothing (5.67 against
 /// 5.57 ms) (`normlab bench --threads 2`, four or five alternating runs).
 const PIPELINE_MIN_SPATIAL: usize = 2048;
