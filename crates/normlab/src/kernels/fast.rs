@@ -298,8 +298,57 @@ fn centred_segment(seg: &[f32], shift: f32, s1: &mut [f64; WIDE], s2: &mut [f64;
     }
 }
 
-/// `y = ((x - hi) - lo)·scale + shift` for up to a few register blocks;
-/// with streaming stores when `store` says so and `y` is 16-byte aligned.
+/// Fills `y` block by block: `block(start, values)` computes
+/// `y[start..start + values.len()]`. Whole [`REGISTER_BLOCK`]s are stored
+/// from registers, with streaming stores when `store` says so and `y` is
+/// 16-byte aligned there; the values before the first aligned block and
+/// after the last whole one are streamed four at a time too (an ordinary
+/// store into the lines between streamed ones measured far slower on
+/// 784-value slices), the last one to three with ordinary stores.
+#[inline(always)]
+fn fill_blocks(y: &mut [Out], store: Store, block: impl Fn(usize, &mut [f32])) {
+    let len = y.len();
+    let head = ((16 - (y.as_ptr() as usize) % 16) % 16 / 4).min(len);
+    let mut buf = [0f32; REGISTER_BLOCK];
+    block(0, &mut buf[..head]);
+    for (o, &v) in y[..head].iter_mut().zip(&buf) {
+        o.write(v);
+    }
+    let mut i = head;
+    while i + REGISTER_BLOCK <= len {
+        let mut values = [0f32; REGISTER_BLOCK];
+        block(i, &mut values);
+        write_streamed(&mut y[i..i + REGISTER_BLOCK], &values, store);
+        i += REGISTER_BLOCK;
+    }
+    let rest = len - i;
+    block(i, &mut buf[..rest]);
+    write_streamed(&mut y[i..], &buf[..rest], store);
+}
+
+/// Stores `values` into `out` (same length): four at a time with streaming
+/// stores when `store` says so and `out` is 16-byte aligned, the rest with
+/// ordinary ones.
+#[inline(always)]
+fn write_streamed(out: &mut [Out], values: &[f32], store: Store) {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if store == Store::Streaming && (out.as_ptr() as usize) % 16 == 0 {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        let p = out.as_mut_ptr() as *mut f32;
+        while i + 4 <= values.len() {
+            // SAFETY: `p + i` is 16-byte aligned with 4 values left in both
+            // slices; SSE is part of the x86-64 baseline.
+            unsafe { _mm_stream_ps(p.add(i), _mm_loadu_ps(values.as_ptr().add(i))) };
+            i += 4;
+        }
+    }
+    for (o, &v) in out[i..].iter_mut().zip(&values[i..]) {
+        o.write(v);
+    }
+}
+
+/// `y = ((x - hi) - lo)·scale + shift` through [`fill_blocks`].
 #[inline(always)]
 fn normalize_blocks(
     x: &[f32],
@@ -307,47 +356,12 @@ fn normalize_blocks(
     (hi, lo, scale, shift): (f32, f32, f32, f32),
     store: Store,
 ) {
-    let mut i = 0;
-    while i + REGISTER_BLOCK <= x.len() {
-        let mut block = [0f32; REGISTER_BLOCK];
-        for (b, &v) in block.iter_mut().zip(&x[i..i + REGISTER_BLOCK]) {
-            *b = ((v - hi) - lo) * scale + shift;
+    fill_blocks(&mut y[..x.len()], store, |at, values| {
+        let n = values.len();
+        for (v, &xv) in values.iter_mut().zip(&x[at..at + n]) {
+            *v = ((xv - hi) - lo) * scale + shift;
         }
-        let out = &mut y[i..i + REGISTER_BLOCK];
-        #[cfg(target_arch = "x86_64")]
-        if store == Store::Streaming && (out.as_ptr() as usize) % 16 == 0 {
-            use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
-            let p = out.as_mut_ptr() as *mut f32;
-            for j in (0..REGISTER_BLOCK).step_by(4) {
-                // SAFETY: `p + j` is 16-byte aligned with 4 values left in
-                // `out`; SSE is part of the x86-64 baseline.
-                unsafe { _mm_stream_ps(p.add(j), _mm_loadu_ps(block.as_ptr().add(j))) };
-            }
-            i += REGISTER_BLOCK;
-            continue;
-        }
-        for (o, &b) in out.iter_mut().zip(&block) {
-            o.write(b);
-        }
-        i += REGISTER_BLOCK;
-    }
-    // The rest four at a time, streamed too: an ordinary store into the
-    // lines between streamed ones measured far slower (784-value slices).
-    #[cfg(target_arch = "x86_64")]
-    if store == Store::Streaming && (y[i..].as_ptr() as usize) % 16 == 0 {
-        use std::arch::x86_64::{_mm_set_ps, _mm_stream_ps};
-        while i + 4 <= x.len() {
-            let v = |k: usize| ((x[i + k] - hi) - lo) * scale + shift;
-            let p = y[i..].as_mut_ptr() as *mut f32;
-            // SAFETY: `p` is 16-byte aligned with 4 values left in `y`; SSE
-            // is part of the x86-64 baseline.
-            unsafe { _mm_stream_ps(p, _mm_set_ps(v(3), v(2), v(1), v(0))) };
-            i += 4;
-        }
-    }
-    for (o, &v) in y[i..x.len()].iter_mut().zip(&x[i..]) {
-        o.write(((v - hi) - lo) * scale + shift);
-    }
+    });
 }
 
 simd_fn! {
@@ -361,11 +375,6 @@ simd_fn! {
     pub fn normalize_and_sum_next(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32, store: Store, next: &[f32], next_shift: f32) -> (f64, f64) {
         let coefs = (hi, lo, scale, shift);
         let (mut lanes1, mut lanes2) = ([0f64; WIDE], [0f64; WIDE]);
-        // Values up to the first 16-byte boundary of `y`: the blocks after
-        // it are aligned for streaming stores.
-        let head = ((16 - (y.as_ptr() as usize) % 16) % 16 / 4).min(x.len());
-        normalize_blocks(&x[..head], &mut y[..head], coefs, Store::Cached);
-        let (x, y) = (&x[head..], &mut y[head..x.len()]);
         let whole = next.len() / SEGMENT * SEGMENT;
         let (mut at_x, mut at_next) = (0, 0);
         while at_x < x.len() || at_next < whole {
@@ -415,10 +424,7 @@ simd_fn! {
     /// channel), stored from registers block by block (BatchNorm eval on
     /// `[32, 64, 56, 56]`: 1.32 against 1.47 ms with `produce!`'s copy-out).
     pub fn normalize_slice(x: &[f32], y: &mut [Out], hi: f32, lo: f32, scale: f32, shift: f32, store: Store) {
-        let coefs = (hi, lo, scale, shift);
-        let head = ((16 - (y.as_ptr() as usize) % 16) % 16 / 4).min(x.len());
-        normalize_blocks(&x[..head], &mut y[..head], coefs, Store::Cached);
-        normalize_blocks(&x[head..], &mut y[head..x.len()], coefs, store);
+        normalize_blocks(x, y, (hi, lo, scale, shift), store);
         fence(store);
     }
 }
@@ -494,12 +500,13 @@ simd_fn! {
 simd_fn! {
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one channel: `w` is a scalar).
     pub fn slice_dx(x: &[f32], dy: &[f32], hi: f32, lo: f32, rstd: f32, w: f32, mean_g: f32, b: f32, dx: &mut [Out], store: Store) {
-        produce!(dx, store, BACKWARD_BLOCK, |at, buf| {
-            let n = buf.len();
-            for ((o, &xv), &d) in buf.iter_mut().zip(&x[at..at + n]).zip(&dy[at..at + n]) {
-                *o = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
+        fill_blocks(&mut dx[..x.len()], store, |at, values| {
+            let n = values.len();
+            for ((v, &xv), &d) in values.iter_mut().zip(&x[at..at + n]).zip(&dy[at..at + n]) {
+                *v = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
             }
         });
+        fence(store);
     }
 }
 
