@@ -44,11 +44,12 @@ impl Store {
     }
 }
 
-/// Values a forward computes per block before storing them: small, so that
-/// the block lives in registers and the store follows the arithmetic
-/// directly. With 512-value blocks, copied out from L1, the BatchNorm-eval,
-/// GroupNorm and InstanceNorm forwards on `[32, 64, 56, 56]` took 20–25%
-/// longer (`normlab bench --threads 2`, six alternating runs).
+/// Values a [`produce!`] forward (LayerNorm and RMSNorm rows) computes per
+/// block before storing them: small, so that the block stays in registers.
+/// With 512-value blocks, copied out from L1, the channel forwards on
+/// `[32, 64, 56, 56]` took 20–25% longer when they were built this way
+/// (`normlab bench --threads 2`, six alternating runs); they now use
+/// [`fill_blocks`].
 const FORWARD_BLOCK: usize = 64;
 
 /// Values a backward computes per block: its loop reads two or more inputs,
@@ -255,8 +256,8 @@ simd_fn! {
     }
 }
 
-/// Values per register block of [`normalize_and_sum_next`]: computed, then
-/// stored straight from registers.
+/// Values per register block of [`fill_blocks`]: computed, then stored
+/// straight from registers.
 const REGISTER_BLOCK: usize = 32;
 
 /// Makes streaming stores visible before anyone reads them (they are weakly
