@@ -367,7 +367,7 @@ fn normalize_blocks(
 
 simd_fn! {
     /// Normalizes `x` into `y` as [`normalize_slice`] while summing
-    /// `(Σd, Σd²)`, `d = v - next_shift`, over `next`, one [`SEGMENT`] of each
+    /// `(Σd, Σd²)`, `d = v - next_shift`, over `next`, one segment (128 values) of each
     /// in turn: the statistics of the next slice are read from memory while
     /// this one is written, so reads and writes stream at the same time
     /// instead of taking turns. The sums depend on `next` alone (with `x`
