@@ -66,20 +66,15 @@ fn load(path: &Path) -> HashMap<String, Tensor> {
 /// holds rounding noise of about 1e-8, whose relative difference means
 /// nothing; the floor makes that noise count as 1e-6.
 fn relative(a: &Tensor, b: &Tensor) -> f64 {
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (values(a), values(b));
     a.iter()
         .zip(&b)
         .map(|(x, y)| (x - y).abs() / (y.abs() + 1e-2))

@@ -82,33 +82,23 @@ macro_rules! produce {
     }};
 }
 
-/// Stores `src` into `dst`.
+/// Values of `out` before its first 16-byte boundary (all of them when
+/// it is shorter), which streaming stores cannot write.
+#[inline(always)]
+fn unaligned_head(out: &[Out]) -> usize {
+    ((16 - (out.as_ptr() as usize) % 16) % 16 / 4).min(out.len())
+}
+
+/// Stores `src` into `dst`: the values before the first 16-byte boundary
+/// with ordinary stores, the rest through [`write_streamed`].
 #[inline(always)]
 fn emit(dst: &mut [Out], src: &[f32], store: Store) {
-    #[cfg(target_arch = "x86_64")]
-    if store == Store::Streaming {
-        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
-        let p = dst.as_mut_ptr() as *mut f32;
-        // Scalar stores up to the first 16-byte boundary, then 4 at a time.
-        let head = ((16 - (p as usize) % 16) % 16 / 4).min(dst.len());
-        for i in 0..head {
-            dst[i].write(src[i]);
-        }
-        let mut i = head;
-        while i + 4 <= dst.len() {
-            // SAFETY: `p + i` is 16-byte aligned and `i + 4 <= len` for both
-            // slices; SSE is part of the x86-64 baseline.
-            unsafe { _mm_stream_ps(p.add(i), _mm_loadu_ps(src.as_ptr().add(i))) };
-            i += 4;
-        }
-        for j in i..dst.len() {
-            dst[j].write(src[j]);
-        }
-        return;
-    }
-    for (d, &v) in dst.iter_mut().zip(src) {
+    let head = unaligned_head(dst);
+    let (dst_head, dst_rest) = dst.split_at_mut(head);
+    for (d, &v) in dst_head.iter_mut().zip(src) {
         d.write(v);
     }
+    write_streamed(dst_rest, &src[head..], store);
 }
 
 /// f32 accumulator lanes: four AVX2 vectors in flight.
@@ -309,7 +299,7 @@ fn centred_segment(seg: &[f32], shift: f32, s1: &mut [f64; WIDE], s2: &mut [f64;
 #[inline(always)]
 fn fill_blocks(y: &mut [Out], store: Store, block: impl Fn(usize, &mut [f32])) {
     let len = y.len();
-    let head = ((16 - (y.as_ptr() as usize) % 16) % 16 / 4).min(len);
+    let head = unaligned_head(y);
     let mut buf = [0f32; REGISTER_BLOCK];
     block(0, &mut buf[..head]);
     for (o, &v) in y[..head].iter_mut().zip(&buf) {

@@ -36,6 +36,9 @@ pub const EXPERIMENT: Experiment = Experiment {
     run,
 };
 
+/// One data-parallel run: ranks, seconds per step, held-out accuracy.
+type RankRun = (usize, f64, f64);
+
 /// Seconds per step on rank 0 and held-out accuracy of one data-parallel run.
 fn data_parallel(
     ctx: &Context,
@@ -96,7 +99,7 @@ fn run(ctx: &Context) -> Result<Findings> {
         ],
     );
     // results[norm] = [(ranks, seconds per step, accuracy)]
-    let mut results: Vec<Vec<(usize, f64, f64)>> = Vec::new();
+    let mut results: Vec<Vec<RankRun>> = Vec::new();
     for &norm in &norms {
         let model = ModelConfig {
             depth: 6,
@@ -123,6 +126,14 @@ fn run(ctx: &Context) -> Result<Findings> {
         NormKind::SyncBatch => "SyncBatchNorm (global statistics)".to_string(),
         _ => "BatchNorm (per-rank statistics)".to_string(),
     };
+    // One series per normalization, a point per rank count.
+    let series = |point: &dyn Fn(&RankRun) -> (f64, f64)| -> Vec<Series> {
+        norms
+            .iter()
+            .zip(&results)
+            .map(|(&n, rows)| Series::new(label(n), rows.iter().map(point).collect()))
+            .collect()
+    };
     let figures = vec![
         LineChart {
             title: "Time per training step against ranks".into(),
@@ -130,16 +141,7 @@ fn run(ctx: &Context) -> Result<Findings> {
             y_label: "ms per step (rank 0)".into(),
             x_scale: Scale::Log,
             y_scale: Scale::Linear,
-            series: norms
-                .iter()
-                .zip(&results)
-                .map(|(&n, rows)| {
-                    Series::new(
-                        label(n),
-                        rows.iter().map(|r| (r.0 as f64, 1e3 * r.1)).collect(),
-                    )
-                })
-                .collect(),
+            series: series(&|r| (r.0 as f64, 1e3 * r.1)),
         }
         .figure(
             "sync_time.svg",
@@ -154,18 +156,7 @@ fn run(ctx: &Context) -> Result<Findings> {
             y_label: "held-out accuracy (%)".into(),
             x_scale: Scale::Log,
             y_scale: Scale::Linear,
-            series: norms
-                .iter()
-                .zip(&results)
-                .map(|(&n, rows)| {
-                    Series::new(
-                        label(n),
-                        rows.iter()
-                            .map(|r| ((global_batch / r.0) as f64, 100.0 * r.2))
-                            .collect(),
-                    )
-                })
-                .collect(),
+            series: series(&|r| ((global_batch / r.0) as f64, 100.0 * r.2)),
         }
         .figure(
             "sync_accuracy.svg",
