@@ -22,7 +22,7 @@
 //! `r` so that it cancels exactly where it should (rows of one value).
 
 pub mod batch_norm;
-pub mod fast;
+pub(crate) mod fast;
 pub mod group_norm;
 pub mod instance_norm;
 pub mod layer_norm;
