@@ -58,7 +58,7 @@ impl RowNormOp {
         b: Option<&Values>,
     ) -> Result<Values> {
         let rows = x.len().checked_div(n).unwrap_or(0);
-        let mut saved = Saved::zeros(rows);
+        let mut saved = Saved::zeros(self.name_str(), rows).map_err(err)?;
         let y = match (x, w, b) {
             (Slices::F32(x), w, b) => {
                 let (w, b) = (f32s(w)?, f32s(b)?);

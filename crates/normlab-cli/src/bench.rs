@@ -214,7 +214,7 @@ impl Prepared {
                 let n = shape[shape.len() - 1];
                 let rows = x.len() / n;
                 if self.saved.mean.len() != rows {
-                    self.saved = Saved::zeros(rows);
+                    self.saved = Saved::zeros("bench", rows)?;
                 }
                 if self.case.op == Op::LayerNorm {
                     layer_norm::forward_rows(x, rows, n, w, b, &eps, &mut self.y, &mut self.saved)?;
@@ -256,7 +256,7 @@ impl Prepared {
                 };
                 let layout = GroupLayout::new("bench", ncs, groups, &shape)?;
                 if self.saved.mean.len() != ncs.n * groups {
-                    self.saved = Saved::zeros(ncs.n * groups);
+                    self.saved = Saved::zeros("bench", ncs.n * groups)?;
                 }
                 group_norm::forward(x, layout, w, b, &eps, &mut self.y, &mut self.saved)?;
             }

@@ -21,7 +21,7 @@
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
-use crate::Float;
+use crate::{Float, NormError, Result};
 
 /// Buffers at least this large (bytes) get the huge-page advice.
 pub const HUGE_PAGE_MIN: usize = 4 << 20;
@@ -114,7 +114,8 @@ pub(crate) fn recycle<T>(mut v: Vec<T>) {
 
 /// A cached allocation of exactly `len` values of `T`, if there is one.
 fn reuse<T>(len: usize) -> Option<Vec<MaybeUninit<T>>> {
-    let bytes = len * std::mem::size_of::<T>();
+    // A size that overflows cannot be in the cache (the allocation will fail).
+    let bytes = len.checked_mul(std::mem::size_of::<T>())?;
     if bytes < HUGE_PAGE_MIN {
         return None;
     }
@@ -134,15 +135,51 @@ fn reuse<T>(len: usize) -> Option<Vec<MaybeUninit<T>>> {
 /// A buffer of `len` values that a kernel is about to overwrite entirely:
 /// no zeroing pass (which would cost a full write of the buffer), as
 /// `torch.empty`; large ones come from the cache when it has one of this size.
-pub fn for_overwrite<T: Float>(len: usize) -> Vec<MaybeUninit<T>> {
+///
+/// # Errors
+/// [`NormError::OutOfMemory`] (naming `op` and `arg`) when the system refuses
+/// the memory: a failed allocation is an error, never an abort.
+pub fn for_overwrite<T: Float>(
+    op: &'static str,
+    arg: &'static str,
+    len: usize,
+) -> Result<Vec<MaybeUninit<T>>> {
     if let Some(v) = reuse::<T>(len) {
-        return v;
+        return Ok(v);
     }
-    let mut v = Vec::with_capacity(len);
-    // SAFETY: MaybeUninit needs no initialization.
+    let mut v = try_with_capacity(op, arg, len)?;
+    // SAFETY: the capacity is at least `len`; MaybeUninit needs no initialization.
     unsafe { v.set_len(len) };
     advise_huge_pages(&mut v);
-    v
+    Ok(v)
+}
+
+/// An empty vector with room for exactly `len` values, or
+/// [`NormError::OutOfMemory`]. Every allocation whose size comes from a
+/// caller's shape or option goes through here (or [`zeroed`]), so that an
+/// absurd size is a typed error rather than an abort of the process.
+pub fn try_with_capacity<T>(op: &'static str, arg: &'static str, len: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| NormError::OutOfMemory {
+            op,
+            arg,
+            len,
+            bytes: len.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+    Ok(v)
+}
+
+/// `len` copies of `value`, or [`NormError::OutOfMemory`].
+pub fn try_filled<T: Clone>(
+    op: &'static str,
+    arg: &'static str,
+    len: usize,
+    value: T,
+) -> Result<Vec<T>> {
+    let mut v = try_with_capacity(op, arg, len)?;
+    v.resize(len, value);
+    Ok(v)
 }
 
 /// The buffer of [`for_overwrite`] once every value has been written.
@@ -157,12 +194,32 @@ pub unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
 }
 
 /// A zeroed buffer of `len` values.
-pub fn zeroed<T: Float>(len: usize) -> Vec<T> {
-    // `vec![0.0; n]` of f32/f64 maps fresh zero pages without touching them,
-    // so the advice below still applies to every page.
-    let mut v = vec![T::default(); len];
+///
+/// # Errors
+/// [`NormError::OutOfMemory`] when the system refuses the memory.
+pub fn zeroed<T: Float>(op: &'static str, arg: &'static str, len: usize) -> Result<Vec<T>> {
+    let out_of_memory = || NormError::OutOfMemory {
+        op,
+        arg,
+        len,
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    };
+    if len == 0 || std::mem::size_of::<T>() == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| out_of_memory())?;
+    // `alloc_zeroed` (calloc) maps fresh zero pages without touching them, as
+    // `vec![0.0; n]` does, so the advice below still applies to every page.
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if ptr.is_null() {
+        return Err(out_of_memory());
+    }
+    // SAFETY: the allocation holds `len` values of `T` with `T`'s alignment,
+    // from the global allocator; all-zero bits are 0.0 for every `Float`.
+    let mut v = unsafe { Vec::from_raw_parts(ptr, len, len) };
     advise_huge_pages(&mut v);
-    v
+    Ok(v)
 }
 
 #[cfg(target_os = "linux")]
@@ -193,12 +250,12 @@ mod tests {
     #[test]
     fn large_buffers_are_reused_and_the_limit_holds() {
         let len = HUGE_PAGE_MIN / 4 + 1;
-        let first = for_overwrite::<f32>(len);
+        let first = for_overwrite::<f32>("test", "x", len).unwrap();
         let addr = first.as_ptr() as usize;
         // SAFETY: test only; f32 has no invalid bit patterns and the values are not read.
         recycle(unsafe { assume_init(first) });
         assert!(cached_bytes() >= len * 4);
-        let again = for_overwrite::<f32>(len);
+        let again = for_overwrite::<f32>("test", "x", len).unwrap();
         assert_eq!(
             again.as_ptr() as usize,
             addr,
@@ -206,7 +263,7 @@ mod tests {
         );
         // Another size does not take it.
         recycle(unsafe { assume_init(again) });
-        let other = for_overwrite::<f32>(len + 1);
+        let other = for_overwrite::<f32>("test", "x", len + 1).unwrap();
         assert_ne!(other.as_ptr() as usize, addr);
         set_cache_limit(0);
         assert_eq!(cached_bytes(), 0);
@@ -216,5 +273,25 @@ mod tests {
         // Small buffers never enter the cache.
         recycle(vec![0f32; 16]);
         assert_eq!(cached_bytes(), 0);
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_aborts() {
+        let err = for_overwrite::<f32>("op", "y", usize::MAX / 2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NormError::OutOfMemory {
+                    op: "op",
+                    arg: "y",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(zeroed::<f64>("op", "y", 1 << 60).is_err());
+        assert!(try_filled("op", "y", 1 << 61, 0u64).is_err());
+        assert_eq!(zeroed::<f32>("op", "y", 3).unwrap(), vec![0.0; 3]);
+        assert!(zeroed::<f32>("op", "y", 0).unwrap().is_empty());
     }
 }

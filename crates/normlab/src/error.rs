@@ -147,17 +147,60 @@ pub enum NormError {
         /// Operation name.
         op: &'static str,
     },
-    /// A training batch produced NaN or infinite statistics.
-    #[error("{op}: batch statistics are not finite in channel {channel} (mean {mean}, variance {var}); running statistics left unchanged")]
+    /// A training batch produced NaN or infinite statistics, or folding it
+    /// into the running statistics would overflow their element type.
+    #[error("{op}: {what} of channel {channel} is {value}, not finite in {dtype} (batch mean {mean}, biased batch variance {var}); running statistics left unchanged")]
     NonFiniteStatistics {
         /// Operation name.
         op: &'static str,
         /// First offending channel.
         channel: usize,
-        /// Its batch mean.
+        /// Which value is not finite: `batch mean`, `batch variance`,
+        /// `updated running_mean` or `updated running_var`.
+        what: &'static str,
+        /// That value, computed in f64 (finite when only its conversion to
+        /// `dtype` overflows).
+        value: f64,
+        /// The element type it had to fit (`float32`, …).
+        dtype: &'static str,
+        /// The channel's batch mean.
         mean: f64,
-        /// Its biased batch variance.
+        /// The channel's biased batch variance.
         var: f64,
+    },
+    /// A shape's element count (or a size derived from it) does not fit in `usize`.
+    #[error("{op}: `{arg}` of shape {shape} has more elements than fit in memory addresses (the product of its dimensions overflows)")]
+    SizeOverflow {
+        /// Operation name.
+        op: &'static str,
+        /// Argument name.
+        arg: &'static str,
+        /// The shape.
+        shape: Shape,
+    },
+    /// A buffer could not be allocated (the system refused the memory).
+    #[error("{op}: cannot allocate {len} values ({bytes} bytes) for `{arg}`: out of memory")]
+    OutOfMemory {
+        /// Operation name.
+        op: &'static str,
+        /// What the buffer is for.
+        arg: &'static str,
+        /// Number of values.
+        len: usize,
+        /// Bytes requested (saturated at `usize::MAX`).
+        bytes: usize,
+    },
+    /// A loaded running statistic or counter is outside its domain.
+    #[error("state dict: tensor `{name}` {problem} at index {index} (value {value}); nothing was loaded")]
+    InvalidState {
+        /// Full tensor name (`features.1.running_var`).
+        name: String,
+        /// What is wrong (`is not finite`, `is negative`).
+        problem: &'static str,
+        /// Index of the first offending value.
+        index: usize,
+        /// The value.
+        value: f64,
     },
     /// A state-dict tensor is missing, has the wrong dtype, or the file is malformed.
     #[error("state dict: {0}")]
@@ -216,6 +259,39 @@ pub(crate) fn check_shape(
     }
 }
 
+/// The number of values of `shape`, or [`NormError::SizeOverflow`] when the
+/// product of its non-zero dimensions does not fit in `usize`. Every element
+/// count derived from a caller's shape goes through here: an unchecked
+/// product wraps in release builds, and a wrapped count (0 for
+/// `[4, 2^31, 2^31]` on 64 bits) would let a phantom tensor pass every later
+/// check.
+///
+/// Zero dimensions are left out of the check, not exempted from it: an empty
+/// `[0, 2^40, 2^40]` is refused too, so that for every accepted shape each
+/// product of any of its dimensions (`c·spatial`, `n·groups`, …) fits, and
+/// kernels may form them without overflow.
+///
+/// ```
+/// use normlab::error::numel;
+/// assert_eq!(numel("op", "x", &[2, 3, 4]).unwrap(), 24);
+/// assert_eq!(numel("op", "x", &[]).unwrap(), 1);
+/// assert_eq!(numel("op", "x", &[0, 1 << 40]).unwrap(), 0);
+/// assert!(numel("op", "x", &[4, 1 << 31, 1 << 31]).is_err());
+/// assert!(numel("op", "x", &[0, 1 << 40, 1 << 40]).is_err());
+/// ```
+pub fn numel(op: &'static str, arg: &'static str, shape: &[usize]) -> Result<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| NormError::SizeOverflow {
+            op,
+            arg,
+            shape: shape.into(),
+        })?;
+    Ok(if shape.contains(&0) { 0 } else { nonzero })
+}
+
 /// Checks a slice length against the number of values a kernel layout needs.
 pub(crate) fn check_len(
     op: &'static str,
@@ -223,7 +299,7 @@ pub(crate) fn check_len(
     len: usize,
     shape: &[usize],
 ) -> Result<()> {
-    let expected: usize = shape.iter().product();
+    let expected = numel(op, arg, shape)?;
     if len == expected {
         Ok(())
     } else {

@@ -20,7 +20,7 @@
 //! assert!((out.y.data()[0] + 1.0).abs() < 1e-4);
 //! assert_eq!(bn.running_mean().unwrap(), &[0.2, 2.0]); // 0.9·0 + 0.1·mean
 //! bn.set_mode(Mode::Eval);                            // evaluation: running statistics
-//! let grads = bn.backward(&x, &out, &Tensor::full(&[2, 2], 1.0)).unwrap();
+//! let grads = bn.backward(&x, &out, &Tensor::full(&[2, 2], 1.0).unwrap()).unwrap();
 //! assert_eq!(grads.dbias.unwrap().data(), &[2.0, 2.0]);
 //! ```
 #![deny(missing_docs)]

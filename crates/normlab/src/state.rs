@@ -213,6 +213,11 @@ pub struct StateView<'a> {
 }
 
 impl StateView<'_> {
+    /// `name` under this view's prefix, as it is written in the file.
+    pub fn full_name(&self, name: &str) -> String {
+        join(&self.prefix, name)
+    }
+
     fn get(&self, name: &str) -> Option<(String, TensorView<'_>)> {
         let full = join(&self.prefix, name);
         self.tensors.tensor(&full).ok().map(|t| (full, t))

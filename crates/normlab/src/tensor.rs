@@ -4,7 +4,7 @@
 //! currency of the checked, allocating API. Framework adapters hand the
 //! kernels their own buffers directly.
 
-use crate::error::{check_len, Result};
+use crate::error::{check_len, numel, Result};
 use crate::Float;
 
 /// Contiguous row-major tensor.
@@ -19,7 +19,9 @@ impl<T: Float> Tensor<T> {
     ///
     /// # Errors
     /// [`NormError::LengthMismatch`](crate::NormError::LengthMismatch) when
-    /// `data.len()` is not the product of `shape`.
+    /// `data.len()` is not the product of `shape`;
+    /// [`NormError::SizeOverflow`](crate::NormError::SizeOverflow) when that
+    /// product overflows `usize`.
     ///
     /// ```
     /// let t = normlab::Tensor::new(vec![2, 3], vec![0.0f32; 6]).unwrap();
@@ -32,21 +34,30 @@ impl<T: Float> Tensor<T> {
     }
 
     /// A tensor of zeros (large ones backed by huge pages, see [`crate::alloc`]).
-    pub fn zeros(shape: &[usize]) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// [`NormError::SizeOverflow`](crate::NormError::SizeOverflow) when the
+    /// shape's element count overflows, [`NormError::OutOfMemory`](crate::NormError::OutOfMemory)
+    /// when the memory cannot be had.
+    pub fn zeros(shape: &[usize]) -> Result<Self> {
+        let len = numel("tensor", "shape", shape)?;
+        Ok(Self {
             shape: shape.to_vec(),
-            data: crate::alloc::zeroed(shape.iter().product()),
-        }
+            data: crate::alloc::zeroed("tensor", "data", len)?,
+        })
     }
 
     /// A tensor of `shape` written by `fill`, which must write every value
     /// of the buffer it is given (all kernels' allocating forms do). The
-    /// buffer is not zeroed first.
-    pub(crate) fn filled_by<R, E>(
+    /// buffer is not zeroed first. `shape` must have been checked (its
+    /// element count fits).
+    pub(crate) fn filled_by<R>(
+        op: &'static str,
         shape: &[usize],
-        fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]) -> Result<R, E>,
-    ) -> Result<(Self, R), E> {
-        let mut data = crate::alloc::for_overwrite::<T>(shape.iter().product());
+        fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]) -> Result<R>,
+    ) -> Result<(Self, R)> {
+        let len = numel(op, "output", shape)?;
+        let mut data = crate::alloc::for_overwrite::<T>(op, "output", len)?;
         let extra = fill(&mut data)?;
         let tensor = Self {
             shape: shape.to_vec(),
@@ -57,11 +68,15 @@ impl<T: Float> Tensor<T> {
     }
 
     /// A tensor filled with `value`.
-    pub fn full(shape: &[usize], value: f64) -> Self {
-        Self {
+    ///
+    /// # Errors
+    /// As [`Self::zeros`].
+    pub fn full(shape: &[usize], value: f64) -> Result<Self> {
+        let len = numel("tensor", "shape", shape)?;
+        Ok(Self {
             shape: shape.to_vec(),
-            data: vec![T::from_f64(value); shape.iter().product()],
-        }
+            data: crate::alloc::try_filled("tensor", "data", len, T::from_f64(value))?,
+        })
     }
 
     /// A 1-d tensor.

@@ -57,7 +57,7 @@ fn batch_norm_training_with_one_value_per_channel() {
 #[test]
 fn parameter_and_running_stat_lengths_must_match_channels() {
     let xs = x(&[2, 3, 4]);
-    let w = Tensor::<f32>::full(&[4], 1.0);
+    let w = Tensor::<f32>::full(&[4], 1.0).unwrap();
     let err = batch_norm(&xs, None, Some(&w), None, &BatchNormOptions::training()).unwrap_err();
     says(err, &["batch_norm", "`weight`", "[4]", "[3]", "[2, 3, 4]"]);
     let err = batch_norm(&xs, None, None, Some(&w), &BatchNormOptions::training()).unwrap_err();
@@ -132,10 +132,10 @@ fn channels_not_divisible_by_groups() {
 #[test]
 fn weight_shape_differs_from_normalized_shape() {
     let xs = x(&[2, 3, 4]);
-    let w = Tensor::<f32>::full(&[3, 4], 1.0);
+    let w = Tensor::<f32>::full(&[3, 4], 1.0).unwrap();
     let err = layer_norm(&xs, -1, Some(&w), None, 1e-5.into()).unwrap_err();
     says(err, &["layer_norm", "`weight`", "[3, 4]", "[4]"]);
-    let err = rms_norm(&xs, 1, Some(&Tensor::full(&[4], 1.0)), 1e-5.into()).unwrap_err();
+    let err = rms_norm(&xs, 1, Some(&Tensor::full(&[4], 1.0).unwrap()), 1e-5.into()).unwrap_err();
     says(err, &["rms_norm", "`weight`"]);
     let layer = LayerNormConfig::new(&[5]).init::<f32>().unwrap();
     let err = layer.forward(&xs).unwrap_err();

@@ -96,7 +96,7 @@ fn eval_uses_running_statistics_and_updates_nothing() {
     assert_eq!(bn.running_mean(), state.running_mean());
     assert_eq!(bn.num_batches_tracked(), Some(1));
     // Eval backward treats the statistics as constants: dx = γ·rstd·dy.
-    let dy = Tensor::full(&[1, 2], 1.0);
+    let dy = Tensor::full(&[1, 2], 1.0).unwrap();
     let g = bn.backward(&x, &out, &dy).unwrap();
     for ch in 0..2 {
         let v = bn.running_var().unwrap()[ch];
@@ -134,12 +134,12 @@ fn the_three_switches_are_independent() {
     // Frozen γ/β: no parameter gradients.
     bn.set_affine_trainable(false);
     let g = bn
-        .backward(&x, &out, &Tensor::full(x.shape(), 1.0))
+        .backward(&x, &out, &Tensor::full(x.shape(), 1.0).unwrap())
         .unwrap();
     assert!(g.dweight.is_none() && g.dbias.is_none());
     bn.set_affine_trainable(true);
     let g = bn
-        .backward(&x, &out, &Tensor::full(x.shape(), 1.0))
+        .backward(&x, &out, &Tensor::full(x.shape(), 1.0).unwrap())
         .unwrap();
     assert!(g.dweight.is_some() && g.dbias.is_some());
 }
@@ -147,7 +147,7 @@ fn the_three_switches_are_independent() {
 #[test]
 fn zero_size_batches_leave_running_statistics_unchanged() {
     let mut bn = BatchNormConfig::new(3).init::<f32>().unwrap();
-    let out = bn.forward(&Tensor::zeros(&[0, 3, 5])).unwrap();
+    let out = bn.forward(&Tensor::zeros(&[0, 3, 5]).unwrap()).unwrap();
     assert_eq!(out.y.shape(), &[0, 3, 5]);
     assert_eq!(bn.num_batches_tracked(), Some(0));
     assert_eq!(bn.running_var().unwrap(), &[1.0, 1.0, 1.0]);
@@ -156,7 +156,11 @@ fn zero_size_batches_leave_running_statistics_unchanged() {
         .init::<f32>()
         .unwrap();
     assert_eq!(
-        inorm.forward(&Tensor::zeros(&[0, 3, 5])).unwrap().y.numel(),
+        inorm
+            .forward(&Tensor::zeros(&[0, 3, 5]).unwrap())
+            .unwrap()
+            .y
+            .numel(),
         0
     );
     assert_eq!(inorm.num_batches_tracked(), Some(0));
@@ -201,7 +205,7 @@ fn layers_match_their_functional_forms() {
     assert!(ln.bias().is_none() && ln.weight().is_some());
     let out = ln.forward(&x).unwrap();
     let g = ln
-        .backward(&x, &out, &Tensor::full(x.shape(), 1.0))
+        .backward(&x, &out, &Tensor::full(x.shape(), 1.0).unwrap())
         .unwrap();
     assert!(g.dbias.is_none() && g.dweight.is_some());
     let gn = GroupNormConfig::new(2, 4).init::<f64>().unwrap();

@@ -128,8 +128,8 @@ proptest! {
 #[test]
 fn affine_off_equals_unit_weight_and_zero_bias() {
     let x = normal(&mut rng(9), &[3, 4, 5], 1.0, 2.0);
-    let ones = Tensor::full(&[4], 1.0);
-    let zeros = Tensor::full(&[4], 0.0);
+    let ones = Tensor::full(&[4], 1.0).unwrap();
+    let zeros = Tensor::full(&[4], 0.0).unwrap();
     let (a, _) = group_norm(&x, 2, None, None, 1e-5.into()).unwrap();
     let (b, _) = group_norm(&x, 2, Some(&ones), Some(&zeros), 1e-5.into()).unwrap();
     assert_eq!(a, b);
@@ -143,8 +143,8 @@ fn affine_off_equals_unit_weight_and_zero_bias() {
     )
     .unwrap();
     assert_eq!(a, b);
-    let ones = Tensor::full(&[5], 1.0);
-    let zeros = Tensor::full(&[5], 0.0);
+    let ones = Tensor::full(&[5], 1.0).unwrap();
+    let zeros = Tensor::full(&[5], 0.0).unwrap();
     let (a, _) = layer_norm(&x, -1, None, None, 1e-5.into()).unwrap();
     let (b, _) = layer_norm(&x, -1, Some(&ones), Some(&zeros), 1e-5.into()).unwrap();
     assert_eq!(a, b);

@@ -14,7 +14,10 @@
 
 use super::fast::Store;
 use super::parallel::{channels, channels_mut, min_units, sum_partials};
-use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
+use super::{
+    check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
+    NcsLayout, Saved,
+};
 use super::{narrow, slices};
 use crate::error::{check_len, ensure, Result};
 use crate::float::uninit_mut;
@@ -100,7 +103,8 @@ pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Momen
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
     if c * s == 0 {
-        return Ok(vec![Moments::EMPTY; c]);
+        // Empty channels: C may be as large as any dimension a caller writes.
+        return crate::alloc::try_filled(OP, "moments", c, Moments::EMPTY);
     }
     if s <= narrow::MAX_SPATIAL {
         return Ok(narrow::moments(x, c, s));
@@ -233,7 +237,10 @@ pub fn channel_grad_sums<T: Float>(
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
     if c * s == 0 {
-        return Ok((vec![0.0; c], vec![0.0; c]));
+        return Ok((
+            crate::alloc::try_filled(OP, "sum_dy", c, 0.0)?,
+            crate::alloc::try_filled(OP, "sum_dy_xhat", c, 0.0)?,
+        ));
     }
     if s <= narrow::MAX_SPATIAL {
         return Ok(narrow::grad_sums(x, dy, c, s, &saved.mean, &saved.rstd));
@@ -527,11 +534,36 @@ pub fn update_running<T: Float>(
         let (bm, bv) = (batch_mean[ch], batch_var[ch]);
         let nm = T::from_f64((1.0 - m) * running.mean[ch].to_f64() + m * bm);
         let nv = T::from_f64((1.0 - m) * running.var[ch].to_f64() + m * bv);
-        if !(bm.is_finite() && bv.is_finite() && nm.to_f64().is_finite() && nv.to_f64().is_finite())
-        {
+        // The first value that is not finite, in the type it must fit:
+        // the batch statistics are f64; the updated running values are `T`
+        // and may overflow it (an f32 running_var past 3.4e38) even when the
+        // f64 statistics are finite.
+        let bad = if !bm.is_finite() {
+            Some(("batch mean", bm, f64::NAME))
+        } else if !bv.is_finite() {
+            Some(("batch variance", bv, f64::NAME))
+        } else if !nm.to_f64().is_finite() {
+            Some((
+                "updated running_mean",
+                (1.0 - m) * running.mean[ch].to_f64() + m * bm,
+                T::NAME,
+            ))
+        } else if !nv.to_f64().is_finite() {
+            Some((
+                "updated running_var",
+                (1.0 - m) * running.var[ch].to_f64() + m * bv,
+                T::NAME,
+            ))
+        } else {
+            None
+        };
+        if let Some((what, value, dtype)) = bad {
             return Err(NormError::NonFiniteStatistics {
                 op,
                 channel: ch,
+                what,
+                value,
+                dtype,
                 mean: bm,
                 var: bv,
             });
@@ -655,13 +687,23 @@ pub(crate) fn batch_norm_op<T: Float>(
         shape: x.shape().into(),
     };
     let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
-    let (y, (saved, moments)) = Tensor::filled_by(x.shape(), |y| {
+    if check_view(op, "x", x)? == 0 {
+        // Zero-size batch (and output): nothing to normalize or update, and
+        // no statistics to save (C may be any size here, see `Saved::for_input`).
+        if options.use_batch_stats || update {
+            // Evaluation without running statistics is still an error.
+        } else if running.is_none() {
+            return Err(NormError::MissingRunningStats { op });
+        }
+        return Ok((
+            Tensor::new(x.shape().to_vec(), Vec::new())?,
+            Saved::default(),
+        ));
+    }
+    let (y, (saved, moments)) = Tensor::filled_by(op, x.shape(), |y| {
         if options.use_batch_stats {
-            match count {
-                // Zero-size batch (and output): nothing to normalize or update.
-                0 => return Ok((Saved::zeros(layout.c), None)),
-                1 => return Err(too_few()),
-                _ => {}
+            if count == 1 {
+                return Err(too_few());
             }
             let moments = forward_train_out(x.data(), layout, w, b, &options.eps, y)?;
             let saved = Saved {
@@ -680,7 +722,7 @@ pub(crate) fn batch_norm_op<T: Float>(
             normalize_out(x.data(), layout, &saved, w, b, y)?;
             // Running statistics may still be updated from the batch (read before).
             let moments = match (update, count) {
-                (false, _) | (true, 0) => None,
+                (false, _) => None,
                 (true, 1) => return Err(too_few()),
                 (true, _) => Some(channel_moments(x.data(), layout)?),
             };
@@ -688,22 +730,38 @@ pub(crate) fn batch_norm_op<T: Float>(
         }
     })?;
     if let Some(moments) = &moments {
-        if let Some(ch) = moments
-            .iter()
-            .position(|m| !(m.mean.is_finite() && m.m2.is_finite()))
-        {
-            return Err(NormError::NonFiniteStatistics {
-                op,
-                channel: ch,
-                mean: moments[ch].mean,
-                var: moments[ch].var(0),
-            });
-        }
+        check_finite_moments(op, moments)?;
         if let (true, Some(running)) = (update, running) {
             update_running_from(op, running, moments, options)?;
         }
     }
     Ok((y, saved))
+}
+
+/// [`NormError::NonFiniteStatistics`] for the first channel whose batch mean
+/// or variance (kept in f64) is not finite, e.g. from an infinite input.
+pub(crate) fn check_finite_moments(op: &'static str, moments: &[Moments]) -> Result<()> {
+    let Some(ch) = moments
+        .iter()
+        .position(|m| !(m.mean.is_finite() && m.m2.is_finite()))
+    else {
+        return Ok(());
+    };
+    let (mean, var) = (moments[ch].mean, moments[ch].var(0));
+    let (what, value) = if mean.is_finite() {
+        ("batch variance", var)
+    } else {
+        ("batch mean", mean)
+    };
+    Err(NormError::NonFiniteStatistics {
+        op,
+        channel: ch,
+        what,
+        value,
+        dtype: f64::NAME,
+        mean,
+        var,
+    })
 }
 
 /// Validates a functional call's options and argument shapes; returns `x`'s layout.
@@ -774,9 +832,18 @@ pub(crate) fn batch_norm_backward_op<T: Float>(
     let layout = NcsLayout::of(op, x.shape(), 2)?;
     crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(op, "weight", weight, &[layout.c], x.shape())?;
-    check_len(op, "saved.mean", saved.mean.len(), &[layout.c])?;
-    check_len(op, "saved.rstd", saved.rstd.len(), &[layout.c])?;
-    let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(x.shape(), |dx| {
+    let numel = check_view(op, "x", x)?;
+    check_view(op, "dy", dy)?;
+    check_saved(op, saved, layout.c, numel)?;
+    if numel == 0 {
+        // No values, so no gradient: zeros for the parameters that are there.
+        return Ok(Grads {
+            dx: Tensor::new(x.shape().to_vec(), Vec::new())?,
+            dweight: grad_buffer(weight.is_some(), &[layout.c])?,
+            dbias: grad_buffer(with_bias, &[layout.c])?,
+        });
+    }
+    let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(op, x.shape(), |dx| {
         Ok::<_, NormError>(backward_fused(
             x.data(),
             dy.data(),

@@ -14,7 +14,10 @@ use super::fast::{self, Store};
 use super::layer_norm::write_acc;
 use super::parallel::{min_units, sum_partials};
 use super::slices;
-use super::{check_param, param_at, DxCoefficients, Epsilon, Grads, NcsLayout, Saved};
+use super::{
+    check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
+    NcsLayout, Saved,
+};
 use crate::error::{check_len, ensure, Result};
 use crate::float::{as_f32, as_f32_out, uninit_mut};
 use crate::moments::Moments;
@@ -48,7 +51,18 @@ impl GroupLayout {
                 shape: shape.into(),
             });
         }
-        Ok(Self { ncs, groups })
+        let layout = Self { ncs, groups };
+        // N·G·(C/G)·spatial must fit, as every product of it: C = 0 is
+        // divisible by any G, and N·G is the number of saved groups.
+        crate::error::numel(op, "x", &shape4(layout))?;
+        Ok(layout)
+    }
+
+    /// The checks of [`Self::new`] again, for a layout built field by field.
+    fn validate(self, op: &'static str) -> Result<Self> {
+        let shape = [self.ncs.n, self.ncs.c, self.ncs.spatial];
+        crate::error::numel(op, "x", &shape)?;
+        Self::new(op, self.ncs, self.groups, &shape)
     }
 
     fn channels_per_group(&self) -> usize {
@@ -290,8 +304,9 @@ pub(crate) fn backward_out<T: Float>(
     let c_total = layout.ncs.c;
     let sample = c_total * s;
     if len == 0 || layout.ncs.n == 0 {
-        write_acc(dweight, &vec![0.0; c_total]);
-        write_acc(dbias, &vec![0.0; c_total]);
+        for out in [dweight, dbias].into_iter().flatten() {
+            out.fill(T::from_f64(0.0));
+        }
         return Ok(());
     }
     // One task per sample, each with its own partial dγ, dβ (added in sample order).
@@ -366,6 +381,7 @@ fn check_args<T: Float>(
     bias: Option<&[T]>,
     saved: &Saved,
 ) -> Result<()> {
+    layout.validate(op)?;
     check_len(op, "x", x.len(), &shape4(layout))?;
     let groups = [layout.ncs.n * layout.groups];
     check_len(op, "saved.mean", saved.mean.len(), &groups)?;
@@ -415,8 +431,12 @@ pub(crate) fn group_norm_op<T: Float>(
     let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
     check_param(op, "weight", weight, &[ncs.c], x.shape())?;
     check_param(op, "bias", bias, &[ncs.c], x.shape())?;
-    let mut saved = Saved::zeros(ncs.n * num_groups);
-    let (y, ()) = Tensor::filled_by(x.shape(), |y| {
+    let numel = check_view(op, "x", x)?;
+    let mut saved = Saved::for_input(op, ncs.n * num_groups, numel)?;
+    let (y, ()) = Tensor::filled_by(op, x.shape(), |y| {
+        if numel == 0 {
+            return Ok(());
+        }
         let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
         forward_out(x.data(), layout, w, b, &eps, y, &mut saved)
     })?;
@@ -454,9 +474,15 @@ pub(crate) fn group_norm_backward_op<T: Float>(
     let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
     crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(op, "weight", weight, &[ncs.c], x.shape())?;
-    let mut dweight = weight.map(|_| Tensor::zeros(&[ncs.c]));
-    let mut dbias = with_bias.then(|| Tensor::zeros(&[ncs.c]));
-    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+    let numel = check_view(op, "x", x)?;
+    check_view(op, "dy", dy)?;
+    check_saved(op, saved, ncs.n * num_groups, numel)?;
+    let mut dweight = grad_buffer(weight.is_some(), &[ncs.c])?;
+    let mut dbias = grad_buffer(with_bias, &[ncs.c])?;
+    let (dx, ()) = Tensor::filled_by(op, x.shape(), |dx| {
+        if numel == 0 {
+            return Ok(());
+        }
         backward_out(
             x.data(),
             dy.data(),

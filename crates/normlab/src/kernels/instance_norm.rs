@@ -56,7 +56,8 @@ pub fn instance_norm<T: Float>(
             shape: x.shape().into(),
         });
     }
-    let (y, saved) = group_norm_op(OP, x, layout.c, weight, bias, options.eps)?;
+    // One group per channel (C = 0 is one empty group, so that G ≥ 1).
+    let (y, saved) = group_norm_op(OP, x, layout.c.max(1), weight, bias, options.eps)?;
     if let (true, Some(running)) = (
         options.update_running_stats && layout.n > 0 && layout.spatial > 0,
         running,
@@ -90,7 +91,7 @@ pub fn instance_norm_backward<T: Float>(
 ) -> Result<Grads<T>> {
     let layout = NcsLayout::of(OP, x.shape(), 2)?;
     if input_stats {
-        group_norm_backward_op(OP, x, dy, layout.c, weight, with_bias, eps, saved)
+        group_norm_backward_op(OP, x, dy, layout.c.max(1), weight, with_bias, eps, saved)
     } else {
         batch_norm_backward_op(OP, x, dy, weight, with_bias, eps, saved, false)
     }

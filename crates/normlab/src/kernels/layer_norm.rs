@@ -10,7 +10,10 @@
 
 use super::fast;
 use super::parallel::{block_units, min_units, sum_partials};
-use super::{check_param, param_at, resolve_axis, DxCoefficients, Epsilon, Grads, Saved};
+use super::{
+    check_param, check_saved, check_view, grad_buffer, param_at, resolve_axis, DxCoefficients,
+    Epsilon, Grads, Saved,
+};
 use crate::error::{check_len, Result};
 use crate::float::{as_f32, as_f32_out, uninit_mut};
 use crate::moments::{sum_of_squares, Moments};
@@ -386,13 +389,17 @@ fn check_rows<T: Float>(
 /// Splits `shape` at `axis` into `(rows, n, normalized_shape)`.
 ///
 /// # Errors
-/// [`NormError::AxisOutOfRange`](crate::NormError::AxisOutOfRange).
+/// [`NormError::AxisOutOfRange`](crate::NormError::AxisOutOfRange);
+/// [`NormError::SizeOverflow`](crate::NormError::SizeOverflow) for a shape
+/// whose element count overflows.
 pub fn split_at_axis(
     op: &'static str,
     shape: &[usize],
     axis: isize,
 ) -> Result<(usize, usize, Vec<usize>)> {
     let axis = resolve_axis(op, axis, shape)?;
+    // Checked once for the whole shape: then both partial products fit.
+    crate::error::numel(op, "x", shape)?;
     let rows = shape[..axis].iter().product();
     let normalized = shape[axis..].to_vec();
     Ok((rows, normalized.iter().product(), normalized))
@@ -423,8 +430,12 @@ pub fn layer_norm<T: Float>(
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
     check_param(OP, "bias", bias, &normalized, x.shape())?;
-    let mut saved = Saved::zeros(rows);
-    let (y, ()) = Tensor::filled_by(x.shape(), |y| {
+    let numel = check_view(OP, "x", x)?;
+    let mut saved = Saved::for_input(OP, rows, numel)?;
+    let (y, ()) = Tensor::filled_by(OP, x.shape(), |y| {
+        if numel == 0 {
+            return Ok(());
+        }
         let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
         rows_forward(
             OP,
@@ -459,9 +470,15 @@ pub fn layer_norm_backward<T: Float>(
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
-    let mut dweight = weight.map(|_| Tensor::zeros(&normalized));
-    let mut dbias = with_bias.then(|| Tensor::zeros(&normalized));
-    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+    let numel = check_view(OP, "x", x)?;
+    check_view(OP, "dy", dy)?;
+    check_saved(OP, saved, rows, numel)?;
+    let mut dweight = grad_buffer(weight.is_some(), &normalized)?;
+    let mut dbias = grad_buffer(with_bias, &normalized)?;
+    let (dx, ()) = Tensor::filled_by(OP, x.shape(), |dx| {
+        if numel == 0 {
+            return Ok(());
+        }
         rows_backward(
             OP,
             Centring::Mean,

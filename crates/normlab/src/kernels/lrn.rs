@@ -79,11 +79,13 @@ impl LrnOptions {
 
     /// Elements before and after the centre.
     pub fn window(&self) -> (usize, usize) {
+        // Saturating: a size of 0 is refused by every kernel, but this is
+        // public and must not underflow on it.
         let before = match self.even_window {
             EvenWindow::Torch => self.size / 2,
-            EvenWindow::Onnx => (self.size - 1) / 2,
+            EvenWindow::Onnx => self.size.saturating_sub(1) / 2,
         };
-        (before, self.size - 1 - before)
+        (before, self.size.saturating_sub(1).saturating_sub(before))
     }
 
     /// The coefficient `a` of the squared sum for `spatial_rank` spatial axes.
@@ -122,7 +124,7 @@ fn box_sum(
         let base = o * len * inner;
         for i in 0..len {
             let lo = i.saturating_sub(before);
-            let hi = (i + after).min(len.saturating_sub(1));
+            let hi = i.saturating_add(after).min(len.saturating_sub(1));
             let dst = &mut out[base + i * inner..][..inner];
             for j in lo..=hi {
                 for (d, s) in dst.iter_mut().zip(&v[base + j * inner..][..inner]) {
@@ -172,6 +174,7 @@ fn check_input(shape: &[usize], options: &LrnOptions) -> Result<()> {
             shape: shape.into(),
         });
     }
+    crate::error::numel(OP, "x", shape)?;
     Ok(())
 }
 
@@ -333,7 +336,7 @@ fn channel_window(
     before: usize,
     after: usize,
 ) -> std::ops::RangeInclusive<usize> {
-    c.saturating_sub(before)..=(c + after).min(channels - 1)
+    c.saturating_sub(before)..=c.saturating_add(after).min(channels.saturating_sub(1))
 }
 
 /// f32 forward of one sample `[C, S]`, channel by channel: `x` is read as
@@ -430,7 +433,11 @@ fn backward_sample_f32(
 /// assert_eq!(y.data(), &[1.0 / 6.0, 2.0 / 6.0]);
 /// ```
 pub fn lrn<T: Float>(x: &(impl View<T> + ?Sized), options: &LrnOptions) -> Result<Tensor<T>> {
-    let (y, ()) = Tensor::filled_by(x.shape(), |y| forward_out(x.data(), x.shape(), options, y))?;
+    check_input(x.shape(), options)?;
+    super::check_view(OP, "x", x)?;
+    let (y, ()) = Tensor::filled_by(OP, x.shape(), |y| {
+        forward_out(x.data(), x.shape(), options, y)
+    })?;
     Ok(y)
 }
 
@@ -444,7 +451,10 @@ pub fn lrn_backward<T: Float>(
     options: &LrnOptions,
 ) -> Result<Tensor<T>> {
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
-    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+    check_input(x.shape(), options)?;
+    super::check_view(OP, "x", x)?;
+    super::check_view(OP, "dy", dy)?;
+    let (dx, ()) = Tensor::filled_by(OP, x.shape(), |dx| {
         backward_out(x.data(), dy.data(), x.shape(), options, dx)
     })?;
     Ok(dx)

@@ -135,10 +135,27 @@ pub struct Saved {
 
 impl Saved {
     /// Room for `groups` groups.
-    pub fn zeros(groups: usize) -> Self {
-        Self {
-            mean: vec![0.0; groups],
-            rstd: vec![0.0; groups],
+    ///
+    /// # Errors
+    /// [`NormError::OutOfMemory`](crate::NormError::OutOfMemory) naming `op`
+    /// when the memory cannot be had.
+    pub fn zeros(op: &'static str, groups: usize) -> Result<Self> {
+        Ok(Self {
+            mean: crate::alloc::try_filled(op, "saved.mean", groups, 0.0)?,
+            rstd: crate::alloc::try_filled(op, "saved.rstd", groups, 0.0)?,
+        })
+    }
+
+    /// What a forward over an input of `numel` values saves: room for
+    /// `groups` groups, or nothing at all for an empty input. An empty input
+    /// has no statistics, and its group count can be as large as any
+    /// dimension a caller writes (`[2^40, 0]` has 2^40 rows), so nothing
+    /// proportional to it is allocated.
+    pub(crate) fn for_input(op: &'static str, groups: usize, numel: usize) -> Result<Self> {
+        if numel == 0 {
+            Ok(Self::default())
+        } else {
+            Self::zeros(op, groups)
         }
     }
 }
@@ -215,7 +232,9 @@ pub struct NcsLayout {
 }
 
 impl NcsLayout {
-    /// Reads `[N, C, *]`; errors on rank < `min_rank` (2 for BatchNorm, …).
+    /// Reads `[N, C, *]`; errors on rank < `min_rank` (2 for BatchNorm, …)
+    /// and on shapes whose element count overflows `usize` (so that `n·c·spatial`
+    /// and every partial product of it fit).
     pub fn of(op: &'static str, shape: &[usize], min_rank: usize) -> Result<Self> {
         if shape.len() < min_rank.max(2) {
             return Err(crate::NormError::RankTooLow {
@@ -225,6 +244,7 @@ impl NcsLayout {
                 shape: shape.into(),
             });
         }
+        crate::error::numel(op, "x", shape)?;
         Ok(Self {
             n: shape[0],
             c: shape[1],
@@ -241,6 +261,42 @@ impl NcsLayout {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Checks that a view's values match its shape (a [`View`](crate::View) can be
+/// implemented outside this crate, so its promise is checked, not trusted);
+/// returns the number of values.
+pub(crate) fn check_view<T>(
+    op: &'static str,
+    arg: &'static str,
+    v: &(impl crate::View<T> + ?Sized),
+) -> Result<usize> {
+    crate::error::check_len(op, arg, v.data().len(), v.shape())?;
+    Ok(v.data().len())
+}
+
+/// The gradient buffers of an optional parameter of `shape`: zeros, to be
+/// accumulated into, when `present`.
+pub(crate) fn grad_buffer<T: crate::Float>(
+    present: bool,
+    shape: &[usize],
+) -> Result<Option<crate::Tensor<T>>> {
+    present.then(|| crate::Tensor::zeros(shape)).transpose()
+}
+
+/// Checks the statistics a forward saved against the `groups` a backward
+/// needs. An empty input saves none (see [`Saved::for_input`]) and needs none.
+pub(crate) fn check_saved(
+    op: &'static str,
+    saved: &Saved,
+    groups: usize,
+    numel: usize,
+) -> Result<()> {
+    if numel == 0 {
+        return Ok(());
+    }
+    crate::error::check_len(op, "saved.mean", saved.mean.len(), &[groups])?;
+    crate::error::check_len(op, "saved.rstd", saved.rstd.len(), &[groups])
 }
 
 /// Checks an optional per-channel/feature parameter against `expected` shape.

@@ -7,7 +7,7 @@
 //! Shares its row kernel with LayerNorm (`saved.mean` is 0).
 
 use super::layer_norm::{rows_backward, rows_forward, split_at_axis, Centring};
-use super::{check_param, Epsilon, Grads, Saved};
+use super::{check_param, check_saved, check_view, grad_buffer, Epsilon, Grads, Saved};
 use crate::error::Result;
 use crate::float::uninit_mut;
 use crate::{Float, Tensor, View};
@@ -94,8 +94,12 @@ pub fn rms_norm<T: Float>(
     eps.validate(OP)?;
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
-    let mut saved = Saved::zeros(rows);
-    let (y, ()) = Tensor::filled_by(x.shape(), |y| {
+    let numel = check_view(OP, "x", x)?;
+    let mut saved = Saved::for_input(OP, rows, numel)?;
+    let (y, ()) = Tensor::filled_by(OP, x.shape(), |y| {
+        if numel == 0 {
+            return Ok(());
+        }
         let w = weight.map(Tensor::data);
         rows_forward(
             OP,
@@ -128,8 +132,14 @@ pub fn rms_norm_backward<T: Float>(
     let (rows, n, normalized) = split_at_axis(OP, x.shape(), axis)?;
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(OP, "weight", weight, &normalized, x.shape())?;
-    let mut dweight = weight.map(|_| Tensor::zeros(&normalized));
-    let (dx, ()) = Tensor::filled_by(x.shape(), |dx| {
+    let numel = check_view(OP, "x", x)?;
+    check_view(OP, "dy", dy)?;
+    check_saved(OP, saved, rows, numel)?;
+    let mut dweight = grad_buffer(weight.is_some(), &normalized)?;
+    let (dx, ()) = Tensor::filled_by(OP, x.shape(), |dx| {
+        if numel == 0 {
+            return Ok(());
+        }
         rows_backward(
             OP,
             Centring::None,

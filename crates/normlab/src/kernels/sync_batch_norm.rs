@@ -24,7 +24,7 @@ use super::batch_norm::{
     backward_input, batch_norm_backward_op, batch_norm_op, channel_grad_sums, channel_moments,
     check_args, normalize, update_running_from, BatchNormOptions, Running, StatsGradient,
 };
-use super::{check_param, Grads, NcsLayout, Saved};
+use super::{check_param, check_view, Grads, NcsLayout, Saved};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::moments::Moments;
@@ -54,8 +54,11 @@ pub fn sync_batch_norm<T: Float>(
         return batch_norm_op(OP, x, running, weight, bias, options);
     }
     let layout = check_args(OP, x.shape(), &running, weight, bias, options)?;
+    check_view(OP, "x", x)?;
+    // An empty shard still takes part in the collectives with C channels
+    // (the other ranks have values): the allocation is needed, and fallible.
     let local = if layout.n * layout.spatial == 0 {
-        vec![Moments::EMPTY; layout.c]
+        crate::alloc::try_filled(OP, "batch moments", layout.c, Moments::EMPTY)?
     } else {
         channel_moments(x.data(), layout)?
     };
@@ -68,17 +71,7 @@ pub fn sync_batch_norm<T: Float>(
             shape: x.shape().into(),
         });
     }
-    if let Some(ch) = global
-        .iter()
-        .position(|m| !(m.mean.is_finite() && m.m2.is_finite()))
-    {
-        return Err(NormError::NonFiniteStatistics {
-            op: OP,
-            channel: ch,
-            mean: global[ch].mean,
-            var: global[ch].var(0),
-        });
-    }
+    super::batch_norm::check_finite_moments(OP, &global)?;
     let saved = if options.use_batch_stats {
         Saved {
             mean: global.iter().map(|m| m.mean).collect(),
@@ -93,7 +86,7 @@ pub fn sync_batch_norm<T: Float>(
             rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),
         }
     };
-    let mut y = Tensor::zeros(x.shape());
+    let mut y = Tensor::zeros(x.shape())?;
     if count > 0.0 {
         normalize(
             x.data(),
@@ -133,19 +126,24 @@ pub fn sync_batch_norm_backward<T: Float>(
     let layout = NcsLayout::of(OP, x.shape(), 2)?;
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(OP, "weight", weight, &[layout.c], x.shape())?;
+    check_view(OP, "x", x)?;
+    check_view(OP, "dy", dy)?;
     let c = layout.c;
     let local_count = (layout.n * layout.spatial) as f64;
     let (local_dy, local_dy_xhat) = if local_count > 0.0 {
         channel_grad_sums(x.data(), dy.data(), layout, saved)?
     } else {
-        (vec![0.0; c], vec![0.0; c])
+        (
+            crate::alloc::try_filled(OP, "sum_dy", c, 0.0)?,
+            crate::alloc::try_filled(OP, "sum_dy_xhat", c, 0.0)?,
+        )
     };
     // One all-reduce: [Σdy (C), Σdy·x̂ (C), count].
     let mut packed: Vec<f64> = local_dy.iter().chain(&local_dy_xhat).copied().collect();
     packed.push(local_count);
     comm.all_reduce_sum(&mut packed)?;
     let count = packed[2 * c];
-    let mut dx = Tensor::zeros(x.shape());
+    let mut dx = Tensor::zeros(x.shape())?;
     if local_count > 0.0 {
         let stats = StatsGradient::Batch {
             count,

@@ -54,10 +54,11 @@ impl BatchNormConfig {
         self.momentum.validate(OP)?;
         Ok(BatchNorm {
             config: self.clone(),
-            affine: Affine::new(&[self.num_features], self.affine, self.affine),
+            affine: Affine::new(&[self.num_features], self.affine, self.affine)?,
             running: self
                 .track_running_stats
-                .then(|| RunningStats::new(self.num_features)),
+                .then(|| RunningStats::new(self.num_features))
+                .transpose()?,
             mode: Mode::Train,
             use_batch_stats: None,
             update_running_stats: None,

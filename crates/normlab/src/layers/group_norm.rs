@@ -53,7 +53,7 @@ impl GroupNormConfig {
         GroupLayout::new(OP, ncs, self.num_groups, &[1, self.num_channels])?;
         Ok(GroupNorm {
             config: self.clone(),
-            affine: Affine::new(&[self.num_channels], self.affine, self.affine),
+            affine: Affine::new(&[self.num_channels], self.affine, self.affine)?,
         })
     }
 }

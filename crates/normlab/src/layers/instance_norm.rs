@@ -56,10 +56,11 @@ impl InstanceNormConfig {
         self.momentum.validate(OP)?;
         Ok(InstanceNorm {
             config: self.clone(),
-            affine: Affine::new(&[self.num_features], self.affine, self.affine),
+            affine: Affine::new(&[self.num_features], self.affine, self.affine)?,
             running: self
                 .track_running_stats
-                .then(|| RunningStats::new(self.num_features)),
+                .then(|| RunningStats::new(self.num_features))
+                .transpose()?,
             mode: Mode::Train,
         })
     }

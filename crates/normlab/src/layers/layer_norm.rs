@@ -66,7 +66,7 @@ impl LayerNormConfig {
         let affine = self.elementwise_affine;
         Ok(LayerNorm {
             config: self.clone(),
-            affine: Affine::new(&self.normalized_shape, affine, affine && self.bias),
+            affine: Affine::new(&self.normalized_shape, affine, affine && self.bias)?,
         })
     }
 }

@@ -67,7 +67,7 @@ impl LocalResponseNormConfig {
     /// Size 0 or non-finite α, β, k.
     pub fn init(&self) -> Result<LocalResponseNorm> {
         // Validate once now, on an empty input of the smallest valid rank.
-        lrn::<f64>(&Tensor::zeros(&[0, 0, 0]), &self.options)?;
+        lrn::<f64>(&Tensor::zeros(&[0, 0, 0])?, &self.options)?;
         Ok(LocalResponseNorm { config: *self })
     }
 }

@@ -66,12 +66,15 @@ pub struct Affine<T> {
 
 impl<T: Float> Affine<T> {
     /// γ = 1 and β = 0 of `shape`, each when asked for.
-    pub fn new(shape: &[usize], weight: bool, bias: bool) -> Self {
-        Self {
-            weight: weight.then(|| Tensor::full(shape, 1.0)),
-            bias: bias.then(|| Tensor::full(shape, 0.0)),
+    ///
+    /// # Errors
+    /// A shape whose element count overflows, or memory that cannot be had.
+    pub fn new(shape: &[usize], weight: bool, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: weight.then(|| Tensor::full(shape, 1.0)).transpose()?,
+            bias: bias.then(|| Tensor::full(shape, 0.0)).transpose()?,
             trainable: true,
-        }
+        })
     }
 
     /// Drops the parameter gradients when frozen.
@@ -92,14 +95,17 @@ impl<T: Float> Affine<T> {
         }
     }
 
-    fn load(&mut self, view: &StateView<'_>) -> Result<()> {
-        if let Some(w) = &mut self.weight {
-            *w = view.float("weight", w.shape())?;
-        }
-        if let Some(b) = &mut self.bias {
-            *b = view.float("bias", b.shape())?;
-        }
-        Ok(())
+    /// Reads (without storing) the parameters this layer has: the staged
+    /// replacement for `self`.
+    fn read(&self, view: &StateView<'_>) -> Result<Self> {
+        let read = |p: &Option<Tensor<T>>, name| {
+            p.as_ref().map(|p| view.float(name, p.shape())).transpose()
+        };
+        Ok(Self {
+            weight: read(&self.weight, "weight")?,
+            bias: read(&self.bias, "bias")?,
+            trainable: self.trainable,
+        })
     }
 }
 
@@ -116,17 +122,23 @@ pub struct RunningStats<T> {
 
 impl<T: Float> RunningStats<T> {
     /// Mean 0, variance 1, no batch seen.
-    pub fn new(channels: usize) -> Self {
-        Self {
-            mean: Tensor::full(&[channels], 0.0),
-            var: Tensor::full(&[channels], 1.0),
+    ///
+    /// # Errors
+    /// [`NormError::OutOfMemory`] when the memory cannot be had.
+    pub fn new(channels: usize) -> Result<Self> {
+        Ok(Self {
+            mean: Tensor::full(&[channels], 0.0)?,
+            var: Tensor::full(&[channels], 1.0)?,
             num_batches_tracked: 0,
-        }
+        })
     }
 
     /// Back to mean 0, variance 1, no batch seen (PyTorch's `reset_running_stats`).
     pub fn reset(&mut self) {
-        *self = Self::new(self.mean.numel());
+        let one = T::from_f64(1.0);
+        self.mean.data_mut().fill(T::from_f64(0.0));
+        self.var.data_mut().fill(one);
+        self.num_batches_tracked = 0;
     }
 
     fn as_mut(&mut self) -> RunningStatsMut<'_, T> {
@@ -146,14 +158,48 @@ impl<T: Float> RunningStats<T> {
         ));
     }
 
-    fn load(&mut self, view: &StateView<'_>) -> Result<()> {
-        self.mean = view.float("running_mean", self.mean.shape())?;
-        self.var = view.float("running_var", self.var.shape())?;
-        // Checkpoints from before PyTorch 0.4.1 have no counter: keep ours.
-        if let Some(n) = view.int64_opt("num_batches_tracked")? {
-            self.num_batches_tracked = n;
+    /// Reads (without storing) and validates running statistics: means
+    /// finite, variances finite and non-negative, the counter non-negative.
+    /// Such values could only poison every later evaluation.
+    fn read(&self, view: &StateView<'_>) -> Result<Self> {
+        let mean = view.float::<T>("running_mean", self.mean.shape())?;
+        let var = view.float::<T>("running_var", self.var.shape())?;
+        let invalid = |name: &str, problem, index, value| NormError::InvalidState {
+            name: view.full_name(name),
+            problem,
+            index,
+            value,
+        };
+        if let Some((i, v)) = mean
+            .data()
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.to_f64().is_finite())
+        {
+            return Err(invalid("running_mean", "is not finite", i, v.to_f64()));
         }
-        Ok(())
+        for (i, v) in var.data().iter().enumerate() {
+            let v = v.to_f64();
+            if !v.is_finite() {
+                return Err(invalid("running_var", "is not finite", i, v));
+            }
+            if v < 0.0 {
+                return Err(invalid("running_var", "is negative", i, v));
+            }
+        }
+        // Checkpoints from before PyTorch 0.4.1 have no counter: keep ours.
+        let num_batches_tracked = match view.int64_opt("num_batches_tracked")? {
+            Some(n) if n < 0 => {
+                return Err(invalid("num_batches_tracked", "is negative", 0, n as f64))
+            }
+            Some(n) => n,
+            None => self.num_batches_tracked,
+        };
+        Ok(Self {
+            mean,
+            var,
+            num_batches_tracked,
+        })
     }
 }
 
@@ -211,14 +257,19 @@ fn state_of<T: Float>(
     out
 }
 
+/// Loads a layer's state all or nothing: every tensor is read and validated
+/// first, and only then is anything stored, so that a bad `bias` or running
+/// statistic leaves the layer exactly as it was.
 fn load_into<T: Float>(
     affine: &mut Affine<T>,
     running: Option<&mut RunningStats<T>>,
     view: &StateView<'_>,
 ) -> Result<()> {
-    affine.load(view)?;
-    if let Some(r) = running {
-        r.load(view)?;
+    let staged = affine.read(view)?;
+    let stats = running.as_deref().map(|r| r.read(view)).transpose()?;
+    *affine = staged;
+    if let (Some(r), Some(stats)) = (running, stats) {
+        *r = stats;
     }
     Ok(())
 }

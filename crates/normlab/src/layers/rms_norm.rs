@@ -74,7 +74,7 @@ impl RmsNormConfig {
         Ok(RmsNorm {
             config: self.clone(),
             eps,
-            affine: Affine::new(&self.normalized_shape, self.elementwise_affine, false),
+            affine: Affine::new(&self.normalized_shape, self.elementwise_affine, false)?,
         })
     }
 }
