@@ -281,17 +281,49 @@ struct RunningVars {
 }
 
 impl RunningVars {
+    /// Reads (or creates) the running statistics and refuses loaded values
+    /// that could only poison evaluation: a non-finite mean, a non-finite or
+    /// negative variance, a negative counter. Nothing is built on refusal.
     fn new(num_features: usize, vb: &VarBuilder) -> Result<Self> {
-        let var_of = |t: Tensor| Var::from_tensor(&t);
-        Ok(Self {
-            mean: var_of(vb.get_with_hints(num_features, "running_mean", Init::Const(0.))?)?,
-            var: var_of(vb.get_with_hints(num_features, "running_var", Init::Const(1.))?)?,
-            num_batches_tracked: var_of(vb.get_with_hints_dtype(
-                (),
+        let mean = vb.get_with_hints(num_features, "running_mean", Init::Const(0.))?;
+        let var = vb.get_with_hints(num_features, "running_var", Init::Const(1.))?;
+        let count =
+            vb.get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.), DType::I64)?;
+        let refuse = |name: &str, problem: &str, index: usize, value: f64| {
+            candle_core::Error::Msg(format!(
+                "state dict: tensor `{}` {problem} at index {index} (value {value}); nothing was loaded",
+                normlab::state::join(&vb.prefix(), name)
+            ))
+        };
+        let values = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.to_vec1() };
+        if let Some((i, &v)) = values(&mean)?
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err(refuse("running_mean", "is not finite", i, v));
+        }
+        for (i, &v) in values(&var)?.iter().enumerate() {
+            if !v.is_finite() {
+                return Err(refuse("running_var", "is not finite", i, v));
+            }
+            if v < 0.0 {
+                return Err(refuse("running_var", "is negative", i, v));
+            }
+        }
+        let tracked = count.to_dtype(DType::I64)?.to_scalar::<i64>()?;
+        if tracked < 0 {
+            return Err(refuse(
                 "num_batches_tracked",
-                Init::Const(0.),
-                DType::I64,
-            )?)?,
+                "is negative",
+                0,
+                tracked as f64,
+            ));
+        }
+        Ok(Self {
+            mean: Var::from_tensor(&mean)?,
+            var: Var::from_tensor(&var)?,
+            num_batches_tracked: Var::from_tensor(&count)?,
         })
     }
 

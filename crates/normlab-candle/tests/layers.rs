@@ -397,3 +397,38 @@ fn an_mlp_with_every_feature_layer_trains() -> Result<()> {
     assert!(last < 0.8 * first, "loss {first} -> {last}");
     Ok(())
 }
+
+#[test]
+fn running_statistics_that_would_poison_evaluation_are_refused_on_load() -> Result<()> {
+    let dev = Device::Cpu;
+    let file = |var: &[f32], tracked: i64| -> Result<VarBuilder<'static>> {
+        let mut tensors = std::collections::HashMap::new();
+        tensors.insert("bn.weight".to_string(), Tensor::ones(2, DType::F32, &dev)?);
+        tensors.insert("bn.bias".to_string(), Tensor::zeros(2, DType::F32, &dev)?);
+        tensors.insert(
+            "bn.running_mean".to_string(),
+            Tensor::zeros(2, DType::F32, &dev)?,
+        );
+        tensors.insert("bn.running_var".to_string(), Tensor::new(var, &dev)?);
+        tensors.insert(
+            "bn.num_batches_tracked".to_string(),
+            Tensor::new(tracked, &dev)?,
+        );
+        Ok(VarBuilder::from_tensors(tensors, DType::F32, &dev))
+    };
+    for (var, tracked, what) in [
+        (
+            vec![1.0, f32::NAN],
+            3,
+            "bn.running_var` is not finite at index 1",
+        ),
+        (vec![-1.0, 1.0], 3, "bn.running_var` is negative at index 0"),
+        (vec![1.0, 1.0], -2, "bn.num_batches_tracked` is negative"),
+    ] {
+        let err = normlab_candle::batch_norm(2, 1e-5, file(&var, tracked)?.pp("bn")).unwrap_err();
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    let bn = normlab_candle::batch_norm(2, 1e-5, file(&[2.0, 0.5], 4)?.pp("bn"))?;
+    assert_eq!(bn.num_batches_tracked().unwrap().to_scalar::<i64>()?, 4);
+    Ok(())
+}
