@@ -53,6 +53,12 @@ enum Command {
     /// Train one network on the embedded MNIST test set (or --data-dir) and
     /// report its loss and held-out accuracy.
     ///
+    /// Exit status: 0 after a finite run; 2 for bad options, data or an
+    /// error; 3 when the run diverged (a loss, parameter or running
+    /// statistic became NaN or infinite): training stops there, the reason
+    /// goes to stderr, the JSON summary says "diverged": true, and --save
+    /// writes nothing.
+    ///
     /// Example: normlab train --model mlp --depth 20 --width 128 --norm batch --steps 300
     Train(TrainArgs),
     /// Time the kernels on the bench suite and compare with the copy bandwidth.
@@ -66,11 +72,11 @@ enum Command {
         /// Only this case (repeatable); names as `normlab bench --list` shows them.
         #[arg(long = "case", value_name = "NAME")]
         cases: Vec<String>,
-        /// Worker threads (default: all cores).
-        #[arg(long)]
+        /// Worker threads, 1 to 1024 (default: all cores).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_THREADS))]
         threads: Option<usize>,
-        /// Timed runs per measurement (at least 10).
-        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(10..))]
+        /// Timed runs per measurement, 10 to 1000.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(10..=1000))]
         runs: u32,
         /// Force a SIMD level: scalar, avx2 or avx512 (default: the best available).
         #[arg(long)]
@@ -151,10 +157,11 @@ fn run() -> anyhow::Result<ExitCode> {
             run_suite(&[e], &args, PathBuf::from("runs").join(&name))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train(args) => {
-            run_train(args)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Train(args) => Ok(if run_train(args)? {
+            ExitCode::from(EXIT_DIVERGED)
+        } else {
+            ExitCode::SUCCESS
+        }),
         Command::Bench {
             cases,
             threads,
@@ -221,8 +228,9 @@ fn run_bench(
             .collect::<anyhow::Result<_>>()?
     };
     if let Some(t) = threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
+        // clap checks the range; callers other than the parser are held to it too.
+        if !(1..=MAX_THREADS as usize).contains(&t) {
+            bail!("--threads {t}: expected 1 to {MAX_THREADS}");
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -309,17 +317,50 @@ enum OptimizerArg {
     Adamw,
 }
 
+/// Exit status of `normlab train` when the run diverged.
+const EXIT_DIVERGED: u8 = 3;
+
+/// Most `bench --threads`.
+const MAX_THREADS: u64 = 1024;
+
+/// A `usize` option in `range`, for clap.
+fn ranged(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(range)
+}
+
+/// `--lr`: a finite number in (0, MAX_LR].
+fn parse_lr(s: &str) -> Result<f64, String> {
+    let lr: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    let max = normlab_cli::lab::train::MAX_LR;
+    if lr.is_finite() && lr > 0.0 && lr <= max {
+        Ok(lr)
+    } else {
+        Err(format!("{s} is not in (0, {max:e}]"))
+    }
+}
+
+/// `--momentum`: a number in [0, 1).
+fn parse_momentum(s: &str) -> Result<f64, String> {
+    let momentum: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..1.0).contains(&momentum) {
+        Ok(momentum)
+    } else {
+        Err(format!("{s} is not in [0, 1)"))
+    }
+}
+
 /// Options of `normlab train`.
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Network family.
     #[arg(long, value_enum, default_value = "mlp")]
     model: ArchArg,
-    /// Hidden blocks.
-    #[arg(long, default_value_t = 6)]
+    /// Hidden blocks, 1 to 1024.
+    #[arg(long, default_value_t = 6, value_parser = ranged(1..=1024))]
     depth: usize,
-    /// Hidden features (MLP) or channels (CNN).
-    #[arg(long, default_value_t = 64)]
+    /// Hidden features (MLP) or channels (CNN), 1 to 65536. Depth, width
+    /// and batch size together must fit in the available memory.
+    #[arg(long, default_value_t = 64, value_parser = ranged(1..=65536))]
     width: usize,
     /// none, batch, sync-batch (BatchNorm over all ranks under mpirun), layer,
     /// group (8 groups), groupG, instance, rms, lrn.
@@ -334,27 +375,28 @@ struct TrainArgs {
     /// Non-linearity.
     #[arg(long, value_enum, default_value = "relu")]
     activation: ActivationArg,
-    /// Initialization: kaiming, xavier, or normal:SIGMA.
+    /// Initialization: kaiming, xavier, or normal:SIGMA with SIGMA in (0, 1e6].
     #[arg(long, default_value = "kaiming")]
     init: String,
     /// Optimizer.
     #[arg(long, value_enum, default_value = "sgd")]
     optimizer: OptimizerArg,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    /// SGD momentum, in [0, 1).
+    #[arg(long, default_value_t = 0.9, value_parser = parse_momentum, allow_negative_numbers = true)]
     momentum: f64,
-    /// Learning rate.
-    #[arg(long, default_value_t = 0.05)]
+    /// Learning rate, in (0, 1e6].
+    #[arg(long, default_value_t = 0.05, value_parser = parse_lr, allow_negative_numbers = true)]
     lr: f64,
-    /// Images per step.
-    #[arg(long, default_value_t = 64)]
+    /// Images per step, 1 to 65536 (and at most the training images).
+    #[arg(long, default_value_t = 64, value_parser = ranged(1..=65536))]
     batch_size: usize,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 200)]
+    /// Optimizer steps, 1 to 10000000.
+    #[arg(long, default_value_t = 200, value_parser = ranged(1..=10_000_000))]
     steps: usize,
-    /// Passes over the training images instead of --steps (each pass is
-    /// ⌈images / batch size⌉ steps).
-    #[arg(long, conflicts_with = "steps")]
+    /// Passes over the training images instead of --steps, 1 to 100000
+    /// (each pass is ⌈images / batch size⌉ steps; all of them together at
+    /// most 10000000).
+    #[arg(long, conflicts_with = "steps", value_parser = ranged(1..=100_000))]
     epochs: Option<usize>,
     /// Seed of the split, the initialization and the batch order.
     #[arg(long, default_value_t = 0)]
@@ -363,7 +405,9 @@ struct TrainArgs {
     /// instead of the embedded MNIST test set.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Write the trained model (parameters and running statistics) as safetensors.
+    /// Write the trained model (parameters and running statistics) as
+    /// safetensors. Only a regular file (or a link to one) or nothing is
+    /// replaced, checked before training; a diverged model is not written.
     #[arg(long)]
     save: Option<PathBuf>,
     /// Print only the JSON summary.
@@ -371,8 +415,13 @@ struct TrainArgs {
     json: bool,
 }
 
-fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+/// Trains as `args` say; returns whether the run diverged.
+fn run_train(args: TrainArgs) -> anyhow::Result<bool> {
     use anyhow::{bail, Context};
+    use normlab_cli::lab::train;
+    if let Some(path) = &args.save {
+        train::check_output_path(path).context("--save")?;
+    }
     let init = match args.init.as_str() {
         "kaiming" => InitScheme::Kaiming,
         "xavier" => InitScheme::Xavier,
@@ -380,8 +429,8 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             let sigma: f64 = s[7..]
                 .parse()
                 .with_context(|| format!("--init {s}: SIGMA is not a number"))?;
-            if !(sigma > 0.0 && sigma.is_finite()) {
-                bail!("--init {s}: SIGMA must be positive");
+            if !(sigma > 0.0 && sigma <= 1e6) {
+                bail!("--init {s}: SIGMA must be in (0, 1e6]");
             }
             InitScheme::Normal(sigma)
         }
@@ -414,7 +463,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let held_out = dataset.len() / 5;
     let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
     let steps = match args.epochs {
-        Some(epochs) => epochs * train_set.len().div_ceil(args.batch_size.max(1)),
+        Some(epochs) => train::steps_for_epochs(epochs, train_set.len(), args.batch_size)?,
         None => args.steps,
     };
     let config = TrainConfig {
@@ -458,11 +507,18 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     if !lead {
         // Every rank holds the same parameters; rank 0 reports and saves.
-        return Ok(());
+        return Ok(summary.diverged);
     }
-    if let Some(path) = &args.save {
-        map.save(path)
-            .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(why) = &summary.divergence {
+        eprintln!("error: the run diverged: {why}");
+        if let Some(path) = &args.save {
+            eprintln!(
+                "error: --save {}: not written, the model is not finite",
+                path.display()
+            );
+        }
+    } else if let Some(path) = &args.save {
+        train::save_model(&map, path).context("--save")?;
     }
     if !args.json {
         println!(
@@ -481,10 +537,11 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         "final_loss": summary.final_loss,
         "held_out_accuracy": summary.held_out_accuracy,
         "diverged": summary.diverged,
+        "divergence": summary.divergence,
         "steps": summary.losses.len(),
         "ranks": ranks,
         "seconds": summary.seconds,
     });
     println!("{json}");
-    Ok(())
+    Ok(summary.diverged)
 }

@@ -119,3 +119,136 @@ fn epochs_count_passes_over_the_training_images() {
         .unwrap();
     assert!(!clash.status.success());
 }
+
+/// Runs `normlab train` on a tiny network with `extra` options.
+fn tiny_run(extra: &[&str]) -> std::process::Output {
+    normlab()
+        .args([
+            "train",
+            "--depth",
+            "2",
+            "--width",
+            "16",
+            "--batch-size",
+            "32",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_diverged_run_says_so_exits_3_and_saves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    for norm in ["layer", "none"] {
+        let save = path.to_str().unwrap();
+        let out = tiny_run(&[
+            "--norm", norm, "--lr", "1e6", "--steps", "30", "--save", save,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "--norm {norm}: {stderr}");
+        assert!(stderr.contains("the run diverged"), "{stderr}");
+        assert!(
+            stderr.contains("--save") && stderr.contains("not written"),
+            "{stderr}"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+        assert_eq!(summary["diverged"], true, "--norm {norm}");
+        assert!(summary["divergence"].is_string(), "{summary}");
+        assert!(
+            summary["steps"].as_u64().unwrap() < 30,
+            "stopped early: {summary}"
+        );
+        assert!(!path.exists(), "--norm {norm}: nothing saved");
+    }
+}
+
+#[test]
+fn batch_norm_meeting_non_finite_statistics_is_a_divergence() {
+    let out = tiny_run(&["--norm", "batch", "--lr", "1e6", "--steps", "30"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("the run diverged") && stderr.contains("statistics"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(summary["diverged"], true);
+    assert!(
+        summary["divergence"]
+            .as_str()
+            .is_some_and(|d| d.contains("statistics")),
+        "{summary}"
+    );
+}
+
+#[test]
+fn save_refuses_special_files_before_training() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    for (path, message) in [
+        (&fifo, "is a FIFO, not a regular file"),
+        (&link, "is a symbolic link to"),
+        (&dir.path().to_path_buf(), "is a directory"),
+    ] {
+        let out = normlab()
+            .args(["train", "--depth", "2", "--width", "8", "--save"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--save") && stderr.contains(message),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty(), "no training: {stderr}");
+    }
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+}
+
+#[test]
+fn save_replaces_a_regular_file_with_the_usual_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    std::fs::write(&path, b"old").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = normlab()
+        .args([
+            "train", "--depth", "2", "--width", "8", "--steps", "3", "--save",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(safetensors_names(&bytes).iter().any(|n| n == "head.weight"));
+    // The child inherits this process's umask.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+        .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666 & !umask, "mode {mode:o}");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "no temporary file left");
+}
