@@ -449,7 +449,11 @@ fn idx_set(dir: &Path, prefix: &str) -> Result<Option<Dataset>> {
 /// When no known files are there, or a file is missing, truncated, corrupt,
 /// too large, or its images differ in shape from the training images.
 pub fn from_dir(dir: &Path) -> Result<Split> {
-    ensure!(dir.is_dir(), "{}: not a directory", dir.display());
+    ensure!(
+        dir.is_dir(),
+        "{}: no data set found (not a directory)",
+        dir.display()
+    );
     if let Some(train) = idx_set(dir, "train")? {
         let held_out = idx_set(dir, "t10k")?;
         if let Some(held) = &held_out {

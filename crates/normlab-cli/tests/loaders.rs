@@ -273,7 +273,10 @@ fn idx_directories_are_found_raw_or_compressed_with_their_held_out_set() {
     );
 
     let e = format!("{:#}", from_dir(&dir.path().join("nope")).unwrap_err());
-    assert!(e.contains("nope: not a directory"), "{e}");
+    assert!(
+        e.contains("nope: no data set found (not a directory)"),
+        "{e}"
+    );
 }
 
 fn cifar_batch(labels: &[u8]) -> Vec<u8> {
