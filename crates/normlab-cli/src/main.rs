@@ -104,7 +104,8 @@ struct SuiteArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Read MNIST / Fashion-MNIST (IDX, gzip or not) or CIFAR-10 (binary
-    /// batches) from this directory instead of the embedded MNIST test set.
+    /// batches) from this directory instead of the embedded MNIST test set;
+    /// its t10k-* files or test_batch.bin, when present, are the held-out set.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// No progress bars.
@@ -112,36 +113,40 @@ struct SuiteArgs {
     quiet: bool,
 }
 
+/// Runs `experiments` and writes the report; also when some fail, which
+/// are then named on stderr and make the exit status 1.
 fn run_suite(
     experiments: &[&normlab_cli::lab::experiments::Experiment],
     args: &SuiteArgs,
     default_out: PathBuf,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     use normlab_cli::lab::report;
-    let (dataset, data) = match &args.data_dir {
+    let (split, data) = match &args.data_dir {
         Some(dir) => (data::from_dir(dir)?, format!("{}", dir.display())),
         None => (
-            data::embedded_mnist()?,
+            data::Split::new(data::embedded_mnist()?),
             "embedded MNIST test set (10,000 images)".to_string(),
         ),
     };
-    let held_out = dataset.len() / 5;
-    let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
+    let (train_set, held, how) = split.into_sets(args.seed)?;
     let settings = report::Settings {
         profile: args.profile,
         seed: args.seed,
-        data: format!(
-            "{data}, split with seed {} into {} training and {} held-out images",
-            args.seed,
-            train_set.len(),
-            held.len()
-        ),
+        data: format!("{data}, {how}"),
         progress: !args.quiet,
     };
     let dir = args.out.clone().unwrap_or(default_out);
-    let index = report::run_and_write(experiments, &settings, &train_set, &held, &dir)?;
-    println!("{}", index.display());
-    Ok(())
+    let written = report::run_and_write(experiments, &settings, &train_set, &held, &dir)?;
+    println!("{}", written.index.display());
+    let failures = written.failures();
+    for (name, error) in &failures {
+        eprintln!("error: experiment {name} failed: {error}");
+    }
+    Ok(if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn run() -> anyhow::Result<ExitCode> {
@@ -149,13 +154,11 @@ fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Report(args) => {
             let all: Vec<_> = normlab_cli::lab::experiments::SUITE.iter().collect();
-            run_suite(&all, &args, PathBuf::from("report"))?;
-            Ok(ExitCode::SUCCESS)
+            run_suite(&all, &args, PathBuf::from("report"))
         }
         Command::Experiment { name, args } => {
             let e = normlab_cli::lab::experiments::find(&name)?;
-            run_suite(&[e], &args, PathBuf::from("runs").join(&name))?;
-            Ok(ExitCode::SUCCESS)
+            run_suite(&[e], &args, PathBuf::from("runs").join(&name))
         }
         Command::Train(args) => Ok(if run_train(args)? {
             ExitCode::from(EXIT_DIVERGED)
@@ -456,12 +459,12 @@ fn run_train(args: TrainArgs) -> anyhow::Result<bool> {
         init,
         momentum: normlab::Momentum::default(),
     };
-    let dataset = match &args.data_dir {
+    let split = match &args.data_dir {
         Some(dir) => data::from_dir(dir)?,
-        None => data::embedded_mnist()?,
+        None => data::Split::new(data::embedded_mnist()?),
     };
-    let held_out = dataset.len() / 5;
-    let (train_set, held) = dataset.split(dataset.len() - held_out, args.seed)?;
+    // The directory's own held-out images when it has them, else a seeded fifth.
+    let (train_set, held, _) = split.into_sets(args.seed)?;
     let steps = match args.epochs {
         Some(epochs) => train::steps_for_epochs(epochs, train_set.len(), args.batch_size)?,
         None => args.steps,

@@ -9,7 +9,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{Module, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use normlab_candle::{Communicator, SingleProcess};
@@ -330,6 +330,23 @@ impl Model {
         comm: Arc<dyn Communicator>,
     ) -> Result<Model> {
         config.validate()?;
+        ensure!(
+            channels > 0 && height > 0 && width > 0 && classes > 0,
+            "cannot build a network for {channels}×{height}×{width} images and {classes} classes: \
+             every size must be at least 1"
+        );
+        if config.arch == Arch::Cnn {
+            // Each of the first two blocks halves the resolution (rounding down).
+            let pools = config.depth.min(2);
+            ensure!(
+                height >> pools > 0 && width >> pools > 0,
+                "a CNN of depth {} halves the resolution {pools} times: {height}×{width} images \
+                 are too small (at least {}×{} pixels are needed)",
+                config.depth,
+                1 << pools,
+                1 << pools
+            );
+        }
         let mut rng = StdRng::seed_from_u64(seed);
         let mut blocks = Vec::new();
         let mut features = channels * height * width;

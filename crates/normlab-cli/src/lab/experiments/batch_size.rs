@@ -197,7 +197,7 @@ fn statistics_noise(
         norm: NormKind::None,
         ..ModelConfig::default()
     };
-    let model = Model::new(&config, (1, 28, 28), 10, vb, ctx.seed)?;
+    let model = Model::new(&config, ctx.train.dims(), ctx.train.classes, vb, ctx.seed)?;
     // Per-channel mean and std of the convolution output over a set of images.
     let channel_stats = |x: &candle_core::Tensor| -> Result<(Vec<f32>, Vec<f32>)> {
         let z = model.block_linear(0, x)?.transpose(0, 1)?.flatten_from(1)?;

@@ -45,6 +45,7 @@ fn run(ctx: &Context) -> Result<Findings> {
     );
     let width = p.pick(32, 64, 128);
     let steps = p.pick(40, 800, 3000);
+    let classes = ctx.train.classes;
     let train_config = TrainConfig::sgd(0.02, 64, steps, ctx.seed);
     ctx.progress.set_length((depths.len() * norms.len()) as u64);
     let mut table = Table::new(
@@ -123,7 +124,10 @@ fn run(ctx: &Context) -> Result<Findings> {
         }
         .figure(
             "depth_loss.svg",
-            "Mean training loss over the last tenth of the steps (ln 10 ≈ 2.30 is chance).",
+            &format!(
+                "Mean training loss over the last tenth of the steps (ln {classes} ≈ {:.2} is chance).",
+                (classes as f64).ln()
+            ),
         )?,
     ];
     let acc = |runs: &Vec<(usize, f64, f64)>| runs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>();

@@ -81,7 +81,7 @@ fn run(ctx: &Context) -> Result<Findings> {
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         );
-        let model = Model::new(&config, (1, 28, 28), 10, vb, ctx.seed)?;
+        let model = Model::new(&config, ctx.train.dims(), ctx.train.classes, vb, ctx.seed)?;
         let (stats, grads) =
             model.backward_signal(&x, true, |l| candle_nn::loss::cross_entropy(l, &y))?;
         let act: Vec<f64> = stats.iter().map(|s| s.std).collect();

@@ -109,7 +109,7 @@ fn run(ctx: &Context) -> Result<Findings> {
             candle_core::DType::F32,
             &candle_core::Device::Cpu,
         );
-        let model = Model::new(&config, (1, 28, 28), 10, vb, ctx.seed)?;
+        let model = Model::new(&config, ctx.train.dims(), ctx.train.classes, vb, ctx.seed)?;
         // One training-mode pass: with the cumulative average, the running
         // statistics become this batch's.
         model.forward(&calibration, true)?;

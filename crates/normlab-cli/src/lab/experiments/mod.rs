@@ -213,10 +213,22 @@ pub struct Outcome {
     pub title: &'static str,
     /// The claim.
     pub claim: &'static str,
-    /// What it found.
-    pub findings: Findings,
+    /// What it found, or why it failed (the error with its causes).
+    pub result: std::result::Result<Findings, String>,
     /// Wall time, seconds.
     pub seconds: f64,
+}
+
+impl Outcome {
+    /// What it found, unless it failed.
+    pub fn findings(&self) -> Option<&Findings> {
+        self.result.as_ref().ok()
+    }
+
+    /// Why it failed, if it did.
+    pub fn error(&self) -> Option<&str> {
+        self.result.as_ref().err().map(String::as_str)
+    }
 }
 
 /// The suite, in report order.
@@ -248,35 +260,49 @@ pub fn find(name: &str) -> Result<&'static Experiment> {
     })
 }
 
-/// Runs one experiment and times it.
-///
-/// # Errors
-/// The experiment's errors, prefixed with its name.
-pub fn run(experiment: &Experiment, ctx: &Context) -> Result<Outcome> {
+/// Runs one experiment and times it. A failure (an error, or a panic in the
+/// experiment or a library it calls) is recorded in the outcome rather than
+/// returned, so that a suite goes on with the other experiments and its
+/// report shows what failed and why.
+pub fn run(experiment: &Experiment, ctx: &Context) -> Outcome {
     let start = Instant::now();
-    let findings =
-        (experiment.run)(ctx).with_context(|| format!("experiment `{}`", experiment.name))?;
-    Ok(Outcome {
+    let result =
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (experiment.run)(ctx))) {
+            Ok(Ok(findings)) => Ok(findings),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(panic) => Err(format!(
+                "panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            )),
+        };
+    Outcome {
         name: experiment.name,
         title: experiment.title,
         claim: experiment.claim,
-        findings,
+        result,
         seconds: start.elapsed().as_secs_f64(),
-    })
+    }
 }
 
-/// Writes an outcome's CSV and SVG files into `dir`.
+/// Writes an outcome's CSV and SVG files into `dir` (creating it); a failed outcome has none.
 ///
 /// # Errors
 /// I/O errors, naming the file.
 pub fn write_files(outcome: &Outcome, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for t in &outcome.findings.tables {
+    let Some(findings) = outcome.findings() else {
+        return Ok(());
+    };
+    for t in &findings.tables {
         let path = dir.join(&t.file);
         std::fs::write(&path, t.to_csv()?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    for f in &outcome.findings.figures {
+    for f in &findings.figures {
         let path = dir.join(&f.file);
         std::fs::write(&path, &f.svg).with_context(|| format!("writing {}", path.display()))?;
     }

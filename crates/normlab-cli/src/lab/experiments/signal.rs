@@ -67,7 +67,7 @@ fn run(ctx: &Context) -> Result<Findings> {
             };
             let map = VarMap::new();
             let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
-            let model = Model::new(&config, (1, 28, 28), 10, vb, ctx.seed)?;
+            let model = Model::new(&config, ctx.train.dims(), ctx.train.classes, vb, ctx.seed)?;
             let (stats, gradient_norm) = model.backward_signal(&x, true, |logits| {
                 candle_nn::loss::cross_entropy(logits, &y)
             })?;
