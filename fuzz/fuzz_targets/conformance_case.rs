@@ -17,7 +17,9 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     conformance::write_outcome(&mut out, &outcome).expect("writing to a Vec");
     let line = String::from_utf8(out).expect("the report is UTF-8");
-    let body = line.strip_suffix('\n').expect("the line ends with a newline");
+    let body = line
+        .strip_suffix('\n')
+        .expect("the line ends with a newline");
     assert!(
         !body.contains(['\n', '\r']) && !body.contains(['\u{2028}', '\u{2029}', '\u{85}']),
         "report line breaks: {line:?}"

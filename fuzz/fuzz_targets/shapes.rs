@@ -16,8 +16,8 @@ use normlab::kernels::lrn::{self, lrn, lrn_backward};
 use normlab::kernels::rms_norm::{self, rms_norm, rms_norm_backward};
 use normlab::kernels::NcsLayout;
 use normlab::{
-    EpsPlacement, Epsilon, EvenWindow, LrnOptions, LrnRegion, Momentum, RunningVarEstimator,
-    Saved, Tensor, TensorView,
+    EpsPlacement, Epsilon, EvenWindow, LrnOptions, LrnRegion, Momentum, RunningVarEstimator, Saved,
+    Tensor, TensorView,
 };
 
 /// Values are only built for tensors smaller than this.
@@ -101,7 +101,11 @@ fn data_for(u: &mut Unstructured<'_>, shape: &[usize]) -> Result<Vec<f32>> {
 
 /// Tensor of a shape like `like` (or an odd one) when it can be built.
 fn tensor_like(u: &mut Unstructured<'_>, like: &[usize]) -> Result<Option<Tensor<f32>>> {
-    let shape = if u.ratio(3, 4)? { like.to_vec() } else { shape(u)? };
+    let shape = if u.ratio(3, 4)? {
+        like.to_vec()
+    } else {
+        shape(u)?
+    };
     if !numel(&shape).is_some_and(|n| n < MAX_BUILT) {
         return Ok(None);
     }
@@ -173,7 +177,11 @@ fn functional(u: &mut Unstructured<'_>, shape: &[usize], data: &[f32]) -> Result
     let Ok(x) = TensorView::new(shape, data) else {
         return Ok(());
     };
-    let dy_shape = if u.ratio(3, 4)? { shape.to_vec() } else { self::shape(u)? };
+    let dy_shape = if u.ratio(3, 4)? {
+        shape.to_vec()
+    } else {
+        self::shape(u)?
+    };
     let dy_data = data_for(u, &dy_shape)?;
     let dy = TensorView::new(&dy_shape, &dy_data);
     let channels = shape.get(1).copied().unwrap_or(1);
@@ -270,11 +278,11 @@ fn functional(u: &mut Unstructured<'_>, shape: &[usize], data: &[f32]) -> Result
             let weight = param(u, &[channels])?;
             let bias = param(u, &[channels])?;
             let eps = eps(u)?;
-            let saved = match group_norm::group_norm(&x, groups, weight.as_ref(), bias.as_ref(), eps)
-            {
-                Ok((_, s)) => s,
-                Err(_) => self::saved(u, 4)?,
-            };
+            let saved =
+                match group_norm::group_norm(&x, groups, weight.as_ref(), bias.as_ref(), eps) {
+                    Ok((_, s)) => s,
+                    Err(_) => self::saved(u, 4)?,
+                };
             if let Ok(dy) = dy {
                 let _ = group_norm::group_norm_backward(
                     &x,
@@ -306,7 +314,8 @@ fn slices(u: &mut Unstructured<'_>, data: &[f32]) -> Result<()> {
     }
     let eps = eps(u)?;
     let mut y = vec![0.0f32; data.len()];
-    let w = values(u, u.int_in_range(0..=8)?)?;
+    let len = u.int_in_range(0..=8)?;
+    let w = values(u, len)?;
     let weight = u.arbitrary::<bool>()?.then_some(&w[..]);
     match u.int_in_range(0..=5u8)? {
         0 => {

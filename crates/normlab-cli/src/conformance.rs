@@ -250,7 +250,9 @@ pub fn judge(case: &Value) -> (bool, String) {
         Some(other) => {
             return (
                 false,
-                format!("(malformed case: `expect_error` = {other} is not a boolean (true or false))"),
+                format!(
+                    "(malformed case: `expect_error` = {other} is not a boolean (true or false))"
+                ),
             )
         }
     };
@@ -449,7 +451,11 @@ fn shape(v: &Value) -> CaseResult<(Vec<usize>, usize)> {
         let dim = usize::try_from(i).map_err(|_| {
             Failure::Malformed(format!(
                 "shape {v}: dimension {i} is {}",
-                if i < 0 { "negative" } else { "too large for usize" }
+                if i < 0 {
+                    "negative"
+                } else {
+                    "too large for usize"
+                }
             ))
         })?;
         shape.push(dim);
@@ -458,9 +464,7 @@ fn shape(v: &Value) -> CaseResult<(Vec<usize>, usize)> {
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| {
-            Failure::Malformed(format!(
-                "shape {shape:?}: element count overflows usize"
-            ))
+            Failure::Malformed(format!("shape {shape:?}: element count overflows usize"))
         })?;
     if count == 0 {
         let extent = shape

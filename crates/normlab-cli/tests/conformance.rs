@@ -182,7 +182,11 @@ fn symlink_cycles_are_walked_once_and_linked_directories_are_found() {
     assert_eq!(code, Some(0), "{lines:#?}");
     assert_eq!(
         lines,
-        ["PASS outer (max abs err 0.000e0)", "PASS inner (max abs err 0.000e0)", "2 passed, 0 failed"],
+        [
+            "PASS outer (max abs err 0.000e0)",
+            "PASS inner (max abs err 0.000e0)",
+            "2 passed, 0 failed"
+        ],
     );
 }
 
@@ -193,7 +197,10 @@ fn a_byte_order_mark_is_skipped() {
     std::fs::write(dir.path().join("bom.json"), text).unwrap();
     let (code, lines) = run_dir(dir.path());
     assert_eq!(code, Some(0), "{lines:#?}");
-    assert_eq!(lines, ["PASS bom (max abs err 0.000e0)", "1 passed, 0 failed"]);
+    assert_eq!(
+        lines,
+        ["PASS bom (max abs err 0.000e0)", "1 passed, 0 failed"]
+    );
 }
 
 #[test]
@@ -245,18 +252,24 @@ fn line<'a>(lines: &'a [String], name: &str) -> &'a str {
 #[test]
 fn booleans_are_strict() {
     let bn = r#""op":"batch_norm","inputs":{"x":{"shape":[2,1],"data":[1.0,3.0]},"running_mean":{"shape":[1],"data":[0.0]},"running_var":{"shape":[1],"data":[1.0]}}"#;
-    let zero = format!(r#"{bn},"attrs":{{"training":0.0}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#);
+    let zero = format!(
+        r#"{bn},"attrs":{{"training":0.0}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#
+    );
     let zero_refusal = format!(r#"{bn},"attrs":{{"training":0.0}},"expect_error":true"#);
-    let text = format!(r#"{bn},"attrs":{{"training":"false"}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#);
+    let text = format!(
+        r#"{bn},"attrs":{{"training":"false"}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#
+    );
     let one = format!(r#"{bn},"attrs":{{"training":false}},"expect_error":1"#);
     // The same case with a real boolean passes: y = x with unit running stats.
-    let right = format!(r#"{bn},"attrs":{{"training":false,"eps":0.0}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#);
+    let right = format!(
+        r#"{bn},"attrs":{{"training":false,"eps":0.0}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#
+    );
     let (code, lines) = run_cases(&[
-        ("zero", &zero),
-        ("zero_refusal", &zero_refusal),
-        ("text", &text),
-        ("one", &one),
-        ("right", &right),
+        ("zero", zero.as_str()),
+        ("zero_refusal", zero_refusal.as_str()),
+        ("text", text.as_str()),
+        ("one", one.as_str()),
+        ("right", right.as_str()),
     ]);
     assert_eq!(code, Some(1), "{lines:#?}");
     for (name, shown) in [
@@ -278,39 +291,101 @@ fn booleans_are_strict() {
 #[test]
 fn overflowing_shapes_and_out_of_range_attributes_fail_cleanly() {
     let ln = |attrs: &str, shape: &str| {
-        format!(r#""op":"layer_norm","attrs":{attrs},"inputs":{{"x":{{"shape":{shape},"data":[]}}}},"expect_error":true"#)
+        format!(
+            r#""op":"layer_norm","attrs":{attrs},"inputs":{{"x":{{"shape":{shape},"data":[]}}}},"expect_error":true"#
+        )
     };
     let x = r#"{"shape":[1,4,1],"data":[1.0,2.0,3.0,4.0]}"#;
     let gn = |groups: &str| {
-        format!(r#""op":"group_norm","attrs":{{"num_groups":{groups}}},"inputs":{{"x":{x}}},"expect_error":true"#)
+        format!(
+            r#""op":"group_norm","attrs":{{"num_groups":{groups}}},"inputs":{{"x":{x}}},"expect_error":true"#
+        )
     };
     let lrn = |size: &str| {
         format!(r#""op":"lrn","attrs":{{"size":{size}}},"inputs":{{"x":{x}}},"expect_error":true"#)
     };
     let cases = [
-        ("product", ln("{}", "[4294967296,4294967296,2]"), "element count overflows usize"),
-        ("usize_max", ln("{}", "[18446744073709551615,2]"), "element count overflows usize"),
-        ("beyond_usize", ln("{}", "[18446744073709551616]"), "too large for usize"),
-        ("negative_dim", ln("{}", "[-1,2]"), "dimension -1 is negative"),
-        ("fractional_dim", ln("{}", "[1.5]"), "`shape` = 1.5 is not an integer"),
-        ("huge_dim", ln("{}", "[1e300]"), "`shape` = 1e300 is out of range"),
-        ("empty_huge", ln("{}", "[0,1099511627776]"), "empty, but its non-zero dimensions"),
-        ("axis_huge", ln(r#"{"axis":1e30}"#, "[0]"), "`axis` = 1e30 is out of range"),
-        ("axis_fraction", ln(r#"{"axis":0.5}"#, "[0]"), "`axis` = 0.5 is not an integer"),
-        ("groups_huge", gn("1e300"), "`num_groups` = 1e300 is out of range"),
-        ("groups_beyond", gn("36893488147419103232"), "`num_groups` = 36893488147419103232 is too large"),
-        ("size_fraction", lrn("2.5"), "`size` = 2.5 is not an integer"),
-        ("size_text", lrn(r#""3""#), r#"`size` = "3" is not a number"#),
+        (
+            "product",
+            ln("{}", "[4294967296,4294967296,2]"),
+            "element count overflows usize",
+        ),
+        (
+            "usize_max",
+            ln("{}", "[18446744073709551615,2]"),
+            "element count overflows usize",
+        ),
+        (
+            "beyond_usize",
+            ln("{}", "[18446744073709551616]"),
+            "too large for usize",
+        ),
+        (
+            "negative_dim",
+            ln("{}", "[-1,2]"),
+            "dimension -1 is negative",
+        ),
+        (
+            "fractional_dim",
+            ln("{}", "[1.5]"),
+            "`shape` = 1.5 is not an integer",
+        ),
+        (
+            "huge_dim",
+            ln("{}", "[1e300]"),
+            "`shape` = 1e300 is out of range",
+        ),
+        (
+            "empty_huge",
+            ln("{}", "[0,1099511627776]"),
+            "empty, but its non-zero dimensions",
+        ),
+        (
+            "axis_huge",
+            ln(r#"{"axis":1e30}"#, "[0]"),
+            "`axis` = 1e30 is out of range",
+        ),
+        (
+            "axis_fraction",
+            ln(r#"{"axis":0.5}"#, "[0]"),
+            "`axis` = 0.5 is not an integer",
+        ),
+        (
+            "groups_huge",
+            gn("1e300"),
+            "`num_groups` = 1e300 is out of range",
+        ),
+        (
+            "groups_beyond",
+            gn("36893488147419103232"),
+            "`num_groups` = 36893488147419103232 is too large",
+        ),
+        (
+            "size_fraction",
+            lrn("2.5"),
+            "`size` = 2.5 is not an integer",
+        ),
+        (
+            "size_text",
+            lrn(r#""3""#),
+            r#"`size` = "3" is not a number"#,
+        ),
     ];
     let files: Vec<(&str, &str)> = cases.iter().map(|(n, b, _)| (*n, b.as_str())).collect();
     let (code, lines) = run_cases(&files);
     assert_eq!(code, Some(1), "{lines:#?}");
     for (name, _, message) in &cases {
         let l = line(&lines, name);
-        assert!(l.starts_with("FAIL") && l.contains("malformed case") && l.contains(message), "{l}");
+        assert!(
+            l.starts_with("FAIL") && l.contains("malformed case") && l.contains(message),
+            "{l}"
+        );
     }
     assert!(!lines.iter().any(|l| l.contains("PANIC")), "{lines:#?}");
-    assert_eq!(lines.last().unwrap(), &format!("0 passed, {} failed", cases.len()));
+    assert_eq!(
+        lines.last().unwrap(),
+        &format!("0 passed, {} failed", cases.len())
+    );
 }
 
 #[test]
@@ -318,10 +393,20 @@ fn refusable_attribute_values_reach_the_operation() {
     // A negative count and an out-of-range axis are the operation's to
     // refuse: such cases pass as expect_error.
     let x = r#"{"shape":[1,4,1],"data":[1.0,2.0,3.0,4.0]}"#;
-    let negative = format!(r#""op":"group_norm","attrs":{{"num_groups":-2}},"inputs":{{"x":{x}}},"expect_error":true"#);
-    let too_many = format!(r#""op":"group_norm","attrs":{{"num_groups":1e18}},"inputs":{{"x":{x}}},"expect_error":true"#);
-    let axis = format!(r#""op":"layer_norm","attrs":{{"axis":-9223372036854775808}},"inputs":{{"x":{x}}},"expect_error":true"#);
-    let (code, lines) = run_cases(&[("negative", &negative), ("too_many", &too_many), ("axis", &axis)]);
+    let negative = format!(
+        r#""op":"group_norm","attrs":{{"num_groups":-2}},"inputs":{{"x":{x}}},"expect_error":true"#
+    );
+    let too_many = format!(
+        r#""op":"group_norm","attrs":{{"num_groups":1e18}},"inputs":{{"x":{x}}},"expect_error":true"#
+    );
+    let axis = format!(
+        r#""op":"layer_norm","attrs":{{"axis":-9223372036854775808}},"inputs":{{"x":{x}}},"expect_error":true"#
+    );
+    let (code, lines) = run_cases(&[
+        ("negative", negative.as_str()),
+        ("too_many", too_many.as_str()),
+        ("axis", axis.as_str()),
+    ]);
     assert_eq!(code, Some(0), "{lines:#?}");
     assert_eq!(lines.last().unwrap(), "3 passed, 0 failed");
 }
