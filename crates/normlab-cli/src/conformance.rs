@@ -574,7 +574,7 @@ impl Attrs<'_> {
             }));
         }
         usize::try_from(i)
-            .map_err(|_| Failure::Malformed(format!("`{key}` = {i} is too large for usize")))
+            .map_err(|_| Failure::Malformed(format!("`{key}` = {v} is too large for usize")))
     }
 
     fn axis(&self) -> CaseResult<isize> {
@@ -583,7 +583,7 @@ impl Attrs<'_> {
         };
         let i = integer(v, "axis")?;
         isize::try_from(i)
-            .map_err(|_| Failure::Malformed(format!("`axis` = {i} is out of range for isize")))
+            .map_err(|_| Failure::Malformed(format!("`axis` = {v} is out of range for isize")))
     }
 
     fn eps(&self, default: f64) -> CaseResult<Epsilon> {

@@ -333,7 +333,7 @@ fn overflowing_shapes_and_out_of_range_attributes_fail_cleanly() {
         (
             "huge_dim",
             ln("{}", "[1e300]"),
-            "`shape` = 1e300 is out of range",
+            "`shape` = 1e+300 is out of range",
         ),
         (
             "empty_huge",
@@ -343,7 +343,7 @@ fn overflowing_shapes_and_out_of_range_attributes_fail_cleanly() {
         (
             "axis_huge",
             ln(r#"{"axis":1e30}"#, "[0]"),
-            "`axis` = 1e30 is out of range",
+            "`axis` = 1e+30 is out of range",
         ),
         (
             "axis_fraction",
@@ -353,7 +353,7 @@ fn overflowing_shapes_and_out_of_range_attributes_fail_cleanly() {
         (
             "groups_huge",
             gn("1e300"),
-            "`num_groups` = 1e300 is out of range",
+            "`num_groups` = 1e+300 is out of range",
         ),
         (
             "groups_beyond",
