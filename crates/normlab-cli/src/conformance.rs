@@ -5,7 +5,7 @@
 //! or says the input must be refused (`expect_error`). Values are float32,
 //! parsed straight from their decimal text to f32.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -68,18 +68,33 @@ pub struct Summary {
 }
 
 /// Collects `.json` files from files and directories (recursively, sorted).
+///
+/// Symbolic links are followed, but each directory is walked once, keyed by
+/// its canonical path: a link back to an ancestor (`ln -s . loop`) or to a
+/// directory already walked adds nothing, so the walk always terminates,
+/// while a link to an unrelated directory still contributes its cases.
 pub fn collect_cases(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
+    let mut visited = HashSet::new();
     for path in paths {
         if path.is_dir() {
             let mut stack = vec![path.clone()];
             while let Some(dir) = stack.pop() {
-                let entries = std::fs::read_dir(&dir)
-                    .with_context(|| format!("reading directory {}", dir.display()))?;
-                for entry in entries {
-                    let p = entry
-                        .with_context(|| format!("reading directory {}", dir.display()))?
-                        .path();
+                let canonical = std::fs::canonicalize(&dir)
+                    .with_context(|| format!("resolving directory {}", shown(&dir)))?;
+                if !visited.insert(canonical) {
+                    continue;
+                }
+                let mut entries = std::fs::read_dir(&dir)
+                    .with_context(|| format!("reading directory {}", shown(&dir)))?
+                    .map(|entry| entry.map(|e| e.path()))
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .with_context(|| format!("reading directory {}", shown(&dir)))?;
+                // Reverse order on the stack walks each directory in name
+                // order, so which alias of a linked directory is reported
+                // does not depend on the file system's listing order.
+                entries.sort_unstable_by(|a, b| b.cmp(a));
+                for p in entries {
                     if p.is_dir() {
                         stack.push(p);
                     } else if p.extension().is_some_and(|e| e == "json") {
@@ -90,14 +105,59 @@ pub fn collect_cases(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         } else if path.exists() {
             files.push(path.clone());
         } else {
-            bail!("{}: no such file or directory", path.display());
+            bail!("{}: no such file or directory", shown(path));
         }
     }
     files.sort();
     Ok(files)
 }
 
+/// A path as printable text: control characters escaped, so a file name
+/// cannot start a new line of the report.
+fn shown(path: &Path) -> String {
+    escape(&path.display().to_string())
+}
+
+/// Escapes file-provided text for a one-line report: backslashes, control
+/// characters (newline, carriage return, escape, …), line and paragraph
+/// separators and bidirectional-text controls become `\n`, `\u{2028}`, … as
+/// in Rust's `escape_debug`; everything else, quotes included, is kept.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let invisible = matches!(
+            c,
+            '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
+        );
+        if c == '\\' || c.is_control() || invisible {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Writes one case's report line: `PASS name (detail)` or `FAIL name (detail)`,
+/// with name and detail escaped so that the line is exactly one line.
+///
+/// # Errors
+/// Errors of `out`.
+pub fn write_outcome(out: &mut impl std::io::Write, outcome: &Outcome) -> std::io::Result<()> {
+    let verdict = if outcome.passed { "PASS" } else { "FAIL" };
+    writeln!(
+        out,
+        "{verdict} {} {}",
+        escape(&outcome.name),
+        escape(&outcome.detail)
+    )
+}
+
 /// Runs every case under `paths`, printing one line per case and the totals.
+///
+/// A panic inside one case (a bug in the runner or the library, never the
+/// expected reaction to bad input) is reported as that case's FAIL, saying
+/// it was a panic, and the run goes on with the next case.
 pub fn run(paths: &[PathBuf], out: &mut impl std::io::Write) -> anyhow::Result<Summary> {
     let files = collect_cases(paths)?;
     if files.is_empty() {
@@ -105,43 +165,72 @@ pub fn run(paths: &[PathBuf], out: &mut impl std::io::Write) -> anyhow::Result<S
     }
     let mut summary = Summary::default();
     for file in &files {
-        let outcome = run_file(file);
+        let outcome = std::panic::catch_unwind(|| run_file(file)).unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".into());
+            Outcome {
+                name: fallback_name(file),
+                passed: false,
+                detail: format!("(PANIC in the runner or library: {message})"),
+            }
+        });
         if outcome.passed {
             summary.passed += 1;
         } else {
             summary.failed += 1;
         }
-        let verdict = if outcome.passed { "PASS" } else { "FAIL" };
-        writeln!(out, "{verdict} {} {}", outcome.name, outcome.detail)?;
+        write_outcome(out, &outcome)?;
     }
     writeln!(out, "{} passed, {} failed", summary.passed, summary.failed)?;
     Ok(summary)
 }
 
+/// The name of a case that has none of its own: its file stem.
+fn fallback_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Runs one case file.
 pub fn run_file(path: &Path) -> Outcome {
-    let fallback = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let case: Value = match std::fs::read_to_string(path)
-        .map_err(|e| e.to_string())
-        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+    match std::fs::read(path) {
+        Ok(bytes) => run_case(&bytes, &fallback_name(path)),
+        Err(e) => Outcome {
+            name: fallback_name(path),
+            passed: false,
+            detail: format!("(cannot read {}: {e})", shown(path)),
+        },
+    }
+}
+
+/// Runs one case given as the bytes of its file; `fallback_name` names it
+/// when it has no `name` of its own. A UTF-8 byte-order mark is skipped.
+/// Never panics on any input (the library's own panics aside); print the
+/// result with [`write_outcome`].
+pub fn run_case(bytes: &[u8], fallback_name: &str) -> Outcome {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let case: Value = match std::str::from_utf8(bytes)
+        .map_err(|e| format!("not UTF-8: {e}"))
+        .and_then(|text| serde_json::from_str(text).map_err(|e| format!("not JSON: {e}")))
     {
         Ok(v) => v,
         Err(e) => {
             return Outcome {
-                name: fallback,
+                name: fallback_name.to_string(),
                 passed: false,
-                detail: format!("(cannot read {}: {e})", path.display()),
+                detail: format!("(cannot read the case: {e})"),
             }
         }
     };
     let name = case
         .get("name")
         .and_then(Value::as_str)
-        .map(String::from)
-        .unwrap_or(fallback);
+        .unwrap_or(fallback_name)
+        .to_string();
     let (passed, detail) = judge(&case);
     Outcome {
         name,
@@ -155,10 +244,18 @@ pub fn judge(case: &Value) -> (bool, String) {
     if case.get("format").and_then(Value::as_str) != Some("normcase/1") {
         return (false, "(not a normcase/1 file)".into());
     }
-    let expect_error = case
-        .get("expect_error")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let expect_error = match case.get("expect_error") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return (
+                false,
+                format!(
+                    "(malformed case: `expect_error` = {other} is not a boolean (true or false))"
+                ),
+            )
+        }
+    };
     match evaluate(case) {
         Err(Failure::Malformed(msg)) => (false, format!("(malformed case: {msg})")),
         Err(Failure::Refused(e)) if expect_error => (true, format!("(refused: {e})")),
@@ -191,9 +288,13 @@ fn evaluate(case: &Value) -> CaseResult<Report> {
         .ok_or_else(|| Failure::Malformed("no input `x`".into()))?;
     let dy = match case.get("backward") {
         Some(b) => {
-            Some(tensor(b.get("dy").ok_or_else(|| {
-                Failure::Malformed("backward without `dy`".into())
-            })?)?)
+            let dy = b
+                .get("dy")
+                .ok_or_else(|| Failure::Malformed("backward without `dy`".into()))?;
+            Some(tensor(dy).map_err(|e| match e {
+                Failure::Malformed(msg) => Failure::Malformed(format!("`dy`: {msg}")),
+                refused => refused,
+            })?)
         }
         None => None,
     };
@@ -308,23 +409,95 @@ fn number(v: &Value, what: &str) -> CaseResult<f64> {
     }
 }
 
+/// An exact integer: `3`, `-2`, `3.0` or `1e2`; a fraction, or a value
+/// beyond ±2^127, is malformed (never silently rounded or saturated).
+fn integer(v: &Value, what: &str) -> CaseResult<i128> {
+    let Value::Number(n) = v else {
+        return malformed(format!("`{what}` = {v} is not a number"));
+    };
+    let text = n.to_string();
+    if let Ok(i) = text.parse::<i128>() {
+        return Ok(i);
+    }
+    let f = text
+        .parse::<f64>()
+        .map_err(|e| Failure::Malformed(format!("`{what}` = {text}: {e}")))?;
+    if !f.is_finite() || f.fract() != 0.0 {
+        return malformed(format!("`{what}` = {text} is not an integer"));
+    }
+    // 2^127: every f64 below it converts to i128 exactly.
+    if f.abs() >= 1.7014118346046923e38 {
+        return malformed(format!("`{what}` = {text} is out of range"));
+    }
+    Ok(f as i128)
+}
+
+/// Largest product of the non-zero dimensions of an empty tensor. A tensor
+/// with values holds them inline, so its size is bounded by the file; an
+/// empty one is not, yet operations allocate per-row or per-channel buffers
+/// from its other dimensions (`[0, 2^40]` has 2^40 channels).
+const MAX_EMPTY_EXTENT: usize = 1 << 24;
+
+/// Reads and checks a shape: non-negative integer dimensions whose product
+/// fits in `usize` (computed with `checked_mul`, before anything is
+/// allocated from it). Returns the shape and its element count.
+fn shape(v: &Value) -> CaseResult<(Vec<usize>, usize)> {
+    let dims = v
+        .as_array()
+        .ok_or_else(|| Failure::Malformed(format!("`shape` = {v} is not an array")))?;
+    let mut shape = Vec::with_capacity(dims.len());
+    for d in dims {
+        let i = integer(d, "shape")?;
+        let dim = usize::try_from(i).map_err(|_| {
+            Failure::Malformed(format!(
+                "shape {v}: dimension {i} is {}",
+                if i < 0 {
+                    "negative"
+                } else {
+                    "too large for usize"
+                }
+            ))
+        })?;
+        shape.push(dim);
+    }
+    let count = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            Failure::Malformed(format!("shape {shape:?}: element count overflows usize"))
+        })?;
+    if count == 0 {
+        let extent = shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if !matches!(extent, Some(e) if e <= MAX_EMPTY_EXTENT) {
+            return malformed(format!(
+                "shape {shape:?}: empty, but its non-zero dimensions multiply to more than \
+                 {MAX_EMPTY_EXTENT}; the runner refuses such cases"
+            ));
+        }
+    }
+    Ok((shape, count))
+}
+
 /// Parses `{"shape": [...], "data": [...]}`, each value straight to f32.
 fn tensor(v: &Value) -> CaseResult<T32> {
-    let shape: Vec<usize> = v
-        .get("shape")
-        .and_then(Value::as_array)
-        .ok_or_else(|| Failure::Malformed("tensor without `shape`".into()))?
-        .iter()
-        .map(|d| {
-            d.as_u64()
-                .map(|d| d as usize)
-                .ok_or_else(|| Failure::Malformed(format!("bad dimension {d}")))
-        })
-        .collect::<CaseResult<_>>()?;
-    let data: Vec<f32> = v
+    let (shape, count) = shape(
+        v.get("shape")
+            .ok_or_else(|| Failure::Malformed("tensor without `shape`".into()))?,
+    )?;
+    let values = v
         .get("data")
         .and_then(Value::as_array)
-        .ok_or_else(|| Failure::Malformed("tensor without `data`".into()))?
+        .ok_or_else(|| Failure::Malformed("tensor without `data`".into()))?;
+    if values.len() != count {
+        return malformed(format!(
+            "shape {shape:?} holds {count} values, `data` has {}",
+            values.len()
+        ));
+    }
+    let data: Vec<f32> = values
         .iter()
         .map(|d| match d {
             Value::Number(n) => n
@@ -342,7 +515,11 @@ fn tensors(v: Option<&Value>) -> CaseResult<BTreeMap<String, T32>> {
     if let Some(map) = v.and_then(Value::as_object) {
         for (k, t) in map {
             if !t.is_null() {
-                out.insert(k.clone(), tensor(t)?);
+                let t = tensor(t).map_err(|e| match e {
+                    Failure::Malformed(msg) => Failure::Malformed(format!("`{k}`: {msg}")),
+                    refused => refused,
+                })?;
+                out.insert(k.clone(), t);
             }
         }
     }
@@ -361,8 +538,9 @@ impl Attrs<'_> {
         match self.0.get(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(Value::Number(n)) => Ok(n.to_string() != "0"),
-            Some(other) => malformed(format!("`{key}` = {other} is not a boolean")),
+            Some(other) => malformed(format!(
+                "`{key}` = {other} is not a boolean (true or false)"
+            )),
         }
     }
 
@@ -375,42 +553,37 @@ impl Attrs<'_> {
     }
 
     /// An integer attribute that must be non-negative: a negative value is
-    /// the operation's to refuse, not a malformed case.
+    /// the operation's to refuse, not a malformed case; a fraction or a value
+    /// beyond `usize` is malformed.
     fn count(
         &self,
         op: &'static str,
         key: &'static str,
-        default: Option<i64>,
+        default: Option<usize>,
     ) -> CaseResult<usize> {
-        let v = match self.0.get(key) {
-            None => {
-                default.ok_or_else(|| Failure::Malformed(format!("missing attribute `{key}`")))?
-            }
-            Some(v) => {
-                let f = number(v, key)?;
-                if f.fract() != 0.0 {
-                    return malformed(format!("`{key}` = {f} is not an integer"));
-                }
-                f as i64
-            }
+        let Some(v) = self.0.get(key) else {
+            return default.ok_or_else(|| Failure::Malformed(format!("missing attribute `{key}`")));
         };
-        if v < 0 {
+        let i = integer(v, key)?;
+        if i < 0 {
             return Err(Failure::Refused(NormError::InvalidArgument {
                 op,
                 arg: key,
-                value: v.to_string(),
+                value: i.to_string(),
                 expected: "non-negative",
             }));
         }
-        Ok(v as usize)
+        usize::try_from(i)
+            .map_err(|_| Failure::Malformed(format!("`{key}` = {v} is too large for usize")))
     }
 
     fn axis(&self) -> CaseResult<isize> {
-        let a = self.f64("axis", -1.0)?;
-        if a.fract() != 0.0 {
-            return malformed(format!("`axis` = {a} is not an integer"));
-        }
-        Ok(a as isize)
+        let Some(v) = self.0.get("axis") else {
+            return Ok(-1);
+        };
+        let i = integer(v, "axis")?;
+        isize::try_from(i)
+            .map_err(|_| Failure::Malformed(format!("`axis` = {v} is out of range for isize")))
     }
 
     fn eps(&self, default: f64) -> CaseResult<Epsilon> {
@@ -480,7 +653,17 @@ fn run_op(
             let mut running_mean = inputs.get("running_mean").map(|t| t.data().to_vec());
             let mut running_var = inputs.get("running_var").map(|t| t.data().to_vec());
             let mut tracked = match inputs.get("num_batches_tracked") {
-                Some(t) if t.numel() == 1 => t.data()[0] as i64,
+                Some(t) if t.numel() == 1 => {
+                    let v = t.data()[0];
+                    // f32 holds every integer up to 2^24 exactly; beyond
+                    // that the stored count is not the one meant.
+                    if !(0.0..=16_777_216.0).contains(&v) || v.fract() != 0.0 {
+                        return malformed(format!(
+                            "`num_batches_tracked` = {v} is not an integer in 0..=2^24"
+                        ));
+                    }
+                    v as i64
+                }
                 Some(_) => return malformed("`num_batches_tracked` must hold one value"),
                 None => 0,
             };

@@ -142,3 +142,271 @@ fn a_missing_path_is_a_clear_error() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.starts_with("error: no/such/dir"), "{stderr}");
 }
+
+/// Runs `normlab conformance dir` and returns (exit code, stdout lines).
+fn run_dir(dir: &Path) -> (Option<i32>, Vec<String>) {
+    let out = normlab().arg("conformance").arg(dir).output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    (
+        out.status.code(),
+        stdout.lines().map(String::from).collect(),
+    )
+}
+
+/// A layer_norm case over `[1, 2]` that passes (`y` right) or fails.
+fn ln_case(name_json: &str, right: bool) -> String {
+    let y1 = if right { "1.0" } else { "1.5" };
+    format!(
+        r#"{{"format":"normcase/1","name":{name_json},"op":"layer_norm","attrs":{{"eps":0.0,"axis":-1}},"inputs":{{"x":{{"shape":[1,2],"data":[1.0,3.0]}}}},"expected":{{"y":{{"shape":[1,2],"data":[-1.0,{y1}]}}}}}}"#
+    )
+}
+
+#[cfg(unix)]
+#[test]
+fn symlink_cycles_are_walked_once_and_linked_directories_are_found() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let sub = root.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("inner.json"), ln_case(r#""inner""#, true)).unwrap();
+    std::fs::write(other.path().join("outer.json"), ln_case(r#""outer""#, true)).unwrap();
+    // Two links to the directory itself, one to its parent, one to the root
+    // from below, and a link to an unrelated directory.
+    symlink(".", sub.join("self1")).unwrap();
+    symlink(".", sub.join("self2")).unwrap();
+    symlink("..", sub.join("parent")).unwrap();
+    symlink(root.path(), sub.join("root")).unwrap();
+    symlink(other.path(), root.path().join("linked")).unwrap();
+    let (code, lines) = run_dir(root.path());
+    assert_eq!(code, Some(0), "{lines:#?}");
+    assert_eq!(
+        lines,
+        [
+            "PASS outer (max abs err 0.000e0)",
+            "PASS inner (max abs err 0.000e0)",
+            "2 passed, 0 failed"
+        ],
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("\u{FEFF}{}", ln_case(r#""bom""#, true));
+    std::fs::write(dir.path().join("bom.json"), text).unwrap();
+    let (code, lines) = run_dir(dir.path());
+    assert_eq!(code, Some(0), "{lines:#?}");
+    assert_eq!(
+        lines,
+        ["PASS bom (max abs err 0.000e0)", "1 passed, 0 failed"]
+    );
+}
+
+#[test]
+fn names_cannot_forge_report_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    // A failing case whose name tries to end its line, print a PASS line and
+    // a summary, and hide them behind a carriage return, an escape sequence
+    // and a Unicode line separator.
+    let forged = r#""x\r\nPASS forged (max abs err 0.000e0)\n9 passed, 0 failed\u001b[2K\u2028\\""#;
+    std::fs::write(dir.path().join("a.json"), ln_case(forged, false)).unwrap();
+    // A file name with a newline, not JSON: its fallback name is escaped too.
+    std::fs::write(dir.path().join("b\nPASS c.json"), "not json").unwrap();
+    let (code, lines) = run_dir(dir.path());
+    assert_eq!(code, Some(1), "{lines:#?}");
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(
+        lines[0].starts_with(
+            r"FAIL x\r\nPASS forged (max abs err 0.000e0)\n9 passed, 0 failed\u{1b}[2K\u{2028}\\ (y[1]"
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with(r"FAIL b\nPASS c (cannot read the case: not JSON"),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[2], "0 passed, 2 failed");
+}
+
+/// Writes `(file stem, case body after "op")` files and runs the directory.
+fn run_cases(cases: &[(&str, &str)]) -> (Option<i32>, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in cases {
+        let text = format!(r#"{{"format":"normcase/1","name":"{name}",{body}}}"#);
+        std::fs::write(dir.path().join(format!("{name}.json")), text).unwrap();
+    }
+    run_dir(dir.path())
+}
+
+/// The report line of case `name`.
+fn line<'a>(lines: &'a [String], name: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.split(' ').nth(1) == Some(name))
+        .unwrap_or_else(|| panic!("no line for {name} in {lines:#?}"))
+}
+
+#[test]
+fn booleans_are_strict() {
+    let bn = r#""op":"batch_norm","inputs":{"x":{"shape":[2,1],"data":[1.0,3.0]},"running_mean":{"shape":[1],"data":[0.0]},"running_var":{"shape":[1],"data":[1.0]}}"#;
+    let zero = format!(
+        r#"{bn},"attrs":{{"training":0.0}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#
+    );
+    let zero_refusal = format!(r#"{bn},"attrs":{{"training":0.0}},"expect_error":true"#);
+    let text = format!(
+        r#"{bn},"attrs":{{"training":"false"}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#
+    );
+    let one = format!(r#"{bn},"attrs":{{"training":false}},"expect_error":1"#);
+    // The same case with a real boolean passes: y = x with unit running stats.
+    let right = format!(
+        r#"{bn},"attrs":{{"training":false,"eps":0.0}},"expected":{{"y":{{"shape":[2,1],"data":[1.0,3.0]}}}}"#
+    );
+    let (code, lines) = run_cases(&[
+        ("zero", zero.as_str()),
+        ("zero_refusal", zero_refusal.as_str()),
+        ("text", text.as_str()),
+        ("one", one.as_str()),
+        ("right", right.as_str()),
+    ]);
+    assert_eq!(code, Some(1), "{lines:#?}");
+    for (name, shown) in [
+        ("zero", "`training` = 0.0"),
+        ("zero_refusal", "`training` = 0.0"),
+        ("text", r#"`training` = "false""#),
+        ("one", "`expect_error` = 1"),
+    ] {
+        let l = line(&lines, name);
+        assert!(
+            l.starts_with("FAIL") && l.contains(shown) && l.contains("is not a boolean"),
+            "{l}"
+        );
+    }
+    assert!(line(&lines, "right").starts_with("PASS"), "{lines:#?}");
+    assert_eq!(lines.last().unwrap(), "1 passed, 4 failed");
+}
+
+#[test]
+fn overflowing_shapes_and_out_of_range_attributes_fail_cleanly() {
+    let ln = |attrs: &str, shape: &str| {
+        format!(
+            r#""op":"layer_norm","attrs":{attrs},"inputs":{{"x":{{"shape":{shape},"data":[]}}}},"expect_error":true"#
+        )
+    };
+    let x = r#"{"shape":[1,4,1],"data":[1.0,2.0,3.0,4.0]}"#;
+    let gn = |groups: &str| {
+        format!(
+            r#""op":"group_norm","attrs":{{"num_groups":{groups}}},"inputs":{{"x":{x}}},"expect_error":true"#
+        )
+    };
+    let lrn = |size: &str| {
+        format!(r#""op":"lrn","attrs":{{"size":{size}}},"inputs":{{"x":{x}}},"expect_error":true"#)
+    };
+    let cases = [
+        (
+            "product",
+            ln("{}", "[4294967296,4294967296,2]"),
+            "element count overflows usize",
+        ),
+        (
+            "usize_max",
+            ln("{}", "[18446744073709551615,2]"),
+            "element count overflows usize",
+        ),
+        (
+            "beyond_usize",
+            ln("{}", "[18446744073709551616]"),
+            "too large for usize",
+        ),
+        (
+            "negative_dim",
+            ln("{}", "[-1,2]"),
+            "dimension -1 is negative",
+        ),
+        (
+            "fractional_dim",
+            ln("{}", "[1.5]"),
+            "`shape` = 1.5 is not an integer",
+        ),
+        (
+            "huge_dim",
+            ln("{}", "[1e300]"),
+            "`shape` = 1e+300 is out of range",
+        ),
+        (
+            "empty_huge",
+            ln("{}", "[0,1099511627776]"),
+            "empty, but its non-zero dimensions",
+        ),
+        (
+            "axis_huge",
+            ln(r#"{"axis":1e30}"#, "[0]"),
+            "`axis` = 1e+30 is out of range",
+        ),
+        (
+            "axis_fraction",
+            ln(r#"{"axis":0.5}"#, "[0]"),
+            "`axis` = 0.5 is not an integer",
+        ),
+        (
+            "groups_huge",
+            gn("1e300"),
+            "`num_groups` = 1e+300 is out of range",
+        ),
+        (
+            "groups_beyond",
+            gn("36893488147419103232"),
+            "`num_groups` = 36893488147419103232 is too large",
+        ),
+        (
+            "size_fraction",
+            lrn("2.5"),
+            "`size` = 2.5 is not an integer",
+        ),
+        (
+            "size_text",
+            lrn(r#""3""#),
+            r#"`size` = "3" is not a number"#,
+        ),
+    ];
+    let files: Vec<(&str, &str)> = cases.iter().map(|(n, b, _)| (*n, b.as_str())).collect();
+    let (code, lines) = run_cases(&files);
+    assert_eq!(code, Some(1), "{lines:#?}");
+    for (name, _, message) in &cases {
+        let l = line(&lines, name);
+        assert!(
+            l.starts_with("FAIL") && l.contains("malformed case") && l.contains(message),
+            "{l}"
+        );
+    }
+    assert!(!lines.iter().any(|l| l.contains("PANIC")), "{lines:#?}");
+    assert_eq!(
+        lines.last().unwrap(),
+        &format!("0 passed, {} failed", cases.len())
+    );
+}
+
+#[test]
+fn refusable_attribute_values_reach_the_operation() {
+    // A negative count and an out-of-range axis are the operation's to
+    // refuse: such cases pass as expect_error.
+    let x = r#"{"shape":[1,4,1],"data":[1.0,2.0,3.0,4.0]}"#;
+    let negative = format!(
+        r#""op":"group_norm","attrs":{{"num_groups":-2}},"inputs":{{"x":{x}}},"expect_error":true"#
+    );
+    let too_many = format!(
+        r#""op":"group_norm","attrs":{{"num_groups":1e18}},"inputs":{{"x":{x}}},"expect_error":true"#
+    );
+    let axis = format!(
+        r#""op":"layer_norm","attrs":{{"axis":-9223372036854775808}},"inputs":{{"x":{x}}},"expect_error":true"#
+    );
+    let (code, lines) = run_cases(&[
+        ("negative", negative.as_str()),
+        ("too_many", too_many.as_str()),
+        ("axis", axis.as_str()),
+    ]);
+    assert_eq!(code, Some(0), "{lines:#?}");
+    assert_eq!(lines.last().unwrap(), "3 passed, 0 failed");
+}
