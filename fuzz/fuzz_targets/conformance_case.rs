@@ -1,31 +1,3 @@
-//! The bytes as one normcase/1 case file, parsed and run by the conformance
-//! runner. Besides not crashing, the report line must be exactly one line
-//! starting with PASS or FAIL: file-provided text cannot forge report lines.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-// The runner's module compiled in directly: it needs only normlab, anyhow
-// and serde_json, while depending on normlab-cli would build candle and the
-// rest of the lab with coverage instrumentation.
-#[allow(dead_code)]
-#[path = "../../crates/normlab-cli/src/conformance.rs"]
-mod conformance;
-
-fuzz_target!(|data: &[u8]| {
-    let outcome = conformance::run_case(data, "fuzz\ncase");
-    let mut out = Vec::new();
-    conformance::write_outcome(&mut out, &outcome).expect("writing to a Vec");
-    let line = String::from_utf8(out).expect("the report is UTF-8");
-    let body = line
-        .strip_suffix('\n')
-        .expect("the line ends with a newline");
-    assert!(
-        !body.contains(['\n', '\r']) && !body.contains(['\u{2028}', '\u{2029}', '\u{85}']),
-        "report line breaks: {line:?}"
-    );
-    assert!(
-        body.starts_with(if outcome.passed { "PASS " } else { "FAIL " }),
-        "{line:?}"
-    );
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| normlab_fuzz::conformance_case(data));

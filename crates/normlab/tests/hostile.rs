@@ -98,8 +98,12 @@ fn empty_tensors_with_a_huge_dimension_allocate_nothing_for_it() {
         batch_norm(&x, None, None, None, &BatchNormOptions::eval()).unwrap_err(),
         NormError::MissingRunningStats { .. }
     ));
-    // A bias gradient for 2^40 channels cannot be had: an error, not an abort.
-    let err = batch_norm_backward(&x, &x, None, true, eps, &saved, true).unwrap_err();
+    // A bias gradient for 2^46 channels (2^48 bytes, past any 47-bit
+    // address space, whatever the overcommit policy) cannot be had: an
+    // error, not an abort.
+    let x46 = Tensor::<f32>::new(vec![0, 1 << 46], vec![]).unwrap();
+    let err =
+        batch_norm_backward(&x46, &x46, None, true, eps, &Saved::default(), true).unwrap_err();
     assert!(matches!(err, NormError::OutOfMemory { .. }), "{err}");
 
     // [2^40, 0]: 2^40 rows of nothing.
@@ -321,4 +325,45 @@ fn loading_state_is_all_or_nothing_and_validated() {
     let file = bn_file(&[5.0, 6.0], &[1.0, 2.0], &[f32::NAN, 1.0], 3);
     assert!(file.load("bn", &mut inorm).is_err());
     assert_eq!(inorm, before);
+}
+
+/// The inputs the `shapes` fuzz target once crashed on
+/// (tests/fuzz-regressions/shapes/), as named cases.
+#[test]
+fn crashes_found_by_fuzzing() {
+    use normlab::kernels::batch_norm::{channel_moments, forward_train, normalize};
+    use normlab::kernels::layer_norm::forward_rows;
+    use normlab::TensorView;
+    let eps = Epsilon::default();
+    // The element count of a view's shape overflowed in the length check.
+    assert!(matches!(
+        TensorView::<f32>::new(&[4, 1 << 31, 1 << 31], &[]).unwrap_err(),
+        NormError::SizeOverflow { .. }
+    ));
+    // rows × n overflowed in the row kernels' length check.
+    let mut saved = Saved::default();
+    let err = forward_rows::<f32>(&[], 1 << 40, 1 << 40, None, None, &eps, &mut [], &mut saved)
+        .unwrap_err();
+    assert!(matches!(err, NormError::SizeOverflow { .. }), "{err}");
+    // No rows of a huge length: a row of n ones was built anyway (a
+    // capacity overflow for n ≥ 2^61, gigabytes for n ≈ 2^31).
+    for n in [1usize << 61, 1 << 31] {
+        forward_rows::<f32>(&[], 0, n, None, None, &eps, &mut [], &mut saved).unwrap();
+    }
+    // BatchNorm's slice kernels on layouts with no values: a zero spatial
+    // size became a zero chunk size; 2^40 empty channels were gathered.
+    for (n, c, spatial) in [(3, 2, 0), (0, 1 << 40, 1), (2, 0, 5)] {
+        let layout = NcsLayout { n, c, spatial };
+        let saved = Saved {
+            mean: vec![0.0; c.min(2)],
+            rstd: vec![1.0; c.min(2)],
+        };
+        if c <= 2 {
+            assert!(normalize::<f32>(&[], layout, &saved, None, None, &mut []).is_ok());
+            assert!(forward_train::<f32>(&[], layout, None, None, &eps, &mut []).is_ok());
+        } else {
+            // 2^40 channels of moments are not to be had: an error.
+            assert!(channel_moments::<f32>(&[], layout).is_err());
+        }
+    }
 }

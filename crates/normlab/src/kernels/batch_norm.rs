@@ -102,8 +102,9 @@ pub struct RunningStatsMut<'a, T> {
 pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Moments>> {
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
-    if c * s == 0 {
-        // Empty channels: C may be as large as any dimension a caller writes.
+    if x.is_empty() {
+        // No values (N, C or spatial 0): every channel is empty, and C may be
+        // as large as any dimension a caller writes, so this is fallible.
         return crate::alloc::try_filled(OP, "moments", c, Moments::EMPTY);
     }
     if s <= narrow::MAX_SPATIAL {
@@ -152,7 +153,7 @@ pub(crate) fn normalize_out<T: Float>(
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
     let store = Store::for_len(x.len());
-    if s == 0 {
+    if x.is_empty() {
         return Ok(());
     }
     if s <= narrow::MAX_SPATIAL {
@@ -214,6 +215,9 @@ pub(crate) fn forward_train_out<T: Float>(
         }
     }
     let moments = channel_moments(x, layout)?;
+    if x.is_empty() {
+        return Ok(moments);
+    }
     let saved = Saved {
         mean: moments.iter().map(|m| m.mean).collect(),
         rstd: moments.iter().map(|m| eps.rstd(m.var(0))).collect(),
@@ -236,7 +240,7 @@ pub fn channel_grad_sums<T: Float>(
     check_channel_args(x, layout, saved, None, None)?;
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
     let (c, s) = (layout.c, layout.spatial);
-    if c * s == 0 {
+    if x.is_empty() {
         return Ok((
             crate::alloc::try_filled(OP, "sum_dy", c, 0.0)?,
             crate::alloc::try_filled(OP, "sum_dy_xhat", c, 0.0)?,
@@ -352,7 +356,7 @@ pub(crate) fn backward_input_out<T: Float>(
     }
     let (c, s) = (layout.c, layout.spatial);
     let store = Store::for_len(x.len());
-    if s == 0 {
+    if x.is_empty() {
         return Ok(());
     }
     let coefs: Vec<DxCoefficients> = (0..c)

@@ -79,7 +79,9 @@ pub(crate) fn rows_forward<T: Float>(
     check_len(op, "y", y.len(), &[rows, n])?;
     check_len(op, "saved.mean", saved.mean.len(), &[rows])?;
     check_len(op, "saved.rstd", saved.rstd.len(), &[rows])?;
-    if n == 0 {
+    // No values: nothing to write, and nothing of length `n` to build (with
+    // no rows, `n` can be as large as any dimension a caller writes).
+    if n == 0 || rows == 0 {
         return Ok(());
     }
     if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
@@ -198,8 +200,11 @@ pub(crate) fn rows_backward<T: Float>(
     check_len(op, "saved.mean", saved.mean.len(), &[rows])?;
     check_len(op, "saved.rstd", saved.rstd.len(), &[rows])?;
     if n == 0 || rows == 0 {
-        write_acc(dweight, &vec![0.0; n]);
-        write_acc(dbias, &vec![0.0; n]);
+        // No values, no gradient; the caller's buffers are written in place
+        // (nothing of length `n` is allocated: with no rows it can be huge).
+        for out in [dweight, dbias].into_iter().flatten() {
+            out.fill(T::from_f64(0.0));
+        }
         return Ok(());
     }
     let per_block = block_units(rows);
