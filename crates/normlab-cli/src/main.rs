@@ -25,12 +25,19 @@ enum Command {
     /// The report opens with the lecture's claims, the evidence measured for
     /// each and a verdict computed by a stated rule.
     ///
+    /// An experiment that fails does not stop the others: the report is still
+    /// written, with the failure and its message in that experiment's
+    /// section, and normlab then exits with status 1.
+    ///
     /// Example: normlab report --out report --profile quick
     Report(SuiteArgs),
     /// Run one experiment of the suite and write its files and an index.html.
     ///
     /// Experiments: signal, depth, robustness, batch_size, placement,
-    /// train_eval, gradient_mixing, jacobian, exploding, advice.
+    /// train_eval, gradient_mixing, jacobian, exploding, sync, advice.
+    ///
+    /// When it fails, its index.html still says how, and normlab exits with
+    /// status 1.
     ///
     /// Example: normlab experiment depth --out runs/depth
     Experiment {
@@ -404,8 +411,9 @@ struct TrainArgs {
     /// Seed of the split, the initialization and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Read MNIST/Fashion-MNIST (IDX gzip) or CIFAR-10 (binary batches) from here
-    /// instead of the embedded MNIST test set.
+    /// Read MNIST/Fashion-MNIST (IDX, gzip or not; t10k-* files are the
+    /// held-out set) or CIFAR-10 (binary batches; test_batch.bin is the
+    /// held-out set) from here instead of the embedded MNIST test set.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Write the trained model (parameters and running statistics) as

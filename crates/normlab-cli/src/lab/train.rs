@@ -199,20 +199,7 @@ fn estimated_floats(
         .checked_add(activations_per_image.checked_mul(images)?.checked_mul(8)?)
 }
 
-/// Bytes of memory available to new allocations (`MemAvailable` of
-/// /proc/meminfo), when the system says.
-pub fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line
-        .trim_start_matches("MemAvailable:")
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
-}
+pub use crate::data::available_memory;
 
 /// Refuses a model and batch too large for the memory available (skipped
 /// when the system does not say how much is available).
@@ -499,19 +486,35 @@ impl<'a> Trainer<'a> {
         let start: usize = (0..rank).map(share).sum();
         let mine = &indices[start..start + share(rank)];
         let (x, y) = batch(self.train_set, mine, &Device::Cpu)?;
-        let logits = self.model.forward(&x, true)?;
-        // Σ over this rank's images of the cross-entropy, / global batch size.
-        let loss = if mine.is_empty() {
-            logits.sum_all()?.affine(0.0, 0.0)?
-        } else {
-            (candle_nn::loss::cross_entropy(&logits, &y)?
-                * (mine.len() as f64 / batch_size as f64))?
+        let forward = || -> Result<Tensor> {
+            let logits = self.model.forward(&x, true)?;
+            // Σ over this rank's images of the cross-entropy, / global batch size.
+            Ok(if mine.is_empty() {
+                logits.sum_all()?.affine(0.0, 0.0)?
+            } else {
+                (candle_nn::loss::cross_entropy(&logits, &y)?
+                    * (mine.len() as f64 / batch_size as f64))?
+            })
         };
-        let mut grads = loss.backward()?;
-        let mut value = [loss.to_scalar::<f32>()? as f64];
+        let (mut grads, mut value, refused) = match forward() {
+            Ok(loss) => (loss.backward()?, [loss.to_scalar::<f32>()? as f64], None),
+            // With several ranks, one whose (per-rank) BatchNorm refused its
+            // statistics still takes part in this step's collectives, with a
+            // NaN loss that every rank then sees; returning before them would
+            // leave the other ranks waiting forever.
+            Err(e) if ranks > 1 && is_non_finite_statistics(&e) => {
+                let anchor = self.trainable.first().context("no trainable variables")?;
+                let no_grads = anchor.as_tensor().sum_all()?.affine(0.0, 0.0)?.backward()?;
+                (no_grads, [f64::NAN], Some(e))
+            }
+            Err(e) => return Err(e),
+        };
         if ranks > 1 {
             self.comm.all_reduce_sum(&mut value)?;
             self.all_reduce_gradients(&mut grads)?;
+        }
+        if let Some(e) = refused {
+            return Err(e);
         }
         let value = value[0];
         self.losses.push(value);
@@ -1098,6 +1101,59 @@ mod tests {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_rank_whose_batch_norm_refuses_its_statistics_does_not_leave_the_others_waiting(
+    ) -> Result<()> {
+        // Eight images, one with an infinite pixel: with a global batch of 8
+        // over 2 ranks, exactly one rank's (per-rank) BatchNorm sees it.
+        let mut images: Vec<f32> = (0..8 * 784).map(|i| (i % 13) as f32 / 13.0).collect();
+        images[5 * 784 + 300] = f32::INFINITY;
+        let train_set = Dataset {
+            images,
+            labels: (0..8).collect(),
+            channels: 1,
+            height: 28,
+            width: 28,
+            classes: 10,
+        };
+        let model = ModelConfig {
+            depth: 2,
+            width: 8,
+            norm: NormKind::Batch,
+            ..ModelConfig::default()
+        };
+        let config = TrainConfig::sgd(0.05, 8, 3, 0);
+        let group = normlab_candle::ThreadGroup::new(2).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        for comm in group {
+            let (model, config, train_set, done) = (
+                model.clone(),
+                config.clone(),
+                train_set.clone(),
+                done.clone(),
+            );
+            std::thread::spawn(move || {
+                let comm: Arc<dyn Communicator> = Arc::new(comm);
+                let run = || -> Result<bool> {
+                    let mut t = Trainer::new_on(&model, &config, &train_set, comm)?;
+                    t.step()?;
+                    Ok(t.diverged())
+                };
+                done.send(run().map_err(|e| format!("{e:#}"))).unwrap();
+            });
+        }
+        for _ in 0..2 {
+            // A rank returning before the step's all-reduce would leave the
+            // other blocked for ever; a minute is far beyond one tiny step.
+            let diverged = finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every rank finishes its step")
+                .map_err(anyhow::Error::msg)?;
+            assert!(diverged, "every rank reports the divergence");
         }
         Ok(())
     }
