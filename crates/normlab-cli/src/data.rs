@@ -541,12 +541,21 @@ pub fn cifar10(batches: &[PathBuf]) -> Result<Dataset> {
         .join(", ");
     let values = check_memory(&name, records, PIXELS * std::mem::size_of::<f32>())?
         / std::mem::size_of::<f32>();
-    let mut images = Vec::with_capacity(values);
-    let mut labels = Vec::with_capacity(records);
+    // The memory check above is an estimate; the allocation itself may
+    // still be refused, which is an error naming the files, not an abort.
+    let mut images: Vec<f32> = Vec::new();
+    let mut labels: Vec<u8> = Vec::new();
+    images
+        .try_reserve_exact(values)
+        .and_then(|()| labels.try_reserve_exact(records))
+        .map_err(|_| anyhow::anyhow!("{name}: cannot allocate {records} images"))?;
     for (path, &len) in batches.iter().zip(&sizes) {
         // At most the size found above plus one byte: a file that grew
         // since is refused rather than read without bound.
-        let mut bytes = Vec::with_capacity(len);
+        let mut bytes = Vec::new();
+        bytes
+            .try_reserve_exact(len)
+            .map_err(|_| anyhow::anyhow!("{}: cannot allocate {len} bytes", path.display()))?;
         open(path)?
             .take(len as u64 + 1)
             .read_to_end(&mut bytes)
