@@ -289,37 +289,15 @@ impl RunningVars {
         let var = vb.get_with_hints(num_features, "running_var", Init::Const(1.))?;
         let count =
             vb.get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.), DType::I64)?;
-        let refuse = |name: &str, problem: &str, index: usize, value: f64| {
-            candle_core::Error::Msg(format!(
-                "state dict: tensor `{}` {problem} at index {index} (value {value}); nothing was loaded",
-                normlab::state::join(&vb.prefix(), name)
-            ))
-        };
         let values = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.to_vec1() };
-        if let Some((i, &v)) = values(&mean)?
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !v.is_finite())
-        {
-            return Err(refuse("running_mean", "is not finite", i, v));
-        }
-        for (i, &v) in values(&var)?.iter().enumerate() {
-            if !v.is_finite() {
-                return Err(refuse("running_var", "is not finite", i, v));
-            }
-            if v < 0.0 {
-                return Err(refuse("running_var", "is negative", i, v));
-            }
-        }
         let tracked = count.to_dtype(DType::I64)?.to_scalar::<i64>()?;
-        if tracked < 0 {
-            return Err(refuse(
-                "num_batches_tracked",
-                "is negative",
-                0,
-                tracked as f64,
-            ));
-        }
+        normlab::state::check_running_stats(
+            &vb.prefix(),
+            values(&mean)?,
+            values(&var)?,
+            Some(tracked),
+        )
+        .map_err(crate::values::err)?;
         Ok(Self {
             mean: Var::from_tensor(&mean)?,
             var: Var::from_tensor(&var)?,

@@ -7,19 +7,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
 
-const EXPERIMENTS: [&str; 11] = [
-    "signal",
-    "depth",
-    "robustness",
-    "batch_size",
-    "placement",
-    "train_eval",
-    "gradient_mixing",
-    "jacobian",
-    "exploding",
-    "sync",
-    "advice",
-];
+mod common;
+
+use common::{verdicts, EXPERIMENTS};
 
 /// A learnable image of `class`: a bright band whose position depends on
 /// the class, over pseudo-random noise from `state`.
@@ -114,14 +104,7 @@ fn complete_report(data: &Path, held_out: &str) {
             "no section for {name}"
         );
     }
-    let verdicts: Vec<&str> = html
-        .match_indices("class=\"verdict ")
-        .map(|(i, _)| {
-            let rest = &html[i..];
-            let start = rest.find('>').unwrap() + 1;
-            &rest[start..start + rest[start..].find('<').unwrap()]
-        })
-        .collect();
+    let verdicts = verdicts(&html);
     assert_eq!(verdicts.len(), 2 * EXPERIMENTS.len(), "{verdicts:?}");
     for v in &verdicts {
         assert!(

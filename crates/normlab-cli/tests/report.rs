@@ -5,19 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
-const EXPERIMENTS: [&str; 11] = [
-    "signal",
-    "depth",
-    "robustness",
-    "batch_size",
-    "placement",
-    "train_eval",
-    "gradient_mixing",
-    "jacobian",
-    "exploding",
-    "sync",
-    "advice",
-];
+mod common;
+
+use common::{verdicts, EXPERIMENTS};
 
 /// The values of `attr="..."` in `html`, in order.
 fn attribute_values<'a>(html: &'a str, attr: &str) -> Vec<&'a str> {
@@ -44,14 +34,7 @@ fn check_html(dir: &Path) -> String {
             "no claims-table link to {name}"
         );
     }
-    let verdicts: Vec<&str> = html
-        .match_indices("class=\"verdict ")
-        .map(|(i, _)| {
-            let rest = &html[i..];
-            let start = rest.find('>').unwrap() + 1;
-            &rest[start..start + rest[start..].find('<').unwrap()]
-        })
-        .collect();
+    let verdicts = verdicts(&html);
     // One in the claims table and one in the section, per experiment.
     assert_eq!(verdicts.len(), 2 * EXPERIMENTS.len(), "{verdicts:?}");
     for v in &verdicts {

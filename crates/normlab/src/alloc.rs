@@ -161,13 +161,18 @@ pub fn for_overwrite<T: Float>(
 pub fn try_with_capacity<T>(op: &'static str, arg: &'static str, len: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
-        .map_err(|_| NormError::OutOfMemory {
-            op,
-            arg,
-            len,
-            bytes: len.saturating_mul(std::mem::size_of::<T>()),
-        })?;
+        .map_err(|_| out_of_memory::<T>(op, arg, len))?;
     Ok(v)
+}
+
+/// The error for `len` values of `T` the system would not give.
+fn out_of_memory<T>(op: &'static str, arg: &'static str, len: usize) -> NormError {
+    NormError::OutOfMemory {
+        op,
+        arg,
+        len,
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    }
 }
 
 /// `len` copies of `value`, or [`NormError::OutOfMemory`].
@@ -198,12 +203,7 @@ pub unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
 /// # Errors
 /// [`NormError::OutOfMemory`] when the system refuses the memory.
 pub fn zeroed<T: Float>(op: &'static str, arg: &'static str, len: usize) -> Result<Vec<T>> {
-    let out_of_memory = || NormError::OutOfMemory {
-        op,
-        arg,
-        len,
-        bytes: len.saturating_mul(std::mem::size_of::<T>()),
-    };
+    let out_of_memory = || out_of_memory::<T>(op, arg, len);
     if len == 0 || std::mem::size_of::<T>() == 0 {
         return Ok(Vec::new());
     }

@@ -143,6 +143,42 @@ pub fn save<T: Float>(path: impl AsRef<Path>, layers: &[(&str, &dyn StateDict<T>
     })
 }
 
+/// Refuses loaded running statistics that could only poison every later
+/// evaluation: a non-finite mean, a non-finite or negative variance, a
+/// negative `num_batches_tracked`. `prefix` is the layer's path in the file,
+/// for the message.
+///
+/// # Errors
+/// [`NormError::InvalidState`] naming the first offending tensor and index.
+pub fn check_running_stats(
+    prefix: &str,
+    mean: impl IntoIterator<Item = f64>,
+    var: impl IntoIterator<Item = f64>,
+    num_batches_tracked: Option<i64>,
+) -> Result<()> {
+    let invalid = |name: &str, problem, index, value| NormError::InvalidState {
+        name: join(prefix, name),
+        problem,
+        index,
+        value,
+    };
+    if let Some((i, v)) = mean.into_iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(invalid("running_mean", "is not finite", i, v));
+    }
+    for (i, v) in var.into_iter().enumerate() {
+        if !v.is_finite() {
+            return Err(invalid("running_var", "is not finite", i, v));
+        }
+        if v < 0.0 {
+            return Err(invalid("running_var", "is negative", i, v));
+        }
+    }
+    match num_batches_tracked {
+        Some(n) if n < 0 => Err(invalid("num_batches_tracked", "is negative", 0, n as f64)),
+        _ => Ok(()),
+    }
+}
+
 /// A safetensors file in memory.
 #[derive(Clone, Debug)]
 pub struct StateFile {
@@ -213,9 +249,9 @@ pub struct StateView<'a> {
 }
 
 impl StateView<'_> {
-    /// `name` under this view's prefix, as it is written in the file.
-    pub fn full_name(&self, name: &str) -> String {
-        join(&self.prefix, name)
+    /// The prefix of this view's tensors (`features.1`, or empty).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn get(&self, name: &str) -> Option<(String, TensorView<'_>)> {

@@ -694,9 +694,8 @@ pub(crate) fn batch_norm_op<T: Float>(
     if check_view(op, "x", x)? == 0 {
         // Zero-size batch (and output): nothing to normalize or update, and
         // no statistics to save (C may be any size here, see `Saved::for_input`).
-        if options.use_batch_stats || update {
-            // Evaluation without running statistics is still an error.
-        } else if running.is_none() {
+        // Evaluation without running statistics is still an error.
+        if !options.use_batch_stats && running.is_none() {
             return Err(NormError::MissingRunningStats { op });
         }
         return Ok((

@@ -164,37 +164,15 @@ impl<T: Float> RunningStats<T> {
     fn read(&self, view: &StateView<'_>) -> Result<Self> {
         let mean = view.float::<T>("running_mean", self.mean.shape())?;
         let var = view.float::<T>("running_var", self.var.shape())?;
-        let invalid = |name: &str, problem, index, value| NormError::InvalidState {
-            name: view.full_name(name),
-            problem,
-            index,
-            value,
-        };
-        if let Some((i, v)) = mean
-            .data()
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !v.to_f64().is_finite())
-        {
-            return Err(invalid("running_mean", "is not finite", i, v.to_f64()));
-        }
-        for (i, v) in var.data().iter().enumerate() {
-            let v = v.to_f64();
-            if !v.is_finite() {
-                return Err(invalid("running_var", "is not finite", i, v));
-            }
-            if v < 0.0 {
-                return Err(invalid("running_var", "is negative", i, v));
-            }
-        }
         // Checkpoints from before PyTorch 0.4.1 have no counter: keep ours.
-        let num_batches_tracked = match view.int64_opt("num_batches_tracked")? {
-            Some(n) if n < 0 => {
-                return Err(invalid("num_batches_tracked", "is negative", 0, n as f64))
-            }
-            Some(n) => n,
-            None => self.num_batches_tracked,
-        };
+        let tracked = view.int64_opt("num_batches_tracked")?;
+        crate::state::check_running_stats(
+            view.prefix(),
+            mean.data().iter().map(|v| v.to_f64()),
+            var.data().iter().map(|v| v.to_f64()),
+            tracked,
+        )?;
+        let num_batches_tracked = tracked.unwrap_or(self.num_batches_tracked);
         Ok(Self {
             mean,
             var,
