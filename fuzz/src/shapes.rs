@@ -8,9 +8,10 @@ use arbitrary::{Result, Unstructured};
 use normlab::kernels::batch_norm::{self, BatchNormOptions, RunningStatsMut};
 use normlab::kernels::group_norm::{self, GroupLayout};
 use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
-use normlab::kernels::layer_norm::{self, layer_norm, layer_norm_backward};
+use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use normlab::kernels::lrn::{self, lrn, lrn_backward};
-use normlab::kernels::rms_norm::{self, rms_norm, rms_norm_backward};
+use normlab::kernels::rms_norm::{rms_norm, rms_norm_backward};
+use normlab::kernels::rows::{self, RowNorm};
 use normlab::kernels::NcsLayout;
 use normlab::{
     EpsPlacement, Epsilon, EvenWindow, LrnOptions, LrnRegion, Momentum, RunningVarEstimator, Saved,
@@ -293,19 +294,29 @@ fn slices(u: &mut Unstructured<'_>, data: &[f32]) -> Result<()> {
     let w = values(u, len)?;
     let weight = u.arbitrary::<bool>()?.then_some(&w[..]);
     match u.int_in_range(0..=5u8)? {
-        0 => {
+        0 | 1 => {
+            let norm = if u.arbitrary::<bool>()? {
+                RowNorm::LayerNorm
+            } else {
+                RowNorm::RmsNorm
+            };
             let mut saved = Saved::zeros("fuzz", a.min(MAX_BUILT)).expect("a small buffer");
-            let _ = layer_norm::forward_rows(data, a, b, weight, weight, &eps, &mut y, &mut saved);
+            let _ = rows::forward(norm, data, a, b, weight, weight, &eps, &mut y, &mut saved);
             let mut dx = vec![0.0f32; data.len()];
-            let _ = layer_norm::backward_rows(
-                data, data, a, b, weight, &eps, &saved, &mut dx, None, None,
+            let (mut dw, mut db) = (vec![0.0f32; len], vec![0.0f32; len]);
+            let _ = rows::backward(
+                norm,
+                data,
+                data,
+                a,
+                b,
+                weight,
+                &eps,
+                &saved,
+                &mut dx,
+                Some(&mut dw[..]),
+                Some(&mut db[..]),
             );
-        }
-        1 => {
-            let mut saved = Saved::zeros("fuzz", a.min(MAX_BUILT)).expect("a small buffer");
-            let _ = rms_norm::forward_rows(data, a, b, weight, &eps, &mut y, &mut saved);
-            let mut dx = vec![0.0f32; data.len()];
-            let _ = rms_norm::backward_rows(data, data, a, b, weight, &eps, &saved, &mut dx, None);
         }
         2 => {
             let layout = NcsLayout {

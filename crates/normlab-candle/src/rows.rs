@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Tensor};
-use normlab::kernels::{layer_norm, rms_norm};
+use normlab::kernels::rows::{self, RowNorm};
 use normlab::{Epsilon, Saved};
 
 use crate::custom::{apply, impl_custom_ops, NormOp};
@@ -42,6 +42,14 @@ impl RowNormOp {
         }
     }
 
+    /// The core's row kernel for this kind.
+    fn norm(&self) -> RowNorm {
+        match self.kind {
+            RowKind::LayerNorm => RowNorm::LayerNorm,
+            RowKind::RmsNorm => RowNorm::RmsNorm,
+        }
+    }
+
     fn name_str(&self) -> &'static str {
         match self.kind {
             RowKind::LayerNorm => "normlab-layer-norm",
@@ -63,29 +71,15 @@ impl RowNormOp {
             (Slices::F32(x), w, b) => {
                 let (w, b) = (f32s(w)?, f32s(b)?);
                 let mut y = vec![0f32; x.len()];
-                match self.kind {
-                    RowKind::LayerNorm => {
-                        layer_norm::forward_rows(x, rows, n, w, b, &self.eps, &mut y, &mut saved)
-                    }
-                    RowKind::RmsNorm => {
-                        rms_norm::forward_rows(x, rows, n, w, &self.eps, &mut y, &mut saved)
-                    }
-                }
-                .map_err(err)?;
+                rows::forward(self.norm(), x, rows, n, w, b, &self.eps, &mut y, &mut saved)
+                    .map_err(err)?;
                 Values::F32(y)
             }
             (Slices::F64(x), w, b) => {
                 let (w, b) = (f64s(w)?, f64s(b)?);
                 let mut y = vec![0f64; x.len()];
-                match self.kind {
-                    RowKind::LayerNorm => {
-                        layer_norm::forward_rows(x, rows, n, w, b, &self.eps, &mut y, &mut saved)
-                    }
-                    RowKind::RmsNorm => {
-                        rms_norm::forward_rows(x, rows, n, w, &self.eps, &mut y, &mut saved)
-                    }
-                }
-                .map_err(err)?;
+                rows::forward(self.norm(), x, rows, n, w, b, &self.eps, &mut y, &mut saved)
+                    .map_err(err)?;
                 Values::F64(y)
             }
         };
@@ -122,17 +116,20 @@ impl RowNormOp {
                 let mut dw = vec![<$t>::default(); if $w.is_some() { n } else { 0 }];
                 let mut db = vec![<$t>::default(); if with_bias { n } else { 0 }];
                 let dw_out = $w.is_some().then_some(&mut dw[..]);
-                match self.kind {
-                    RowKind::LayerNorm => {
-                        let db_out = with_bias.then_some(&mut db[..]);
-                        layer_norm::backward_rows(
-                            $x, $dy, rows, n, $w, &self.eps, &saved, &mut dx, dw_out, db_out,
-                        )
-                    }
-                    RowKind::RmsNorm => rms_norm::backward_rows(
-                        $x, $dy, rows, n, $w, &self.eps, &saved, &mut dx, dw_out,
-                    ),
-                }
+                let db_out = with_bias.then_some(&mut db[..]);
+                rows::backward(
+                    self.norm(),
+                    $x,
+                    $dy,
+                    rows,
+                    n,
+                    $w,
+                    &self.eps,
+                    &saved,
+                    &mut dx,
+                    dw_out,
+                    db_out,
+                )
                 .map_err(err)?;
                 (dx, dw, db)
             }};

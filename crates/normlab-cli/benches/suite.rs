@@ -7,7 +7,7 @@ use std::time::Duration;
 
 fn kernels(c: &mut Criterion) {
     for case in suite() {
-        let mut p = Prepared::new(&case).expect("bench case prepares");
+        let mut p = Prepared::<f32>::new(&case).expect("bench case prepares");
         let mut group = c.benchmark_group(&case.name);
         group
             .sample_size(10)

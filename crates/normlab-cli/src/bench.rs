@@ -1,13 +1,23 @@
-//! The bench suite: the cases `normlab bench` and the criterion benches time.
+//! The bench suites: the cases `normlab bench` and the criterion benches time.
 //!
-//! f32, weight and bias present (LRN has none), ε = 1e-5; BatchNorm momentum
-//! 0.1; LRN size 5, α = 1e-4, β = 0.75, k = 2. Each case times three things:
+//! Two suites (`--suite`):
+//! - `default`: eleven large cases, one per op and layout;
+//! - `models`: shapes taken from real model families, each case named after
+//!   its family: decoder-LLM RMSNorm (hidden sizes 2048–8192 at 1, 8 and 2048
+//!   tokens), BERT and ViT LayerNorm, ResNet-50 BatchNorm at every stage in
+//!   training and for single-image inference, BatchNorm1d in MLPs,
+//!   Stable-Diffusion UNet GroupNorm(32), InstanceNorm in style transfer.
+//!
+//! Each runs in f32, bf16 or f16 (`--dtype`; weight, bias and running
+//! statistics in the same type, as PyTorch's functional calls). Weight and
+//! bias present (LRN has none), ε = 1e-5; BatchNorm momentum 0.1; LRN size
+//! 5, α = 1e-4, β = 0.75, k = 2. Each case times three things:
 //! - `fwd`: the allocating forward (a fresh output, as PyTorch's functional call);
 //! - `fwd_into`: the forward into a preallocated output;
 //! - `bwd`: dx, dweight, dbias from the saved statistics, freshly allocated.
 //!
-//! Bandwidth counts the bytes that must move: forward reads x and writes y,
-//! backward reads x and dy and writes dx.
+//! Bandwidth counts the bytes that must move, in the storage type: forward
+//! reads x and writes y, backward reads x and dy and writes dx.
 
 use std::time::{Duration, Instant};
 
@@ -15,11 +25,10 @@ use normlab::kernels::batch_norm::{
     self, batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
 };
 use normlab::kernels::group_norm::{self, group_norm, group_norm_backward, GroupLayout};
-use normlab::kernels::layer_norm::{self, layer_norm, layer_norm_backward};
 use normlab::kernels::lrn::{self, lrn, lrn_backward, LrnOptions};
-use normlab::kernels::rms_norm::{self, rms_norm, rms_norm_backward};
+use normlab::kernels::rows::{self, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 use normlab::kernels::NcsLayout;
-use normlab::{Epsilon, Saved, Tensor};
+use normlab::{Epsilon, Float, Saved, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -44,10 +53,26 @@ pub enum Op {
     Lrn,
 }
 
-/// One case of the suite.
+impl Op {
+    /// The name's first word (`group_norm_g32`, …), as PyTorch timing scripts parse it.
+    pub fn prefix(self) -> String {
+        match self {
+            Op::LayerNorm => "layer_norm".into(),
+            Op::RmsNorm => "rms_norm".into(),
+            Op::BatchNormTrain => "batch_norm_train".into(),
+            Op::BatchNormEval => "batch_norm_eval".into(),
+            Op::GroupNorm(g) => format!("group_norm_g{g}"),
+            Op::InstanceNorm => "instance_norm".into(),
+            Op::Lrn => "lrn_n5".into(),
+        }
+    }
+}
+
+/// One case of a suite.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
-    /// Its name, e.g. `layer_norm 8192x1024`.
+    /// Its name, `<op> <shape>` and for the models suite the model family,
+    /// e.g. `layer_norm 8192x1024` or `layer_norm 64x197x768 vit-b16`.
     pub name: String,
     /// The operation.
     pub op: Op,
@@ -55,33 +80,141 @@ pub struct Case {
     pub shape: Vec<usize>,
 }
 
-/// Every case, in the suite's order.
+impl Case {
+    fn new(op: Op, shape: &[usize], family: Option<&str>) -> Self {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let mut name = format!("{} {}", op.prefix(), dims.join("x"));
+        if let Some(family) = family {
+            name.push(' ');
+            name.push_str(family);
+        }
+        Case {
+            name,
+            op,
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+/// A bench suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    /// Eleven large cases, one per op and layout.
+    Default,
+    /// Shapes of real model families.
+    Models,
+}
+
+/// The default suite, in order.
 pub fn suite() -> Vec<Case> {
-    let case = |prefix: &str, op, shape: &[usize]| Case {
-        name: format!(
-            "{prefix} {}",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join("x")
-        ),
-        op,
-        shape: shape.to_vec(),
-    };
+    cases(Suite::Default)
+}
+
+/// Every case of `suite`, in order.
+pub fn cases(suite: Suite) -> Vec<Case> {
+    match suite {
+        Suite::Default => default_cases(),
+        Suite::Models => model_cases(),
+    }
+}
+
+fn default_cases() -> Vec<Case> {
+    let case = |op, shape: &[usize]| Case::new(op, shape, None);
     vec![
-        case("layer_norm", Op::LayerNorm, &[8192, 1024]),
-        case("layer_norm", Op::LayerNorm, &[16384, 4096]),
-        case("rms_norm", Op::RmsNorm, &[8192, 1024]),
-        case("rms_norm", Op::RmsNorm, &[16384, 4096]),
-        case("batch_norm_train", Op::BatchNormTrain, &[32, 64, 56, 56]),
-        case("batch_norm_eval", Op::BatchNormEval, &[32, 64, 56, 56]),
-        case("batch_norm_train", Op::BatchNormTrain, &[64, 256, 28, 28]),
-        case("group_norm_g32", Op::GroupNorm(32), &[32, 64, 56, 56]),
-        case("group_norm_g32", Op::GroupNorm(32), &[64, 256, 28, 28]),
-        case("instance_norm", Op::InstanceNorm, &[32, 64, 56, 56]),
-        case("lrn_n5", Op::Lrn, &[32, 96, 55, 55]),
+        case(Op::LayerNorm, &[8192, 1024]),
+        case(Op::LayerNorm, &[16384, 4096]),
+        case(Op::RmsNorm, &[8192, 1024]),
+        case(Op::RmsNorm, &[16384, 4096]),
+        case(Op::BatchNormTrain, &[32, 64, 56, 56]),
+        case(Op::BatchNormEval, &[32, 64, 56, 56]),
+        case(Op::BatchNormTrain, &[64, 256, 28, 28]),
+        case(Op::GroupNorm(32), &[32, 64, 56, 56]),
+        case(Op::GroupNorm(32), &[64, 256, 28, 28]),
+        case(Op::InstanceNorm, &[32, 64, 56, 56]),
+        case(Op::Lrn, &[32, 96, 55, 55]),
     ]
+}
+
+/// Shapes of real models: activations as those models produce them (batch
+/// sizes of common training and serving set-ups).
+fn model_cases() -> Vec<Case> {
+    let case = |op, shape: &[usize], family: &str| Case::new(op, shape, Some(family));
+    use Op::*;
+    vec![
+        // Decoder LLMs, RMSNorm over the hidden size: decoding 1 and 8
+        // tokens, and a 2048-token prefill (Llama 3.2 1B: 2048; Llama 2 7B:
+        // 4096; Llama 2 70B: 8192).
+        case(RmsNorm, &[1, 2048], "llama3.2-1b-decode"),
+        case(RmsNorm, &[8, 2048], "llama3.2-1b-decode8"),
+        case(RmsNorm, &[2048, 2048], "llama3.2-1b-prefill"),
+        case(RmsNorm, &[1, 4096], "llama2-7b-decode"),
+        case(RmsNorm, &[8, 4096], "llama2-7b-decode8"),
+        case(RmsNorm, &[2048, 4096], "llama2-7b-prefill"),
+        case(RmsNorm, &[1, 8192], "llama2-70b-decode"),
+        case(RmsNorm, &[8, 8192], "llama2-70b-decode8"),
+        case(RmsNorm, &[2048, 8192], "llama2-70b-prefill"),
+        // Encoders, LayerNorm over the hidden size: BERT at 8 × 512 tokens,
+        // ViT at 197 tokens per 224² image.
+        case(LayerNorm, &[8, 512, 768], "bert-base"),
+        case(LayerNorm, &[8, 512, 1024], "bert-large"),
+        case(LayerNorm, &[1, 197, 768], "vit-b16-1image"),
+        case(LayerNorm, &[64, 197, 768], "vit-b16"),
+        case(LayerNorm, &[32, 197, 1024], "vit-l16"),
+        // ResNet-50 BatchNorm2d, batch 32 in training: stem, then each
+        // stage's narrow and wide channels.
+        case(BatchNormTrain, &[32, 64, 112, 112], "resnet50-stem"),
+        case(BatchNormTrain, &[32, 64, 56, 56], "resnet50-stage1"),
+        case(BatchNormTrain, &[32, 256, 56, 56], "resnet50-stage1-out"),
+        case(BatchNormTrain, &[32, 128, 28, 28], "resnet50-stage2"),
+        case(BatchNormTrain, &[32, 512, 28, 28], "resnet50-stage2-out"),
+        case(BatchNormTrain, &[32, 256, 14, 14], "resnet50-stage3"),
+        case(BatchNormTrain, &[32, 1024, 14, 14], "resnet50-stage3-out"),
+        case(BatchNormTrain, &[32, 512, 7, 7], "resnet50-stage4"),
+        case(BatchNormTrain, &[32, 2048, 7, 7], "resnet50-stage4-out"),
+        // ResNet-50 at inference, one image and a batch of 32.
+        case(BatchNormEval, &[1, 64, 112, 112], "resnet50-stem-1image"),
+        case(BatchNormEval, &[1, 256, 56, 56], "resnet50-stage1-1image"),
+        case(BatchNormEval, &[1, 1024, 14, 14], "resnet50-stage3-1image"),
+        case(BatchNormEval, &[1, 2048, 7, 7], "resnet50-stage4-1image"),
+        case(BatchNormEval, &[32, 2048, 7, 7], "resnet50-stage4-serve"),
+        // BatchNorm1d in MLPs (tabular models, recommendation towers).
+        case(BatchNormTrain, &[256, 512], "mlp-bn1d"),
+        case(BatchNormTrain, &[1024, 1024], "mlp-bn1d-wide"),
+        case(BatchNormTrain, &[64, 4096], "mlp-bn1d-4096"),
+        case(BatchNormEval, &[256, 512], "mlp-bn1d-eval"),
+        // Stable Diffusion 1.5 UNet at 512² (64² latents), batch 2
+        // (classifier-free guidance): GroupNorm(32) at every resolution.
+        case(GroupNorm(32), &[2, 320, 64, 64], "sd-unet-64"),
+        case(GroupNorm(32), &[2, 640, 32, 32], "sd-unet-32"),
+        case(GroupNorm(32), &[2, 1280, 16, 16], "sd-unet-16"),
+        case(GroupNorm(32), &[2, 1280, 8, 8], "sd-unet-8"),
+        // Fast style transfer (Johnson et al.) at 256², batch 4.
+        case(InstanceNorm, &[4, 32, 256, 256], "style-transfer-c1"),
+        case(InstanceNorm, &[4, 64, 128, 128], "style-transfer-c2"),
+        case(InstanceNorm, &[4, 128, 64, 64], "style-transfer-res"),
+    ]
+}
+
+/// The element type a case runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// float32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// float16.
+    F16,
+}
+
+impl Dtype {
+    /// PyTorch's name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => f32::NAME,
+            Dtype::Bf16 => half::bf16::NAME,
+            Dtype::F16 => half::f16::NAME,
+        }
+    }
 }
 
 const EPS: f64 = 1e-5;
@@ -95,32 +228,32 @@ fn lrn_options() -> LrnOptions {
     }
 }
 
-/// A case with its inputs and buffers allocated.
-pub struct Prepared {
+/// A case with its inputs and buffers allocated, in element type `T`.
+pub struct Prepared<T: Float = f32> {
     case: Case,
-    x: Tensor<f32>,
-    dy: Tensor<f32>,
-    weight: Tensor<f32>,
-    bias: Tensor<f32>,
-    running_mean: Vec<f32>,
-    running_var: Vec<f32>,
+    x: Tensor<T>,
+    dy: Tensor<T>,
+    weight: Tensor<T>,
+    bias: Tensor<T>,
+    running_mean: Vec<T>,
+    running_var: Vec<T>,
     num_batches_tracked: i64,
-    y: Vec<f32>,
+    y: Vec<T>,
     saved: Saved,
 }
 
-fn normal(rng: &mut StdRng, shape: &[usize]) -> Tensor<f32> {
+fn normal<T: Float>(rng: &mut StdRng, shape: &[usize]) -> Tensor<T> {
     let n = shape.iter().product();
     Tensor::new(
         shape.to_vec(),
         (0..n)
-            .map(|_| rng.sample::<f32, _>(StandardNormal))
+            .map(|_| T::from_f64(rng.sample::<f32, _>(StandardNormal) as f64))
             .collect(),
     )
     .expect("length matches shape")
 }
 
-impl Prepared {
+impl<T: Float> Prepared<T> {
     /// Draws seeded inputs for `case` and runs its forward once (to fill the saved statistics).
     pub fn new(case: &Case) -> anyhow::Result<Self> {
         let mut rng = StdRng::seed_from_u64(0);
@@ -134,10 +267,10 @@ impl Prepared {
             dy: normal(&mut rng, &case.shape),
             weight: normal(&mut rng, &[features]),
             bias: normal(&mut rng, &[features]),
-            running_mean: vec![0.0; features],
-            running_var: vec![1.0; features],
+            running_mean: vec![T::from_f64(0.0); features],
+            running_var: vec![T::from_f64(1.0); features],
             num_batches_tracked: 0,
-            y: vec![0.0; case.shape.iter().product()],
+            y: vec![T::default(); case.shape.iter().product()],
             saved: Saved::default(),
         };
         p.saved = p.forward()?;
@@ -151,12 +284,12 @@ impl Prepared {
 
     /// Bytes a forward must move: read x, write y.
     pub fn forward_bytes(&self) -> f64 {
-        2.0 * 4.0 * self.x.numel() as f64
+        2.0 * std::mem::size_of::<T>() as f64 * self.x.numel() as f64
     }
 
     /// Bytes a backward must move: read x and dy, write dx.
     pub fn backward_bytes(&self) -> f64 {
-        3.0 * 4.0 * self.x.numel() as f64
+        3.0 * std::mem::size_of::<T>() as f64 * self.x.numel() as f64
     }
 
     fn ncs(&self) -> NcsLayout {
@@ -216,11 +349,12 @@ impl Prepared {
                 if self.saved.mean.len() != rows {
                     self.saved = Saved::zeros("bench", rows)?;
                 }
-                if self.case.op == Op::LayerNorm {
-                    layer_norm::forward_rows(x, rows, n, w, b, &eps, &mut self.y, &mut self.saved)?;
+                let (norm, b) = if self.case.op == Op::LayerNorm {
+                    (rows::RowNorm::LayerNorm, b)
                 } else {
-                    rms_norm::forward_rows(x, rows, n, w, &eps, &mut self.y, &mut self.saved)?;
-                }
+                    (rows::RowNorm::RmsNorm, None)
+                };
+                rows::forward(norm, x, rows, n, w, b, &eps, &mut self.y, &mut self.saved)?;
             }
             Op::BatchNormTrain => {
                 let layout = self.ncs();
@@ -238,11 +372,11 @@ impl Prepared {
             Op::BatchNormEval => {
                 let layout = self.ncs();
                 let saved = Saved {
-                    mean: self.running_mean.iter().map(|&m| m as f64).collect(),
+                    mean: self.running_mean.iter().map(|m| m.to_f64()).collect(),
                     rstd: self
                         .running_var
                         .iter()
-                        .map(|&v| eps.rstd(v as f64))
+                        .map(|v| eps.rstd(v.to_f64()))
                         .collect(),
                 };
                 batch_norm::normalize(x, layout, &saved, w, b, &mut self.y)?;
@@ -314,6 +448,8 @@ pub fn median(
 pub struct Measurement {
     /// Case name.
     pub case: String,
+    /// Element type (PyTorch's name).
+    pub dtype: &'static str,
     /// Median allocating forward, ms.
     pub fwd_ms: f64,
     /// Median forward into a preallocated output, ms.
@@ -326,15 +462,24 @@ pub struct Measurement {
     pub bwd_gbps: f64,
 }
 
-/// Times one case.
-pub fn measure(case: &Case, runs: usize) -> anyhow::Result<Measurement> {
-    let mut p = Prepared::new(case)?;
+/// Times one case in `dtype`.
+pub fn measure(case: &Case, dtype: Dtype, runs: usize) -> anyhow::Result<Measurement> {
+    match dtype {
+        Dtype::F32 => measure_in::<f32>(case, dtype, runs),
+        Dtype::Bf16 => measure_in::<half::bf16>(case, dtype, runs),
+        Dtype::F16 => measure_in::<half::f16>(case, dtype, runs),
+    }
+}
+
+fn measure_in<T: Float>(case: &Case, dtype: Dtype, runs: usize) -> anyhow::Result<Measurement> {
+    let mut p = Prepared::<T>::new(case)?;
     let fwd = median(2, runs, || p.forward().map(drop))?;
     let fwd_into = median(2, runs, || p.forward_into())?;
     let bwd = median(2, runs, || p.backward())?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(Measurement {
         case: case.name.clone(),
+        dtype: dtype.name(),
         fwd_ms: ms(fwd),
         fwd_into_ms: ms(fwd_into),
         bwd_ms: ms(bwd),

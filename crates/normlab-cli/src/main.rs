@@ -74,8 +74,16 @@ enum Command {
     /// preallocated output (fwd_into_ms) and allocating backward (bwd_ms),
     /// with the bandwidth each achieves as a fraction of a plain 256 MiB copy.
     ///
-    /// Example: normlab bench --threads 2 --case "layer_norm 8192x1024"
+    /// Example: normlab bench --threads 2 --case "layer_norm 8192x1024";
+    /// normlab bench --suite models --dtype bf16
     Bench {
+        /// Which cases: `default` (eleven large cases) or `models` (shapes of
+        /// real model families, named after them).
+        #[arg(long, value_enum, default_value = "default")]
+        suite: bench::Suite,
+        /// Element type of inputs, parameters and outputs.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: bench::Dtype,
         /// Only this case (repeatable); names as `normlab bench --list` shows them.
         #[arg(long = "case", value_name = "NAME")]
         cases: Vec<String>,
@@ -173,6 +181,8 @@ fn run() -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         }),
         Command::Bench {
+            suite,
+            dtype,
             cases,
             threads,
             runs,
@@ -180,7 +190,13 @@ fn run() -> anyhow::Result<ExitCode> {
             json,
             list,
         } => {
-            run_bench(&cases, threads, runs as usize, simd.as_deref(), json, list)?;
+            let choice = BenchChoice {
+                suite,
+                dtype,
+                names: &cases,
+                list,
+            };
+            run_bench(choice, threads, runs as usize, simd.as_deref(), json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Conformance { paths } => {
@@ -204,17 +220,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Which cases `normlab bench` runs, and in which element type.
+struct BenchChoice<'a> {
+    suite: bench::Suite,
+    dtype: bench::Dtype,
+    names: &'a [String],
+    list: bool,
+}
+
 fn run_bench(
-    names: &[String],
+    choice: BenchChoice<'_>,
     threads: Option<usize>,
     runs: usize,
     simd: Option<&str>,
     json: bool,
-    list: bool,
 ) -> anyhow::Result<()> {
     use anyhow::{bail, Context};
     use normlab::simd::{self, SimdLevel};
-    let suite = bench::suite();
+    let BenchChoice {
+        suite,
+        dtype,
+        names,
+        list,
+    } = choice;
+    let suite = bench::cases(suite);
     if list {
         for case in &suite {
             println!("{}", case.name);
@@ -232,7 +261,9 @@ fn run_bench(
                     .find(|c| &c.name == n)
                     .cloned()
                     .with_context(|| {
-                        format!("unknown case `{n}` (normlab bench --list shows the names)")
+                        format!(
+                            "unknown case `{n}` (normlab bench --list [--suite S] shows the names)"
+                        )
                     })
             })
             .collect::<anyhow::Result<_>>()?
@@ -272,21 +303,22 @@ fn run_bench(
         );
     } else {
         println!(
-            "{threads} threads, SIMD {}, copy bandwidth {copy:.1} GB/s (256 MiB, read + write); medians of {runs} runs",
-            simd::active().name()
+            "{threads} threads, SIMD {}, {}, copy bandwidth {copy:.1} GB/s (256 MiB, read + write); medians of {runs} runs",
+            simd::active().name(),
+            dtype.name()
         );
         println!(
-            "{:<32} {:>8} {:>11} {:>8} {:>15} {:>15}",
+            "{:<48} {:>8} {:>11} {:>8} {:>15} {:>15}",
             "case", "fwd_ms", "fwd_into_ms", "bwd_ms", "fwd GB/s (copy)", "bwd GB/s (copy)"
         );
     }
     for case in &selected {
-        let m = bench::measure(case, runs)?;
+        let m = bench::measure(case, dtype, runs)?;
         if json {
             println!("{}", serde_json::to_string(&m)?);
         } else {
             println!(
-                "{:<32} {:>8.2} {:>11.2} {:>8.2} {:>8.1} ({:>3.0}%) {:>8.1} ({:>3.0}%)",
+                "{:<48} {:>8.3} {:>11.3} {:>8.3} {:>8.1} ({:>3.0}%) {:>8.1} ({:>3.0}%)",
                 m.case,
                 m.fwd_ms,
                 m.fwd_into_ms,

@@ -215,6 +215,31 @@ pub enum NormError {
     },
 }
 
+impl NormError {
+    /// The same error under the name of the operation a user called: an op
+    /// built on another (InstanceNorm on GroupNorm, SyncBatchNorm in
+    /// evaluation on BatchNorm) reports its own name.
+    pub fn with_op(mut self, name: &'static str) -> Self {
+        match &mut self {
+            NormError::TooFewValues { op, .. }
+            | NormError::ShapeMismatch { op, .. }
+            | NormError::LengthMismatch { op, .. }
+            | NormError::RankTooLow { op, .. }
+            | NormError::TrailingShape { op, .. }
+            | NormError::GroupsNotDivisible { op, .. }
+            | NormError::AxisOutOfRange { op, .. }
+            | NormError::InvalidArgument { op, .. }
+            | NormError::Communication { op, .. }
+            | NormError::MissingRunningStats { op }
+            | NormError::NonFiniteStatistics { op, .. }
+            | NormError::SizeOverflow { op, .. }
+            | NormError::OutOfMemory { op, .. } => *op = name,
+            NormError::InvalidState { .. } | NormError::State(_) | NormError::Io { .. } => {}
+        }
+        self
+    }
+}
+
 /// `Result` with [`NormError`].
 pub type Result<T, E = NormError> = std::result::Result<T, E>;
 

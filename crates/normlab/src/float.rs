@@ -1,28 +1,149 @@
-//! The element types the kernels accept.
+//! The element types the kernels accept, and the lanes they compute in.
 //!
-//! Kernels read elements of type `T`, compute statistics and every
-//! intermediate in `f64`, and round once when they write. Widening f32 (or
-//! f16/bf16) to f64 is exact, so the only rounding on the way from `x` to `y`
-//! is the final one: this is what keeps the statistics exact when the mean is
-//! large compared with the spread.
+//! A kernel reads elements of a storage type `T` ([`Float`]: f32, f64, f16,
+//! bf16), widens them in registers to `T::Lane` ([`Lane`]: f32 for f32, bf16
+//! and f16, as PyTorch's CPU kernels do; f64 for f64), computes there, and
+//! narrows each output once, round to nearest even. Widening is exact, so
+//! the only rounding of a value on its way from `x` to `y` is that of the
+//! lane arithmetic and the final store. Statistics are accumulated from f32
+//! lanes into f64 over short segments, and centred on a shift close to the
+//! mean, so that they stay exact to f32 rounding even when |μ| ≫ σ (see
+//! [`crate::moments`]).
 
 use std::fmt::Debug;
+use std::mem::MaybeUninit;
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
-/// A floating-point element type: f32, f64, f16 or bf16.
+use crate::simd::convert;
+use crate::simd::Isa;
+
+/// The arithmetic type of a kernel's inner loops: f32 or f64.
+pub trait Lane:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + Debug
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+    + 'static
+{
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+    /// Magnitudes for which `(x - s)²` neither overflows nor loses bits to
+    /// underflow in this type: outside them statistics are taken in f64.
+    const SAFE_RANGE: (f64, f64);
+    /// Rounds an f64 to this type.
+    fn of(v: f64) -> Self;
+    /// Widens to f64 (exact).
+    fn wide(self) -> f64;
+    /// `|self|`.
+    fn abs(self) -> Self;
+    /// The larger of two values (the other one when either is NaN).
+    fn max(self, other: Self) -> Self;
+    /// `√self`.
+    fn sqrt(self) -> Self;
+    /// `v` as `(hi, lo)` with `hi + lo ≈ v` to about twice this type's
+    /// precision: `x - v` is then computed as `(x - hi) - lo`.
+    #[inline(always)]
+    fn split(v: f64) -> (Self, Self) {
+        let hi = Self::of(v);
+        (hi, Self::of(v - hi.wide()))
+    }
+}
+
+impl Lane for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const SAFE_RANGE: (f64, f64) = (1e-10, 1e18);
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f32::max(self, other)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Lane for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const SAFE_RANGE: (f64, f64) = (1e-140, 1e140);
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f64::max(self, other)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// A floating-point storage type: f32, f64, f16 or bf16.
 pub trait Float: Copy + Send + Sync + Debug + Default + PartialEq + 'static {
     /// Type name as PyTorch spells it (`float32`, …), for messages.
     const NAME: &'static str;
     /// Machine epsilon of this type, as `f64` (PyTorch's `finfo(dtype).eps`).
     const EPSILON: f64;
+    /// The type kernels compute in: f32, or f64 for f64.
+    type Lane: Lane;
     /// Widens to `f64` (exact).
     fn to_f64(self) -> f64;
     /// Rounds an `f64` to this type (round to nearest even).
     fn from_f64(v: f64) -> Self;
+    /// Widens to the compute lane (exact).
+    fn to_lane(self) -> Self::Lane;
+    /// Rounds a lane value to this type (round to nearest even).
+    fn from_lane(v: Self::Lane) -> Self;
+    /// Widens `src` into `dst` (same length), with the conversions level `L` has.
+    fn widen<L: Isa>(src: &[Self], dst: &mut [Self::Lane]);
+    /// Rounds `src` into `dst` (same length), round to nearest even.
+    fn narrow<L: Isa>(src: &[Self::Lane], dst: &mut [MaybeUninit<Self>]);
+    /// `src` as lanes: the slice itself when this type is its lane type,
+    /// else widened into `buf` (at least as long as `src`).
+    #[inline(always)]
+    fn lanes<'a, L: Isa>(src: &'a [Self], buf: &'a mut [Self::Lane]) -> &'a [Self::Lane] {
+        let buf = &mut buf[..src.len()];
+        Self::widen::<L>(src, buf);
+        buf
+    }
 }
 
 impl Float for f32 {
     const NAME: &'static str = "float32";
     const EPSILON: f64 = f32::EPSILON as f64;
+    type Lane = f32;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
@@ -31,11 +152,34 @@ impl Float for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    #[inline(always)]
+    fn to_lane(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_lane(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn widen<L: Isa>(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn narrow<L: Isa>(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(v);
+        }
+    }
+    #[inline(always)]
+    fn lanes<'a, L: Isa>(src: &'a [Self], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
 }
 
 impl Float for f64 {
     const NAME: &'static str = "float64";
     const EPSILON: f64 = f64::EPSILON;
+    type Lane = f64;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
@@ -44,11 +188,34 @@ impl Float for f64 {
     fn from_f64(v: f64) -> Self {
         v
     }
+    #[inline(always)]
+    fn to_lane(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_lane(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn widen<L: Isa>(src: &[Self], dst: &mut [f64]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn narrow<L: Isa>(src: &[f64], dst: &mut [MaybeUninit<Self>]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(v);
+        }
+    }
+    #[inline(always)]
+    fn lanes<'a, L: Isa>(src: &'a [Self], _: &'a mut [f64]) -> &'a [f64] {
+        src
+    }
 }
 
 impl Float for half::f16 {
     const NAME: &'static str = "float16";
     const EPSILON: f64 = 0.000_976_562_5;
+    type Lane = f32;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         half::f16::to_f64(self)
@@ -57,11 +224,28 @@ impl Float for half::f16 {
     fn from_f64(v: f64) -> Self {
         half::f16::from_f64(v)
     }
+    #[inline(always)]
+    fn to_lane(self) -> f32 {
+        convert::f16_bits_to_f32(self.to_bits())
+    }
+    #[inline(always)]
+    fn from_lane(v: f32) -> Self {
+        half::f16::from_bits(convert::f32_to_f16_bits(v))
+    }
+    #[inline(always)]
+    fn widen<L: Isa>(src: &[Self], dst: &mut [f32]) {
+        convert::widen_f16::<L>(src, dst);
+    }
+    #[inline(always)]
+    fn narrow<L: Isa>(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
+        convert::narrow_f16::<L>(src, dst);
+    }
 }
 
 impl Float for half::bf16 {
     const NAME: &'static str = "bfloat16";
     const EPSILON: f64 = 0.007_812_5;
+    type Lane = f32;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         half::bf16::to_f64(self)
@@ -70,39 +254,116 @@ impl Float for half::bf16 {
     fn from_f64(v: f64) -> Self {
         half::bf16::from_f64(v)
     }
-}
-
-/// The same slice seen as `f32`, when `T` is `f32` (selects the SIMD paths).
-#[inline]
-pub(crate) fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32, so the layout is identical.
-        Some(unsafe { &*(s as *const [T] as *const [f32]) })
-    } else {
-        None
+    #[inline(always)]
+    fn to_lane(self) -> f32 {
+        convert::bf16_bits_to_f32(self.to_bits())
+    }
+    #[inline(always)]
+    fn from_lane(v: f32) -> Self {
+        half::bf16::from_bits(convert::f32_to_bf16_bits(v))
+    }
+    #[inline(always)]
+    fn widen<L: Isa>(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = convert::bf16_bits_to_f32(s.to_bits());
+        }
+    }
+    #[inline(always)]
+    fn narrow<L: Isa>(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            d.write(half::bf16::from_bits(convert::f32_to_bf16_bits(v)));
+        }
     }
 }
 
 /// An initialized buffer seen as one that is about to be overwritten.
 /// Sound: kernels only ever write initialized values through it.
 #[inline]
-pub(crate) fn uninit_mut<T>(s: &mut [T]) -> &mut [std::mem::MaybeUninit<T>] {
+pub(crate) fn uninit_mut<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
     // SAFETY: MaybeUninit<T> has T's layout, and every write through the
     // result stores a valid T, so `s` stays initialized.
-    unsafe { &mut *(s as *mut [T] as *mut [std::mem::MaybeUninit<T>]) }
+    unsafe { &mut *(s as *mut [T] as *mut [MaybeUninit<T>]) }
 }
 
-/// An output buffer of `T` seen as one of `f32`, when `T` is `f32`.
-#[inline]
-pub(crate) fn as_f32_out<T: 'static>(
-    s: &mut [std::mem::MaybeUninit<T>],
-) -> Option<&mut [std::mem::MaybeUninit<f32>]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32, so the layout is identical.
-        Some(unsafe {
-            &mut *(s as *mut [std::mem::MaybeUninit<T>] as *mut [std::mem::MaybeUninit<f32>])
-        })
-    } else {
-        None
+/// An output buffer a kernel overwrites entirely: a slice of initialized
+/// values (`&mut [T]`, `&mut Vec<T>`) or of uninitialized ones (`&mut
+/// [MaybeUninit<T>]`, for outputs allocated without a fill). One kernel
+/// function serves both.
+pub trait OutputBuffer<T> {
+    /// The buffer as slots to write.
+    fn slots(&mut self) -> &mut [MaybeUninit<T>];
+}
+
+impl<T> OutputBuffer<T> for [T] {
+    fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        uninit_mut(self)
+    }
+}
+
+impl<T, const N: usize> OutputBuffer<T> for [T; N] {
+    fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        uninit_mut(self)
+    }
+}
+
+impl<T> OutputBuffer<T> for Vec<T> {
+    fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        uninit_mut(self)
+    }
+}
+
+impl<T> OutputBuffer<T> for [MaybeUninit<T>] {
+    fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::Baseline;
+
+    #[test]
+    fn lane_conversions_round_to_nearest_even_as_half_does() {
+        let values = [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 512.0,
+            65504.0,
+            65519.0,
+            65520.0,
+            1e-7,
+            6e-8,
+            3.0e-8,
+            -2.5e-6,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            f32::MIN_POSITIVE,
+            3.4e38,
+        ];
+        for v in values {
+            assert_eq!(
+                half::f16::from_lane(v).to_bits(),
+                half::f16::from_f32(v).to_bits(),
+                "f16 {v}"
+            );
+            assert_eq!(
+                half::bf16::from_lane(v).to_bits(),
+                half::bf16::from_f32(v).to_bits(),
+                "bf16 {v}"
+            );
+        }
+        assert!(half::f16::from_lane(f32::NAN).is_nan());
+        assert!(half::bf16::from_lane(f32::NAN).is_nan());
+        let mut widened = [0f32; 1];
+        for bits in 0..=u16::MAX {
+            let h = half::f16::from_bits(bits);
+            half::f16::widen::<Baseline>(&[h], &mut widened);
+            let w = h.to_f32();
+            assert!(w.to_bits() == widened[0].to_bits() || (w.is_nan() && widened[0].is_nan()));
+        }
     }
 }

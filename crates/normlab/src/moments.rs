@@ -1,9 +1,10 @@
 //! Stable mean and variance: one algorithm for every kernel.
 //!
 //! A [`Moments`] holds `(count, mean, m2)` where `m2 = Σ(x - mean)²`. A run of
-//! values is summarized chunk by chunk with an exact two-pass in `f64`
-//! (`mean = Σx/n`, then `m2 = Σ(x - mean)²`, the chunk still in cache), and
-//! chunks are combined with Chan's formula:
+//! values is summarized chunk by chunk, in the compute lanes of its element
+//! type, by sums centred on a shift near the chunk's mean (an exact two-pass
+//! where a cheap guess of the shift is not good enough, see
+//! [`Moments::of_chunk`]), and chunks are combined with Chan's formula:
 //!
 //! ```text
 //! n = n_a + n_b   δ = mean_b - mean_a
@@ -15,13 +16,8 @@
 //! shortcut `E[x²] - E[x]²` cancels catastrophically when |mean| ≫ std and is
 //! never used.
 
-use crate::float::as_f32;
-use crate::kernels::fast;
-use crate::Float;
-
-/// Magnitudes for which `(x - s)²` neither overflows nor loses bits to
-/// underflow in f32.
-const F32_SAFE_RANGE: (f32, f32) = (1e-10, 1e18);
+use crate::float::{Float, Lane};
+use crate::simd::sums;
 
 /// Leading values whose mean is the first guess of a chunk's shift.
 const SHIFT_SAMPLE: usize = 16;
@@ -94,94 +90,88 @@ impl Moments {
         }
     }
 
-    /// Moments of a slice: exact two-pass per chunk of [`CHUNK`] values, chunks merged.
+    /// Moments of a slice, chunk by chunk of [`CHUNK`] values, chunks merged.
     pub fn of_slice<T: Float>(xs: &[T]) -> Moments {
-        if let Some(xs) = as_f32(xs) {
-            return xs.chunks(CHUNK).fold(Moments::EMPTY, |acc, chunk| {
-                acc.merge(Self::of_f32_chunk(chunk))
-            });
-        }
         xs.chunks(CHUNK).fold(Moments::EMPTY, |acc, chunk| {
-            acc.merge(Self::of_chunk(chunk, |x| x.to_f64()))
+            acc.merge(Self::of_chunk(chunk))
         })
     }
 
-    /// Moments of an f32 chunk with SIMD, by sums centred on a shift `s`
-    /// near the mean: `d = x - s` is exact in f32 when |μ| ≫ σ; `Σd`, `Σd²`
-    /// are summed in f32 over 4-term segments and in f64 across them;
+    /// Moments of one chunk in the compute lanes of `T`, by sums centred on
+    /// a shift `s` near the mean: `d = x - s` is exact when |μ| ≫ σ; `Σd`,
+    /// `Σd²` are summed in lanes over 4-term segments and in f64 across them;
     /// `mean = s + Σd/n`, `m2 = Σd² - (Σd)²/n`.
     ///
     /// The shift is first the mean of the chunk's first values, which is one
     /// pass; when that lands more than a standard deviation from the mean
     /// (so that `m2` would cancel), or when squares would overflow or
-    /// underflow f32, the chunk is redone as a proper two-pass: an f32 sum for
-    /// the shift, then the centred sums, or the f64 two-pass for magnitudes
-    /// outside f32's safe range.
-    fn of_f32_chunk(chunk: &[f32]) -> Moments {
+    /// underflow the lanes, the chunk is redone as a proper two-pass: a lane
+    /// sum for the shift, then the centred sums, or an f64 two-pass for
+    /// magnitudes outside the lanes' safe range.
+    pub(crate) fn of_chunk<T: Float>(chunk: &[T]) -> Moments {
         if chunk.is_empty() {
             return Moments::EMPTY;
         }
         let guess = Self::shift_guess(chunk);
-        Self::of_f32_chunk_from(chunk, guess, fast::centred_sums(chunk, guess))
+        Self::of_chunk_from(chunk, guess, sums::centred_sums(chunk, guess))
     }
 
-    /// The first shift of [`of_f32_chunk`]: the mean of the leading values.
-    pub(crate) fn shift_guess(chunk: &[f32]) -> f32 {
+    /// The first shift of [`Self::of_chunk`]: the mean of the leading values.
+    pub(crate) fn shift_guess<T: Float>(chunk: &[T]) -> T::Lane {
         let head = &chunk[..chunk.len().min(SHIFT_SAMPLE)];
-        (head.iter().map(|&v| v as f64).sum::<f64>() / head.len().max(1) as f64) as f32
+        T::Lane::of(head.iter().map(|v| v.to_f64()).sum::<f64>() / head.len().max(1) as f64)
     }
 
-    /// [`of_f32_chunk`] from the centred sums `(Σ(x - guess), Σ(x - guess)²)`
-    /// of `chunk`, computed by the caller (with `fast::centred_sums`, or
+    /// [`Self::of_chunk`] from the centred sums `(Σ(x - guess), Σ(x - guess)²)`
+    /// of `chunk`, computed by the caller (with [`sums::centred_sums`], or
     /// fused with other work): accepted when safe, otherwise redone as
     /// described there.
-    pub(crate) fn of_f32_chunk_from(chunk: &[f32], guess: f32, (s1, s2): (f64, f64)) -> Moments {
+    pub(crate) fn of_chunk_from<T: Float>(
+        chunk: &[T],
+        guess: T::Lane,
+        (s1, s2): (f64, f64),
+    ) -> Moments {
         if chunk.is_empty() {
             return Moments::EMPTY;
         }
         let count = chunk.len() as f64;
-        let quick = Moments {
-            count,
-            mean: guess as f64 + s1 / count,
-            m2: (s2 - s1 * s1 / count).max(0.0),
-        };
-        let off = quick.mean - guess as f64;
-        let safe = quick.m2.is_finite()
-            && quick.m2 > count * F32_SAFE_RANGE.0 as f64 * F32_SAFE_RANGE.0 as f64;
+        let quick = Moments::from_centred_sums(count, guess.wide(), s1, s2);
+        let off = quick.mean - guess.wide();
+        let (low, high) = T::Lane::SAFE_RANGE;
+        let safe = quick.m2.is_finite() && quick.m2 > count * low * low;
         if safe && off * off * count <= quick.m2 {
             return quick;
         }
-        let (sum, max_abs) = fast::sum_and_max_abs(chunk);
-        if !(F32_SAFE_RANGE.0..=F32_SAFE_RANGE.1).contains(&max_abs) {
-            return Self::of_chunk(chunk, |x| x as f64);
+        let (sum, max_abs) = sums::sum_and_max_abs(chunk);
+        if !(low..=high).contains(&max_abs) {
+            return Self::two_pass(chunk);
         }
-        Self::centred_on(chunk, (sum / count) as f32)
+        let shift = T::Lane::of(sum / count);
+        let (s1, s2) = sums::centred_sums(chunk, shift);
+        Moments::from_centred_sums(count, shift.wide(), s1, s2)
     }
 
-    /// Moments from the sums centred on `shift`.
+    /// Moments of `count` values from their sums centred on `shift`,
+    /// `s1 = Σ(x - shift)`, `s2 = Σ(x - shift)²`: `mean = shift + s1/n`,
+    /// `m2 = s2 - s1²/n`, accurate when the shift is within a few standard
+    /// deviations of the mean (the callers make sure of it).
     #[inline]
-    fn centred_on(chunk: &[f32], shift: f32) -> Moments {
-        let count = chunk.len() as f64;
-        let (s1, s2) = fast::centred_sums(chunk, shift);
+    pub(crate) fn from_centred_sums(count: f64, shift: f64, s1: f64, s2: f64) -> Moments {
         Moments {
             count,
-            mean: shift as f64 + s1 / count,
+            mean: shift + s1 / count,
             m2: (s2 - s1 * s1 / count).max(0.0),
         }
     }
 
-    /// Two-pass over one chunk.
-    #[inline]
-    fn of_chunk<T: Copy>(chunk: &[T], widen: impl Fn(T) -> f64) -> Moments {
-        if chunk.is_empty() {
-            return Moments::EMPTY;
-        }
+    /// Two-pass in f64 over one chunk (values outside the lanes' safe range).
+    fn two_pass<T: Float>(chunk: &[T]) -> Moments {
         let count = chunk.len() as f64;
-        let mean = chunk.iter().map(|&x| widen(x)).sum::<f64>() / count;
+        let mean = chunk.iter().map(|x| x.to_f64()).sum::<f64>() / count;
         let m2 = chunk
             .iter()
-            .map(|&x| {
-                let d = widen(x) - mean;
+            .map(|x| {
+                let d = x.to_f64() - mean;
                 d * d
             })
             .sum::<f64>();
@@ -191,15 +181,7 @@ impl Moments {
 
 /// `Σx²` of a slice in f64 (RMSNorm's statistic; no cancellation, so one pass).
 pub fn sum_of_squares<T: Float>(xs: &[T]) -> f64 {
-    if let Some(xs) = as_f32(xs) {
-        return fast::sum_squares(xs);
-    }
-    xs.iter()
-        .map(|x| {
-            let v = x.to_f64();
-            v * v
-        })
-        .sum()
+    sums::sum_squares(xs)
 }
 
 /// Moments of several disjoint slices combined (e.g. one channel across the batch).

@@ -40,6 +40,9 @@ fn x(shape: &[usize]) -> Tensor<f32> {
     normal(&mut rng(3), shape, 0.0, 1.0).cast()
 }
 
+/// An absent parameter of the slice kernels (its element type named).
+const NO_PARAM: Option<&[f32]> = None;
+
 #[test]
 fn shapes_whose_element_count_overflows_are_refused() {
     for shape in [
@@ -157,7 +160,9 @@ fn layouts_built_field_by_field_are_checked() {
     // misread the buffer.
     for groups in [0, 2] {
         let layout = GroupLayout { ncs, groups };
-        assert!(group_norm::forward(&x, layout, None, None, &eps, &mut y, &mut saved).is_err());
+        assert!(
+            group_norm::forward(&x, layout, NO_PARAM, NO_PARAM, &eps, &mut y, &mut saved).is_err()
+        );
     }
     let overflowing = NcsLayout {
         n: 1 << 40,
@@ -168,7 +173,7 @@ fn layouts_built_field_by_field_are_checked() {
         ncs: overflowing,
         groups: 1,
     };
-    assert!(group_norm::forward(&x, layout, None, None, &eps, &mut y, &mut saved).is_err());
+    assert!(group_norm::forward(&x, layout, NO_PARAM, NO_PARAM, &eps, &mut y, &mut saved).is_err());
     assert!(normlab::kernels::batch_norm::channel_moments(&x, overflowing).is_err());
 }
 
@@ -332,7 +337,7 @@ fn loading_state_is_all_or_nothing_and_validated() {
 #[test]
 fn crashes_found_by_fuzzing() {
     use normlab::kernels::batch_norm::{channel_moments, forward_train, normalize};
-    use normlab::kernels::layer_norm::forward_rows;
+    use normlab::kernels::rows::{forward, RowNorm};
     use normlab::TensorView;
     let eps = Epsilon::default();
     // The element count of a view's shape overflowed in the length check.
@@ -342,13 +347,24 @@ fn crashes_found_by_fuzzing() {
     ));
     // rows × n overflowed in the row kernels' length check.
     let mut saved = Saved::default();
-    let err = forward_rows::<f32>(&[], 1 << 40, 1 << 40, None, None, &eps, &mut [], &mut saved)
-        .unwrap_err();
+    let (no_rows, ln) = (&mut [] as &mut [f32], RowNorm::LayerNorm);
+    let err = forward(
+        ln,
+        &[],
+        1 << 40,
+        1 << 40,
+        NO_PARAM,
+        NO_PARAM,
+        &eps,
+        no_rows,
+        &mut saved,
+    )
+    .unwrap_err();
     assert!(matches!(err, NormError::SizeOverflow { .. }), "{err}");
     // No rows of a huge length: a row of n ones was built anyway (a
     // capacity overflow for n ≥ 2^61, gigabytes for n ≈ 2^31).
     for n in [1usize << 61, 1 << 31] {
-        forward_rows::<f32>(&[], 0, n, None, None, &eps, &mut [], &mut saved).unwrap();
+        forward(ln, &[], 0, n, NO_PARAM, NO_PARAM, &eps, no_rows, &mut saved).unwrap();
     }
     // BatchNorm's slice kernels on layouts with no values: a zero spatial
     // size became a zero chunk size; 2^40 empty channels were gathered.
@@ -359,8 +375,9 @@ fn crashes_found_by_fuzzing() {
             rstd: vec![1.0; c.min(2)],
         };
         if c <= 2 {
-            assert!(normalize::<f32>(&[], layout, &saved, None, None, &mut []).is_ok());
-            assert!(forward_train::<f32>(&[], layout, None, None, &eps, &mut []).is_ok());
+            let y = &mut [] as &mut [f32];
+            assert!(normalize(&[], layout, &saved, NO_PARAM, NO_PARAM, y).is_ok());
+            assert!(forward_train(&[], layout, NO_PARAM, NO_PARAM, &eps, y).is_ok());
         } else {
             // 2^40 channels of moments are not to be had: an error.
             assert!(channel_moments::<f32>(&[], layout).is_err());

@@ -12,16 +12,16 @@
 //! then the input gradient ([`backward_input`]), so that SyncBatchNorm can
 //! all-reduce the sums between them.
 
-use super::fast::Store;
 use super::parallel::{channels, channels_mut, min_units, sum_partials};
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
     NcsLayout, Saved,
 };
-use super::{narrow, slices};
+use super::{positions, slices};
 use crate::error::{check_len, ensure, Result};
-use crate::float::uninit_mut;
+use crate::float::OutputBuffer;
 use crate::moments::Moments;
+use crate::simd::convert::Store;
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -107,13 +107,15 @@ pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Momen
         // as large as any dimension a caller writes, so this is fallible.
         return crate::alloc::try_filled(OP, "moments", c, Moments::EMPTY);
     }
-    if s <= narrow::MAX_SPATIAL {
-        return Ok(narrow::moments(x, c, s));
+    if s <= positions::MAX_SPATIAL {
+        return Ok(positions::moments(x, c, s));
     }
-    // Memory order, one sample per task; each channel's per-sample moments
-    // are merged in sample order, whatever the number of threads.
+    // Memory order, samples in tasks of at least `MIN_TASK_VALUES` values;
+    // each channel's per-sample moments are merged in sample order, whatever
+    // the number of threads.
     let per_sample: Vec<Vec<Moments>> = x
         .par_chunks(c * s)
+        .with_min_len(min_units(c * s))
         .map(|sample| sample.chunks_exact(s).map(Moments::of_slice).collect())
         .collect();
     Ok((0..c)
@@ -129,42 +131,44 @@ pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Momen
 ///
 /// # Errors
 /// When a slice length disagrees with the layout.
-pub fn normalize<T: Float>(
+pub fn normalize<T: Float, P: Float>(
     x: &[T],
     layout: NcsLayout,
     saved: &Saved,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    y: &mut [T],
-) -> Result<()> {
-    normalize_out(x, layout, saved, weight, bias, uninit_mut(y))
-}
-
-/// [`normalize`] into a buffer it overwrites entirely.
-pub(crate) fn normalize_out<T: Float>(
-    x: &[T],
-    layout: NcsLayout,
-    saved: &Saved,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    y: &mut [MaybeUninit<T>],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    y: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
     check_channel_args(x, layout, saved, weight, bias)?;
+    let y = y.slots();
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
+    normalize_unchecked(x, layout, saved, weight, bias, y);
+    Ok(())
+}
+
+/// The body of [`normalize`], arguments checked.
+fn normalize_unchecked<T: Float, P: Float>(
+    x: &[T],
+    layout: NcsLayout,
+    saved: &Saved,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    y: &mut [MaybeUninit<T>],
+) {
     let (c, s) = (layout.c, layout.spatial);
-    let store = Store::for_len(x.len());
+    let store = Store::for_output::<T>(x.len());
     if x.is_empty() {
-        return Ok(());
+        return;
     }
-    if s <= narrow::MAX_SPATIAL {
+    if s <= positions::MAX_SPATIAL {
         let scale: Vec<f64> = (0..c)
             .map(|ch| saved.rstd[ch] * param_at(weight, ch, 1.0))
             .collect();
         let shift: Vec<f64> = (0..c).map(|ch| param_at(bias, ch, 0.0)).collect();
-        narrow::normalize(x, y, c, s, &saved.mean, &scale, &shift);
-        return Ok(());
+        positions::normalize(x, y, (c, s), &saved.mean, &scale, &shift);
+        return;
     }
-    // Statistics are given: no per-channel gathering needed, so the blocks
+    // Statistics are given: no per-channel gathering needed, so the slices
     // are visited in memory order, one sequential stream per thread.
     x.par_chunks(s)
         .zip(y.par_chunks_mut(s))
@@ -176,7 +180,6 @@ pub(crate) fn normalize_out<T: Float>(
             let shift = param_at(bias, ch, 0.0);
             slices::normalize(x_sl, y_sl, saved.mean[ch], scale, shift, store);
         });
-    Ok(())
 }
 
 /// Training forward: per-channel statistics, then normalization, each pass
@@ -186,27 +189,17 @@ pub(crate) fn normalize_out<T: Float>(
 /// running-statistics update).
 ///
 /// # Errors
-/// When a slice length disagrees with the layout.
-pub fn forward_train<T: Float>(
+/// When a slice length disagrees with the layout, or ε is invalid.
+pub fn forward_train<T: Float, P: Float>(
     x: &[T],
     layout: NcsLayout,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
     eps: &Epsilon,
-    y: &mut [T],
+    y: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<Vec<Moments>> {
-    forward_train_out(x, layout, weight, bias, eps, uninit_mut(y))
-}
-
-/// [`forward_train`] into a buffer it overwrites entirely.
-pub(crate) fn forward_train_out<T: Float>(
-    x: &[T],
-    layout: NcsLayout,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    eps: &Epsilon,
-    y: &mut [MaybeUninit<T>],
-) -> Result<Vec<Moments>> {
+    eps.validate(OP)?;
+    let y = y.slots();
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
     for (arg, p) in [("weight", weight), ("bias", bias)] {
@@ -215,15 +208,26 @@ pub(crate) fn forward_train_out<T: Float>(
         }
     }
     let moments = channel_moments(x, layout)?;
-    if x.is_empty() {
-        return Ok(moments);
-    }
+    forward_train_unchecked(x, layout, &moments, weight, bias, eps, y);
+    Ok(moments)
+}
+
+/// Normalizes with the batch `moments`; returns the statistics saved.
+fn forward_train_unchecked<T: Float, P: Float>(
+    x: &[T],
+    layout: NcsLayout,
+    moments: &[Moments],
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+    eps: &Epsilon,
+    y: &mut [MaybeUninit<T>],
+) -> Saved {
     let saved = Saved {
         mean: moments.iter().map(|m| m.mean).collect(),
         rstd: moments.iter().map(|m| eps.rstd(m.var(0))).collect(),
     };
-    normalize_out(x, layout, &saved, weight, bias, y)?;
-    Ok(moments)
+    normalize_unchecked(x, layout, &saved, weight, bias, y);
+    saved
 }
 
 /// Per-channel `(Σdy, Σdy·x̂)`: all the backward needs from the whole batch,
@@ -237,22 +241,35 @@ pub fn channel_grad_sums<T: Float>(
     layout: NcsLayout,
     saved: &Saved,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    check_channel_args(x, layout, saved, None, None)?;
+    check_channel_args::<T, T>(x, layout, saved, None, None)?;
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
-    let (c, s) = (layout.c, layout.spatial);
+    let c = layout.c;
     if x.is_empty() {
         return Ok((
             crate::alloc::try_filled(OP, "sum_dy", c, 0.0)?,
             crate::alloc::try_filled(OP, "sum_dy_xhat", c, 0.0)?,
         ));
     }
-    if s <= narrow::MAX_SPATIAL {
-        return Ok(narrow::grad_sums(x, dy, c, s, &saved.mean, &saved.rstd));
+    Ok(channel_grad_sums_unchecked(x, dy, layout, saved))
+}
+
+/// The body of [`channel_grad_sums`] on a non-empty input, arguments checked.
+fn channel_grad_sums_unchecked<T: Float>(
+    x: &[T],
+    dy: &[T],
+    layout: NcsLayout,
+    saved: &Saved,
+) -> (Vec<f64>, Vec<f64>) {
+    let (c, s) = (layout.c, layout.spatial);
+    if s <= positions::MAX_SPATIAL {
+        return positions::grad_sums(x, dy, (c, s), &saved.mean, &saved.rstd);
     }
-    // Memory order, one sample per task, per-sample sums added in sample order.
+    // Memory order, samples in tasks of at least `MIN_TASK_VALUES` values,
+    // per-sample sums added in sample order.
     let partials: Vec<(Vec<f64>, Vec<f64>)> = x
         .par_chunks(c * s)
         .zip(dy.par_chunks(c * s))
+        .with_min_len(min_units(c * s))
         .map(|(xs, dys)| {
             xs.chunks_exact(s)
                 .zip(dys.chunks_exact(s))
@@ -264,7 +281,7 @@ pub fn channel_grad_sums<T: Float>(
         })
         .collect();
     let (a, b): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
-    Ok((sum_partials(c, a), sum_partials(c, b)))
+    (sum_partials(c, a), sum_partials(c, b))
 }
 
 fn channel_sums<T: Float>(xs: &[&[T]], dys: &[&[T]], mean: f64, rstd: f64) -> (f64, f64) {
@@ -317,32 +334,18 @@ fn channel_coefficients(
 /// # Errors
 /// When a slice length disagrees with the layout.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_input<T: Float>(
+pub fn backward_input<T: Float, P: Float>(
     x: &[T],
     dy: &[T],
     layout: NcsLayout,
     saved: &Saved,
-    weight: Option<&[T]>,
+    weight: Option<&[P]>,
     eps: &Epsilon,
     stats: StatsGradient<'_>,
-    dx: &mut [T],
-) -> Result<()> {
-    backward_input_out(x, dy, layout, saved, weight, eps, stats, uninit_mut(dx))
-}
-
-/// [`backward_input`] into a buffer it overwrites entirely.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_input_out<T: Float>(
-    x: &[T],
-    dy: &[T],
-    layout: NcsLayout,
-    saved: &Saved,
-    weight: Option<&[T]>,
-    eps: &Epsilon,
-    stats: StatsGradient<'_>,
-    dx: &mut [MaybeUninit<T>],
+    dx: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
     check_channel_args(x, layout, saved, weight, None)?;
+    let dx = dx.slots();
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "dx", dx.len(), &[layout.n, layout.c, layout.spatial])?;
     if let StatsGradient::Batch {
@@ -354,10 +357,26 @@ pub(crate) fn backward_input_out<T: Float>(
         check_len(OP, "sum_dy", sum_dy.len(), &[layout.c])?;
         check_len(OP, "sum_dy_xhat", sum_dy_xhat.len(), &[layout.c])?;
     }
+    backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx);
+    Ok(())
+}
+
+/// The body of [`backward_input`], arguments checked.
+#[allow(clippy::too_many_arguments)]
+fn backward_input_unchecked<T: Float, P: Float>(
+    x: &[T],
+    dy: &[T],
+    layout: NcsLayout,
+    saved: &Saved,
+    weight: Option<&[P]>,
+    eps: &Epsilon,
+    stats: StatsGradient<'_>,
+    dx: &mut [MaybeUninit<T>],
+) {
     let (c, s) = (layout.c, layout.spatial);
-    let store = Store::for_len(x.len());
+    let store = Store::for_output::<T>(x.len());
     if x.is_empty() {
-        return Ok(());
+        return;
     }
     let coefs: Vec<DxCoefficients> = (0..c)
         .map(|ch| {
@@ -372,10 +391,10 @@ pub(crate) fn backward_input_out<T: Float>(
             channel_coefficients(eps, param_at(weight, ch, 1.0), saved.rstd[ch], batch)
         })
         .collect();
-    if s <= narrow::MAX_SPATIAL {
+    if s <= positions::MAX_SPATIAL {
         let w: Vec<f64> = (0..c).map(|ch| param_at(weight, ch, 1.0)).collect();
-        narrow::input_grad(x, dy, dx, c, s, &saved.mean, &w, &coefs);
-        return Ok(());
+        positions::input_grad(x, dy, dx, (c, s), &saved.mean, &w, &coefs);
+        return;
     }
     // Memory order: one sequential stream per thread.
     x.par_chunks(s)
@@ -388,22 +407,21 @@ pub(crate) fn backward_input_out<T: Float>(
             let w = param_at(weight, ch, 1.0);
             slices::input_grad(x_sl, dy_sl, saved.mean[ch], w, coefs[ch], dx_sl, store);
         });
-    Ok(())
 }
 
 /// Backward with statistics held constant (evaluation): `dx = γ·r·dy` needs
 /// no channel sums, so samples are visited in memory order; the sums for
 /// dγ, dβ are kept per sample and added in sample order.
-fn backward_constant<T: Float>(
+fn backward_constant<T: Float, P: Float>(
     x: &[T],
     dy: &[T],
     layout: NcsLayout,
     saved: &Saved,
-    weight: Option<&[T]>,
+    weight: Option<&[P]>,
     dx: &mut [MaybeUninit<T>],
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
-    let store = Store::for_len(x.len());
+    let store = Store::for_output::<T>(x.len());
     let sample = c * s;
     if sample == 0 {
         return (vec![0.0; c], vec![0.0; c]);
@@ -449,21 +467,21 @@ const FUSED_CHANNEL_BYTES: usize = 256 << 10;
 /// cache) when a channel fits in L2, else two memory-order passes; returns
 /// `(Σdy, Σdy·x̂)` per channel.
 #[allow(clippy::too_many_arguments)]
-fn backward_fused<T: Float>(
+fn backward_fused<T: Float, P: Float>(
     x: &[T],
     dy: &[T],
     layout: NcsLayout,
     saved: &Saved,
-    weight: Option<&[T]>,
+    weight: Option<&[P]>,
     eps: &Epsilon,
     batch_stats: bool,
     dx: &mut [MaybeUninit<T>],
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
     let count = (layout.n * s) as f64;
-    if c * s > 0 && s <= narrow::MAX_SPATIAL {
+    if s <= positions::MAX_SPATIAL {
         // Whole samples are short rows: sums, then dx, each in memory order.
-        let sums = channel_grad_sums(x, dy, layout, saved).expect("layout checked by the caller");
+        let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
         let stats = if batch_stats {
             StatsGradient::Batch {
                 count,
@@ -473,8 +491,7 @@ fn backward_fused<T: Float>(
         } else {
             StatsGradient::Constant
         };
-        backward_input_out(x, dy, layout, saved, weight, eps, stats, dx)
-            .expect("layout checked by the caller");
+        backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx);
         return sums;
     }
     if !batch_stats {
@@ -483,17 +500,16 @@ fn backward_fused<T: Float>(
     if layout.n * s * 2 * std::mem::size_of::<T>() > FUSED_CHANNEL_BYTES {
         // A channel's x and dy would not stay in L2 between the two passes:
         // two passes in memory order stream better.
-        let sums = channel_grad_sums(x, dy, layout, saved).expect("layout checked by the caller");
+        let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
         let stats = StatsGradient::Batch {
             count,
             sum_dy: &sums.0,
             sum_dy_xhat: &sums.1,
         };
-        backward_input_out(x, dy, layout, saved, weight, eps, stats, dx)
-            .expect("layout checked by the caller");
+        backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx);
         return sums;
     }
-    let store = Store::for_len(x.len());
+    let store = Store::for_output::<T>(x.len());
     channels(x, c, s)
         .into_par_iter()
         .zip(channels(dy, c, s))
@@ -581,12 +597,12 @@ pub fn update_running<T: Float>(
     Ok(())
 }
 
-fn check_channel_args<T: Float>(
+fn check_channel_args<T: Float, P: Float>(
     x: &[T],
     layout: NcsLayout,
     saved: &Saved,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
 ) -> Result<()> {
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "saved.mean", saved.mean.len(), &[layout.c])?;
@@ -670,18 +686,7 @@ pub fn batch_norm<T: Float>(
     bias: Option<&Tensor<T>>,
     options: &BatchNormOptions,
 ) -> Result<(Tensor<T>, Saved)> {
-    batch_norm_op(OP, x, running, weight, bias, options)
-}
-
-/// [`batch_norm`] under another operation's name (InstanceNorm's evaluation).
-pub(crate) fn batch_norm_op<T: Float>(
-    op: &'static str,
-    x: &(impl View<T> + ?Sized),
-    running: Running<'_, T>,
-    weight: Option<&Tensor<T>>,
-    bias: Option<&Tensor<T>>,
-    options: &BatchNormOptions,
-) -> Result<(Tensor<T>, Saved)> {
+    let op = OP;
     let layout = check_args(op, x.shape(), &running, weight, bias, options)?;
     let update = options.update_running_stats && running.is_some();
     let count = layout.n * layout.spatial;
@@ -708,11 +713,8 @@ pub(crate) fn batch_norm_op<T: Float>(
             if count == 1 {
                 return Err(too_few());
             }
-            let moments = forward_train_out(x.data(), layout, w, b, &options.eps, y)?;
-            let saved = Saved {
-                mean: moments.iter().map(|m| m.mean).collect(),
-                rstd: moments.iter().map(|m| options.eps.rstd(m.var(0))).collect(),
-            };
+            let moments = channel_moments(x.data(), layout)?;
+            let saved = forward_train_unchecked(x.data(), layout, &moments, w, b, &options.eps, y);
             Ok((saved, Some(moments)))
         } else {
             let r = running
@@ -722,7 +724,7 @@ pub(crate) fn batch_norm_op<T: Float>(
                 mean: r.mean.iter().map(|m| m.to_f64()).collect(),
                 rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),
             };
-            normalize_out(x.data(), layout, &saved, w, b, y)?;
+            normalize_unchecked(x.data(), layout, &saved, w, b, y);
             // Running statistics may still be updated from the batch (read before).
             let moments = match (update, count) {
                 (false, _) => None,
@@ -818,20 +820,7 @@ pub fn batch_norm_backward<T: Float>(
     saved: &Saved,
     batch_stats: bool,
 ) -> Result<Grads<T>> {
-    batch_norm_backward_op(OP, x, dy, weight, with_bias, eps, saved, batch_stats)
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn batch_norm_backward_op<T: Float>(
-    op: &'static str,
-    x: &(impl View<T> + ?Sized),
-    dy: &(impl View<T> + ?Sized),
-    weight: Option<&Tensor<T>>,
-    with_bias: bool,
-    eps: Epsilon,
-    saved: &Saved,
-    batch_stats: bool,
-) -> Result<Grads<T>> {
+    let op = OP;
     let layout = NcsLayout::of(op, x.shape(), 2)?;
     crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(op, "weight", weight, &[layout.c], x.shape())?;

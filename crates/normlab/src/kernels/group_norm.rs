@@ -10,17 +10,18 @@
 //! ```
 //! Each group is one contiguous block of `C/G·spatial` values.
 
-use super::fast::{self, Store};
-use super::layer_norm::write_acc;
-use super::parallel::{min_units, sum_partials};
+use super::parallel::min_units;
+use super::rows::write_sums;
 use super::slices;
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
     NcsLayout, Saved,
 };
 use crate::error::{check_len, ensure, Result};
-use crate::float::{as_f32, as_f32_out, uninit_mut};
+use crate::float::{Lane, OutputBuffer};
 use crate::moments::Moments;
+use crate::simd::convert::{fence, Store};
+use crate::simd::transform;
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -78,44 +79,45 @@ impl GroupLayout {
 ///
 /// # Errors
 /// When a slice length disagrees with the layout.
-pub fn forward<T: Float>(
+pub fn forward<T: Float, P: Float>(
     x: &[T],
     layout: GroupLayout,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
     eps: &Epsilon,
-    y: &mut [T],
+    y: &mut (impl OutputBuffer<T> + ?Sized),
     saved: &mut Saved,
 ) -> Result<()> {
-    forward_out(x, layout, weight, bias, eps, uninit_mut(y), saved)
+    eps.validate(OP)?;
+    check_args(OP, x, layout, weight, bias, saved)?;
+    let y = y.slots();
+    check_len(OP, "y", y.len(), &shape4(layout))?;
+    forward_unchecked(x, layout, weight, bias, eps, y, saved);
+    Ok(())
 }
 
-/// [`forward`] into output buffers it overwrites entirely.
-pub(crate) fn forward_out<T: Float>(
+/// The forward body, arguments checked.
+fn forward_unchecked<T: Float, P: Float>(
     x: &[T],
     layout: GroupLayout,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
     eps: &Epsilon,
     y: &mut [MaybeUninit<T>],
     saved: &mut Saved,
-) -> Result<()> {
-    check_args(OP, x, layout, weight, bias, saved)?;
-    let store = Store::for_len(x.len());
-    check_len(OP, "y", y.len(), &shape4(layout))?;
+) {
+    let store = Store::for_output::<T>(x.len());
     let (len, s, cpg) = (
         layout.group_len(),
         layout.ncs.spatial,
         layout.channels_per_group(),
     );
     if len == 0 {
-        return Ok(());
+        return;
     }
     if s >= PIPELINE_MIN_SPATIAL {
-        if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
-            forward_f32_pipelined(x, layout, weight, bias, eps, y, saved, store);
-            return Ok(());
-        }
+        forward_pipelined(x, layout, weight, bias, eps, y, saved, store);
+        return;
     }
     x.par_chunks(len)
         .zip(y.par_chunks_mut(len))
@@ -136,7 +138,6 @@ pub(crate) fn forward_out<T: Float>(
                 slices::normalize(x_ch, y_ch, m.mean, scale, param_at(bias, c, 0.0), store);
             }
         });
-    Ok(())
 }
 
 /// Spatial size from which the f32 forward overlaps each group's
@@ -147,51 +148,35 @@ pub(crate) fn forward_out<T: Float>(
 /// 5.57 ms) (`normlab bench --threads 2`, four or five alternating runs).
 const PIPELINE_MIN_SPATIAL: usize = 2048;
 
-/// Moments of one f32 channel as [`forward_f32_pipelined`] computes them:
-/// the sums of [`fast::normalize_and_sum_next`] around the shift
-/// [`Moments::shift_guess`], checked (and redone when unsafe) as
-/// [`Moments::of_f32_chunk_from`] does.
-fn channel_moments(channel: &[f32], guess: f32, sums: (f64, f64)) -> Moments {
-    Moments::of_f32_chunk_from(channel, guess, sums)
-}
-
-/// Moments of one f32 group, channel by channel, merged in order: the same
-/// bits as the pipelined computation of [`forward_f32_pipelined`].
-fn group_moments_f32(group: &[f32], spatial: usize) -> Moments {
+/// Moments of one group, channel by channel (each channel one chunk around
+/// its own shift guess), merged in order: the same bits as the pipelined
+/// computation of [`forward_pipelined`], which sums a channel while it
+/// writes the previous group.
+fn group_moments<T: Float>(group: &[T], spatial: usize) -> Moments {
     group
         .chunks_exact(spatial)
         .fold(Moments::EMPTY, |acc, channel| {
             let guess = Moments::shift_guess(channel);
-            let sums = fast::normalize_and_sum_next(
-                &[],
-                &mut [],
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                Store::Cached,
-                channel,
-                guess,
-            );
-            acc.merge(channel_moments(channel, guess, sums))
+            let sums = crate::simd::sums::centred_sums(channel, guess);
+            acc.merge(Moments::of_chunk_from(channel, guess, sums))
         })
 }
 
-/// The f32 forward, groups in runs of a fixed length (one rayon task each):
-/// a group is normalized and written while the statistics of the next group
-/// of the run are read, segment by segment
-/// ([`fast::normalize_and_sum_next`]), so that the memory reads of one pass
-/// and the writes of the other overlap instead of taking turns. Each group's
-/// moments are those of [`group_moments_f32`], whichever way they are
+/// The forward for large spatial sizes, groups in runs of a fixed length
+/// (one rayon task each): a group is normalized and written while the
+/// statistics of the next group of the run are read, segment by segment
+/// ([`transform::normalize_and_sum_next`]), so that the memory reads of one
+/// pass and the writes of the other overlap instead of taking turns. Each
+/// group's moments are those of [`group_moments`], whichever way they are
 /// computed, so results do not depend on the runs or the thread count.
 #[allow(clippy::too_many_arguments)]
-fn forward_f32_pipelined<T: Float>(
-    x: &[f32],
+fn forward_pipelined<T: Float, P: Float>(
+    x: &[T],
     layout: GroupLayout,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
     eps: &Epsilon,
-    y: &mut [fast::Out],
+    y: &mut [MaybeUninit<T>],
     saved: &mut Saved,
     store: Store,
 ) {
@@ -211,17 +196,17 @@ fn forward_f32_pipelined<T: Float>(
         )
         .enumerate()
         .for_each(|(task, ((xs, ys), (means, rstds)))| {
-            let mut moments = group_moments_f32(&xs[..len], s);
+            let mut moments = group_moments(&xs[..len], s);
             let groups = xs.chunks_exact(len).zip(ys.chunks_exact_mut(len));
             for (i, (x_grp, y_grp)) in groups.enumerate() {
                 let (mean, rstd) = (moments.mean, eps.rstd(moments.var(0)));
                 (means[i], rstds[i]) = (mean, rstd);
-                let (hi, lo) = fast::split(mean);
+                let (hi, lo) = T::Lane::split(mean);
                 let first_channel = ((task * run + i) % layout.groups) * cpg;
                 let next = xs.get((i + 1) * len..(i + 2) * len);
                 // The shift guesses of the next group's channels up front:
                 // their loads miss the cache together rather than one by one.
-                let guesses: Vec<f32> = next.map_or_else(Vec::new, |next| {
+                let guesses: Vec<T::Lane> = next.map_or_else(Vec::new, |next| {
                     next.chunks_exact(s).map(Moments::shift_guess).collect()
                 });
                 let mut next_moments = Moments::EMPTY;
@@ -231,22 +216,23 @@ fn forward_f32_pipelined<T: Float>(
                     .enumerate()
                 {
                     let c = first_channel + j;
-                    let scale = (rstd * param_at(weight, c, 1.0)) as f32;
-                    let shift = param_at(bias, c, 0.0) as f32;
+                    let scale = T::Lane::of(rstd * param_at(weight, c, 1.0));
+                    let shift = T::Lane::of(param_at(bias, c, 0.0));
                     let (next_ch, guess) = match next {
                         Some(next) => (&next[j * s..][..s], guesses[j]),
-                        None => (&[][..], 0.0),
+                        None => (&[][..], T::Lane::ZERO),
                     };
-                    let sums = fast::normalize_and_sum_next(
+                    let sums = transform::normalize_and_sum_next(
                         x_ch, y_ch, hi, lo, scale, shift, store, next_ch, guess,
                     );
                     if next.is_some() {
-                        next_moments = next_moments.merge(channel_moments(next_ch, guess, sums));
+                        next_moments =
+                            next_moments.merge(Moments::of_chunk_from(next_ch, guess, sums));
                     }
                 }
                 moments = next_moments;
             }
-            fast::fence(store);
+            fence(store);
         });
 }
 
@@ -255,113 +241,103 @@ fn forward_f32_pipelined<T: Float>(
 /// # Errors
 /// When a slice length disagrees with the layout.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<T: Float>(
+pub fn backward<T: Float, P: Float>(
     x: &[T],
     dy: &[T],
     layout: GroupLayout,
-    weight: Option<&[T]>,
+    weight: Option<&[P]>,
     eps: &Epsilon,
     saved: &Saved,
-    dx: &mut [T],
-    dweight: Option<&mut [T]>,
-    dbias: Option<&mut [T]>,
+    dx: &mut (impl OutputBuffer<T> + ?Sized),
+    dweight: Option<&mut [P]>,
+    dbias: Option<&mut [P]>,
 ) -> Result<()> {
-    backward_out(
-        x,
-        dy,
-        layout,
-        weight,
-        eps,
-        saved,
-        uninit_mut(dx),
-        dweight,
-        dbias,
-    )
+    check_args(OP, x, layout, weight, None, saved)?;
+    let dx = dx.slots();
+    check_len(OP, "dy", dy.len(), &shape4(layout))?;
+    check_len(OP, "dx", dx.len(), &shape4(layout))?;
+    for (arg, g) in [("dweight", &dweight), ("dbias", &dbias)] {
+        if let Some(g) = g {
+            check_len(OP, arg, g.len(), &[layout.ncs.c])?;
+        }
+    }
+    backward_unchecked(x, dy, layout, weight, eps, saved, dx, dweight, dbias);
+    Ok(())
 }
 
-/// [`backward`] into output buffers it overwrites entirely.
+/// The backward body, arguments checked: one task per run of groups (so
+/// that a single image with many groups still fills every core), each
+/// group's channel sums kept apart and added into dγ, dβ in sample order.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_out<T: Float>(
+fn backward_unchecked<T: Float, P: Float>(
     x: &[T],
     dy: &[T],
     layout: GroupLayout,
-    weight: Option<&[T]>,
+    weight: Option<&[P]>,
     eps: &Epsilon,
     saved: &Saved,
     dx: &mut [MaybeUninit<T>],
-    dweight: Option<&mut [T]>,
-    dbias: Option<&mut [T]>,
-) -> Result<()> {
-    check_args(OP, x, layout, weight, None, saved)?;
-    let store = Store::for_len(x.len());
-    check_len(OP, "dy", dy.len(), &shape4(layout))?;
-    check_len(OP, "dx", dx.len(), &shape4(layout))?;
+    dweight: Option<&mut [P]>,
+    dbias: Option<&mut [P]>,
+) {
+    let store = Store::for_output::<T>(x.len());
     let (len, s, cpg) = (
         layout.group_len(),
         layout.ncs.spatial,
         layout.channels_per_group(),
     );
     let c_total = layout.ncs.c;
-    let sample = c_total * s;
     if len == 0 || layout.ncs.n == 0 {
         for out in [dweight, dbias].into_iter().flatten() {
-            out.fill(T::from_f64(0.0));
+            out.fill(P::from_f64(0.0));
         }
-        return Ok(());
+        return;
     }
-    // One task per sample, each with its own partial dγ, dβ (added in sample order).
-    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
-        .par_chunks(sample)
-        .zip(dy.par_chunks(sample))
-        .zip(dx.par_chunks_mut(sample))
+    // Per group: (Σdy·x̂, Σdy) of each of its channels.
+    let per_group: Vec<Vec<(f64, f64)>> = x
+        .par_chunks(len)
+        .zip(dy.par_chunks(len))
+        .zip(dx.par_chunks_mut(len))
         .enumerate()
-        .map(|(n, ((x_s, dy_s), dx_s))| {
-            let mut dw = vec![0.0; c_total];
-            let mut db = vec![0.0; c_total];
-            let groups = x_s
-                .chunks_exact(len)
-                .zip(dy_s.chunks_exact(len))
-                .zip(dx_s.chunks_exact_mut(len));
-            for (g, ((x_grp, dy_grp), dx_grp)) in groups.enumerate() {
-                let group = n * layout.groups + g;
-                let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
-                let first_channel = g * cpg;
-                let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
-                for (i, (x_ch, dy_ch)) in x_grp
-                    .chunks_exact(s)
-                    .zip(dy_grp.chunks_exact(s))
-                    .enumerate()
-                {
-                    let c = first_channel + i;
+        .with_min_len(min_units(len))
+        .map(|(group, ((x_grp, dy_grp), dx_grp))| {
+            let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
+            let first_channel = (group % layout.groups) * cpg;
+            let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
+            let sums: Vec<(f64, f64)> = x_grp
+                .chunks_exact(s)
+                .zip(dy_grp.chunks_exact(s))
+                .enumerate()
+                .map(|(i, (x_ch, dy_ch))| {
                     let (sum_dy, sum_dy_xhat) = slices::grad_sums(x_ch, dy_ch, mean, rstd);
-                    let w = param_at(weight, c, 1.0);
+                    let w = param_at(weight, first_channel + i, 1.0);
                     sum_g += w * sum_dy;
                     sum_g_xhat += w * sum_dy_xhat;
-                    dw[c] += sum_dy_xhat;
-                    db[c] += sum_dy;
-                }
-                let coefs =
-                    DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
-                let chans = x_grp
-                    .chunks_exact(s)
-                    .zip(dy_grp.chunks_exact(s))
-                    .zip(dx_grp.chunks_exact_mut(s));
-                for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
-                    let w = param_at(weight, first_channel + i, 1.0);
-                    slices::input_grad(x_ch, dy_ch, mean, w, coefs, dx_ch, store);
-                }
+                    (sum_dy_xhat, sum_dy)
+                })
+                .collect();
+            let coefs = DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+            let chans = x_grp
+                .chunks_exact(s)
+                .zip(dy_grp.chunks_exact(s))
+                .zip(dx_grp.chunks_exact_mut(s));
+            for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
+                let w = param_at(weight, first_channel + i, 1.0);
+                slices::input_grad(x_ch, dy_ch, mean, w, coefs, dx_ch, store);
             }
-            (dw, db)
+            sums
         })
         .collect();
-    let (dw, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
-    if dweight.is_some() {
-        write_acc(dweight, &sum_partials(c_total, dw));
+    let (mut dw, mut db) = (vec![0.0; c_total], vec![0.0; c_total]);
+    for (group, sums) in per_group.iter().enumerate() {
+        let first_channel = (group % layout.groups) * cpg;
+        for (i, &(a, b)) in sums.iter().enumerate() {
+            dw[first_channel + i] += a;
+            db[first_channel + i] += b;
+        }
     }
-    if dbias.is_some() {
-        write_acc(dbias, &sum_partials(c_total, db));
-    }
-    Ok(())
+    write_sums(dweight, &dw);
+    write_sums(dbias, &db);
 }
 
 fn shape4(layout: GroupLayout) -> [usize; 4] {
@@ -373,12 +349,12 @@ fn shape4(layout: GroupLayout) -> [usize; 4] {
     ]
 }
 
-fn check_args<T: Float>(
+fn check_args<T: Float, P: Float>(
     op: &'static str,
     x: &[T],
     layout: GroupLayout,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
     saved: &Saved,
 ) -> Result<()> {
     layout.validate(op)?;
@@ -414,31 +390,17 @@ pub fn group_norm<T: Float>(
     bias: Option<&Tensor<T>>,
     eps: Epsilon,
 ) -> Result<(Tensor<T>, Saved)> {
-    group_norm_op(OP, x, num_groups, weight, bias, eps)
-}
-
-/// GroupNorm under another operation's name (InstanceNorm is G = C).
-pub(crate) fn group_norm_op<T: Float>(
-    op: &'static str,
-    x: &(impl View<T> + ?Sized),
-    num_groups: usize,
-    weight: Option<&Tensor<T>>,
-    bias: Option<&Tensor<T>>,
-    eps: Epsilon,
-) -> Result<(Tensor<T>, Saved)> {
-    eps.validate(op)?;
-    let ncs = NcsLayout::of(op, x.shape(), 2)?;
-    let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
-    check_param(op, "weight", weight, &[ncs.c], x.shape())?;
-    check_param(op, "bias", bias, &[ncs.c], x.shape())?;
-    let numel = check_view(op, "x", x)?;
-    let mut saved = Saved::for_input(op, ncs.n * num_groups, numel)?;
-    let (y, ()) = Tensor::filled_by(op, x.shape(), |y| {
-        if numel == 0 {
-            return Ok(());
-        }
-        let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
-        forward_out(x.data(), layout, w, b, &eps, y, &mut saved)
+    eps.validate(OP)?;
+    let ncs = NcsLayout::of(OP, x.shape(), 2)?;
+    let layout = GroupLayout::new(OP, ncs, num_groups, x.shape())?;
+    check_param(OP, "weight", weight, &[ncs.c], x.shape())?;
+    check_param(OP, "bias", bias, &[ncs.c], x.shape())?;
+    let numel = check_view(OP, "x", x)?;
+    let mut saved = Saved::for_input(OP, ncs.n * num_groups, numel)?;
+    let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
+    let (y, ()) = Tensor::filled_by(OP, x.shape(), |y| {
+        forward_unchecked(x.data(), layout, w, b, &eps, y, &mut saved);
+        Ok(())
     })?;
     Ok((y, saved))
 }
@@ -456,34 +418,17 @@ pub fn group_norm_backward<T: Float>(
     eps: Epsilon,
     saved: &Saved,
 ) -> Result<Grads<T>> {
-    group_norm_backward_op(OP, x, dy, num_groups, weight, with_bias, eps, saved)
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn group_norm_backward_op<T: Float>(
-    op: &'static str,
-    x: &(impl View<T> + ?Sized),
-    dy: &(impl View<T> + ?Sized),
-    num_groups: usize,
-    weight: Option<&Tensor<T>>,
-    with_bias: bool,
-    eps: Epsilon,
-    saved: &Saved,
-) -> Result<Grads<T>> {
-    let ncs = NcsLayout::of(op, x.shape(), 2)?;
-    let layout = GroupLayout::new(op, ncs, num_groups, x.shape())?;
-    crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
-    check_param(op, "weight", weight, &[ncs.c], x.shape())?;
-    let numel = check_view(op, "x", x)?;
-    check_view(op, "dy", dy)?;
-    check_saved(op, saved, ncs.n * num_groups, numel)?;
+    let ncs = NcsLayout::of(OP, x.shape(), 2)?;
+    let layout = GroupLayout::new(OP, ncs, num_groups, x.shape())?;
+    crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
+    check_param(OP, "weight", weight, &[ncs.c], x.shape())?;
+    let numel = check_view(OP, "x", x)?;
+    check_view(OP, "dy", dy)?;
+    check_saved(OP, saved, ncs.n * num_groups, numel)?;
     let mut dweight = grad_buffer(weight.is_some(), &[ncs.c])?;
     let mut dbias = grad_buffer(with_bias, &[ncs.c])?;
-    let (dx, ()) = Tensor::filled_by(op, x.shape(), |dx| {
-        if numel == 0 {
-            return Ok(());
-        }
-        backward_out(
+    let (dx, ()) = Tensor::filled_by(OP, x.shape(), |dx| {
+        backward_unchecked(
             x.data(),
             dy.data(),
             layout,
@@ -493,7 +438,8 @@ pub(crate) fn group_norm_backward_op<T: Float>(
             dx,
             dweight.as_mut().map(Tensor::data_mut),
             dbias.as_mut().map(Tensor::data_mut),
-        )
+        );
+        Ok(())
     })?;
     Ok(Grads { dx, dweight, dbias })
 }

@@ -10,9 +10,9 @@
 //! in evaluation does.
 
 use super::batch_norm::{
-    batch_norm_backward_op, batch_norm_op, update_running, BatchNormOptions, Running,
+    batch_norm, batch_norm_backward, update_running, BatchNormOptions, Running,
 };
-use super::group_norm::{group_norm_backward_op, group_norm_op};
+use super::group_norm::{group_norm, group_norm_backward};
 use super::{Grads, NcsLayout, Saved};
 use crate::error::Result;
 use crate::moments::Moments;
@@ -42,7 +42,7 @@ pub fn instance_norm<T: Float>(
     options.momentum.validate(OP)?;
     let layout = NcsLayout::of(OP, x.shape(), 2)?;
     if !options.use_batch_stats {
-        return batch_norm_op(OP, x, running, weight, bias, options);
+        return batch_norm(x, running, weight, bias, options).map_err(|e| e.with_op(OP));
     }
     if let Some(r) = &running {
         let c = [layout.c];
@@ -57,7 +57,8 @@ pub fn instance_norm<T: Float>(
         });
     }
     // One group per channel (C = 0 is one empty group, so that G ≥ 1).
-    let (y, saved) = group_norm_op(OP, x, layout.c.max(1), weight, bias, options.eps)?;
+    let (y, saved) =
+        group_norm(x, layout.c.max(1), weight, bias, options.eps).map_err(|e| e.with_op(OP))?;
     if let (true, Some(running)) = (
         options.update_running_stats && layout.n > 0 && layout.spatial > 0,
         running,
@@ -91,8 +92,9 @@ pub fn instance_norm_backward<T: Float>(
 ) -> Result<Grads<T>> {
     let layout = NcsLayout::of(OP, x.shape(), 2)?;
     if input_stats {
-        group_norm_backward_op(OP, x, dy, layout.c.max(1), weight, with_bias, eps, saved)
+        group_norm_backward(x, dy, layout.c.max(1), weight, with_bias, eps, saved)
     } else {
-        batch_norm_backward_op(OP, x, dy, weight, with_bias, eps, saved, false)
+        batch_norm_backward(x, dy, weight, with_bias, eps, saved, false)
     }
+    .map_err(|e| e.with_op(OP))
 }

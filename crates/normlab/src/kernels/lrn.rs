@@ -15,9 +15,10 @@
 //! backward sum over `{i : j ∈ W(i)}` is the same box with its two sides
 //! swapped, which matters only for even sizes.
 
-use super::fast::{self, NegPow};
 use crate::error::{check_len, ensure, Result};
-use crate::float::{as_f32, as_f32_out, uninit_mut};
+use crate::float::{Lane, OutputBuffer};
+use crate::simd::convert::Store;
+use crate::simd::lrn::{self as loops, NegPow};
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -186,40 +187,41 @@ pub fn forward<T: Float>(
     x: &[T],
     shape: &[usize],
     options: &LrnOptions,
-    y: &mut [T],
+    y: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
-    forward_out(x, shape, options, uninit_mut(y))
+    check_input(shape, options)?;
+    let y = y.slots();
+    check_len(OP, "x", x.len(), shape)?;
+    check_len(OP, "y", y.len(), shape)?;
+    forward_unchecked(x, shape, options, y);
+    Ok(())
 }
 
-/// [`forward`] into output buffers it overwrites entirely.
-pub(crate) fn forward_out<T: Float>(
+/// The forward body, arguments checked: one task per sample (windows never
+/// cross samples).
+fn forward_unchecked<T: Float>(
     x: &[T],
     shape: &[usize],
     options: &LrnOptions,
     y: &mut [MaybeUninit<T>],
-) -> Result<()> {
-    check_input(shape, options)?;
-    check_len(OP, "x", x.len(), shape)?;
-    check_len(OP, "y", y.len(), shape)?;
+) {
     let sample_shape = sample_shape(shape);
     let sample: usize = sample_shape.iter().product();
     if sample == 0 {
-        return Ok(());
+        return;
     }
-    // One task per sample: windows never cross samples.
     if let Some(pow) = fast_path(options) {
-        if let (Some(x), Some(y)) = (as_f32(x), as_f32_out(y)) {
-            // Streaming stores measured no faster here: the loop is
-            // compute-heavy (a power per value) and ordinary stores overlap
-            // with it as well.
-            let store = fast::Store::Cached;
-            x.par_chunks(sample)
-                .zip(y.par_chunks_mut(sample))
-                .for_each(|(xs, ys)| {
-                    forward_sample_f32(xs, ys, shape[1], sample / shape[1], options, pow, store)
-                });
-            return Ok(());
-        }
+        // Streaming stores measured no faster here: the loop is
+        // compute-heavy (a power per value) and ordinary stores overlap
+        // with it as well.
+        let store = Store::Cached;
+        x.par_chunks(sample)
+            .zip(y.par_chunks_mut(sample))
+            .with_min_len(super::parallel::min_units(sample))
+            .for_each(|(xs, ys)| {
+                forward_sample(xs, ys, shape[1], sample / shape[1], options, pow, store)
+            });
+        return;
     }
     x.par_chunks(sample)
         .zip(y.par_chunks_mut(sample))
@@ -229,7 +231,6 @@ pub(crate) fn forward_out<T: Float>(
                 yv.write(T::from_f64(xv.to_f64() * sv.powf(-options.beta)));
             }
         });
-    Ok(())
 }
 
 /// Backward on a buffer of `shape`: writes `dx` (LRN has no parameters).
@@ -241,48 +242,49 @@ pub fn backward<T: Float>(
     dy: &[T],
     shape: &[usize],
     options: &LrnOptions,
-    dx: &mut [T],
+    dx: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
-    backward_out(x, dy, shape, options, uninit_mut(dx))
+    check_input(shape, options)?;
+    let dx = dx.slots();
+    check_len(OP, "x", x.len(), shape)?;
+    check_len(OP, "dy", dy.len(), shape)?;
+    check_len(OP, "dx", dx.len(), shape)?;
+    backward_unchecked(x, dy, shape, options, dx);
+    Ok(())
 }
 
-/// [`backward`] into output buffers it overwrites entirely.
-pub(crate) fn backward_out<T: Float>(
+/// The backward body, arguments checked.
+fn backward_unchecked<T: Float>(
     x: &[T],
     dy: &[T],
     shape: &[usize],
     options: &LrnOptions,
     dx: &mut [MaybeUninit<T>],
-) -> Result<()> {
-    check_input(shape, options)?;
-    check_len(OP, "x", x.len(), shape)?;
-    check_len(OP, "dy", dy.len(), shape)?;
-    check_len(OP, "dx", dx.len(), shape)?;
+) {
     let sample_shape = sample_shape(shape);
     let sample: usize = sample_shape.iter().product();
     if sample == 0 {
-        return Ok(());
+        return;
     }
     if let Some(pow) = fast_path(options) {
-        if let (Some(x), Some(dy), Some(dx)) = (as_f32(x), as_f32(dy), as_f32_out(dx)) {
-            let store = fast::Store::Cached;
-            x.par_chunks(sample)
-                .zip(dy.par_chunks(sample))
-                .zip(dx.par_chunks_mut(sample))
-                .for_each(|((xs, dys), dxs)| {
-                    backward_sample_f32(
-                        xs,
-                        dys,
-                        dxs,
-                        shape[1],
-                        sample / shape[1],
-                        options,
-                        pow,
-                        store,
-                    )
-                });
-            return Ok(());
-        }
+        let store = Store::Cached;
+        x.par_chunks(sample)
+            .zip(dy.par_chunks(sample))
+            .zip(dx.par_chunks_mut(sample))
+            .with_min_len(super::parallel::min_units(sample))
+            .for_each(|((xs, dys), dxs)| {
+                backward_sample(
+                    xs,
+                    dys,
+                    dxs,
+                    shape[1],
+                    sample / shape[1],
+                    options,
+                    pow,
+                    store,
+                )
+            });
+        return;
     }
     let beta = options.beta;
     let coef = 2.0 * options.scale(shape.len() - 2) * beta;
@@ -307,7 +309,6 @@ pub(crate) fn backward_out<T: Float>(
                 ));
             }
         });
-    Ok(())
 }
 
 /// `[1, C, spatial…]`: the shape of one sample.
@@ -317,7 +318,9 @@ fn sample_shape(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// The SIMD path covers LRN across channels with β ∈ {0.5, 0.75, 1}.
+/// The vector path covers LRN across channels with β ∈ {0.5, 0.75, 1} (a
+/// closed form in square roots), for every element type; other β and the
+/// within-channel region take the general f64 path.
 fn fast_path(options: &LrnOptions) -> Option<NegPow> {
     match options.region {
         LrnRegion::AcrossChannels => NegPow::of(options.beta),
@@ -339,56 +342,57 @@ fn channel_window(
     c.saturating_sub(before)..=c.saturating_add(after).min(channels.saturating_sub(1))
 }
 
-/// f32 forward of one sample `[C, S]`, channel by channel: `x` is read as
-/// one sequential stream (each row is reused from cache by the `size`
-/// channels whose window holds it) and `y` written as another.
-fn forward_sample_f32(
-    x: &[f32],
-    y: &mut [fast::Out],
+/// Forward of one sample `[C, S]`, channel by channel: `x` is read as one
+/// sequential stream (each row is reused from cache by the `size` channels
+/// whose window holds it) and `y` written as another.
+fn forward_sample<T: Float>(
+    x: &[T],
+    y: &mut [MaybeUninit<T>],
     channels: usize,
     s: usize,
     options: &LrnOptions,
     pow: NegPow,
-    store: fast::Store,
+    store: Store,
 ) {
     let (before, after) = options.window();
-    let (k, a) = (options.k as f32, options.scale(1) as f32);
+    let (k, a) = (T::Lane::of(options.k), T::Lane::of(options.scale(1)));
     for (c, row) in y.chunks_mut(s).enumerate().take(channels) {
         let window = channel_window(c, channels, before, after);
         let (lo, hi) = (*window.start(), *window.end());
-        fast::lrn_forward_channel(x, s, c, lo, hi, row, k, a, pow, store);
+        loops::forward_channel(x, s, c, lo, hi, row, k, a, pow, store);
     }
 }
 
-/// f32 backward of one sample `[C, S]`, tile by tile.
+/// Backward of one sample `[C, S]`, tile by tile.
 #[allow(clippy::too_many_arguments)]
-fn backward_sample_f32(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [fast::Out],
+fn backward_sample<T: Float>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [MaybeUninit<T>],
     channels: usize,
     s: usize,
     options: &LrnOptions,
     pow: NegPow,
-    store: fast::Store,
+    store: Store,
 ) {
     let (before, after) = options.window();
-    let (k, a) = (options.k as f32, options.scale(1) as f32);
-    let coef = (2.0 * options.scale(1) * options.beta) as f32;
+    let (k, a) = (T::Lane::of(options.k), T::Lane::of(options.scale(1)));
+    let coef = T::Lane::of(2.0 * options.scale(1) * options.beta);
     let tile = TILE.min(s);
-    let mut terms = vec![0f32; channels * tile];
-    let mut scale = vec![0f32; channels * tile];
-    let mut gathered = vec![0f32; tile];
+    let zero = T::Lane::ZERO;
+    let mut terms = vec![zero; channels * tile];
+    let mut scale = vec![zero; channels * tile];
+    let mut gathered = vec![zero; tile];
     for t0 in (0..s).step_by(TILE) {
         let len = TILE.min(s - t0);
         for c in 0..channels {
             let t = &mut terms[c * tile..][..len];
-            t.fill(0.0);
+            t.fill(zero);
             for j in channel_window(c, channels, before, after) {
-                fast::add_squares(t, &x[j * s + t0..][..len]);
+                loops::add_squares(t, &x[j * s + t0..][..len]);
             }
             let at = c * s + t0;
-            fast::lrn_grad_terms(
+            loops::grad_terms(
                 &x[at..][..len],
                 &dy[at..][..len],
                 t,
@@ -400,13 +404,13 @@ fn backward_sample_f32(
         }
         for c in 0..channels {
             let g = &mut gathered[..len];
-            g.fill(0.0);
+            g.fill(zero);
             // The transposed window: every i whose window holds c.
             for i in channel_window(c, channels, after, before) {
-                fast::add_assign(g, &terms[i * tile..][..len]);
+                loops::add_assign::<T>(g, &terms[i * tile..][..len]);
             }
             let at = c * s + t0;
-            fast::lrn_dx(
+            loops::input_grad(
                 &x[at..][..len],
                 &dy[at..][..len],
                 &scale[c * tile..][..len],
@@ -436,7 +440,8 @@ pub fn lrn<T: Float>(x: &(impl View<T> + ?Sized), options: &LrnOptions) -> Resul
     check_input(x.shape(), options)?;
     super::check_view(OP, "x", x)?;
     let (y, ()) = Tensor::filled_by(OP, x.shape(), |y| {
-        forward_out(x.data(), x.shape(), options, y)
+        forward_unchecked(x.data(), x.shape(), options, y);
+        Ok(())
     })?;
     Ok(y)
 }
@@ -455,7 +460,8 @@ pub fn lrn_backward<T: Float>(
     super::check_view(OP, "x", x)?;
     super::check_view(OP, "dy", dy)?;
     let (dx, ()) = Tensor::filled_by(OP, x.shape(), |dx| {
-        backward_out(x.data(), dy.data(), x.shape(), options, dx)
+        backward_unchecked(x.data(), dy.data(), x.shape(), options, dx);
+        Ok(())
     })?;
     Ok(dx)
 }

@@ -2,9 +2,15 @@
 //!
 //! Each file has two levels:
 //! - slice kernels over an explicit layout (`rows × features`,
-//!   `N × C × spatial`, …) that write into caller-provided outputs;
+//!   `N × C × spatial`, …) that write into caller-provided outputs
+//!   ([`OutputBuffer`](crate::float::OutputBuffer): initialized or not);
 //! - checked, allocating functions over [`Tensor`](crate::Tensor) that
 //!   validate shapes and options and return typed errors.
+//!
+//! Each public entry point checks its arguments once and calls one
+//! unchecked body per op, generic over the element type; the inner loops are
+//! in [`crate::simd`]. How work is split over threads is decided from the
+//! shape ([`parallel`]).
 //!
 //! Forward saves the minimum the backward needs: the mean and `rstd` of each
 //! normalized group, in f64 (see [`Saved`]).
@@ -22,16 +28,24 @@
 //! `r` so that it cancels exactly where it should (rows of one value).
 
 pub mod batch_norm;
-pub(crate) mod fast;
 pub mod group_norm;
 pub mod instance_norm;
-pub mod layer_norm;
 pub mod lrn;
-pub(crate) mod narrow;
 pub(crate) mod parallel;
-pub mod rms_norm;
+pub(crate) mod positions;
+pub mod rows;
 pub(crate) mod slices;
 pub mod sync_batch_norm;
+
+/// LayerNorm's functional form (its kernels are in [`rows`], shared with RMSNorm).
+pub mod layer_norm {
+    pub use super::rows::{layer_norm, layer_norm_backward, split_at_axis};
+}
+
+/// RMSNorm's functional form (its kernels are in [`rows`], shared with LayerNorm).
+pub mod rms_norm {
+    pub use super::rows::{rms_norm, rms_norm_backward};
+}
 
 use crate::error::{ensure, Result};
 
@@ -315,9 +329,28 @@ pub(crate) fn check_param<T: crate::Float>(
 
 /// Reads parameter `p` at index `i` as f64, or `default` when absent.
 #[inline(always)]
-pub(crate) fn param_at<T: crate::Float>(p: Option<&[T]>, i: usize, default: f64) -> f64 {
+pub(crate) fn param_at<P: crate::Float>(p: Option<&[P]>, i: usize, default: f64) -> f64 {
     match p {
         Some(p) => p[i].to_f64(),
         None => default,
     }
+}
+
+/// A per-feature parameter of any element type (γ, β; PyTorch's mixed-type
+/// path passes f32 parameters with 16-bit inputs) widened to compute lanes
+/// once per call, or `default` everywhere when absent: the inner loops then
+/// read one array of lanes whatever the parameter's type.
+pub(crate) fn param_lanes<P: crate::Float, C: crate::float::Lane>(
+    op: &'static str,
+    arg: &'static str,
+    p: Option<&[P]>,
+    len: usize,
+    default: f64,
+) -> Result<Vec<C>> {
+    let mut out = crate::alloc::try_with_capacity(op, arg, len)?;
+    match p {
+        Some(p) => out.extend(p.iter().map(|v| C::of(v.to_f64()))),
+        None => out.resize(len, C::of(default)),
+    }
+    Ok(out)
 }

@@ -21,7 +21,7 @@
 //! In evaluation (running statistics, no update) nothing is communicated.
 
 use super::batch_norm::{
-    backward_input, batch_norm_backward_op, batch_norm_op, channel_grad_sums, channel_moments,
+    backward_input, batch_norm, batch_norm_backward, channel_grad_sums, channel_moments,
     check_args, normalize, update_running_from, BatchNormOptions, Running, StatsGradient,
 };
 use super::{check_param, check_view, Grads, NcsLayout, Saved};
@@ -51,7 +51,7 @@ pub fn sync_batch_norm<T: Float>(
     let update = options.update_running_stats && running.is_some();
     if !options.use_batch_stats && !update {
         // Evaluation: running statistics, no communication.
-        return batch_norm_op(OP, x, running, weight, bias, options);
+        return batch_norm(x, running, weight, bias, options).map_err(|e| e.with_op(OP));
     }
     let layout = check_args(OP, x.shape(), &running, weight, bias, options)?;
     check_view(OP, "x", x)?;
@@ -121,7 +121,8 @@ pub fn sync_batch_norm_backward<T: Float>(
     comm: &dyn Communicator,
 ) -> Result<Grads<T>> {
     if !batch_stats {
-        return batch_norm_backward_op(OP, x, dy, weight, with_bias, eps, saved, false);
+        return batch_norm_backward(x, dy, weight, with_bias, eps, saved, false)
+            .map_err(|e| e.with_op(OP));
     }
     let layout = NcsLayout::of(OP, x.shape(), 2)?;
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;

@@ -1,0 +1,204 @@
+//! Channel-wise kernels for a small spatial size (`[N, C]` BatchNorm1d input
+//! is `S = 1`): there a channel's slice is one or a few values, so per-slice
+//! loops would pay a call per value. These kernels walk whole samples (rows
+//! of `C·S` values) instead, with per-position lane accumulators
+//! ([`transform::add_positions`]) and per-position coefficients
+//! ([`PositionCoefs`]), so a row is one vector pass.
+//!
+//! Rows are grouped in blocks of [`ROWS_PER_BLOCK`] whose partial results
+//! are combined in block order, so results do not depend on the thread count.
+//! Statistics follow [`Moments`]: per block, a lane sum gives each position's
+//! shift, the sums centred on it are taken in lanes over [`FLUSH_ROWS`] rows
+//! and in f64 across them, and positions and blocks are merged with Chan's
+//! formula.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::parallel::min_units;
+use super::DxCoefficients;
+use crate::float::Lane;
+use crate::moments::Moments;
+use crate::simd::sums;
+use crate::simd::transform::{self, PositionCoefs};
+use crate::Float;
+
+/// Largest spatial size handled here: above it a channel's slice is long
+/// enough for the per-slice loops.
+pub(crate) const MAX_SPATIAL: usize = 8;
+
+/// Rows per reduction block: fixed, so results are identical for any
+/// number of threads.
+const ROWS_PER_BLOCK: usize = 64;
+
+/// Rows whose centred sums are added in lanes before joining the f64 sums:
+/// the 4-term lane sums of [`sums::SEGMENT`].
+const FLUSH_ROWS: usize = 4;
+
+/// Each channel's value repeated at its `s` positions, as lanes.
+fn expand<C: Lane>(per_channel: impl Iterator<Item = f64>, s: usize) -> Vec<C> {
+    per_channel
+        .flat_map(|v| std::iter::repeat(C::of(v)).take(s))
+        .collect()
+}
+
+/// `f64 += lanes`, lanes zeroed.
+fn flush<T: Float>(wide: &mut [f64], lanes: &mut [T::Lane]) {
+    sums::flush::<T>(wide, lanes);
+}
+
+/// Per-channel moments of `[N, C, S]`.
+pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
+    let row = c * s;
+    x.par_chunks(row * ROWS_PER_BLOCK)
+        .with_min_len(min_units(row * ROWS_PER_BLOCK))
+        .map(|block| {
+            let rows = block.len() / row;
+            let mut shift = vec![T::Lane::ZERO; row];
+            for r in block.chunks_exact(row) {
+                transform::sum_positions(r, &mut shift);
+            }
+            let scale = T::Lane::of(1.0 / rows as f64);
+            for v in &mut shift {
+                *v = *v * scale;
+            }
+            let (mut s1, mut s2) = (vec![T::Lane::ZERO; row], vec![T::Lane::ZERO; row]);
+            let (mut w1, mut w2) = (vec![0f64; row], vec![0f64; row]);
+            for (i, r) in block.chunks_exact(row).enumerate() {
+                transform::add_positions(r, None, &shift, &shift, &shift, &mut s1, &mut s2);
+                if (i + 1) % FLUSH_ROWS == 0 {
+                    flush::<T>(&mut w1, &mut s1);
+                    flush::<T>(&mut w2, &mut s2);
+                }
+            }
+            flush::<T>(&mut w1, &mut s1);
+            flush::<T>(&mut w2, &mut s2);
+            let (low, _) = T::Lane::SAFE_RANGE;
+            let count = rows as f64;
+            let position = |j: usize| {
+                let m = Moments::from_centred_sums(count, shift[j].wide(), w1[j], w2[j]);
+                if m.m2.is_finite() && m.m2 > count * low * low {
+                    m
+                } else {
+                    // Squares that overflow or underflow the lanes (or values
+                    // that are not finite): this position in f64, two passes.
+                    let values = || block.iter().skip(j).step_by(row).map(|v| v.to_f64());
+                    let mean = values().sum::<f64>() / count;
+                    let m2 = values().map(|v| (v - mean) * (v - mean)).sum();
+                    Moments { count, mean, m2 }
+                }
+            };
+            (0..c)
+                .map(|ch| {
+                    (ch * s..(ch + 1) * s).fold(Moments::EMPTY, |acc, j| acc.merge(position(j)))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![Moments::EMPTY; c], |acc, block| {
+            acc.into_iter()
+                .zip(block)
+                .map(|(a, b)| a.merge(b))
+                .collect()
+        })
+}
+
+/// The channel mean of every position as `(hi, lo)` lanes.
+fn split_means<C: Lane>(mean: &[f64], s: usize) -> (Vec<C>, Vec<C>) {
+    let hi: Vec<C> = expand(mean.iter().map(|&m| C::split(m).0.wide()), s);
+    let lo: Vec<C> = expand(mean.iter().map(|&m| C::split(m).1.wide()), s);
+    (hi, lo)
+}
+
+/// `y = (x - mean_c)·scale_c + shift_c`.
+pub(crate) fn normalize<T: Float>(
+    x: &[T],
+    y: &mut [MaybeUninit<T>],
+    (c, s): (usize, usize),
+    mean: &[f64],
+    scale: &[f64],
+    shift: &[f64],
+) {
+    let row = c * s;
+    let (hi, lo) = split_means(mean, s);
+    let k = PositionCoefs {
+        hi,
+        lo,
+        scale: expand(scale.iter().copied(), s),
+        shift: expand(shift.iter().copied(), s),
+        offset: Vec::new(),
+    };
+    x.par_chunks(row)
+        .zip(y.par_chunks_mut(row))
+        .with_min_len(min_units(row))
+        .for_each(|(xr, yr)| transform::normalize_positions(xr, yr, &k));
+}
+
+/// Per-channel `(Σdy, Σdy·x̂)` with `x̂ = (x - mean_c)·rstd_c`.
+pub(crate) fn grad_sums<T: Float>(
+    x: &[T],
+    dy: &[T],
+    (c, s): (usize, usize),
+    mean: &[f64],
+    rstd: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let row = c * s;
+    let (hi, lo) = split_means::<T::Lane>(mean, s);
+    let r: Vec<T::Lane> = expand(rstd.iter().copied(), s);
+    x.par_chunks(row * ROWS_PER_BLOCK)
+        .zip(dy.par_chunks(row * ROWS_PER_BLOCK))
+        .with_min_len(min_units(row * ROWS_PER_BLOCK))
+        .map(|(xb, db)| {
+            let (mut s1, mut s2) = (vec![T::Lane::ZERO; row], vec![T::Lane::ZERO; row]);
+            let (mut w1, mut w2) = (vec![0f64; row], vec![0f64; row]);
+            for (i, (xr, dr)) in xb.chunks_exact(row).zip(db.chunks_exact(row)).enumerate() {
+                transform::add_positions(xr, Some(dr), &hi, &lo, &r, &mut s1, &mut s2);
+                if (i + 1) % FLUSH_ROWS == 0 {
+                    flush::<T>(&mut w1, &mut s1);
+                    flush::<T>(&mut w2, &mut s2);
+                }
+            }
+            flush::<T>(&mut w1, &mut s1);
+            flush::<T>(&mut w2, &mut s2);
+            let per_channel =
+                |w: &[f64]| -> Vec<f64> { w.chunks_exact(s).map(|p| p.iter().sum()).collect() };
+            (per_channel(&w1), per_channel(&w2))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold((vec![0.0; c], vec![0.0; c]), |(mut a, mut b), (pa, pb)| {
+            for ch in 0..c {
+                a[ch] += pa[ch];
+                b[ch] += pb[ch];
+            }
+            (a, b)
+        })
+}
+
+/// `dx = rstd_c·(w_c·dy - mean_g,c) + b_c·(x - mean_c)`.
+pub(crate) fn input_grad<T: Float>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [MaybeUninit<T>],
+    (c, s): (usize, usize),
+    mean: &[f64],
+    weight: &[f64],
+    coefs: &[DxCoefficients],
+) {
+    let row = c * s;
+    let (hi, lo) = split_means(mean, s);
+    let k = PositionCoefs {
+        hi,
+        lo,
+        scale: expand(coefs.iter().map(|k| k.b), s),
+        shift: expand(coefs.iter().zip(weight).map(|(k, w)| k.rstd * w), s),
+        offset: expand(coefs.iter().map(|k| k.rstd * k.mean_g), s),
+    };
+    x.par_chunks(row)
+        .zip(dy.par_chunks(row))
+        .zip(dx.par_chunks_mut(row))
+        .with_min_len(min_units(row))
+        .for_each(|((xr, dr), or)| transform::input_grad_positions(xr, dr, or, &k));
+}

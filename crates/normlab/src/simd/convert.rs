@@ -1,0 +1,336 @@
+//! Widening 16-bit values to f32, narrowing f32 to 16 bits (round to
+//! nearest even), and writing a kernel's output values to memory.
+//!
+//! bf16 is the upper half of an f32, so it widens by a shift and narrows by
+//! adding the rounding bias to the bits. f16 converts with F16C
+//! (`vcvtph2ps`, `vcvtps2ph`) where the level has it, and otherwise with the
+//! bit-exact integer forms below, which round the same way: every level
+//! gives the same bits.
+
+use std::mem::MaybeUninit;
+
+use crate::float::Float;
+use crate::simd::Isa;
+
+/// bf16 bits as f32 (exact).
+#[inline(always)]
+pub fn bf16_bits_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// f32 to bf16 bits, round to nearest even: `(u + 0x7fff + lsb) >> 16`,
+/// where `lsb` is the lowest bit kept; a NaN stays a (quiet) NaN.
+#[inline(always)]
+pub fn f32_to_bf16_bits(v: f32) -> u16 {
+    let u = v.to_bits();
+    let rounded = (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((u >> 16) | 0x40) as u16;
+    if v.is_nan() {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+/// The bits of 2¹¹², which scales the f16 exponent bias (15) to f32's (127).
+const F16_TO_F32_SCALE_BITS: u32 = (127 + 112) << 23;
+
+/// f16 bits as f32 (exact), without branches: the exponent and mantissa
+/// bits moved into place (`em << 13`) read as an f32 that is the value
+/// times 2⁻¹¹², subnormals included; infinities and NaNs keep an all-ones
+/// exponent.
+#[inline(always)]
+pub fn f16_bits_to_f32(bits: u16) -> f32 {
+    let h = bits as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    let finite = f32::from_bits(em << 13) * f32::from_bits(F16_TO_F32_SCALE_BITS);
+    let special = f32::from_bits((em << 13) | 0x7f80_0000);
+    let magnitude = if em >= 0x7c00 { special } else { finite };
+    f32::from_bits(magnitude.to_bits() | sign)
+}
+
+/// f32 to f16 bits, round to nearest even, without branches (the method
+/// of F. Giesen's `float_to_half_fast3_rtne`):
+/// - |v| ≥ 2¹⁶: infinity, or a quiet NaN keeping the upper mantissa bits
+///   (as `vcvtps2ph` does);
+/// - |v| < 2⁻¹⁴ (f16 subnormal or zero): adding 0.5 (= 2⁻¹) aligns the ten
+///   mantissa bits at the bottom, rounded by the f32 addition itself;
+/// - otherwise: rebias the exponent, add `0xfff + lsb`, keep the top bits
+///   (a carry into the exponent rounds up to the next binade or to ∞).
+#[inline(always)]
+pub fn f32_to_f16_bits(v: f32) -> u16 {
+    const F16_OVERFLOW: u32 = (127 + 16) << 23;
+    const F16_MIN_NORMAL: u32 = (127 - 14) << 23;
+    const SUBNORMAL_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
+    const REBIAS: u32 = ((15 - 127) << 23) as u32;
+    let u = v.to_bits();
+    let sign = u & 0x8000_0000;
+    let a = u ^ sign;
+    let special = if a > 0x7f80_0000 {
+        0x7e00 | ((a >> 13) & 0x3ff)
+    } else {
+        0x7c00
+    };
+    let subnormal = (f32::from_bits(a) + f32::from_bits(SUBNORMAL_MAGIC))
+        .to_bits()
+        .wrapping_sub(SUBNORMAL_MAGIC);
+    let normal = a
+        .wrapping_add(REBIAS.wrapping_add(0xfff))
+        .wrapping_add((a >> 13) & 1)
+        >> 13;
+    let magnitude = if a >= F16_OVERFLOW {
+        special
+    } else if a < F16_MIN_NORMAL {
+        subnormal
+    } else {
+        normal
+    };
+    (magnitude | (sign >> 16)) as u16
+}
+
+/// f16 values widened into `dst`: with F16C eight at a time where level
+/// `L` has it, else with [`f16_bits_to_f32`].
+#[inline(always)]
+pub fn widen_f16<L: Isa>(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if L::F16C {
+        // SAFETY: `L::F16C` is true only in code compiled for, and
+        // dispatched to, levels whose CPUs have F16C (see `simd_fn!`).
+        unsafe { widen_f16_f16c(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f16_bits_to_f32(s.to_bits());
+    }
+}
+
+/// f32 values rounded into f16 slots: with F16C eight at a time where
+/// level `L` has it, else with [`f32_to_f16_bits`].
+#[inline(always)]
+pub fn narrow_f16<L: Isa>(src: &[f32], dst: &mut [MaybeUninit<half::f16>]) {
+    #[cfg(target_arch = "x86_64")]
+    if L::F16C {
+        // SAFETY: as in `widen_f16`.
+        unsafe { narrow_f16_f16c(src, dst) };
+        return;
+    }
+    for (d, &v) in dst.iter_mut().zip(src) {
+        d.write(half::f16::from_bits(f32_to_f16_bits(v)));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let len = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= len {
+        // SAFETY: eight values are in bounds of both slices at `i`.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const _);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for k in i..len {
+        dst[k] = f16_bits_to_f32(src[k].to_bits());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn narrow_f16_f16c(src: &[f32], dst: &mut [MaybeUninit<half::f16>]) {
+    use std::arch::x86_64::{
+        _mm256_cvtps_ph, _mm256_loadu_ps, _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
+    };
+    let len = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= len {
+        // SAFETY: eight values are in bounds of both slices at `i`.
+        unsafe {
+            let v = _mm256_loadu_ps(src.as_ptr().add(i));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut _, h);
+        }
+        i += 8;
+    }
+    for k in i..len {
+        dst[k].write(half::f16::from_bits(f32_to_f16_bits(src[k])));
+    }
+}
+
+/// How a kernel's output values reach memory.
+///
+/// A normal store first reads the cache line it writes into (read for
+/// ownership), so an output costs two memory transfers; a non-temporal
+/// (streaming) store writes the line without reading it and without evicting
+/// the input from the caches. Streaming pays off for outputs too large to be
+/// read back from cache anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Ordinary stores.
+    Cached,
+    /// Non-temporal stores (x86-64), ordinary ones elsewhere.
+    Streaming,
+}
+
+/// Outputs at least this large (bytes) are written with streaming stores:
+/// below it (in the 32 MiB of last-level cache an L2 + L3 of this machine
+/// kind offers to two cores) the output is likely still cached when the
+/// next op reads it.
+pub const STREAMING_MIN_BYTES: usize = 16 << 20;
+
+impl Store {
+    /// Streaming for an output of `len` values of `T` of [`STREAMING_MIN_BYTES`] or more.
+    pub fn for_output<T>(len: usize) -> Self {
+        if len.saturating_mul(std::mem::size_of::<T>()) >= STREAMING_MIN_BYTES {
+            Store::Streaming
+        } else {
+            Store::Cached
+        }
+    }
+}
+
+/// Makes streaming stores visible before anyone reads them (they are weakly
+/// ordered); nothing for ordinary stores.
+#[inline]
+pub fn fence(store: Store) {
+    #[cfg(target_arch = "x86_64")]
+    if store == Store::Streaming {
+        // SAFETY: SSE is part of the x86-64 baseline.
+        unsafe { std::arch::x86_64::_mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = store;
+}
+
+/// Values of `out` before its first 16-byte boundary (all of them when it
+/// is shorter), which streaming stores cannot write.
+#[inline(always)]
+pub fn unaligned_head<T>(out: &[MaybeUninit<T>]) -> usize {
+    let size = std::mem::size_of::<T>().max(1);
+    ((16 - (out.as_ptr() as usize) % 16) % 16 / size).min(out.len())
+}
+
+/// Largest block of values [`write`] narrows at once.
+pub const MAX_BLOCK: usize = 512;
+
+/// Narrows lane `values` into `out` (same length) and stores them: with
+/// streaming stores, 16 bytes at a time, when `store` says so and `out` is
+/// 16-byte aligned; the rest (and everything else) with ordinary ones.
+/// Streaming stores are left unfenced ([`fence`] when done).
+#[inline(always)]
+pub fn write<T: Float, L: Isa>(out: &mut [MaybeUninit<T>], values: &[T::Lane], store: Store) {
+    #[cfg(target_arch = "x86_64")]
+    if store == Store::Streaming
+        && (out.as_ptr() as usize) % 16 == 0
+        && values.len() <= MAX_BLOCK
+        && std::mem::size_of::<T>() <= 16
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let mut narrowed = [MaybeUninit::<T>::uninit(); MAX_BLOCK];
+        let narrowed = &mut narrowed[..values.len()];
+        T::narrow::<L>(values, narrowed);
+        let bytes = std::mem::size_of_val(narrowed);
+        let (src, dst) = (narrowed.as_ptr() as *const u8, out.as_mut_ptr() as *mut u8);
+        let mut at = 0;
+        while at + 16 <= bytes {
+            // SAFETY: `dst + at` is 16-byte aligned and 16 bytes are in bounds
+            // of both buffers (same length in bytes); every byte of `src` up to
+            // `bytes` was written by `narrow`. SSE2 is part of the x86-64 baseline.
+            unsafe {
+                let v = _mm_loadu_si128(src.add(at) as *const __m128i);
+                _mm_stream_si128(dst.add(at) as *mut __m128i, v);
+            }
+            at += 16;
+        }
+        // The last values (fewer than 16 bytes) with ordinary stores.
+        // SAFETY: the same ranges as above, below `bytes`.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(at), dst.add(at), bytes - at) };
+        return;
+    }
+    let _ = store;
+    T::narrow::<L>(values, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalar_conversions_agree_with_half_on_every_bf16_and_f16() {
+        for bits in 0..=u16::MAX {
+            let h = half::f16::from_bits(bits);
+            let w = f16_bits_to_f32(bits);
+            assert!(w.to_bits() == h.to_f32().to_bits() || (w.is_nan() && h.is_nan()));
+            if !h.is_nan() {
+                assert_eq!(f32_to_f16_bits(w), bits);
+            }
+            let b = half::bf16::from_bits(bits);
+            let wb = bf16_bits_to_f32(bits);
+            // A NaN widens with its payload (half quiets signalling ones).
+            assert!(wb.to_bits() == b.to_f32().to_bits() || (wb.is_nan() && b.is_nan()));
+            if !b.is_nan() {
+                assert_eq!(f32_to_bf16_bits(wb), bits);
+            }
+        }
+        // Halfway cases and the neighbours of every rounding boundary.
+        let mut state = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let v = f32::from_bits(state);
+            if v.is_nan() {
+                continue;
+            }
+            assert_eq!(
+                f32_to_f16_bits(v),
+                half::f16::from_f32(v).to_bits(),
+                "{v:e}"
+            );
+            assert_eq!(
+                f32_to_bf16_bits(v),
+                half::bf16::from_f32(v).to_bits(),
+                "{v:e}"
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16c_and_scalar_conversions_give_the_same_bits() {
+        if !is_x86_feature_detected!("f16c") {
+            return;
+        }
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut hw = vec![0f32; all.len()];
+        // SAFETY: F16C checked above.
+        unsafe { widen_f16_f16c(&all, &mut hw) };
+        for (h, w) in all.iter().zip(&hw) {
+            let s = f16_bits_to_f32(h.to_bits());
+            assert!(s.to_bits() == w.to_bits() || (s.is_nan() && w.is_nan()));
+        }
+        let mut state = 0x9e37_79b9u32;
+        let values: Vec<f32> = (0..100_003)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                f32::from_bits(state)
+            })
+            .collect();
+        let mut narrowed = vec![MaybeUninit::<half::f16>::uninit(); values.len()];
+        // SAFETY: F16C checked above.
+        unsafe { narrow_f16_f16c(&values, &mut narrowed) };
+        for (v, n) in values.iter().zip(&narrowed) {
+            // SAFETY: every slot was written.
+            let n = unsafe { n.assume_init() };
+            assert_eq!(n.to_bits(), f32_to_f16_bits(*v), "{v:e}");
+        }
+    }
+}

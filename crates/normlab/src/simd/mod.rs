@@ -1,0 +1,194 @@
+//! The kernels' inner loops and their run-time SIMD dispatch.
+//!
+//! Hot loops are written once as plain Rust over fixed-width lane arrays,
+//! which LLVM turns into vector code, generic over the element type, and
+//! compiled several times by [`simd_fn!`]: for the baseline target (the
+//! scalar path, always compiled), with AVX2+FMA+F16C, and with AVX-512.
+//! Elements of every storage type are widened to their compute lanes
+//! ([`crate::float::Lane`]: f32 for f32, bf16 and f16; f64 for f64) in
+//! registers and narrowed once on store, round to nearest even:
+//! - [`convert`]: widening, narrowing and (streaming) stores;
+//! - [`sums`]: the reductions (centred moments sums, gradient sums);
+//! - [`transform`]: the element-wise passes (normalize, input gradient);
+//! - [`lrn`]: Local Response Normalization's window loops.
+//!
+//! Each call picks the best level the CPU has (detected once), unless a level is forced with [`force`] — tests use
+//! that to run every path, and `normlab bench` to compare them.
+//!
+//! Every level performs the same floating-point operations in the same
+//! order (no fused multiply-add is introduced, reductions use the same lane
+//! layout, F16C and the scalar conversions round alike), so all paths give
+//! bit-identical results.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+pub mod convert;
+pub mod lrn;
+pub mod sums;
+pub mod transform;
+
+/// A SIMD instruction-set level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    /// The baseline target, no run-time features.
+    Scalar,
+    /// AVX2 with FMA and F16C (x86-64).
+    Avx2,
+    /// AVX-512 F/BW/VL (x86-64).
+    Avx512,
+}
+
+impl SimdLevel {
+    /// Lower-case name (`scalar`, `avx2`, `avx512`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The best level this CPU supports (detected once).
+pub fn detected() -> SimdLevel {
+    static DETECTED: OnceLock<SimdLevel> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+            {
+                return SimdLevel::Avx512;
+            }
+            if avx2 {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Scalar
+    })
+}
+
+/// Every level this CPU can run, lowest first.
+pub fn available() -> Vec<SimdLevel> {
+    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+        .into_iter()
+        .filter(|&l| l <= detected())
+        .collect()
+}
+
+const NOT_FORCED: u8 = u8::MAX;
+static FORCED: AtomicU8 = AtomicU8::new(NOT_FORCED);
+
+/// Forces a level for every later call (`None`: back to the detected one).
+/// A level above what the CPU supports is lowered to [`detected`].
+pub fn force(level: Option<SimdLevel>) {
+    let v = level.map_or(NOT_FORCED, |l| l.min(detected()) as u8);
+    FORCED.store(v, Ordering::Relaxed);
+}
+
+/// The level calls use now.
+#[inline]
+pub fn active() -> SimdLevel {
+    match FORCED.load(Ordering::Relaxed) {
+        0 => SimdLevel::Scalar,
+        1 => SimdLevel::Avx2,
+        2 => SimdLevel::Avx512,
+        _ => detected(),
+    }
+}
+
+/// An instruction-set level as a type, so that a kernel body compiled for
+/// one level can ask at compile time what that level has (the 16-bit
+/// conversions use F16C only where it is there).
+pub trait Isa: Copy + 'static {
+    /// F16C (`vcvtph2ps`, `vcvtps2ph`) may be used.
+    const F16C: bool;
+}
+
+/// [`SimdLevel::Scalar`] as a type.
+#[derive(Clone, Copy, Debug)]
+pub struct Baseline;
+/// [`SimdLevel::Avx2`] as a type (AVX2, FMA, F16C).
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2;
+/// [`SimdLevel::Avx512`] as a type (AVX-512 F/BW/VL, AVX2, FMA, F16C).
+#[derive(Clone, Copy, Debug)]
+pub struct Avx512;
+
+impl Isa for Baseline {
+    const F16C: bool = false;
+}
+impl Isa for Avx2 {
+    const F16C: bool = true;
+}
+impl Isa for Avx512 {
+    const F16C: bool = true;
+}
+
+/// Defines a function generic over an element type `T: Float`, whose body
+/// is compiled once per [`SimdLevel`] with that level's target features and
+/// the level's [`Isa`] type bound to the name in brackets; each call
+/// dispatches on [`active`].
+///
+/// ```text
+/// simd_fn! { pub fn name<T: Float>[L](x: &[T]) -> f64 { … T::lanes::<L>(…) … } }
+/// ```
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$t:ident: $bound:path>[$l:ident]($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[inline]
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments, clippy::extra_unused_type_parameters)]
+            fn body<$l: $crate::simd::Isa, $t: $bound>($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+                body::<$crate::simd::Avx2, $t>($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
+                body::<$crate::simd::Avx512, $t>($($arg),*)
+            }
+
+            match $crate::simd::active() {
+                // SAFETY: `active` never returns a level above `detected`,
+                // so the CPU has the features these variants were compiled for.
+                #[cfg(target_arch = "x86_64")]
+                $crate::simd::SimdLevel::Avx512 => unsafe { avx512::<$t>($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::simd::SimdLevel::Avx2 => unsafe { avx2::<$t>($($arg),*) },
+                _ => body::<$crate::simd::Baseline, $t>($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forcing_never_exceeds_the_cpu() {
+        force(Some(SimdLevel::Avx512));
+        assert!(active() <= detected());
+        force(Some(SimdLevel::Scalar));
+        assert_eq!(active(), SimdLevel::Scalar);
+        force(None);
+        assert_eq!(active(), detected());
+        assert_eq!(available()[0], SimdLevel::Scalar);
+    }
+}
