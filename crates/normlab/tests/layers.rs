@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use normlab::layers::prelude::*;
 use normlab::layers::{
     BatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, LocalResponseNormConfig,
     RmsNormConfig,

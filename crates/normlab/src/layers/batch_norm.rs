@@ -1,13 +1,13 @@
 //! `BatchNorm`: PyTorch's `BatchNorm1d/2d/3d` in one layer (`[N, C, *]`).
 
 use super::{
-    check_channels, impl_affine_access, impl_eps_builders, impl_running_access,
-    impl_running_builders, impl_state_dict, Affine, Mode, Output, RunningStats,
+    check_channels, impl_affine_access, impl_running_access, impl_state_dict, Affine,
+    ChannelNormConfig, EpsConfig, Mode, Output, RunningConfig, RunningStats,
 };
 use crate::kernels::batch_norm::{batch_norm, batch_norm_backward, BatchNormOptions};
 use crate::kernels::Grads;
 use crate::state::{StateDict, StateTensor, StateView};
-use crate::{Epsilon, Float, Momentum, Result, RunningVarEstimator, Tensor};
+use crate::{Epsilon, Float, Result, Tensor};
 
 const OP: &str = "batch_norm";
 
@@ -22,14 +22,9 @@ pub struct BatchNormConfig {
     pub num_features: usize,
     /// ε = 1e-5 inside the square root.
     pub eps: Epsilon,
-    /// Exponential 0.1.
-    pub momentum: Momentum,
-    /// Unbiased batch variance into `running_var`.
-    pub running_var: RunningVarEstimator,
-    /// Learnable γ, β (true).
-    pub affine: bool,
-    /// Keep running statistics (true).
-    pub track_running_stats: bool,
+    /// Momentum 0.1, unbiased batch variance into `running_var`, learnable
+    /// γ and β, running statistics kept.
+    pub running: RunningConfig,
 }
 
 impl BatchNormConfig {
@@ -38,10 +33,7 @@ impl BatchNormConfig {
         Self {
             num_features,
             eps: Epsilon::default(),
-            momentum: Momentum::default(),
-            running_var: RunningVarEstimator::Unbiased,
-            affine: true,
-            track_running_stats: true,
+            running: RunningConfig::default(),
         }
     }
 
@@ -51,11 +43,13 @@ impl BatchNormConfig {
     /// Invalid ε or momentum.
     pub fn init<T: Float>(&self) -> Result<BatchNorm<T>> {
         self.eps.validate(OP)?;
-        self.momentum.validate(OP)?;
+        self.running.momentum.validate(OP)?;
+        let affine = self.running.affine;
         Ok(BatchNorm {
             config: self.clone(),
-            affine: Affine::new(&[self.num_features], self.affine, self.affine)?,
+            affine: Affine::new(&[self.num_features], affine, affine)?,
             running: self
+                .running
                 .track_running_stats
                 .then(|| RunningStats::new(self.num_features))
                 .transpose()?,
@@ -66,8 +60,17 @@ impl BatchNormConfig {
     }
 }
 
-impl_eps_builders!(BatchNormConfig);
-impl_running_builders!(BatchNormConfig);
+impl EpsConfig for BatchNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
+
+impl ChannelNormConfig for BatchNormConfig {
+    fn running_config_mut(&mut self) -> &mut RunningConfig {
+        &mut self.running
+    }
+}
 
 /// Batch normalization with running statistics.
 ///
@@ -126,8 +129,8 @@ impl<T: Float> BatchNorm<T> {
             use_batch_stats: self.uses_batch_stats(),
             update_running_stats: self.updates_running_stats(),
             eps: self.config.eps,
-            momentum: self.config.momentum,
-            running_var: self.config.running_var,
+            momentum: self.config.running.momentum,
+            running_var: self.config.running.running_var,
         }
     }
 

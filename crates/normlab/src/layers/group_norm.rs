@@ -1,9 +1,6 @@
 //! `GroupNorm`: PyTorch's `nn.GroupNorm(num_groups, num_channels, eps, affine)`.
 
-use super::{
-    check_channels, impl_affine_access, impl_affine_builder, impl_eps_builders, impl_state_dict,
-    Affine, Output,
-};
+use super::{check_channels, impl_affine_access, impl_state_dict, Affine, EpsConfig, Output};
 use crate::kernels::group_norm::{group_norm, group_norm_backward, GroupLayout};
 use crate::kernels::{Grads, NcsLayout};
 use crate::state::{StateDict, StateTensor, StateView};
@@ -39,6 +36,12 @@ impl GroupNormConfig {
         }
     }
 
+    /// Turns γ, β on or off.
+    pub fn with_affine(mut self, affine: bool) -> Self {
+        self.affine = affine;
+        self
+    }
+
     /// Builds the layer: γ = 1, β = 0.
     ///
     /// # Errors
@@ -58,8 +61,11 @@ impl GroupNormConfig {
     }
 }
 
-impl_eps_builders!(GroupNormConfig);
-impl_affine_builder!(GroupNormConfig);
+impl EpsConfig for GroupNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
 
 /// Group normalization.
 ///

@@ -1,14 +1,14 @@
 //! `InstanceNorm`: PyTorch's `InstanceNorm1d/2d/3d` in one layer (`[N, C, *]`).
 
 use super::{
-    check_channels, impl_affine_access, impl_eps_builders, impl_running_access,
-    impl_running_builders, impl_state_dict, Affine, Mode, Output, RunningStats,
+    check_channels, impl_affine_access, impl_running_access, impl_state_dict, Affine,
+    ChannelNormConfig, EpsConfig, Mode, Output, RunningConfig, RunningStats,
 };
 use crate::kernels::batch_norm::BatchNormOptions;
 use crate::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use crate::kernels::Grads;
 use crate::state::{StateDict, StateTensor, StateView};
-use crate::{Epsilon, Float, Momentum, Result, RunningVarEstimator, Tensor};
+use crate::{Epsilon, Float, Result, Tensor};
 
 const OP: &str = "instance_norm";
 
@@ -24,14 +24,9 @@ pub struct InstanceNormConfig {
     pub num_features: usize,
     /// ε = 1e-5 inside the square root.
     pub eps: Epsilon,
-    /// Exponential 0.1.
-    pub momentum: Momentum,
-    /// Unbiased instance variance into `running_var`.
-    pub running_var: RunningVarEstimator,
-    /// Learnable γ, β (false).
-    pub affine: bool,
-    /// Keep running statistics (false).
-    pub track_running_stats: bool,
+    /// Momentum 0.1, unbiased instance variance into `running_var`; no γ
+    /// and β, no running statistics.
+    pub running: RunningConfig,
 }
 
 impl InstanceNormConfig {
@@ -40,10 +35,11 @@ impl InstanceNormConfig {
         Self {
             num_features,
             eps: Epsilon::default(),
-            momentum: Momentum::default(),
-            running_var: RunningVarEstimator::Unbiased,
-            affine: false,
-            track_running_stats: false,
+            running: RunningConfig {
+                affine: false,
+                track_running_stats: false,
+                ..RunningConfig::default()
+            },
         }
     }
 
@@ -53,11 +49,13 @@ impl InstanceNormConfig {
     /// Invalid ε or momentum.
     pub fn init<T: Float>(&self) -> Result<InstanceNorm<T>> {
         self.eps.validate(OP)?;
-        self.momentum.validate(OP)?;
+        self.running.momentum.validate(OP)?;
+        let affine = self.running.affine;
         Ok(InstanceNorm {
             config: self.clone(),
-            affine: Affine::new(&[self.num_features], self.affine, self.affine)?,
+            affine: Affine::new(&[self.num_features], affine, affine)?,
             running: self
+                .running
                 .track_running_stats
                 .then(|| RunningStats::new(self.num_features))
                 .transpose()?,
@@ -66,8 +64,17 @@ impl InstanceNormConfig {
     }
 }
 
-impl_eps_builders!(InstanceNormConfig);
-impl_running_builders!(InstanceNormConfig);
+impl EpsConfig for InstanceNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
+
+impl ChannelNormConfig for InstanceNormConfig {
+    fn running_config_mut(&mut self) -> &mut RunningConfig {
+        &mut self.running
+    }
+}
 
 /// Instance normalization, optionally with running statistics used in
 /// evaluation.
@@ -100,8 +107,8 @@ impl<T: Float> InstanceNorm<T> {
             use_batch_stats: train || self.running.is_none(),
             update_running_stats: train,
             eps: self.config.eps,
-            momentum: self.config.momentum,
-            running_var: self.config.running_var,
+            momentum: self.config.running.momentum,
+            running_var: self.config.running.running_var,
         };
         let running = self.running.as_mut().map(RunningStats::as_mut);
         let (y, saved) = instance_norm(

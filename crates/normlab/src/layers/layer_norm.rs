@@ -1,8 +1,6 @@
 //! `LayerNorm`: PyTorch's `nn.LayerNorm(normalized_shape, eps, elementwise_affine, bias)`.
 
-use super::{
-    impl_affine_access, impl_eps_builders, impl_state_dict, trailing_axis, Affine, Output,
-};
+use super::{impl_affine_access, impl_state_dict, trailing_axis, Affine, EpsConfig, Output};
 use crate::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use crate::kernels::Grads;
 use crate::state::{StateDict, StateTensor, StateView};
@@ -71,7 +69,11 @@ impl LayerNormConfig {
     }
 }
 
-impl_eps_builders!(LayerNormConfig);
+impl EpsConfig for LayerNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
 
 /// Layer normalization over the trailing `normalized_shape`.
 ///

@@ -11,6 +11,7 @@
 //! `dweight`/`dbias` are `None` for absent or frozen parameters.
 
 mod batch_norm;
+mod channel;
 mod group_norm;
 mod instance_norm;
 mod layer_norm;
@@ -19,6 +20,7 @@ mod rms_norm;
 mod sync_batch_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormConfig};
+pub use channel::{ChannelNormConfig, RunningConfig};
 pub use group_norm::{GroupNorm, GroupNormConfig};
 pub use instance_norm::{InstanceNorm, InstanceNormConfig};
 pub use layer_norm::{LayerNorm, LayerNormConfig};
@@ -29,7 +31,14 @@ pub use sync_batch_norm::SyncBatchNorm;
 use crate::kernels::batch_norm::RunningStatsMut;
 use crate::kernels::{Grads, Saved};
 use crate::state::{StateTensor, StateView};
-use crate::{Float, NormError, Result, Tensor};
+use crate::{EpsPlacement, Epsilon, Float, NormError, Result, Tensor};
+
+/// The traits whose methods the layers and their configs are used through:
+/// `use normlab::layers::prelude::*;`.
+pub mod prelude {
+    pub use super::{ChannelNormConfig, EpsConfig};
+    pub use crate::state::StateDict;
+}
 
 /// Training or evaluation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,6 +60,26 @@ pub struct Output<T> {
     /// Whether the statistics came from the input (then the gradient flows
     /// through them) or from running statistics (constants).
     pub input_stats: bool,
+}
+
+/// The ε builders of a config with an [`Epsilon`] (every config but
+/// [`RmsNormConfig`], whose default ε depends on the element type, and
+/// [`LocalResponseNormConfig`], which has none).
+pub trait EpsConfig: Sized {
+    /// The ε this config builds its layer with.
+    fn eps_mut(&mut self) -> &mut Epsilon;
+
+    /// Sets ε (inside the square root unless [`Self::with_eps_placement`] says otherwise).
+    fn with_eps(mut self, eps: f64) -> Self {
+        self.eps_mut().value = eps;
+        self
+    }
+
+    /// Sets where ε goes.
+    fn with_eps_placement(mut self, placement: EpsPlacement) -> Self {
+        self.eps_mut().placement = placement;
+        self
+    }
 }
 
 /// Optional learnable scale γ (`weight`) and shift β (`bias`).
@@ -343,65 +372,3 @@ macro_rules! impl_running_access {
     };
 }
 pub(crate) use impl_running_access;
-
-/// `with_eps` and `with_eps_placement` on a config with an `eps: Epsilon` field.
-macro_rules! impl_eps_builders {
-    ($config:ident) => {
-        impl $config {
-            /// Sets ε (inside the square root unless [`Self::with_eps_placement`] says otherwise).
-            pub fn with_eps(mut self, eps: f64) -> Self {
-                self.eps.value = eps;
-                self
-            }
-
-            /// Sets where ε goes.
-            pub fn with_eps_placement(mut self, placement: crate::EpsPlacement) -> Self {
-                self.eps.placement = placement;
-                self
-            }
-        }
-    };
-}
-pub(crate) use impl_eps_builders;
-
-/// `with_affine` on a config with an `affine: bool` field.
-macro_rules! impl_affine_builder {
-    ($config:ident) => {
-        impl $config {
-            /// Turns γ, β on or off.
-            pub fn with_affine(mut self, affine: bool) -> Self {
-                self.affine = affine;
-                self
-            }
-        }
-    };
-}
-pub(crate) use impl_affine_builder;
-
-/// Builders of the running-statistics options (BatchNorm, InstanceNorm).
-macro_rules! impl_running_builders {
-    ($config:ident) => {
-        crate::layers::impl_affine_builder!($config);
-
-        impl $config {
-            /// Sets the momentum.
-            pub fn with_momentum(mut self, momentum: Momentum) -> Self {
-                self.momentum = momentum;
-                self
-            }
-
-            /// Sets the running-variance estimator.
-            pub fn with_running_var(mut self, estimator: RunningVarEstimator) -> Self {
-                self.running_var = estimator;
-                self
-            }
-
-            /// Turns running statistics on or off.
-            pub fn with_track_running_stats(mut self, track: bool) -> Self {
-                self.track_running_stats = track;
-                self
-            }
-        }
-    };
-}
-pub(crate) use impl_running_builders;
