@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use arbitrary::{self, Unstructured};
+use normlab::layers::prelude::*;
 use normlab::layers::{
     BatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, LocalResponseNormConfig,
     RmsNormConfig,

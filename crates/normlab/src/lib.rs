@@ -13,7 +13,8 @@
 //! - [`moments`]: the one stable mean/variance algorithm they all use.
 //!
 //! ```
-//! use normlab::{Mode, Tensor, layers::BatchNormConfig};
+//! use normlab::layers::{prelude::*, BatchNormConfig};
+//! use normlab::{Mode, Tensor};
 //! let mut bn = BatchNormConfig::new(2).init::<f32>().unwrap();
 //! let x = Tensor::new(vec![2, 2], vec![1.0, 10.0, 3.0, 30.0]).unwrap();
 //! let out = bn.forward(&x).unwrap();                  // training: batch statistics

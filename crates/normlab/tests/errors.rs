@@ -10,6 +10,7 @@ use normlab::kernels::instance_norm::instance_norm;
 use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use normlab::kernels::lrn::{lrn, LrnOptions};
 use normlab::kernels::rms_norm::rms_norm;
+use normlab::layers::prelude::*;
 use normlab::layers::{
     BatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, RmsNormConfig,
 };

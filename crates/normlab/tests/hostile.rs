@@ -15,6 +15,7 @@ use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward, LrnOptions};
 use normlab::kernels::rms_norm::{rms_norm, rms_norm_backward};
 use normlab::kernels::{NcsLayout, Saved};
+use normlab::layers::prelude::*;
 use normlab::layers::{BatchNormConfig, InstanceNormConfig, LayerNormConfig};
 use normlab::state::{self, StateDict, StateFile};
 use normlab::{Epsilon, NormError, Tensor, View};

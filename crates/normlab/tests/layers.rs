@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use normlab::layers::prelude::*;
 use normlab::layers::{
     BatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, LocalResponseNormConfig,
     RmsNormConfig,
@@ -142,6 +143,34 @@ fn the_three_switches_are_independent() {
         .backward(&x, &out, &Tensor::full(x.shape(), 1.0).unwrap())
         .unwrap();
     assert!(g.dweight.is_some() && g.dbias.is_some());
+}
+
+#[test]
+fn instance_norm_has_the_switches_of_batch_norm() {
+    let x = normal(&mut rng(4), &[3, 2, 4], 2.0, 1.5);
+    let mut inorm = InstanceNormConfig::new(2)
+        .with_track_running_stats(true)
+        .with_affine(true)
+        .init::<f64>()
+        .unwrap();
+    // Instance statistics without updating the running ones.
+    inorm.set_update_running_stats(Some(false));
+    assert!(inorm.forward(&x).unwrap().input_stats);
+    assert_eq!(inorm.num_batches_tracked(), Some(0));
+    assert_eq!(inorm.running_var().unwrap(), &[1.0, 1.0]);
+    // Instance statistics in evaluation, which updates nothing.
+    inorm.set_update_running_stats(None);
+    inorm.set_mode(Mode::Eval);
+    inorm.set_use_batch_stats(Some(true));
+    let out = inorm.forward(&x).unwrap();
+    assert!(out.input_stats && inorm.uses_batch_stats());
+    assert_eq!(inorm.num_batches_tracked(), Some(0));
+    // Frozen γ/β: no parameter gradients.
+    inorm.set_affine_trainable(false);
+    let g = inorm
+        .backward(&x, &out, &Tensor::full(x.shape(), 1.0).unwrap())
+        .unwrap();
+    assert!(g.dweight.is_none() && g.dbias.is_none());
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use normlab::layers::prelude::*;
 use normlab::layers::{BatchNormConfig, SyncBatchNorm};
 use normlab::{Communicator, Mode, NormError, Tensor, ThreadGroup};
 

@@ -14,6 +14,7 @@
 
 use std::process::ExitCode;
 
+use normlab::layers::prelude::*;
 use normlab::layers::{BatchNormConfig, SyncBatchNorm};
 use normlab::Tensor;
 

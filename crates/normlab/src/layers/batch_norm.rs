@@ -1,13 +1,13 @@
 //! `BatchNorm`: PyTorch's `BatchNorm1d/2d/3d` in one layer (`[N, C, *]`).
 
 use super::{
-    check_channels, impl_affine_access, impl_eps_builders, impl_running_access,
-    impl_running_builders, impl_state_dict, Affine, Mode, Output, RunningStats,
+    check_channels, Affine, ChannelNorm, ChannelNormConfig, ChannelState, EpsConfig, Output,
+    Parameters, RunningConfig,
 };
-use crate::kernels::batch_norm::{batch_norm, batch_norm_backward, BatchNormOptions};
+use crate::kernels::batch_norm::{batch_norm, batch_norm_backward};
 use crate::kernels::Grads;
 use crate::state::{StateDict, StateTensor, StateView};
-use crate::{Epsilon, Float, Momentum, Result, RunningVarEstimator, Tensor};
+use crate::{Epsilon, Float, Result, Tensor};
 
 const OP: &str = "batch_norm";
 
@@ -22,14 +22,9 @@ pub struct BatchNormConfig {
     pub num_features: usize,
     /// ε = 1e-5 inside the square root.
     pub eps: Epsilon,
-    /// Exponential 0.1.
-    pub momentum: Momentum,
-    /// Unbiased batch variance into `running_var`.
-    pub running_var: RunningVarEstimator,
-    /// Learnable γ, β (true).
-    pub affine: bool,
-    /// Keep running statistics (true).
-    pub track_running_stats: bool,
+    /// Momentum 0.1, unbiased batch variance into `running_var`, learnable
+    /// γ and β, running statistics kept.
+    pub running: RunningConfig,
 }
 
 impl BatchNormConfig {
@@ -38,10 +33,7 @@ impl BatchNormConfig {
         Self {
             num_features,
             eps: Epsilon::default(),
-            momentum: Momentum::default(),
-            running_var: RunningVarEstimator::Unbiased,
-            affine: true,
-            track_running_stats: true,
+            running: RunningConfig::default(),
         }
     }
 
@@ -50,85 +42,47 @@ impl BatchNormConfig {
     /// # Errors
     /// Invalid ε or momentum.
     pub fn init<T: Float>(&self) -> Result<BatchNorm<T>> {
-        self.eps.validate(OP)?;
-        self.momentum.validate(OP)?;
         Ok(BatchNorm {
             config: self.clone(),
-            affine: Affine::new(&[self.num_features], self.affine, self.affine)?,
-            running: self
-                .track_running_stats
-                .then(|| RunningStats::new(self.num_features))
-                .transpose()?,
-            mode: Mode::Train,
-            use_batch_stats: None,
-            update_running_stats: None,
+            state: ChannelState::new(OP, self.num_features, self.eps, &self.running)?,
         })
     }
 }
 
-impl_eps_builders!(BatchNormConfig);
-impl_running_builders!(BatchNormConfig);
+impl EpsConfig for BatchNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
+
+impl ChannelNormConfig for BatchNormConfig {
+    fn running_config_mut(&mut self) -> &mut RunningConfig {
+        &mut self.running
+    }
+}
 
 /// Batch normalization with running statistics.
 ///
-/// In [`Mode::Train`] it normalizes with batch statistics and updates the
-/// running ones; in [`Mode::Eval`] it normalizes with the running ones (or
-/// with batch statistics when it tracks none, as PyTorch). Both choices can
-/// be overridden independently ([`Self::set_use_batch_stats`],
-/// [`Self::set_update_running_stats`]), and γ/β can be frozen
-/// ([`Self::set_affine_trainable`]).
+/// In [`crate::Mode::Train`] it normalizes with batch statistics and
+/// updates the running ones; in [`crate::Mode::Eval`] it normalizes with the
+/// running ones (or with batch statistics when it tracks none, as PyTorch).
+/// Both choices can be overridden independently, and γ/β can be frozen: the
+/// mode, running statistics and overrides are those of every per-channel
+/// layer ([`ChannelNorm`]), γ and β those of every layer with parameters
+/// ([`Parameters`]).
 ///
 /// # Shapes
 /// `x`, `y`: `[N, C, *]`; `weight`, `bias`, `running_mean`, `running_var`: `[C]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchNorm<T> {
-    config: BatchNormConfig,
-    pub(crate) affine: Affine<T>,
-    pub(crate) running: Option<RunningStats<T>>,
-    mode: Mode,
-    use_batch_stats: Option<bool>,
-    update_running_stats: Option<bool>,
+    pub(super) config: BatchNormConfig,
+    pub(super) state: ChannelState<T>,
 }
 
 impl<T: Float> BatchNorm<T> {
     /// The configuration it was built with.
     pub fn config(&self) -> &BatchNormConfig {
         &self.config
-    }
-
-    /// Forces batch statistics on or off (`None`: follow the mode).
-    pub fn set_use_batch_stats(&mut self, on: Option<bool>) {
-        self.use_batch_stats = on;
-    }
-
-    /// Forces running-statistics updates on or off (`None`: follow the mode).
-    pub fn set_update_running_stats(&mut self, on: Option<bool>) {
-        self.update_running_stats = on;
-    }
-
-    /// Whether this forward normalizes with batch statistics.
-    pub fn uses_batch_stats(&self) -> bool {
-        self.use_batch_stats
-            .unwrap_or(self.mode == Mode::Train || self.running.is_none())
-    }
-
-    /// Whether this forward updates the running statistics.
-    pub fn updates_running_stats(&self) -> bool {
-        self.running.is_some()
-            && self
-                .update_running_stats
-                .unwrap_or(self.mode == Mode::Train)
-    }
-
-    /// The functional options of the next forward call (mode and overrides applied).
-    pub(crate) fn options(&self) -> BatchNormOptions {
-        BatchNormOptions {
-            use_batch_stats: self.uses_batch_stats(),
-            update_running_stats: self.updates_running_stats(),
-            eps: self.config.eps,
-            momentum: self.config.momentum,
-            running_var: self.config.running_var,
-        }
     }
 
     /// Normalizes `x`.
@@ -138,20 +92,11 @@ impl<T: Float> BatchNorm<T> {
     /// non-finite batch statistics (running statistics are left unchanged).
     pub fn forward(&mut self, x: &Tensor<T>) -> Result<Output<T>> {
         check_channels(OP, x.shape(), self.config.num_features, 2)?;
-        let options = self.options();
-        let running = self.running.as_mut().map(RunningStats::as_mut);
-        let (y, saved) = batch_norm(
-            x,
-            running,
-            self.affine.weight.as_ref(),
-            self.affine.bias.as_ref(),
-            &options,
-        )?;
-        Ok(Output {
-            y,
-            saved,
-            input_stats: options.use_batch_stats,
-        })
+        let (eps, running) = (self.config.eps, &self.config.running);
+        self.state
+            .forward(eps, running, |running, weight, bias, options| {
+                batch_norm(x, running, weight, bias, options)
+            })
     }
 
     /// Gradients for the `x` and `out` of a [`Self::forward`] call.
@@ -159,19 +104,46 @@ impl<T: Float> BatchNorm<T> {
     /// # Errors
     /// Shapes that disagree with that call's.
     pub fn backward(&self, x: &Tensor<T>, out: &Output<T>, dy: &Tensor<T>) -> Result<Grads<T>> {
+        let affine = &self.state.affine;
         let grads = batch_norm_backward(
             x,
             dy,
-            self.affine.weight.as_ref(),
-            self.affine.bias.is_some(),
+            affine.weight.as_ref(),
+            affine.bias.is_some(),
             self.config.eps,
             &out.saved,
             out.input_stats,
         )?;
-        Ok(self.affine.mask(grads))
+        Ok(affine.mask(grads))
     }
 }
 
-impl_state_dict!(BatchNorm, running: true);
-impl_affine_access!(BatchNorm);
-impl_running_access!(BatchNorm);
+impl<T: Float> Parameters<T> for BatchNorm<T> {
+    fn affine(&self) -> &Affine<T> {
+        &self.state.affine
+    }
+
+    fn affine_mut(&mut self) -> &mut Affine<T> {
+        &mut self.state.affine
+    }
+}
+
+impl<T: Float> ChannelNorm<T> for BatchNorm<T> {
+    fn channel_state(&self) -> &ChannelState<T> {
+        &self.state
+    }
+
+    fn channel_state_mut(&mut self) -> &mut ChannelState<T> {
+        &mut self.state
+    }
+}
+
+impl<T: Float> StateDict<T> for BatchNorm<T> {
+    fn state_dict(&self) -> Vec<(String, StateTensor<T>)> {
+        self.state.state_dict()
+    }
+
+    fn load_state_dict(&mut self, view: &StateView<'_>) -> Result<()> {
+        self.state.load_state_dict(view)
+    }
+}

@@ -1,9 +1,6 @@
 //! `GroupNorm`: PyTorch's `nn.GroupNorm(num_groups, num_channels, eps, affine)`.
 
-use super::{
-    check_channels, impl_affine_access, impl_affine_builder, impl_eps_builders, impl_state_dict,
-    Affine, Output,
-};
+use super::{check_channels, Affine, EpsConfig, Output, Parameters};
 use crate::kernels::group_norm::{group_norm, group_norm_backward, GroupLayout};
 use crate::kernels::{Grads, NcsLayout};
 use crate::state::{StateDict, StateTensor, StateView};
@@ -39,6 +36,12 @@ impl GroupNormConfig {
         }
     }
 
+    /// Turns γ, β on or off.
+    pub fn with_affine(mut self, affine: bool) -> Self {
+        self.affine = affine;
+        self
+    }
+
     /// Builds the layer: γ = 1, β = 0.
     ///
     /// # Errors
@@ -58,8 +61,11 @@ impl GroupNormConfig {
     }
 }
 
-impl_eps_builders!(GroupNormConfig);
-impl_affine_builder!(GroupNormConfig);
+impl EpsConfig for GroupNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
 
 /// Group normalization.
 ///
@@ -115,5 +121,22 @@ impl<T: Float> GroupNorm<T> {
     }
 }
 
-impl_state_dict!(GroupNorm, running: false);
-impl_affine_access!(GroupNorm);
+impl<T: Float> Parameters<T> for GroupNorm<T> {
+    fn affine(&self) -> &Affine<T> {
+        &self.affine
+    }
+
+    fn affine_mut(&mut self) -> &mut Affine<T> {
+        &mut self.affine
+    }
+}
+
+impl<T: Float> StateDict<T> for GroupNorm<T> {
+    fn state_dict(&self) -> Vec<(String, StateTensor<T>)> {
+        self.affine.state_dict()
+    }
+
+    fn load_state_dict(&mut self, view: &StateView<'_>) -> Result<()> {
+        self.affine.load_state_dict(view)
+    }
+}

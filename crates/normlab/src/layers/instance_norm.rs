@@ -1,14 +1,13 @@
 //! `InstanceNorm`: PyTorch's `InstanceNorm1d/2d/3d` in one layer (`[N, C, *]`).
 
 use super::{
-    check_channels, impl_affine_access, impl_eps_builders, impl_running_access,
-    impl_running_builders, impl_state_dict, Affine, Mode, Output, RunningStats,
+    check_channels, Affine, ChannelNorm, ChannelNormConfig, ChannelState, EpsConfig, Output,
+    Parameters, RunningConfig,
 };
-use crate::kernels::batch_norm::BatchNormOptions;
 use crate::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use crate::kernels::Grads;
 use crate::state::{StateDict, StateTensor, StateView};
-use crate::{Epsilon, Float, Momentum, Result, RunningVarEstimator, Tensor};
+use crate::{Epsilon, Float, Result, Tensor};
 
 const OP: &str = "instance_norm";
 
@@ -24,14 +23,9 @@ pub struct InstanceNormConfig {
     pub num_features: usize,
     /// ε = 1e-5 inside the square root.
     pub eps: Epsilon,
-    /// Exponential 0.1.
-    pub momentum: Momentum,
-    /// Unbiased instance variance into `running_var`.
-    pub running_var: RunningVarEstimator,
-    /// Learnable γ, β (false).
-    pub affine: bool,
-    /// Keep running statistics (false).
-    pub track_running_stats: bool,
+    /// Momentum 0.1, unbiased instance variance into `running_var`; no γ
+    /// and β, no running statistics.
+    pub running: RunningConfig,
 }
 
 impl InstanceNormConfig {
@@ -40,10 +34,11 @@ impl InstanceNormConfig {
         Self {
             num_features,
             eps: Epsilon::default(),
-            momentum: Momentum::default(),
-            running_var: RunningVarEstimator::Unbiased,
-            affine: false,
-            track_running_stats: false,
+            running: RunningConfig {
+                affine: false,
+                track_running_stats: false,
+                ..RunningConfig::default()
+            },
         }
     }
 
@@ -52,34 +47,43 @@ impl InstanceNormConfig {
     /// # Errors
     /// Invalid ε or momentum.
     pub fn init<T: Float>(&self) -> Result<InstanceNorm<T>> {
-        self.eps.validate(OP)?;
-        self.momentum.validate(OP)?;
         Ok(InstanceNorm {
             config: self.clone(),
-            affine: Affine::new(&[self.num_features], self.affine, self.affine)?,
-            running: self
-                .track_running_stats
-                .then(|| RunningStats::new(self.num_features))
-                .transpose()?,
-            mode: Mode::Train,
+            state: ChannelState::new(OP, self.num_features, self.eps, &self.running)?,
         })
     }
 }
 
-impl_eps_builders!(InstanceNormConfig);
-impl_running_builders!(InstanceNormConfig);
+impl EpsConfig for InstanceNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
+
+impl ChannelNormConfig for InstanceNormConfig {
+    fn running_config_mut(&mut self) -> &mut RunningConfig {
+        &mut self.running
+    }
+}
 
 /// Instance normalization, optionally with running statistics used in
 /// evaluation.
+///
+/// Mode, running statistics, their overrides ([`ChannelNorm`]) and γ/β
+/// ([`Parameters`]) are those of every per-channel layer; "batch
+/// statistics" there are the statistics of each instance. Running
+/// statistics forced to normalize while being updated
+/// (`set_use_batch_stats(Some(false))` in [`crate::Mode::Train`]) are
+/// updated as the functional [`instance_norm`] does then: with the batch's
+/// statistics over N and the spatial positions, not with the average of the
+/// instance statistics.
 ///
 /// # Shapes
 /// `x`, `y`: `[N, C, *]` with at least one spatial axis; parameters `[C]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceNorm<T> {
     config: InstanceNormConfig,
-    affine: Affine<T>,
-    running: Option<RunningStats<T>>,
-    mode: Mode,
+    state: ChannelState<T>,
 }
 
 impl<T: Float> InstanceNorm<T> {
@@ -95,27 +99,11 @@ impl<T: Float> InstanceNorm<T> {
     /// statistics; non-finite statistics (running statistics left unchanged).
     pub fn forward(&mut self, x: &Tensor<T>) -> Result<Output<T>> {
         check_channels(OP, x.shape(), self.config.num_features, 3)?;
-        let train = self.mode == Mode::Train;
-        let options = BatchNormOptions {
-            use_batch_stats: train || self.running.is_none(),
-            update_running_stats: train,
-            eps: self.config.eps,
-            momentum: self.config.momentum,
-            running_var: self.config.running_var,
-        };
-        let running = self.running.as_mut().map(RunningStats::as_mut);
-        let (y, saved) = instance_norm(
-            x,
-            running,
-            self.affine.weight.as_ref(),
-            self.affine.bias.as_ref(),
-            &options,
-        )?;
-        Ok(Output {
-            y,
-            saved,
-            input_stats: options.use_batch_stats,
-        })
+        let (eps, running) = (self.config.eps, &self.config.running);
+        self.state
+            .forward(eps, running, |running, weight, bias, options| {
+                instance_norm(x, running, weight, bias, options)
+            })
     }
 
     /// Gradients for the `x` and `out` of a [`Self::forward`] call.
@@ -123,19 +111,46 @@ impl<T: Float> InstanceNorm<T> {
     /// # Errors
     /// Shapes that disagree with that call's.
     pub fn backward(&self, x: &Tensor<T>, out: &Output<T>, dy: &Tensor<T>) -> Result<Grads<T>> {
+        let affine = &self.state.affine;
         let grads = instance_norm_backward(
             x,
             dy,
-            self.affine.weight.as_ref(),
-            self.affine.bias.is_some(),
+            affine.weight.as_ref(),
+            affine.bias.is_some(),
             self.config.eps,
             &out.saved,
             out.input_stats,
         )?;
-        Ok(self.affine.mask(grads))
+        Ok(affine.mask(grads))
     }
 }
 
-impl_state_dict!(InstanceNorm, running: true);
-impl_affine_access!(InstanceNorm);
-impl_running_access!(InstanceNorm);
+impl<T: Float> Parameters<T> for InstanceNorm<T> {
+    fn affine(&self) -> &Affine<T> {
+        &self.state.affine
+    }
+
+    fn affine_mut(&mut self) -> &mut Affine<T> {
+        &mut self.state.affine
+    }
+}
+
+impl<T: Float> ChannelNorm<T> for InstanceNorm<T> {
+    fn channel_state(&self) -> &ChannelState<T> {
+        &self.state
+    }
+
+    fn channel_state_mut(&mut self) -> &mut ChannelState<T> {
+        &mut self.state
+    }
+}
+
+impl<T: Float> StateDict<T> for InstanceNorm<T> {
+    fn state_dict(&self) -> Vec<(String, StateTensor<T>)> {
+        self.state.state_dict()
+    }
+
+    fn load_state_dict(&mut self, view: &StateView<'_>) -> Result<()> {
+        self.state.load_state_dict(view)
+    }
+}

@@ -1,8 +1,6 @@
 //! `LayerNorm`: PyTorch's `nn.LayerNorm(normalized_shape, eps, elementwise_affine, bias)`.
 
-use super::{
-    impl_affine_access, impl_eps_builders, impl_state_dict, trailing_axis, Affine, Output,
-};
+use super::{trailing_axis, Affine, EpsConfig, Output, Parameters};
 use crate::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use crate::kernels::Grads;
 use crate::state::{StateDict, StateTensor, StateView};
@@ -71,7 +69,11 @@ impl LayerNormConfig {
     }
 }
 
-impl_eps_builders!(LayerNormConfig);
+impl EpsConfig for LayerNormConfig {
+    fn eps_mut(&mut self) -> &mut Epsilon {
+        &mut self.eps
+    }
+}
 
 /// Layer normalization over the trailing `normalized_shape`.
 ///
@@ -128,5 +130,22 @@ impl<T: Float> LayerNorm<T> {
     }
 }
 
-impl_state_dict!(LayerNorm, running: false);
-impl_affine_access!(LayerNorm);
+impl<T: Float> Parameters<T> for LayerNorm<T> {
+    fn affine(&self) -> &Affine<T> {
+        &self.affine
+    }
+
+    fn affine_mut(&mut self) -> &mut Affine<T> {
+        &mut self.affine
+    }
+}
+
+impl<T: Float> StateDict<T> for LayerNorm<T> {
+    fn state_dict(&self) -> Vec<(String, StateTensor<T>)> {
+        self.affine.state_dict()
+    }
+
+    fn load_state_dict(&mut self, view: &StateView<'_>) -> Result<()> {
+        self.affine.load_state_dict(view)
+    }
+}

@@ -1,6 +1,6 @@
 //! `RmsNorm`: PyTorch's `nn.RMSNorm(normalized_shape, eps, elementwise_affine)`.
 
-use super::{impl_affine_access, impl_state_dict, trailing_axis, Affine, Output};
+use super::{trailing_axis, Affine, Output, Parameters};
 use crate::kernels::rms_norm::{rms_norm, rms_norm_backward};
 use crate::kernels::{EpsPlacement, Grads};
 use crate::state::{StateDict, StateTensor, StateView};
@@ -133,5 +133,22 @@ impl<T: Float> RmsNorm<T> {
     }
 }
 
-impl_state_dict!(RmsNorm, running: false);
-impl_affine_access!(RmsNorm);
+impl<T: Float> Parameters<T> for RmsNorm<T> {
+    fn affine(&self) -> &Affine<T> {
+        &self.affine
+    }
+
+    fn affine_mut(&mut self) -> &mut Affine<T> {
+        &mut self.affine
+    }
+}
+
+impl<T: Float> StateDict<T> for RmsNorm<T> {
+    fn state_dict(&self) -> Vec<(String, StateTensor<T>)> {
+        self.affine.state_dict()
+    }
+
+    fn load_state_dict(&mut self, view: &StateView<'_>) -> Result<()> {
+        self.affine.load_state_dict(view)
+    }
+}

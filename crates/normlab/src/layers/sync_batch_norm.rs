@@ -1,14 +1,15 @@
 //! `SyncBatchNorm`: BatchNorm with statistics over the global batch of a
 //! data-parallel job (PyTorch's `SyncBatchNorm`, on any [`Communicator`]).
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use super::{check_channels, Output, RunningStats};
+use super::{
+    check_channels, Affine, BatchNorm, BatchNormConfig, ChannelNorm, ChannelState, Output,
+    Parameters,
+};
 use crate::comm::Communicator;
 use crate::kernels::sync_batch_norm::{sync_batch_norm, sync_batch_norm_backward};
 use crate::kernels::Grads;
-use crate::layers::{BatchNorm, BatchNormConfig};
 use crate::state::{StateDict, StateTensor, StateView};
 use crate::{Float, Result, Tensor};
 
@@ -22,9 +23,10 @@ const OP: &str = "sync_batch_norm";
 /// equal on every rank. In [`crate::Mode::Eval`] it is a BatchNorm and
 /// communicates nothing.
 ///
-/// It is a [`BatchNorm`] with another `forward` and `backward`: parameters,
-/// running statistics, mode and state dict are the BatchNorm's (through
-/// `Deref`). Every rank must call `forward` and `backward` in the same order.
+/// It is a [`BatchNorm`] with another `forward` and `backward`: parameters
+/// ([`Parameters`]), running statistics and mode ([`ChannelNorm`]) and state
+/// dict are the BatchNorm's. Every rank must call `forward` and `backward`
+/// in the same order.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -53,20 +55,6 @@ impl BatchNormConfig {
     }
 }
 
-impl<T> Deref for SyncBatchNorm<T> {
-    type Target = BatchNorm<T>;
-
-    fn deref(&self) -> &BatchNorm<T> {
-        &self.bn
-    }
-}
-
-impl<T> DerefMut for SyncBatchNorm<T> {
-    fn deref_mut(&mut self) -> &mut BatchNorm<T> {
-        &mut self.bn
-    }
-}
-
 impl<T: Float> SyncBatchNorm<T> {
     /// Converts a BatchNorm, keeping its parameters, running statistics,
     /// mode and overrides (PyTorch's `convert_sync_batchnorm` for one layer).
@@ -77,6 +65,11 @@ impl<T: Float> SyncBatchNorm<T> {
     /// Back to a plain BatchNorm (per-rank statistics).
     pub fn into_batch_norm(self) -> BatchNorm<T> {
         self.bn
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.bn.config
     }
 
     /// The communicator of its job.
@@ -91,22 +84,15 @@ impl<T: Float> SyncBatchNorm<T> {
     /// global statistics (running statistics are left unchanged on every
     /// rank); communication errors.
     pub fn forward(&mut self, x: &Tensor<T>) -> Result<Output<T>> {
-        check_channels(OP, x.shape(), self.bn.config().num_features, 2)?;
-        let options = self.bn.options();
-        let bn = &mut self.bn;
-        let (y, saved) = sync_batch_norm(
-            x,
-            bn.running.as_mut().map(RunningStats::as_mut),
-            bn.affine.weight.as_ref(),
-            bn.affine.bias.as_ref(),
-            &options,
-            self.comm.as_ref(),
-        )?;
-        Ok(Output {
-            y,
-            saved,
-            input_stats: options.use_batch_stats,
-        })
+        let (config, comm) = (&self.bn.config, self.comm.as_ref());
+        check_channels(OP, x.shape(), config.num_features, 2)?;
+        self.bn.state.forward(
+            config.eps,
+            &config.running,
+            |running, weight, bias, options| {
+                sync_batch_norm(x, running, weight, bias, options, comm)
+            },
+        )
     }
 
     /// Gradients for this rank's `x` and `out`: `dx` through the global
@@ -116,18 +102,38 @@ impl<T: Float> SyncBatchNorm<T> {
     /// # Errors
     /// Shapes that disagree with the forward call's; communication errors.
     pub fn backward(&self, x: &Tensor<T>, out: &Output<T>, dy: &Tensor<T>) -> Result<Grads<T>> {
-        let affine = &self.bn.affine;
+        let affine = &self.bn.state.affine;
         let grads = sync_batch_norm_backward(
             x,
             dy,
             affine.weight.as_ref(),
             affine.bias.is_some(),
-            self.bn.config().eps,
+            self.bn.config.eps,
             &out.saved,
             out.input_stats,
             self.comm.as_ref(),
         )?;
         Ok(affine.mask(grads))
+    }
+}
+
+impl<T: Float> Parameters<T> for SyncBatchNorm<T> {
+    fn affine(&self) -> &Affine<T> {
+        self.bn.affine()
+    }
+
+    fn affine_mut(&mut self) -> &mut Affine<T> {
+        self.bn.affine_mut()
+    }
+}
+
+impl<T: Float> ChannelNorm<T> for SyncBatchNorm<T> {
+    fn channel_state(&self) -> &ChannelState<T> {
+        self.bn.channel_state()
+    }
+
+    fn channel_state_mut(&mut self) -> &mut ChannelState<T> {
+        self.bn.channel_state_mut()
     }
 }
 
