@@ -9,11 +9,16 @@ values, by PyTorch's own functions where it has the option, and by autograd
 through the formula written out where it does not (ε added to σ, AlexNet's
 unscaled α, ONNX's even window, LRN within channel).
 
+The bfloat16 and float16 cases (`bf16_*`, `f16_*`, see `sixteen_bit_cases`)
+draw their inputs in float32 and round them to the 16-bit type; the reference
+is computed in float64 from those rounded values and rounded once to the type.
+
     ~/.cache/torch-venv/bin/python tools/make_cases.py
 """
 import json
 import pathlib
 import shutil
+from decimal import Decimal
 
 import numpy as np
 import torch
@@ -197,6 +202,11 @@ def group_and_instance_cases():
 
 # ---------------------------------------------------------------- lrn
 def lrn_formula(x, size, alpha, beta, k, over_size, even, within):
+    return x / lrn_den(x, size, alpha, k, over_size, even, within) ** beta
+
+
+def lrn_den(x, size, alpha, k, over_size=True, even="torch", within=False):
+    """k + a * (window sum of x^2): the base of LRN's power."""
     before = size // 2 if even == "torch" else (size - 1) // 2
     after = size - 1 - before
     sq = x * x
@@ -211,7 +221,7 @@ def lrn_formula(x, size, alpha, beta, k, over_size, even, within):
         padded = F.pad(sq.movedim(1, -1), (before, after)).movedim(-1, 1)
         s = sum(padded.narrow(1, i, x.shape[1]) for i in range(size))
         a = alpha / size if over_size else alpha
-    return x / (k + a * s) ** beta
+    return k + a * s
 
 
 def lrn_cases():
@@ -270,6 +280,262 @@ def error_cases():
               note="bad input: the operation must refuse it (tools/make_cases.py)")
 
 
+# ---------------------------------------------------------------- bfloat16 / float16
+# Significand bits after the point, exponent of the smallest normal, largest finite value.
+FORMATS = {"bfloat16": (7, -126, (2 - 2.0 ** -7) * 2.0 ** 127), "float16": (10, -14, 65504.0)}
+PREFIX = {"bfloat16": "bf16", "float16": "f16"}
+SOURCE16 = (f"PyTorch {torch.__version__.split('+')[0]} float64 on {{dtype}} inputs, rounded once to {{dtype}} "
+            "(tools/make_cases.py)")
+rng16 = np.random.default_rng(20261126)  # its own stream: the float32 cases above stay as they were
+
+
+def round_to(t, dtype):
+    """float64 values rounded to nearest-even in `dtype`, as float64. Done here
+    rather than by torch, whose float64 -> bfloat16/float16 cast goes through
+    float32 and so rounds twice (1 + 2^-8 + 2^-40 becomes 1, not 1 + 2^-7)."""
+    frac, emin, vmax = FORMATS[dtype]
+    a = torch.as_tensor(t, dtype=torch.float64).detach().numpy()
+    _, e = np.frexp(a)  # |a| = m * 2^e with 1/2 <= m < 1
+    ulp = np.ldexp(1.0, np.maximum(e - 1, emin) - frac)
+    r = np.round(a / ulp) * ulp  # a / ulp is exact; np.round ties to even
+    assert np.all(np.abs(r) <= vmax), f"{dtype} overflow"
+    return torch.tensor(r, dtype=torch.float64).reshape(torch.as_tensor(t).shape)
+
+
+def draw16(dtype, shape, offset=0.0, sd=1.0):
+    """Drawn in float32, rounded to `dtype`."""
+    v = (offset + sd * rng16.standard_normal(shape)).astype(np.float32).astype(np.float64)
+    return round_to(torch.tensor(v), dtype)
+
+
+class Raw(str):
+    """A JSON number written as this exact text."""
+
+
+def enc16(t, dtype):
+    """Values of `dtype`, written as their exact decimals (what the runner requires)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    assert torch.equal(round_to(t, dtype), t), "not a value of the type"
+    return {"shape": list(t.shape), "data": [Raw(str(Decimal(float(v)))) for v in t.reshape(-1).tolist()]}
+
+
+def dumps(v):
+    if isinstance(v, Raw):
+        return str(v)
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{dumps(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(dumps(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+# Statistics the runner reads as float32 in every case (FORMAT.md).
+STATISTICS = {"mean", "rstd", "num_batches_tracked"}
+
+# Backward tolerance: 1 ulp, or an absolute error of 2^-21 (8 float32 rounding
+# errors, 2^-24 each) of `scale`, the largest magnitude of the terms whose sum
+# is one dx value (`dx_scale`, `lrn_dx_scale`). An implementation that
+# evaluates dx = r (g - mean g) - r x̂ mean(g x̂) in float32, its statistics
+# and reductions in float64, rounds about 8 times (the coefficients to
+# float32, x - mean, the products and differences), each at 2^-24 of a term.
+# Where the terms cancel, 1 ulp of dx (2^-8 to 2^-7 of |dx| in bfloat16,
+# 2^-11 to 2^-10 in float16) is smaller than that: the atol decides only for
+# dx below about 2^-13 (bfloat16) or 2^-10 (float16) of its terms; above,
+# the 1-ulp rule alone does. dweight and dbias share the block's tolerance;
+# they are sums, kept in float64 by normlab, and meet 1 ulp without it.
+BACKWARD_ATOL_FACTOR = 2.0 ** -21
+
+
+def write16(dtype, name, op, attrs, inputs, expected, dy, grads, scale):
+    """A case of `dtype`: inputs as given (values of the type), expected
+    values rounded once to the type, statistics (mean, rstd) as float32."""
+    encode = lambda k, v: enc(v) if k in STATISTICS else enc16(round_to(v, dtype), dtype)
+    case = {"format": "normcase/1", "name": f"{PREFIX[dtype]}_{name}", "source": SOURCE16.format(dtype=dtype),
+            "dtype": dtype, "op": op, "attrs": attrs,
+            "inputs": {k: enc16(v, dtype) for k, v in inputs.items() if v is not None},
+            "expected": {k: encode(k, v) for k, v in expected.items()},
+            "tolerance": {"ulp": 1}}
+    if dy is not None:
+        atol = float(np.float32(BACKWARD_ATOL_FACTOR * float(scale)))
+        case["backward"] = {"dy": enc16(dy, dtype),
+                            "expected": {k: enc16(round_to(v, dtype), dtype) for k, v in grads.items() if v is not None},
+                            "tolerance": {"ulp": 1, "atol": atol}}
+    (OUT / f"{case['name']}.json").write_text(dumps(case) + "\n")
+
+
+def grads16(dtype, fn, x, weight=None, bias=None):
+    """Forward y and gradients of sum(y * dy) for a random dy of `dtype`."""
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+    y = fn(*leaves)
+    dy = draw16(dtype, tuple(y.shape))
+    wanted = [t for t in leaves if t is not None]
+    g = iter(torch.autograd.grad(y, wanted, dy))
+    out = {k: (next(g) if t is not None else None) for k, t in zip(("dx", "dweight", "dbias"), leaves)}
+    return y.detach(), dy, out
+
+
+def dx_scale(x, dy, dims, eps, w=None, centred=True, batch_stats=True, running_var=None):
+    """Largest magnitude of the terms of dx = r(g - mean g) - r x̂ mean(g x̂),
+    g = weight * dy (means over `dims`); with statistics held constant,
+    dx = r g, r from `running_var`."""
+    g = dy * w if w is not None else dy
+    if not batch_stats:
+        return float((g.abs() / (running_var + eps).sqrt()).max())
+    mean = x.mean(dim=dims, keepdim=True) if centred else 0.0
+    r = 1 / (((x - mean) ** 2).mean(dim=dims, keepdim=True) + eps).sqrt()
+    xh = (x - mean) * r
+    mg = g.mean(dim=dims, keepdim=True).abs() if centred else 0.0
+    return float((r * (g.abs() + mg + xh.abs() * (g * xh).mean(dim=dims, keepdim=True).abs())).max())
+
+
+def lrn_dx_scale(x, dy, size, alpha, beta, k, **kw):
+    """Largest magnitude of the two terms of LRN's dx: dy_i s_i^-β and
+    2aβ x_i Σ_j dy_j x_j s_j^(-β-1) over the windows j holding i."""
+    x = x.clone().requires_grad_(True)
+    s = lrn_den(x, size, alpha, k, **kw)
+    c = (beta * (dy * x).abs() * s ** (-beta - 1)).detach()
+    (second,) = torch.autograd.grad((c * s).sum(), x)
+    return float((dy.abs() * s.detach() ** -beta + second.abs()).max())
+
+
+def sixteen_bit_cases():
+    """Every op in bfloat16 and float16, forward and backward: small shapes,
+    a large offset (mean ≫ std) per op family, and shapes with rows or
+    channels of thousands of values (SIMD main loops, tails and the kernels'
+    blocks). Tolerance: 1 ulp of the type for y and the running statistics
+    (mean and rstd are float32, 1 float32 ulp); backward as BACKWARD_ATOL_FACTOR says."""
+    for dtype in FORMATS:
+        d = lambda *a, **kw: draw16(dtype, *a, **kw)
+        w16 = lambda *a, **kw: write16(dtype, *a, **kw)
+        # Large offset: bfloat16 spaces values 4 apart near 1000, so its noise
+        # is wider (std 6: mean/std ≈ 170); float16 spaces them 0.5 apart (std 1: ≈ 1000).
+        big_sd = 6.0 if dtype == "bfloat16" else 1.0
+
+        # layer_norm: y, mean, rstd
+        for name, shape, axis, variant, offset, sd in [
+                ("2d_affine", (4, 40), -1, "affine", 1.0, 2.0),
+                ("3d_axis1_no_bias", (2, 3, 5), 1, "no_bias", 0.5, 1.5),
+                ("2d_no_affine", (3, 17), -1, "no_affine", -1.0, 1.0),
+                ("large_offset", (4, 256), -1, "affine", 1000.0, big_sd),
+                ("wide_3000", (2, 3000), -1, "affine", 0.5, 1.0)]:
+            ax = axis % len(shape)
+            ns = shape[ax:]
+            x = d(shape, offset, sd)
+            w = d(ns, 1.0, 0.3) if variant != "no_affine" else None
+            b = d(ns, 0.0, 0.3) if variant == "affine" else None
+            y, dy, g = grads16(dtype, lambda x, w, b: F.layer_norm(x, ns, w, b, 1e-5), x, w, b)
+            dims = list(range(ax, len(shape)))
+            mean = x.mean(dim=dims, keepdim=True)
+            rstd = 1 / (x.var(dim=dims, unbiased=False, keepdim=True) + 1e-5).sqrt()
+            w16(f"layer_norm_{name}", "layer_norm", {"eps": 1e-5, "axis": axis}, {"x": x, "weight": w, "bias": b},
+                {"y": y, "mean": mean, "rstd": rstd}, dy, g, dx_scale(x, dy, dims, 1e-5, w))
+
+        # rms_norm
+        for name, shape, axis, weighted, offset, sd in [
+                ("2d_weight", (4, 40), -1, True, 0.3, 1.5),
+                ("3d_axis_m2_no_weight", (2, 3, 5), -2, False, 0.0, 1.0),
+                ("large_offset", (4, 256), -1, True, 1000.0, big_sd),
+                ("wide_3000", (2, 3000), -1, True, 0.0, 1.0)]:
+            ax = axis % len(shape)
+            ns = shape[ax:]
+            x = d(shape, offset, sd)
+            w = d(ns, 1.0, 0.3) if weighted else None
+            y, dy, g = grads16(dtype, lambda x, w, b: F.rms_norm(x, ns, w, 1e-6), x, w, None)
+            w16(f"rms_norm_{name}", "rms_norm", {"eps": 1e-6, "axis": axis}, {"x": x, "weight": w}, {"y": y}, dy, g,
+                dx_scale(x, dy, list(range(ax, len(shape))), 1e-6, w, centred=False))
+
+        # batch_norm, training: gradient through the batch statistics, running statistics updated
+        for name, shape, momentum, nbt, est, affine, offset, sd in [
+                ("2d", (3, 4, 5), 0.1, None, "unbiased", True, 0.5, 2.0),
+                ("0d_130x3_mnone", (130, 3), None, 4, "unbiased", True, -0.5, 1.0),
+                ("3d_biased_noaffine", (2, 3, 4, 2, 3), 0.3, None, "biased", False, 0.0, 1.5),
+                ("large_offset", (16, 4, 8), 0.1, None, "unbiased", True, 1000.0, big_sd),
+                ("wide_2x3000", (2, 1, 3000), 0.1, None, "unbiased", True, 0.5, 1.0)]:
+            c = shape[1]
+            x = d(shape, offset, sd)
+            w, b = (d((c,), 1.0, 0.3), d((c,), 0.0, 0.3)) if affine else (None, None)
+            rm, rv = d((c,), 0.0, 0.5), (d((c,), 0.0, 0.2).abs() + 0.5)
+            rv = round_to(rv, dtype)
+            m = momentum if momentum is not None else 1.0 / (nbt + 1)
+            rm2, rv2 = rm.clone(), rv.clone()
+            y, dy, g = grads16(dtype, lambda x, w, b: F.batch_norm(x, rm2, rv2, w, b, True, m, 1e-5), x, w, b)
+            dims = [0] + list(range(2, x.dim()))
+            if est == "biased":  # PyTorch keeps the unbiased one; redo the update with the biased variance
+                rv2 = (1 - m) * rv + m * x.var(dim=dims, unbiased=False)
+            inputs = {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv}
+            if nbt is not None:
+                inputs["num_batches_tracked"] = torch.tensor(float(nbt))
+            wv = w.reshape([1, -1] + [1] * (x.dim() - 2)) if w is not None else None
+            w16(f"batch_norm_train_{name}", "batch_norm",
+                {"eps": 1e-5, "training": True, "momentum": momentum, "running_var_estimator": est},
+                inputs, {"y": y, "running_mean": rm2, "running_var": rv2}, dy, g, dx_scale(x, dy, dims, 1e-5, wv))
+
+        # batch_norm, evaluation: running statistics are constants
+        for name, shape, offset in [("2d", (3, 4, 5), -1.0), ("0d_40x5", (40, 5), 0.0), ("wide_2x3000", (2, 1, 3000), 0.5)]:
+            c = shape[1]
+            x = d(shape, offset, 1.5)
+            w, b = d((c,), 1.0, 0.3), d((c,), 0.0, 0.3)
+            rm, rv = d((c,), offset, 0.5), round_to(d((c,), 0.0, 0.5).abs() + 0.5, dtype)
+            y, dy, g = grads16(dtype, lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3), x, w, b)
+            view = lambda t: t.reshape([1, -1] + [1] * (x.dim() - 2))
+            w16(f"batch_norm_eval_{name}", "batch_norm", {"eps": 1e-3, "training": False, "momentum": 0.1},
+                {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv},
+                {"y": y, "running_mean": rm, "running_var": rv}, dy, g,
+                dx_scale(x, dy, None, 1e-3, view(w), batch_stats=False, running_var=view(rv)))
+
+        # group_norm
+        for name, shape, groups, affine, offset, sd in [
+                ("2x6x5_g3", (2, 6, 5), 3, True, 2.0, 1.0),
+                ("2x4x3x3_g2_noaffine", (2, 4, 3, 3), 2, False, 0.0, 1.5),
+                ("large_offset", (2, 6, 64), 3, True, 1000.0, big_sd),
+                ("wide_1x2x3000_g1", (1, 2, 3000), 1, True, 0.5, 1.0)]:
+            c = shape[1]
+            x = d(shape, offset, sd)
+            w, b = (d((c,), 1.0, 0.3), d((c,), 0.0, 0.3)) if affine else (None, None)
+            y, dy, g = grads16(dtype, lambda x, w, b: F.group_norm(x, groups, w, b, 1e-5), x, w, b)
+            grouped = lambda t: t.reshape(shape[0], groups, -1)
+            wv = grouped(w.reshape([1, -1] + [1] * (x.dim() - 2)).expand(shape)) if affine else None
+            w16(f"group_norm_{name}", "group_norm", {"eps": 1e-5, "num_groups": groups},
+                {"x": x, "weight": w, "bias": b}, {"y": y}, dy, g, dx_scale(grouped(x), grouped(dy), [-1], 1e-5, wv))
+
+        # instance_norm
+        for name, shape, affine, offset, sd in [
+                ("1d", (2, 3, 5), True, -1.0, 1.5),
+                ("2d_noaffine", (3, 2, 4, 3), False, 0.0, 1.0),
+                ("large_offset", (2, 3, 128), True, 1000.0, big_sd),
+                ("wide_2x3000", (1, 1, 2, 3000), True, 0.5, 1.0)]:
+            c = shape[1]
+            x = d(shape, offset, sd)
+            w, b = (d((c,), 1.0, 0.3), d((c,), 0.0, 0.3)) if affine else (None, None)
+            y, dy, g = grads16(dtype, lambda x, w, b: F.instance_norm(x, None, None, w, b, True, 0.1, 1e-5), x, w, b)
+            wv = w.reshape([1, -1] + [1] * (x.dim() - 2)) if affine else None
+            w16(f"instance_norm_{name}", "instance_norm", {"eps": 1e-5}, {"x": x, "weight": w, "bias": b}, {"y": y},
+                dy, g, dx_scale(x, dy, list(range(2, x.dim())), 1e-5, wv))
+        x = d((3, 2, 5), 1.0, 2.0)
+        w, b = d((2,), 1.0, 0.3), d((2,), 0.0, 0.3)
+        rm, rv = d((2,), 0.0, 0.5), round_to(d((2,), 0.0, 0.3).abs() + 0.5, dtype)
+        rm2, rv2 = rm.clone(), rv.clone()
+        y, dy, g = grads16(dtype, lambda x, w, b: F.instance_norm(x, rm2, rv2, w, b, True, 0.2, 1e-5), x, w, b)
+        w16("instance_norm_train_running_stats", "instance_norm", {"eps": 1e-5, "use_input_stats": True, "momentum": 0.2},
+            {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv},
+            {"y": y, "running_mean": rm2, "running_var": rv2}, dy, g, dx_scale(x, dy, [2], 1e-5, w.reshape(1, -1, 1)))
+
+        # lrn
+        for name, shape, size, alpha, beta, k, over, even, within, offset in [
+                ("torch_size5", (2, 6, 3, 4), 5, 0.3, 0.75, 1.5, True, "torch", False, 0.0),
+                ("across_channels_size4_onnx_plain_alpha", (2, 7, 3), 4, 0.5, 0.75, 2.0, False, "onnx", False, 0.0),
+                ("within_channel_size3", (2, 3, 5, 4), 3, 0.5, 0.75, 2.0, True, "torch", True, 0.0),
+                ("large_offset", (2, 6, 3, 4), 5, 1e-4, 0.75, 1.0, True, "torch", False, 1000.0),
+                ("wide_1x3x3000", (1, 3, 3000), 3, 0.3, 0.75, 1.5, True, "torch", False, 0.0)]:
+            x = d(shape, offset, big_sd if offset else 2.0)
+            y, dy, g = grads16(dtype, lambda x, w, b: lrn_formula(x, size, alpha, beta, k, over, even, within), x)
+            region = "within_channel" if within else "across_channels"
+            w16(f"lrn_{name}", "lrn", {"size": size, "alpha": alpha, "beta": beta, "k": k, "alpha_over_size": over,
+                                      "even_window": even, "region": region},
+                {"x": x}, {"y": y}, dy, g,
+                lrn_dx_scale(x, dy, size, alpha, beta, k, over_size=over, even=even, within=within))
+
+
 if __name__ == "__main__":
     torch.set_default_dtype(torch.float64)
     if OUT.exists():
@@ -280,4 +546,5 @@ if __name__ == "__main__":
     group_and_instance_cases()
     lrn_cases()
     error_cases()
+    sixteen_bit_cases()
     print(f"{len(list(OUT.glob('*.json')))} cases in {OUT}")

@@ -5,9 +5,9 @@
 //! crash once found stays fixed in the ordinary test suite too.
 //!
 //! The CLI's conformance runner and data loaders are compiled in from their
-//! source files: they need only normlab, anyhow, serde_json, flate2, sha2 and
-//! rand, while depending on normlab-cli would build candle and the rest of
-//! the lab with coverage instrumentation.
+//! source files: they need only normlab, anyhow, half, serde_json, flate2,
+//! sha2 and rand, while depending on normlab-cli would build candle and the
+//! rest of the lab with coverage instrumentation.
 
 #[allow(dead_code)]
 #[path = "../../crates/normlab-cli/src/conformance.rs"]

@@ -2,8 +2,10 @@
 //!
 //! A case names an operation, its attributes and inputs, and the expected
 //! outputs (forward, running-statistics updates, and optionally gradients),
-//! or says the input must be refused (`expect_error`). Values are float32,
-//! parsed straight from their decimal text to f32.
+//! or says the input must be refused (`expect_error`). Values are of the
+//! case's `dtype` (float32 by default, bfloat16 or float16), parsed straight
+//! from their decimal text; the operation runs in that type, through one
+//! path generic over it ([`Storage`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,13 +20,176 @@ use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward};
 use normlab::kernels::rms_norm::{rms_norm, rms_norm_backward};
 use normlab::{
-    EpsPlacement, Epsilon, EvenWindow, Grads, LrnOptions, LrnRegion, Momentum, NormError,
+    EpsPlacement, Epsilon, EvenWindow, Float, Grads, LrnOptions, LrnRegion, Momentum, NormError,
     RunningVarEstimator, Saved, Tensor,
 };
 use serde_json::{Map, Value};
 
-/// A float32 tensor as stored in a case.
-type T32 = Tensor<f32>;
+/// The element types a case can be stored in: parsing a value from its
+/// decimal text, and the spacing of the type for the `ulp` tolerance.
+trait Storage: Float {
+    /// Explicit fraction bits of the significand.
+    const FRACTION_BITS: i32;
+    /// Exponent of the smallest normal value.
+    const MIN_EXP: i32;
+    /// The `ulp` tolerance of a case that states none: none for float32
+    /// (its `atol`/`rtol` defaults apply), 1 for the 16-bit types.
+    const DEFAULT_ULP: Option<f64>;
+
+    /// One value of a tensor, from its decimal text.
+    fn parse(text: &str) -> Result<Self, String>;
+
+    /// Spacing of the type at `|v|`: `2^(e - FRACTION_BITS)` for
+    /// `2^e <= |v| < 2^(e+1)`, and the subnormal spacing below the smallest
+    /// normal (and at 0); infinite for a non-finite `v`.
+    fn ulp(v: f64) -> f64 {
+        if !v.is_finite() {
+            return f64::INFINITY;
+        }
+        let biased = ((v.to_bits() >> 52) & 0x7ff) as i32;
+        // f64 subnormals are far below every smallest normal here.
+        let e = if biased == 0 {
+            Self::MIN_EXP
+        } else {
+            (biased - 1023).max(Self::MIN_EXP)
+        };
+        2f64.powi(e - Self::FRACTION_BITS)
+    }
+}
+
+impl Storage for f32 {
+    const FRACTION_BITS: i32 = 23;
+    const MIN_EXP: i32 = -126;
+    const DEFAULT_ULP: Option<f64> = None;
+
+    /// Straight to f32, rounding to nearest (normcase/1's rule for float32:
+    /// the decimals round-trip, they need not be exact).
+    fn parse(text: &str) -> Result<Self, String> {
+        text.parse::<f32>()
+            .map_err(|e| format!("value {text}: {e}"))
+    }
+}
+
+impl Storage for half::bf16 {
+    const FRACTION_BITS: i32 = 7;
+    const MIN_EXP: i32 = -126;
+    const DEFAULT_ULP: Option<f64> = Some(1.0);
+
+    fn parse(text: &str) -> Result<Self, String> {
+        parse_exact(text)
+    }
+}
+
+impl Storage for half::f16 {
+    const FRACTION_BITS: i32 = 10;
+    const MIN_EXP: i32 = -14;
+    const DEFAULT_ULP: Option<f64> = Some(1.0);
+
+    fn parse(text: &str) -> Result<Self, String> {
+        parse_exact(text)
+    }
+}
+
+/// A value of a 16-bit type: the decimal must be exactly a finite value of
+/// `T`. Reading it as f64 rounds at most once; the f64 is then checked to be
+/// a `T` value and to be the decimal itself, digit for digit (a decimal near
+/// a `T` value, such as a float32 written with 9 digits, is refused rather
+/// than rounded a second time).
+fn parse_exact<T: Storage>(text: &str) -> Result<T, String> {
+    let v = text
+        .parse::<f64>()
+        .map_err(|e| format!("value {text}: {e}"))?;
+    let t = T::from_f64(v);
+    if !v.is_finite() || t.to_f64() != v {
+        return Err(format!("value {text} is not a {} value", T::NAME));
+    }
+    if !decimal_is_exactly(text, v) {
+        return Err(format!(
+            "value {text} is not exactly a {} value (the nearest is {v:e})",
+            T::NAME
+        ));
+    }
+    Ok(t)
+}
+
+/// A decimal number reduced to `digits · 10^exp`, `digits` without leading
+/// or trailing zeros (empty for zero), sign dropped.
+#[derive(Debug, PartialEq)]
+struct Decimal {
+    digits: String,
+    exp: i64,
+}
+
+impl Decimal {
+    /// Reads JSON number text (`-12.50e-3`); `None` for anything else, or an
+    /// exponent beyond i64.
+    fn parse(text: &str) -> Option<Decimal> {
+        let text = text.strip_prefix('-').unwrap_or(text);
+        let (mantissa, exp) = match text.find(['e', 'E']) {
+            Some(i) => (&text[..i], Some(&text[i + 1..])),
+            None => (text, None),
+        };
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(int) || !(frac.is_empty() || all_digits(frac)) {
+            return None;
+        }
+        let digits = format!("{int}{frac}");
+        let digits = digits.trim_start_matches('0');
+        let trimmed = digits.trim_end_matches('0');
+        if trimmed.is_empty() {
+            // Zero, whatever its exponent.
+            return Some(Decimal {
+                digits: String::new(),
+                exp: 0,
+            });
+        }
+        let exp = match exp {
+            None => 0,
+            Some(e) => {
+                let unsigned = e.strip_prefix(['+', '-']).unwrap_or(e);
+                if !all_digits(unsigned) {
+                    return None;
+                }
+                e.parse::<i64>().ok()?
+            }
+        };
+        let exp = exp
+            .checked_sub(i64::try_from(frac.len()).ok()?)?
+            .checked_add(i64::try_from(digits.len() - trimmed.len()).ok()?)?;
+        Some(Decimal {
+            digits: trimmed.to_string(),
+            exp,
+        })
+    }
+}
+
+/// Whether the decimal `text` is exactly the finite `v`. `v = m·2^e` with
+/// `m` odd has exactly `max(0, -e)` decimals, so printing that many (exact in
+/// Rust's formatting) gives all of its digits; for the 16-bit types that is
+/// at most 133.
+fn decimal_is_exactly(text: &str, v: f64) -> bool {
+    if !v.is_finite() {
+        return false;
+    }
+    let Some(given) = Decimal::parse(text) else {
+        return false;
+    };
+    if v == 0.0 {
+        return given.digits.is_empty();
+    }
+    let bits = v.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i64;
+    let fraction = bits & ((1 << 52) - 1);
+    let (m, e) = if biased == 0 {
+        (fraction, -1074)
+    } else {
+        (fraction | (1 << 52), biased - 1075)
+    };
+    let e = e + i64::from(m.trailing_zeros());
+    let decimals = usize::try_from((-e).max(0)).unwrap_or(0);
+    Decimal::parse(&format!("{:.decimals$}", v.abs())) == Some(given)
+}
 
 /// How a case can go wrong.
 #[derive(Debug)]
@@ -271,7 +436,65 @@ struct Report {
     detail: String,
 }
 
+/// Reads the case's `dtype` and runs it in that type.
 fn evaluate(case: &Value) -> CaseResult<Report> {
+    match case.get("dtype") {
+        None => evaluate_as::<f32>(case),
+        Some(Value::String(s)) => match s.as_str() {
+            "float32" => evaluate_as::<f32>(case),
+            "bfloat16" => evaluate_as::<half::bf16>(case),
+            "float16" => evaluate_as::<half::f16>(case),
+            other => malformed(format!(
+                "unknown dtype `{other}` (float32, bfloat16 or float16)"
+            )),
+        },
+        Some(other) => malformed(format!("`dtype` = {other} is not a string")),
+    }
+}
+
+/// Outputs that are statistics rather than values of the storage type: the
+/// runner gives them as float32 (rounded from the f64 it keeps) whatever
+/// the case's dtype, and reads their expected values as float32.
+const STATISTICS: [&str; 3] = ["mean", "rstd", "num_batches_tracked"];
+
+/// Expected outputs, each widened to f64, with the spacing function of the
+/// type it is stored in.
+type ExpectedSet = BTreeMap<String, (Vec<usize>, Vec<f64>, fn(f64) -> f64)>;
+
+fn expected_set<T: Storage>(v: Option<&Value>) -> CaseResult<ExpectedSet> {
+    let mut out = ExpectedSet::new();
+    if let Some(map) = v.and_then(Value::as_object) {
+        for (k, t) in map {
+            if t.is_null() {
+                continue;
+            }
+            let entry = if STATISTICS.contains(&k.as_str()) {
+                let t = named_tensor::<f32>(k, t)?;
+                (
+                    t.shape().to_vec(),
+                    widen(t.data()),
+                    <f32 as Storage>::ulp as fn(f64) -> f64,
+                )
+            } else {
+                let t = named_tensor::<T>(k, t)?;
+                (
+                    t.shape().to_vec(),
+                    widen(t.data()),
+                    <T as Storage>::ulp as fn(f64) -> f64,
+                )
+            };
+            out.insert(k.clone(), entry);
+        }
+    }
+    Ok(out)
+}
+
+fn widen<T: Float>(data: &[T]) -> Vec<f64> {
+    data.iter().map(|v| v.to_f64()).collect()
+}
+
+/// Runs a case whose tensors are stored as `T`.
+fn evaluate_as<T: Storage>(case: &Value) -> CaseResult<Report> {
     let op = case
         .get("op")
         .and_then(Value::as_str)
@@ -282,7 +505,7 @@ fn evaluate(case: &Value) -> CaseResult<Report> {
             .and_then(Value::as_object)
             .unwrap_or(&empty),
     );
-    let inputs = tensors(case.get("inputs"))?;
+    let inputs = tensors::<T>(case.get("inputs"))?;
     let x = inputs
         .get("x")
         .ok_or_else(|| Failure::Malformed("no input `x`".into()))?;
@@ -291,40 +514,45 @@ fn evaluate(case: &Value) -> CaseResult<Report> {
             let dy = b
                 .get("dy")
                 .ok_or_else(|| Failure::Malformed("backward without `dy`".into()))?;
-            Some(tensor(dy).map_err(|e| match e {
-                Failure::Malformed(msg) => Failure::Malformed(format!("`dy`: {msg}")),
-                refused => refused,
-            })?)
+            Some(named_tensor::<T>("dy", dy)?)
         }
         None => None,
     };
     let (forward, grads) = run_op(op, &attrs, x, &inputs, dy.as_ref())?;
+    let default_ulp = T::DEFAULT_ULP;
     let mut results = Vec::new();
+    let mut any_ulp = false;
     if let Some(expected) = case.get("expected") {
-        let tol = tolerance(case.get("tolerance"), (1e-5, 1e-4))?;
-        results.extend(compare(&tensors(Some(expected))?, &forward, tol)?);
+        let tol = tolerance(case.get("tolerance"), (1e-5, 1e-4), default_ulp)?;
+        any_ulp |= tol.ulp.is_some();
+        results.extend(compare(&expected_set::<T>(Some(expected))?, &forward, tol)?);
     }
     if let (Some(b), Some(grads)) = (case.get("backward"), grads) {
-        let tol = tolerance(b.get("tolerance"), (1e-4, 1e-3))?;
-        let mut got = BTreeMap::new();
-        got.insert("dx".to_string(), grads.dx.into_data());
+        let tol = tolerance(b.get("tolerance"), (1e-4, 1e-3), default_ulp)?;
+        any_ulp |= tol.ulp.is_some();
+        let mut got = Outputs::new();
+        got.insert("dx".to_string(), widen(grads.dx.data()));
         if let Some(t) = grads.dweight {
-            got.insert("dweight".to_string(), t.into_data());
+            got.insert("dweight".to_string(), widen(t.data()));
         }
         if let Some(t) = grads.dbias {
-            got.insert("dbias".to_string(), t.into_data());
+            got.insert("dbias".to_string(), widen(t.data()));
         }
-        results.extend(compare(&tensors(b.get("expected"))?, &got, tol)?);
+        results.extend(compare(&expected_set::<T>(b.get("expected"))?, &got, tol)?);
     }
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    let max_err = results
+    let (max_err, max_ulp) = results
         .iter()
         .filter_map(|r| r.as_ref().ok())
-        .fold(0.0f64, |a, &b| a.max(b));
+        .fold((0.0f64, 0.0f64), |(a, u), b| (a.max(b.abs), u.max(b.ulp)));
     Ok(if failures.is_empty() {
         Report {
             ok: true,
-            detail: format!("(max abs err {max_err:.3e})"),
+            detail: if any_ulp {
+                format!("(max abs err {max_err:.3e}, max {max_ulp:.2} ulp)")
+            } else {
+                format!("(max abs err {max_err:.3e})")
+            },
         }
     } else {
         Report {
@@ -341,62 +569,101 @@ fn evaluate(case: &Value) -> CaseResult<Report> {
     })
 }
 
-/// Compares each expected output; `Ok(max abs err)` or `Err(description)` per key.
+/// How close computed values must be to expected ones.
+#[derive(Clone, Copy, Debug)]
+struct Tolerance {
+    atol: f64,
+    rtol: f64,
+    /// Units in the last place of the expected value's type; when given, a
+    /// value passes within this many ulp *or* within `atol + rtol·|expected|`.
+    ulp: Option<f64>,
+}
+
+/// Largest errors of one output: absolute, and in ulp of the expected value.
+struct MaxErr {
+    abs: f64,
+    ulp: f64,
+}
+
+/// Compares each expected output; `Ok(max errors)` or `Err(description)` per key.
 fn compare(
-    expected: &BTreeMap<String, T32>,
-    got: &BTreeMap<String, Vec<f32>>,
-    (atol, rtol): (f64, f64),
-) -> CaseResult<Vec<Result<f64, String>>> {
+    expected: &ExpectedSet,
+    got: &Outputs,
+    tol: Tolerance,
+) -> CaseResult<Vec<Result<MaxErr, String>>> {
     let mut out = Vec::new();
-    for (key, want) in expected {
+    for (key, (shape, want, ulp_of)) in expected {
         let Some(have) = got.get(key) else {
             return malformed(format!(
                 "the runner does not produce output `{key}` for this op"
             ));
         };
-        if have.len() != want.numel() {
+        if have.len() != want.len() {
             out.push(Err(format!(
-                "{key}: {} values, expected {} (shape {:?})",
+                "{key}: {} values, expected {} (shape {shape:?})",
                 have.len(),
-                want.numel(),
-                want.shape()
+                want.len(),
             )));
             continue;
         }
-        let mut max_err = 0.0f64;
-        let mut worst: Option<(usize, f64, f64)> = None;
-        for (i, (&h, &w)) in have.iter().zip(want.data()).enumerate() {
-            let (h, w) = (h as f64, w as f64);
+        let mut max = MaxErr { abs: 0.0, ulp: 0.0 };
+        let mut worst: Option<(usize, f64, f64, f64)> = None;
+        for (i, (&h, &w)) in have.iter().zip(want).enumerate() {
             let err = (h - w).abs();
-            let within = err <= atol + rtol * w.abs() || (h.is_nan() && w.is_nan());
+            let ulps = err / ulp_of(w);
+            let within = h == w
+                || (h.is_nan() && w.is_nan())
+                || err <= tol.atol + tol.rtol * w.abs()
+                || tol.ulp.is_some_and(|k| ulps <= k);
             if !within && worst.is_none() {
-                worst = Some((i, h, w));
+                worst = Some((i, h, w, ulps));
             }
             if err.is_finite() {
-                max_err = max_err.max(err);
+                max.abs = max.abs.max(err);
+                max.ulp = max.ulp.max(ulps);
             } else if !within {
-                max_err = f64::INFINITY;
+                max.abs = f64::INFINITY;
+                max.ulp = f64::INFINITY;
             }
         }
         out.push(match worst {
-            None => Ok(max_err),
-            Some((i, h, w)) => Err(format!(
-                "{key}[{i}] = {h:e}, expected {w:e} (max abs err {max_err:.3e})"
+            None => Ok(max),
+            Some((i, h, w, u)) if tol.ulp.is_some() => Err(format!(
+                "{key}[{i}] = {h:e}, expected {w:e} ({u:.2} ulp; max abs err {:.3e}, max {:.2} ulp)",
+                max.abs, max.ulp
+            )),
+            Some((i, h, w, _)) => Err(format!(
+                "{key}[{i}] = {h:e}, expected {w:e} (max abs err {:.3e})",
+                max.abs
             )),
         });
     }
     Ok(out)
 }
 
-fn tolerance(v: Option<&Value>, default: (f64, f64)) -> CaseResult<(f64, f64)> {
-    let Some(v) = v else { return Ok(default) };
-    let get = |k: &str, d: f64| {
-        v.get(k)
-            .map(|x| number(x, k))
-            .transpose()
-            .map(|o| o.unwrap_or(d))
+/// Reads a tolerance object. Without `ulp` (and without a default one),
+/// absent `atol`/`rtol` take `default`; with `ulp`, they default to 0.
+fn tolerance(
+    v: Option<&Value>,
+    default: (f64, f64),
+    default_ulp: Option<f64>,
+) -> CaseResult<Tolerance> {
+    let read = |k: &str| match v.and_then(|v| v.get(k)) {
+        Some(x) => number(x, k).map(Some),
+        None => Ok(None),
     };
-    Ok((get("atol", default.0)?, get("rtol", default.1)?))
+    let ulp = read("ulp")?.or(default_ulp);
+    if let Some(k) = ulp {
+        if !(k.is_finite() && k >= 0.0) {
+            return malformed(format!("`ulp` = {k} is not a finite number >= 0"));
+        }
+    }
+    let (atol, rtol) = if ulp.is_some() { (0.0, 0.0) } else { default };
+    Ok(Tolerance {
+        atol: read("atol")?.unwrap_or(atol),
+        rtol: read("rtol")?.unwrap_or(rtol),
+        ulp,
+    })
 }
 
 fn number(v: &Value, what: &str) -> CaseResult<f64> {
@@ -481,8 +748,9 @@ fn shape(v: &Value) -> CaseResult<(Vec<usize>, usize)> {
     Ok((shape, count))
 }
 
-/// Parses `{"shape": [...], "data": [...]}`, each value straight to f32.
-fn tensor(v: &Value) -> CaseResult<T32> {
+/// Parses `{"shape": [...], "data": [...]}`, each value straight to `T`
+/// ([`Storage::parse`]).
+fn tensor<T: Storage>(v: &Value) -> CaseResult<Tensor<T>> {
     let (shape, count) = shape(
         v.get("shape")
             .ok_or_else(|| Failure::Malformed("tensor without `shape`".into()))?,
@@ -497,29 +765,30 @@ fn tensor(v: &Value) -> CaseResult<T32> {
             values.len()
         ));
     }
-    let data: Vec<f32> = values
+    let data: Vec<T> = values
         .iter()
         .map(|d| match d {
-            Value::Number(n) => n
-                .to_string()
-                .parse::<f32>()
-                .map_err(|e| Failure::Malformed(format!("value {n}: {e}"))),
+            Value::Number(n) => T::parse(&n.to_string()).map_err(Failure::Malformed),
             other => malformed(format!("value {other} is not a number")),
         })
         .collect::<CaseResult<_>>()?;
     Tensor::new(shape, data).map_err(|e| Failure::Malformed(e.to_string()))
 }
 
-fn tensors(v: Option<&Value>) -> CaseResult<BTreeMap<String, T32>> {
+/// [`tensor`], its messages naming the tensor.
+fn named_tensor<T: Storage>(name: &str, v: &Value) -> CaseResult<Tensor<T>> {
+    tensor(v).map_err(|e| match e {
+        Failure::Malformed(msg) => Failure::Malformed(format!("`{name}`: {msg}")),
+        refused => refused,
+    })
+}
+
+fn tensors<T: Storage>(v: Option<&Value>) -> CaseResult<BTreeMap<String, Tensor<T>>> {
     let mut out = BTreeMap::new();
     if let Some(map) = v.and_then(Value::as_object) {
         for (k, t) in map {
             if !t.is_null() {
-                let t = tensor(t).map_err(|e| match e {
-                    Failure::Malformed(msg) => Failure::Malformed(format!("`{k}`: {msg}")),
-                    refused => refused,
-                })?;
-                out.insert(k.clone(), t);
+                out.insert(k.clone(), named_tensor(k, t)?);
             }
         }
     }
@@ -613,26 +882,33 @@ impl Attrs<'_> {
     }
 }
 
-type Outputs = BTreeMap<String, Vec<f32>>;
+/// Computed outputs, widened to f64: values of the storage type, and
+/// statistics ([`STATISTICS`]) rounded to float32.
+type Outputs = BTreeMap<String, Vec<f64>>;
 
-fn outputs(y: T32, saved: Option<&Saved>) -> Outputs {
+/// A statistic kept in f64, as float32.
+fn as_f32(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&v| v as f32 as f64).collect()
+}
+
+fn outputs<T: Float>(y: Tensor<T>, saved: Option<&Saved>) -> Outputs {
     let mut out = Outputs::new();
-    out.insert("y".into(), y.into_data());
+    out.insert("y".into(), widen(y.data()));
     if let Some(s) = saved {
-        out.insert("mean".into(), s.mean.iter().map(|&v| v as f32).collect());
-        out.insert("rstd".into(), s.rstd.iter().map(|&v| v as f32).collect());
+        out.insert("mean".into(), as_f32(&s.mean));
+        out.insert("rstd".into(), as_f32(&s.rstd));
     }
     out
 }
 
 /// Runs forward (and backward when `dy` is given) of `op`.
-fn run_op(
+fn run_op<T: Float>(
     op: &str,
     attrs: &Attrs<'_>,
-    x: &T32,
-    inputs: &BTreeMap<String, T32>,
-    dy: Option<&T32>,
-) -> CaseResult<(Outputs, Option<Grads<f32>>)> {
+    x: &Tensor<T>,
+    inputs: &BTreeMap<String, Tensor<T>>,
+    dy: Option<&Tensor<T>>,
+) -> CaseResult<(Outputs, Option<Grads<T>>)> {
     let weight = inputs.get("weight");
     let bias = inputs.get("bias");
     match op {
@@ -654,9 +930,10 @@ fn run_op(
             let mut running_var = inputs.get("running_var").map(|t| t.data().to_vec());
             let mut tracked = match inputs.get("num_batches_tracked") {
                 Some(t) if t.numel() == 1 => {
-                    let v = t.data()[0];
+                    let v = t.data()[0].to_f64();
                     // f32 holds every integer up to 2^24 exactly; beyond
-                    // that the stored count is not the one meant.
+                    // that the stored count is not the one meant (the
+                    // 16-bit types hold fewer, but only exact values).
                     if !(0.0..=16_777_216.0).contains(&v) || v.fract() != 0.0 {
                         return malformed(format!(
                             "`num_batches_tracked` = {v} is not an integer in 0..=2^24"
@@ -680,9 +957,9 @@ fn run_op(
             let (y, saved) = call(x, running, weight, bias, &options)?;
             let mut out = outputs(y, Some(&saved));
             if let (Some(m), Some(v)) = (running_mean, running_var) {
-                out.insert("running_mean".into(), m);
-                out.insert("running_var".into(), v);
-                out.insert("num_batches_tracked".into(), vec![tracked as f32]);
+                out.insert("running_mean".into(), widen(&m));
+                out.insert("running_var".into(), widen(&v));
+                out.insert("num_batches_tracked".into(), vec![tracked as f32 as f64]);
             }
             let grads = match dy {
                 Some(dy) if instance => Some(instance_norm_backward(
@@ -716,16 +993,14 @@ fn run_op(
             Ok((outputs(y, Some(&saved)), grads))
         }
         "rms_norm" => {
-            let (axis, eps) = (attrs.axis()?, attrs.eps(f32::EPSILON as f64)?);
+            // PyTorch's default: the machine epsilon of the input's type.
+            let (axis, eps) = (attrs.axis()?, attrs.eps(T::EPSILON)?);
             let (y, saved) = rms_norm(x, axis, weight, eps)?;
             let grads = dy
                 .map(|dy| rms_norm_backward(x, dy, axis, weight, eps, &saved))
                 .transpose()?;
             let mut out = outputs(y, None);
-            out.insert(
-                "rstd".into(),
-                saved.rstd.iter().map(|&v| v as f32).collect(),
-            );
+            out.insert("rstd".into(), as_f32(&saved.rstd));
             Ok((out, grads))
         }
         "group_norm" => {

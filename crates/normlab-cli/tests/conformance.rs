@@ -410,3 +410,191 @@ fn refusable_attribute_values_reach_the_operation() {
     assert_eq!(code, Some(0), "{lines:#?}");
     assert_eq!(lines.last().unwrap(), "3 passed, 0 failed");
 }
+
+/// A layer_norm case over x = [1, 2, 4] (ε = 0) stored as `dtype`, with the
+/// given `y` and extra top-level JSON.
+fn ln16(dtype: &str, x: &str, y: &str, extra: &str) -> String {
+    format!(
+        r#""dtype":"{dtype}","op":"layer_norm","attrs":{{"eps":0.0,"axis":-1}},"inputs":{{"x":{{"shape":[1,3],"data":[{x}]}}}},"expected":{{"y":{{"shape":[1,3],"data":[{y}]}}}}{extra}"#
+    )
+}
+
+#[test]
+fn sixteen_bit_cases_are_compared_in_ulp_of_their_type() {
+    // y = [-1.06904…, -0.26726…, 1.33630…] rounded to bfloat16 and float16;
+    // mean 7/3 and rstd 0.80178… as float32.
+    let bf = "-1.0703125,-0.267578125,1.3359375";
+    let f16 = "-1.0693359375,-0.267333984375,1.3359375";
+    let x = "1.0,2.0,4.0";
+    let stats = r#","tolerance":{"ulp":1},"expected":{"y":{"shape":[1,3],"data":[-1.0703125,-0.267578125,1.3359375]},"mean":{"shape":[1,1],"data":[2.3333333]},"rstd":{"shape":[1,1],"data":[0.80178374]}}"#;
+    // 1.3359375 + 1 and + 2 bfloat16 ulp (2^-7 at 1.34).
+    let one_ulp = "-1.0703125,-0.267578125,1.34375";
+    let two_ulp = "-1.0703125,-0.267578125,1.3515625";
+    let cases = [
+        ("bf16", ln16("bfloat16", x, bf, "")),
+        ("f16", ln16("float16", x, f16, "")),
+        (
+            "f32_named",
+            ln16("float32", x, "-1.0690449676,-0.2672612419,1.3363062096", ""),
+        ),
+        // A later key wins in serde_json: the stats replace `expected`.
+        ("bf16_stats", ln16("bfloat16", x, bf, stats)),
+        ("bf16_one_ulp", ln16("bfloat16", x, one_ulp, "")),
+        ("bf16_two_ulp", ln16("bfloat16", x, two_ulp, "")),
+        (
+            "bf16_two_ulp_atol",
+            ln16(
+                "bfloat16",
+                x,
+                two_ulp,
+                r#","tolerance":{"ulp":1,"atol":0.016}"#,
+            ),
+        ),
+        (
+            "bf16_two_ulp_k2",
+            ln16("bfloat16", x, two_ulp, r#","tolerance":{"ulp":2}"#),
+        ),
+        // float16's y[0] 2 float16 ulp (2^-10 each) further from 0.
+        (
+            "f16_two_ulp",
+            ln16("float16", x, "-1.0712890625,-0.267333984375,1.3359375", ""),
+        ),
+    ];
+    let files: Vec<(&str, &str)> = cases.iter().map(|(n, b)| (*n, b.as_str())).collect();
+    let (code, lines) = run_cases(&files);
+    assert_eq!(code, Some(1), "{lines:#?}");
+    for name in ["bf16", "f16", "bf16_stats"] {
+        assert_eq!(
+            line(&lines, name),
+            format!("PASS {name} (max abs err 0.000e0, max 0.00 ulp)")
+        );
+    }
+    assert!(line(&lines, "f32_named").starts_with("PASS f32_named (max abs err"));
+    assert!(!line(&lines, "f32_named").contains("ulp"));
+    assert_eq!(
+        line(&lines, "bf16_one_ulp"),
+        "PASS bf16_one_ulp (max abs err 7.812e-3, max 1.00 ulp)"
+    );
+    let l = line(&lines, "bf16_two_ulp");
+    assert!(
+        l.starts_with("FAIL") && l.contains("y[2] = 1.3359375e0, expected 1.3515625e0 (2.00 ulp"),
+        "{l}"
+    );
+    assert!(line(&lines, "bf16_two_ulp_atol").starts_with("PASS"));
+    assert!(line(&lines, "bf16_two_ulp_k2").starts_with("PASS"));
+    let l = line(&lines, "f16_two_ulp");
+    assert!(
+        l.starts_with("FAIL") && l.contains("y[0]") && l.contains("(2.00 ulp"),
+        "{l}"
+    );
+    assert_eq!(lines.last().unwrap(), "7 passed, 2 failed");
+}
+
+#[test]
+fn sixteen_bit_values_must_be_exact() {
+    let y = "-1.0703125,-0.267578125,1.3359375";
+    let bad_x = |dtype: &str, x: &str| ln16(dtype, &format!("{x},2.0,4.0"), y, "");
+    let cases = [
+        // 0.1 is no bfloat16 value; its float32 (9 digits) is no bfloat16 either.
+        (
+            "tenth",
+            bad_x("bfloat16", "0.1"),
+            "value 0.1 is not a bfloat16 value",
+        ),
+        // Within f64's rounding of 1.0, but not 1.0.
+        (
+            "near_one",
+            bad_x("bfloat16", "1.0000000000000000001"),
+            "is not exactly a bfloat16 value (the nearest is 1e0)",
+        ),
+        (
+            "f16_range",
+            bad_x("float16", "70000"),
+            "is not a float16 value",
+        ),
+        (
+            "beyond_f64",
+            bad_x("bfloat16", "1e400"),
+            "is not a bfloat16 value",
+        ),
+        (
+            "below_f64",
+            bad_x("float16", "1e-400"),
+            "is not exactly a float16 value",
+        ),
+        // An exact decimal of a value within bfloat16's range but not in it.
+        (
+            "f32_value",
+            bad_x("bfloat16", "1.00000011920928955078125"),
+            "is not a bfloat16 value",
+        ),
+        (
+            "expected_too",
+            ln16(
+                "bfloat16",
+                "1.0,2.0,4.0",
+                "-1.0690449676,-0.267578125,1.3359375",
+                "",
+            ),
+            "`y`: value -1.0690449676 is not a bfloat16 value",
+        ),
+        (
+            "unknown",
+            ln16("float64", "1.0,2.0,4.0", y, ""),
+            "unknown dtype `float64`",
+        ),
+        (
+            "not_text",
+            ln16("bfloat16", "1.0,2.0,4.0", y, "").replace(r#""bfloat16""#, "16"),
+            "`dtype` = 16 is not a string",
+        ),
+        (
+            "negative_ulp",
+            ln16("bfloat16", "1.0,2.0,4.0", y, r#","tolerance":{"ulp":-1}"#),
+            "`ulp` = -1 is not a finite number >= 0",
+        ),
+    ];
+    // Exact decimals in any notation are read: 2^-20, float16's smallest
+    // subnormal 2^-24 and largest value, bfloat16's smallest subnormal 2^-133
+    // written out, -0 and zero with a huge exponent. These cases expect the
+    // operation to refuse its axis, which it can only do once every value
+    // has been read.
+    let refused = |dtype: &str, x: &str| {
+        format!(
+            r#""dtype":"{dtype}","op":"layer_norm","attrs":{{"axis":5}},"inputs":{{"x":{{"shape":[1,3],"data":[{x}]}}}},"expect_error":true"#
+        )
+    };
+    let fine = [
+        ("pow_m20", refused("bfloat16", "9.5367431640625E-7,2.0,4.0")),
+        (
+            "f16_extremes",
+            refused("float16", "5.9604644775390625e-8,65504,-65504.000"),
+        ),
+        (
+            "bf16_subnormal",
+            refused(
+                "bfloat16",
+                "91.8354961579912115600575419704879435795832466228193376178712270530013483949005603790283203125e-42,-0,0e999999999999999999999",
+            ),
+        ),
+    ];
+    let mut files: Vec<(&str, &str)> = cases.iter().map(|(n, b, _)| (*n, b.as_str())).collect();
+    files.extend(fine.iter().map(|(n, b)| (*n, b.as_str())));
+    let (code, lines) = run_cases(&files);
+    assert_eq!(code, Some(1), "{lines:#?}");
+    for (name, _, message) in &cases {
+        let l = line(&lines, name);
+        assert!(
+            l.starts_with("FAIL") && l.contains("malformed case") && l.contains(message),
+            "{l}"
+        );
+    }
+    for (name, _) in &fine {
+        let l = line(&lines, name);
+        assert!(l.starts_with("PASS"), "{l}");
+    }
+    assert_eq!(
+        lines.last().unwrap(),
+        &format!("{} passed, {} failed", fine.len(), cases.len())
+    );
+}
