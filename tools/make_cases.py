@@ -346,6 +346,21 @@ STATISTICS = {"mean", "rstd", "num_batches_tracked"}
 BACKWARD_ATOL_FACTOR = 2.0 ** -21
 
 
+# The statistics (mean, rstd) are accumulated from float32 lanes, as
+# PyTorch's CPU kernels do: within a few float32 ulp of the float64
+# reference, not rounded from it. rtol 2^-20 (8 float32 ulp at most) admits
+# that; for the 16-bit tensors of the case it is far below one ulp (2^-8 of
+# the value in bfloat16, 2^-11 in float16), so their 1-ulp rule is unchanged.
+STATISTICS_RTOL = 2.0 ** -20
+
+
+def tolerance16(expected):
+    """The forward tolerance of a 16-bit case: 1 ulp, and the statistics' rtol when it has them."""
+    if any(k in STATISTICS for k in expected):
+        return {"ulp": 1, "rtol": STATISTICS_RTOL}
+    return {"ulp": 1}
+
+
 def write16(dtype, name, op, attrs, inputs, expected, dy, grads, scale):
     """A case of `dtype`: inputs as given (values of the type), expected
     values rounded once to the type, statistics (mean, rstd) as float32."""
@@ -354,7 +369,7 @@ def write16(dtype, name, op, attrs, inputs, expected, dy, grads, scale):
             "dtype": dtype, "op": op, "attrs": attrs,
             "inputs": {k: enc16(v, dtype) for k, v in inputs.items() if v is not None},
             "expected": {k: encode(k, v) for k, v in expected.items()},
-            "tolerance": {"ulp": 1}}
+            "tolerance": tolerance16(expected)}
     if dy is not None:
         atol = float(np.float32(BACKWARD_ATOL_FACTOR * float(scale)))
         case["backward"] = {"dy": enc16(dy, dtype),
@@ -403,7 +418,8 @@ def sixteen_bit_cases():
     a large offset (mean ≫ std) per op family, and shapes with rows or
     channels of thousands of values (SIMD main loops, tails and the kernels'
     blocks). Tolerance: 1 ulp of the type for y and the running statistics
-    (mean and rstd are float32, 1 float32 ulp); backward as BACKWARD_ATOL_FACTOR says."""
+    (mean and rstd, float32, as STATISTICS_RTOL says); backward as
+    BACKWARD_ATOL_FACTOR says."""
     for dtype in FORMATS:
         d = lambda *a, **kw: draw16(dtype, *a, **kw)
         w16 = lambda *a, **kw: write16(dtype, *a, **kw)
