@@ -31,6 +31,7 @@ use crate::error::{check_len, Result};
 use crate::float::{Lane, OutputBuffer};
 use crate::moments::{sum_of_squares, Moments};
 use crate::simd::convert::Store;
+use crate::simd::transform::RowScratch;
 use crate::simd::{sums, transform};
 use crate::{Float, Tensor, View};
 
@@ -187,7 +188,11 @@ fn backward_unchecked<T: Float, P: Float>(
     let rows = x.len() / n;
     let w: Vec<T::Lane> = param_lanes(op, "weight", weight, n, 1.0)?;
     let store = Store::for_output::<T>(dx.len());
-    let per_block = block_units(rows);
+    // Rows per block of dγ, dβ partial sums (each block keeps two of length
+    // n): a fixed share of the rows, and at least a task's worth of values,
+    // so that a few long rows (decoding) are one block rather than one
+    // allocation of partial sums per row.
+    let per_block = block_units(rows).max(min_units(n));
     let block = per_block * n;
     let partials: Vec<(Vec<f64>, Vec<f64>)> = x
         .par_chunks(block)
@@ -204,6 +209,7 @@ fn backward_unchecked<T: Float, P: Float>(
             // dγ, dβ: lanes over a few rows, flushed into the block's f64 sums.
             let (mut dw, mut db) = (vec![0.0; n], vec![0.0; n]);
             let (mut dw_lanes, mut db_lanes) = (vec![T::Lane::ZERO; n], vec![T::Lane::ZERO; n]);
+            let mut scratch = RowScratch::new();
             let rows = xb
                 .chunks_exact(n)
                 .zip(dyb.chunks_exact(n))
@@ -214,10 +220,24 @@ fn backward_unchecked<T: Float, P: Float>(
                 let (hi, lo) = T::Lane::split(mean);
                 let r = T::Lane::of(rstd);
                 let (sum_g, sum_g_xhat) =
-                    sums::row_grad_sums(x_row, dy_row, &w, hi, lo, r, &mut dw_lanes, &mut db_lanes);
+                    sums::row_grad_sums(
+                    x_row, dy_row, &w, hi, lo, r, &mut dw_lanes, &mut db_lanes, &mut scratch,
+                );
                 let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
                 let (mean_g, b) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
-                transform::row_dx(x_row, dy_row, &w, hi, lo, r, mean_g, b, dx_row, store);
+                transform::row_dx(
+                    x_row,
+                    dy_row,
+                    &w,
+                    hi,
+                    lo,
+                    r,
+                    mean_g,
+                    b,
+                    dx_row,
+                    store,
+                    &mut scratch,
+                );
                 if (i + 1) % FLUSH_ROWS == 0 {
                     sums::flush::<T>(&mut dw, &mut dw_lanes);
                     sums::flush::<T>(&mut db, &mut db_lanes);

@@ -14,6 +14,7 @@
 
 use crate::float::{Float, Lane};
 use crate::simd::simd_fn;
+use crate::simd::transform::{RowScratch, ROW_BLOCK};
 
 /// Lanes of a segment sum (four AVX2 vectors of f32, so that four
 /// independent add chains hide the add latency), and terms each lane sums
@@ -256,19 +257,18 @@ simd_fn! {
         rstd: T::Lane,
         dweight: &mut [T::Lane],
         dbias: &mut [T::Lane],
+        scratch: &mut RowScratch<T::Lane>,
     ) -> (f64, f64) {
         let mut sums = (0.0, 0.0);
         // Blocks small enough to stay in L1 between the two loops.
-        const BLOCK: usize = 1024;
-        let mut xbuf = [<T::Lane as Lane>::ZERO; BLOCK];
-        let mut dbuf = [<T::Lane as Lane>::ZERO; BLOCK];
+        const BLOCK: usize = ROW_BLOCK;
+        let [xbuf, dbuf, x_hat, g] = &mut scratch.0;
         let blocks = x.chunks(BLOCK).zip(dy.chunks(BLOCK)).zip(w.chunks(BLOCK));
         let partials = dweight.chunks_mut(BLOCK).zip(dbias.chunks_mut(BLOCK));
         for (((xb, dyb), wb), (dwp, dbp)) in blocks.zip(partials) {
             let len = xb.len();
-            let xb = T::lanes::<L>(xb, &mut xbuf);
-            let dyb = T::lanes::<L>(dyb, &mut dbuf);
-            let (mut x_hat, mut g) = ([<T::Lane as Lane>::ZERO; BLOCK], [<T::Lane as Lane>::ZERO; BLOCK]);
+            let xb = T::lanes::<L>(xb, xbuf);
+            let dyb = T::lanes::<L>(dyb, dbuf);
             let (x_hat, g) = (&mut x_hat[..len], &mut g[..len]);
             for i in 0..len {
                 x_hat[i] = ((xb[i] - hi) - lo) * rstd;

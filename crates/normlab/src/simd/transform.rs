@@ -20,36 +20,42 @@ const REGISTER_BLOCK: usize = 32;
 /// Values a row or backward pass computes per block: its loops read two or
 /// more inputs, and longer blocks amortize the per-block slicing (64
 /// measured slower for the f32 backward).
-const ROW_BLOCK: usize = 512;
+pub const ROW_BLOCK: usize = 512;
 
-/// Fills `y` block by block: `block(start, values)` computes the lane
-/// values of `y[start..start + values.len()]`. Whole [`REGISTER_BLOCK`]s
-/// are stored from registers, streamed when `store` says so and `y` is
-/// 16-byte aligned there; the values before the first aligned block and
-/// after the last whole one through the same writer (an ordinary store into
-/// the lines between streamed ones measured far slower on 784-value slices).
+/// Fills `y` block by block: `block(start, values, scratch)` computes the
+/// lane values of `y[start..start + values.len()]`, with two blocks of
+/// scratch lanes to widen its inputs into. Whole [`REGISTER_BLOCK`]s are
+/// stored from registers, streamed when `store` says so and `y` is 16-byte
+/// aligned there; the values before the first aligned block and after the
+/// last whole one through the same writer (an ordinary store into the lines
+/// between streamed ones measured far slower on 784-value slices). The
+/// buffers are made once per call: zeroing them per block cost as much as
+/// the arithmetic.
 #[inline(always)]
 fn fill_blocks<T: Float, L: Isa>(
     y: &mut [MaybeUninit<T>],
     store: Store,
-    block: impl Fn(usize, &mut [T::Lane]),
+    block: impl Fn(usize, &mut [T::Lane], &mut Scratch<T::Lane>),
 ) {
     let len = y.len();
     let head = convert::unaligned_head(y);
-    let mut buf = [T::Lane::ZERO; REGISTER_BLOCK];
-    block(0, &mut buf[..head]);
-    convert::write::<T, L>(&mut y[..head], &buf[..head], Store::Cached);
+    let mut values = [T::Lane::ZERO; REGISTER_BLOCK];
+    let mut scratch = [[T::Lane::ZERO; REGISTER_BLOCK]; 2];
+    block(0, &mut values[..head], &mut scratch);
+    convert::write::<T, L>(&mut y[..head], &values[..head], Store::Cached);
     let mut i = head;
     while i + REGISTER_BLOCK <= len {
-        let mut values = [T::Lane::ZERO; REGISTER_BLOCK];
-        block(i, &mut values);
+        block(i, &mut values, &mut scratch);
         convert::write::<T, L>(&mut y[i..i + REGISTER_BLOCK], &values, store);
         i += REGISTER_BLOCK;
     }
     let rest = len - i;
-    block(i, &mut buf[..rest]);
-    convert::write::<T, L>(&mut y[i..], &buf[..rest], store);
+    block(i, &mut values[..rest], &mut scratch);
+    convert::write::<T, L>(&mut y[i..], &values[..rest], store);
 }
+
+/// Two register blocks of lanes to widen a block's inputs into.
+type Scratch<C> = [[C; REGISTER_BLOCK]; 2];
 
 /// `y = ((x - hi) - lo)·scale + shift` through [`fill_blocks`].
 #[inline(always)]
@@ -59,10 +65,9 @@ fn normalize_blocks<T: Float, L: Isa>(
     (hi, lo, scale, shift): (T::Lane, T::Lane, T::Lane, T::Lane),
     store: Store,
 ) {
-    fill_blocks::<T, L>(&mut y[..x.len()], store, |at, values| {
+    fill_blocks::<T, L>(&mut y[..x.len()], store, |at, values, [buf, _]| {
         let n = values.len();
-        let mut buf = [T::Lane::ZERO; REGISTER_BLOCK];
-        let xs = T::lanes::<L>(&x[at..at + n], &mut buf);
+        let xs = T::lanes::<L>(&x[at..at + n], buf);
         for (v, &xv) in values.iter_mut().zip(xs) {
             *v = ((xv - hi) - lo) * scale + shift;
         }
@@ -116,10 +121,9 @@ simd_fn! {
     /// RMSNorm; callers pass ones and zeros for absent parameters, which
     /// changes no bit of the result).
     pub fn normalize_row<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: &[T::Lane], b: &[T::Lane], store: Store) {
-        fill_blocks::<T, L>(&mut y[..x.len()], store, |at, values| {
+        fill_blocks::<T, L>(&mut y[..x.len()], store, |at, values, [buf, _]| {
             let n = values.len();
-            let mut buf = [<T::Lane as Lane>::ZERO; REGISTER_BLOCK];
-            let xs = T::lanes::<L>(&x[at..at + n], &mut buf);
+            let xs = T::lanes::<L>(&x[at..at + n], buf);
             for (((o, &xv), &wv), &bv) in values.iter_mut().zip(xs).zip(&w[at..at + n]).zip(&b[at..at + n]) {
                 *o = ((xv - hi) - lo) * rstd * wv + bv;
             }
@@ -131,14 +135,12 @@ simd_fn! {
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, second pass:
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)`.
-    pub fn row_dx<T: Float>[L](x: &[T], dy: &[T], w: &[T::Lane], hi: T::Lane, lo: T::Lane, rstd: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store) {
-        let mut xb = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        let mut db = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        let mut values = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
+    pub fn row_dx<T: Float>[L](x: &[T], dy: &[T], w: &[T::Lane], hi: T::Lane, lo: T::Lane, rstd: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store, scratch: &mut RowScratch<T::Lane>) {
+        let [xb, db, values, _] = &mut scratch.0;
         for (k, out) in dx[..x.len()].chunks_mut(ROW_BLOCK).enumerate() {
             let (at, n) = (k * ROW_BLOCK, out.len());
-            let xs = T::lanes::<L>(&x[at..at + n], &mut xb);
-            let ds = T::lanes::<L>(&dy[at..at + n], &mut db);
+            let xs = T::lanes::<L>(&x[at..at + n], xb);
+            let ds = T::lanes::<L>(&dy[at..at + n], db);
             let values = &mut values[..n];
             for (((o, &xv), &d), &wv) in values.iter_mut().zip(xs).zip(ds).zip(&w[at..at + n]) {
                 *o = rstd * (d * wv - mean_g) + b * ((xv - hi) - lo);
@@ -153,16 +155,34 @@ simd_fn! {
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one
     /// channel: `w` is a scalar).
     pub fn slice_dx<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store) {
-        fill_blocks::<T, L>(&mut dx[..x.len()], store, |at, values| {
+        fill_blocks::<T, L>(&mut dx[..x.len()], store, |at, values, [xb, db]| {
             let n = values.len();
-            let (mut xb, mut db) = ([<T::Lane as Lane>::ZERO; REGISTER_BLOCK], [<T::Lane as Lane>::ZERO; REGISTER_BLOCK]);
-            let xs = T::lanes::<L>(&x[at..at + n], &mut xb);
-            let ds = T::lanes::<L>(&dy[at..at + n], &mut db);
+            let xs = T::lanes::<L>(&x[at..at + n], xb);
+            let ds = T::lanes::<L>(&dy[at..at + n], db);
             for ((v, &xv), &d) in values.iter_mut().zip(xs).zip(ds) {
                 *v = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
             }
         });
         convert::fence(store);
+    }
+}
+
+/// Lane buffers of the row passes ([`row_dx`],
+/// [`super::sums::row_grad_sums`]): four blocks of [`ROW_BLOCK`] lanes,
+/// made once per task by the caller ([`RowScratch::new`]) rather than
+/// zeroed on every call.
+pub struct RowScratch<C>(pub(crate) [Vec<C>; 4]);
+
+impl<C: Lane> RowScratch<C> {
+    /// Zeroed buffers.
+    pub fn new() -> Self {
+        Self(std::array::from_fn(|_| vec![C::ZERO; ROW_BLOCK]))
+    }
+}
+
+impl<C: Lane> Default for RowScratch<C> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
