@@ -17,9 +17,28 @@ use std::ops::{Add, AddAssign, Div, Mul, Sub};
 use crate::simd::convert;
 use crate::simd::Isa;
 
-/// The arithmetic type of a kernel's inner loops: f32 or f64.
+/// Keeps the element and lane traits to this crate's types: the kernels'
+/// unsafe code (outputs allocated uninitialized, streaming stores) relies on
+/// what these types are and on every slot being written by their `narrow`.
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+
+    /// The output buffers' slots, callable only inside the crate: handing
+    /// out `MaybeUninit` views of initialized memory is sound only when
+    /// every slot is written before the memory is read again.
+    pub trait Slots<T> {
+        fn slots(&mut self) -> &mut [std::mem::MaybeUninit<T>];
+    }
+}
+
+/// The arithmetic type of a kernel's inner loops: f32 or f64 (sealed).
 pub trait Lane:
-    Copy
+    sealed::Sealed
+    + Copy
     + Default
     + Send
     + Sync
@@ -110,8 +129,10 @@ impl Lane for f64 {
     }
 }
 
-/// A floating-point storage type: f32, f64, f16 or bf16.
-pub trait Float: Copy + Send + Sync + Debug + Default + PartialEq + 'static {
+/// A floating-point storage type: f32, f64, f16 or bf16 (sealed).
+pub trait Float:
+    sealed::Sealed + Copy + Send + Sync + Debug + Default + PartialEq + 'static
+{
     /// Type name as PyTorch spells it (`float32`, …), for messages.
     const NAME: &'static str;
     /// Machine epsilon of this type, as `f64` (PyTorch's `finfo(dtype).eps`).
@@ -286,36 +307,44 @@ pub(crate) fn uninit_mut<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
 }
 
 /// An output buffer a kernel overwrites entirely: a slice of initialized
-/// values (`&mut [T]`, `&mut Vec<T>`) or of uninitialized ones (`&mut
-/// [MaybeUninit<T>]`, for outputs allocated without a fill). One kernel
-/// function serves both.
-pub trait OutputBuffer<T> {
-    /// The buffer as slots to write.
-    fn slots(&mut self) -> &mut [MaybeUninit<T>];
-}
+/// values (`&mut [T]`, `&mut Vec<T>`, `&mut [T; N]`) or of uninitialized
+/// ones (`&mut [MaybeUninit<T>]`, for outputs allocated without a fill). One
+/// kernel function serves both. Sealed: the kernels write every slot.
+pub trait OutputBuffer<T: Float>: sealed::Slots<T> {}
 
-impl<T> OutputBuffer<T> for [T] {
+impl<T: Float> sealed::Slots<T> for [T] {
     fn slots(&mut self) -> &mut [MaybeUninit<T>] {
         uninit_mut(self)
     }
 }
 
-impl<T, const N: usize> OutputBuffer<T> for [T; N] {
+impl<T: Float, const N: usize> sealed::Slots<T> for [T; N] {
     fn slots(&mut self) -> &mut [MaybeUninit<T>] {
         uninit_mut(self)
     }
 }
 
-impl<T> OutputBuffer<T> for Vec<T> {
+impl<T: Float> sealed::Slots<T> for Vec<T> {
     fn slots(&mut self) -> &mut [MaybeUninit<T>] {
         uninit_mut(self)
     }
 }
 
-impl<T> OutputBuffer<T> for [MaybeUninit<T>] {
+impl<T: Float> sealed::Slots<T> for [MaybeUninit<T>] {
     fn slots(&mut self) -> &mut [MaybeUninit<T>] {
         self
     }
+}
+
+impl<T: Float> OutputBuffer<T> for [T] {}
+impl<T: Float, const N: usize> OutputBuffer<T> for [T; N] {}
+impl<T: Float> OutputBuffer<T> for Vec<T> {}
+impl<T: Float> OutputBuffer<T> for [MaybeUninit<T>] {}
+
+/// The slots of an output buffer (inside the crate only).
+#[inline]
+pub(crate) fn slots<T: Float>(out: &mut (impl OutputBuffer<T> + ?Sized)) -> &mut [MaybeUninit<T>] {
+    sealed::Slots::slots(out)
 }
 
 #[cfg(test)]

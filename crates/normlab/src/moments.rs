@@ -135,14 +135,11 @@ impl Moments {
             return Moments::EMPTY;
         }
         let count = chunk.len() as f64;
-        let quick = Moments::from_centred_sums(count, guess.wide(), s1, s2);
-        let off = quick.mean - guess.wide();
-        let (low, high) = T::Lane::SAFE_RANGE;
-        let safe = quick.m2.is_finite() && quick.m2 > count * low * low;
-        if safe && off * off * count <= quick.m2 {
+        if let Some(quick) = Self::from_centred_sums_checked(count, guess, s1, s2) {
             return quick;
         }
         let (sum, max_abs) = sums::sum_and_max_abs(chunk);
+        let (low, high) = T::Lane::SAFE_RANGE;
         if !(low..=high).contains(&max_abs) {
             return Self::two_pass(chunk);
         }
@@ -151,16 +148,36 @@ impl Moments {
         Moments::from_centred_sums(count, shift.wide(), s1, s2)
     }
 
+    /// [`Self::from_centred_sums`] when the result is accurate: the sums
+    /// are finite and above the lanes' underflow range, and the shift lies
+    /// within a standard deviation of the mean (then `s1²/n ≤ m2`, and `m2`
+    /// loses at most about one bit to the subtraction). `None` otherwise: the
+    /// caller redoes the values with a better shift or in f64.
+    pub(crate) fn from_centred_sums_checked<C: Lane>(
+        count: f64,
+        shift: C,
+        s1: f64,
+        s2: f64,
+    ) -> Option<Moments> {
+        let m = Moments::from_centred_sums(count, shift.wide(), s1, s2);
+        let (low, _) = C::SAFE_RANGE;
+        let off = m.mean - shift.wide();
+        let safe = m.m2.is_finite() && m.m2 > count * low * low;
+        (safe && off * off * count <= m.m2).then_some(m)
+    }
+
     /// Moments of `count` values from their sums centred on `shift`,
     /// `s1 = Σ(x - shift)`, `s2 = Σ(x - shift)²`: `mean = shift + s1/n`,
     /// `m2 = s2 - s1²/n`, accurate when the shift is within a few standard
     /// deviations of the mean (the callers make sure of it).
     #[inline]
     pub(crate) fn from_centred_sums(count: f64, shift: f64, s1: f64, s2: f64) -> Moments {
+        let m2 = s2 - s1 * s1 / count;
         Moments {
             count,
             mean: shift + s1 / count,
-            m2: (s2 - s1 * s1 / count).max(0.0),
+            // Rounding can leave a tiny negative m2; a NaN stays NaN.
+            m2: if m2 < 0.0 { 0.0 } else { m2 },
         }
     }
 

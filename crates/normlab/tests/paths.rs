@@ -135,6 +135,16 @@ fn run_all<T: normlab::Float>(
 
 #[test]
 fn every_path_matches_f64_and_thread_counts_agree() {
+    // f32: outputs carry one rounding, gradients a few.
+    every_path::<f32>(2e-6, 2e-5);
+    // 16-bit storage, f32 lanes: one rounding to the storage type on every
+    // output (2^-8 of the value in bf16, 2^-11 in f16), below which the
+    // lanes' own error disappears; the reference is rounded once too.
+    every_path::<half::bf16>(8e-3, 1.6e-2);
+    every_path::<half::f16>(1e-3, 2e-3);
+}
+
+fn every_path<T: normlab::Float>(tol_y: f64, tol_grad: f64) {
     let shapes: &[&[usize]] = &[
         &[1, 1, 1],
         &[2, 1, 1],
@@ -156,6 +166,14 @@ fn every_path_matches_f64_and_thread_counts_agree() {
         // groups per thread pool, channels not 16-byte aligned.
         &[40, 2, 2049],
         &[3, 96, 5, 5],
+        // Short slices in runs of a task's length that straddle samples
+        // (7×7 and 9×9 maps; 96 and 33 channels), and the per-slice path
+        // just above them (14×14), over several tasks.
+        &[16, 96, 7, 7],
+        &[32, 33, 9, 9],
+        &[12, 33, 14, 14],
+        // BatchNorm1d-like rows (spatial 1) over several blocks of rows.
+        &[300, 130, 1],
     ];
     let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
         .iter()
@@ -168,15 +186,15 @@ fn every_path_matches_f64_and_thread_counts_agree() {
         .collect();
     for (k, &shape) in shapes.iter().enumerate() {
         let mut g = rng(50 + k as u64);
-        let x = normal(&mut g, shape, 3.0, 2.0).cast::<f32>();
-        let dy = normal(&mut g, shape, 0.0, 1.0).cast::<f32>();
+        let x = normal(&mut g, shape, 3.0, 2.0).cast::<T>();
+        let dy = normal(&mut g, shape, 0.0, 1.0).cast::<T>();
         let c = shape[1];
         let last = shape[shape.len() - 1];
-        let w = normal(&mut g, &[c], 1.0, 0.3).cast::<f32>();
-        let b = normal(&mut g, &[c], 0.0, 0.3).cast::<f32>();
-        let wn = normal(&mut g, &[last], 1.0, 0.3).cast::<f32>();
-        let bn = normal(&mut g, &[last], 0.0, 0.3).cast::<f32>();
-        // The f64 computation on the same (f32-rounded) values.
+        let w = normal(&mut g, &[c], 1.0, 0.3).cast::<T>();
+        let b = normal(&mut g, &[c], 0.0, 0.3).cast::<T>();
+        let wn = normal(&mut g, &[last], 1.0, 0.3).cast::<T>();
+        let bn = normal(&mut g, &[last], 0.0, 0.3).cast::<T>();
+        // The f64 computation on the same (rounded) values.
         let reference = run_all(
             &x.cast::<f64>(),
             &dy.cast(),
@@ -191,12 +209,16 @@ fn every_path_matches_f64_and_thread_counts_agree() {
             for pool in &pools {
                 let got = pool.install(|| run_all(&x, &dy, &w, &b, &wn, &bn));
                 for ((name, got), (_, want)) in got.iter().zip(&reference) {
-                    // Outputs carry one f32 rounding; gradients a few.
-                    let tol = if name.ends_with(" y") { 2e-6 } else { 2e-5 };
+                    let tol = if name.ends_with(" y") {
+                        tol_y
+                    } else {
+                        tol_grad
+                    };
                     let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
                     assert_close(
                         &format!(
-                            "{shape:?} {} threads {} {name}",
+                            "{shape:?} {} {} threads {} {name}",
+                            T::NAME,
                             level.name(),
                             pool.current_num_threads()
                         ),
@@ -211,7 +233,8 @@ fn every_path_matches_f64_and_thread_counts_agree() {
                     Some(first) => assert_eq!(
                         first,
                         &got,
-                        "{shape:?}: {} with {} threads differs",
+                        "{shape:?} {}: {} with {} threads differs",
+                        T::NAME,
                         level.name(),
                         pool.current_num_threads()
                     ),

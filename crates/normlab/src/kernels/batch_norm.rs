@@ -19,9 +19,11 @@ use super::{
 };
 use super::{positions, slices};
 use crate::error::{check_len, ensure, Result};
+use crate::float::Lane;
 use crate::float::OutputBuffer;
 use crate::moments::Moments;
 use crate::simd::convert::Store;
+use crate::simd::{sums, transform};
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -94,6 +96,77 @@ pub struct RunningStatsMut<'a, T> {
     pub num_batches_tracked: &'a mut i64,
 }
 
+/// Spatial sizes (above [`positions::MAX_SPATIAL`]) below which a
+/// channel's slices, a few cache lines each, are handled in runs of
+/// consecutive slices (one dispatch and one vector loop per run, the
+/// statistics accumulated per channel across slices) rather than one call
+/// per slice: ResNet's 7×7 and 14×14 maps, GroupNorm-free UNet 8×8 blocks.
+/// One segment of the centred sums ([`sums::SEGMENT`]).
+const SHORT_SPATIAL: usize = sums::SEGMENT;
+
+/// Runs `add(run, dy_run, first_channel, totals)` over runs of at least a
+/// task's worth of slices (`s` values each) of `x` (and `dy`), in
+/// parallel, each run adding into per-channel totals of its own; returns
+/// the totals added in run order (runs are fixed by the shape, so the bits
+/// do not depend on the thread count).
+fn short_runs<T: Float>(
+    x: &[T],
+    dy: Option<&[T]>,
+    s: usize,
+    c: usize,
+    add: impl Fn(&[T], Option<&[T]>, usize, &mut [(f64, f64)]) + Sync,
+) -> Vec<(f64, f64)> {
+    let run = min_units(s);
+    let partials: Vec<Vec<(f64, f64)>> = x
+        .par_chunks(run * s)
+        .enumerate()
+        .map(|(t, xr)| {
+            let mut totals = vec![(0.0, 0.0); c];
+            let dr = dy.map(|dy| &dy[t * run * s..][..xr.len()]);
+            add(xr, dr, (t * run) % c, &mut totals);
+            totals
+        })
+        .collect();
+    partials
+        .into_iter()
+        .fold(vec![(0.0, 0.0); c], |mut acc, part| {
+            for (a, p) in acc.iter_mut().zip(part) {
+                a.0 += p.0;
+                a.1 += p.1;
+            }
+            acc
+        })
+}
+
+/// Per-channel moments of short slices: each channel's sums centred on one
+/// shift (the mean of its first sample's leading values), accumulated
+/// across its slices; a channel whose shift proves too far from its mean,
+/// or whose squares leave the lanes' range, is redone slice by slice.
+fn short_moments<T: Float>(x: &[T], layout: NcsLayout) -> Vec<Moments> {
+    let (c, s) = (layout.c, layout.spatial);
+    let shifts: Vec<T::Lane> = x
+        .chunks_exact(s)
+        .take(c)
+        .map(Moments::shift_guess)
+        .collect();
+    let totals = short_runs(x, None, s, c, |run, _, first, totals| {
+        sums::centred_sums_slices(run, s, first, &shifts, totals)
+    });
+    let count = (layout.n * s) as f64;
+    totals
+        .into_par_iter()
+        .enumerate()
+        .map(|(ch, (s1, s2))| {
+            Moments::from_centred_sums_checked(count, shifts[ch], s1, s2).unwrap_or_else(|| {
+                x.chunks_exact(s)
+                    .skip(ch)
+                    .step_by(c)
+                    .fold(Moments::EMPTY, |acc, sl| acc.merge(Moments::of_slice(sl)))
+            })
+        })
+        .collect()
+}
+
 /// Per-channel moments of `x` laid out as `layout`: channel `c` gathers
 /// `x[n, c, :]` for every `n`. Parallel over channels.
 ///
@@ -109,6 +182,9 @@ pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Momen
     }
     if s <= positions::MAX_SPATIAL {
         return Ok(positions::moments(x, c, s));
+    }
+    if s < SHORT_SPATIAL {
+        return Ok(short_moments(x, layout));
     }
     // Memory order, samples in tasks of at least `MIN_TASK_VALUES` values;
     // each channel's per-sample moments are merged in sample order, whatever
@@ -140,7 +216,7 @@ pub fn normalize<T: Float, P: Float>(
     y: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
     check_channel_args(x, layout, saved, weight, bias)?;
-    let y = y.slots();
+    let y = crate::float::slots(y);
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
     normalize_unchecked(x, layout, saved, weight, bias, y);
     Ok(())
@@ -160,12 +236,28 @@ fn normalize_unchecked<T: Float, P: Float>(
     if x.is_empty() {
         return;
     }
-    if s <= positions::MAX_SPATIAL {
+    if s <= positions::MAX_SPATIAL || s < SHORT_SPATIAL {
         let scale: Vec<f64> = (0..c)
             .map(|ch| saved.rstd[ch] * param_at(weight, ch, 1.0))
             .collect();
         let shift: Vec<f64> = (0..c).map(|ch| param_at(bias, ch, 0.0)).collect();
-        positions::normalize(x, y, (c, s), &saved.mean, &scale, &shift);
+        if s <= positions::MAX_SPATIAL {
+            positions::normalize(x, y, (c, s), &saved.mean, &scale, &shift);
+            return;
+        }
+        let coefs: Vec<[T::Lane; 4]> = (0..c)
+            .map(|ch| {
+                let (hi, lo) = T::Lane::split(saved.mean[ch]);
+                [hi, lo, T::Lane::of(scale[ch]), T::Lane::of(shift[ch])]
+            })
+            .collect();
+        let run = min_units(s);
+        x.par_chunks(run * s)
+            .zip(y.par_chunks_mut(run * s))
+            .enumerate()
+            .for_each(|(t, (xr, yr))| {
+                transform::normalize_slices(xr, yr, s, (t * run) % c, &coefs)
+            });
         return;
     }
     // Statistics are given: no per-channel gathering needed, so the slices
@@ -199,7 +291,7 @@ pub fn forward_train<T: Float, P: Float>(
     y: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<Vec<Moments>> {
     eps.validate(OP)?;
-    let y = y.slots();
+    let y = crate::float::slots(y);
     check_len(OP, "x", x.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
     for (arg, p) in [("weight", weight), ("bias", bias)] {
@@ -263,6 +355,18 @@ fn channel_grad_sums_unchecked<T: Float>(
     let (c, s) = (layout.c, layout.spatial);
     if s <= positions::MAX_SPATIAL {
         return positions::grad_sums(x, dy, (c, s), &saved.mean, &saved.rstd);
+    }
+    if s < SHORT_SPATIAL {
+        let coefs: Vec<[T::Lane; 3]> = (0..c)
+            .map(|ch| {
+                let (hi, lo) = T::Lane::split(saved.mean[ch]);
+                [hi, lo, T::Lane::of(saved.rstd[ch])]
+            })
+            .collect();
+        let totals = short_runs(x, Some(dy), s, c, |run, dys, first, totals| {
+            sums::grad_sums_slices(run, dys.unwrap_or(&[]), s, first, &coefs, totals)
+        });
+        return totals.into_iter().unzip();
     }
     // Memory order, samples in tasks of at least `MIN_TASK_VALUES` values,
     // per-sample sums added in sample order.
@@ -345,7 +449,7 @@ pub fn backward_input<T: Float, P: Float>(
     dx: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
     check_channel_args(x, layout, saved, weight, None)?;
-    let dx = dx.slots();
+    let dx = crate::float::slots(dx);
     check_len(OP, "dy", dy.len(), &[layout.n, layout.c, layout.spatial])?;
     check_len(OP, "dx", dx.len(), &[layout.n, layout.c, layout.spatial])?;
     if let StatsGradient::Batch {
@@ -396,6 +500,32 @@ fn backward_input_unchecked<T: Float, P: Float>(
         positions::input_grad(x, dy, dx, (c, s), &saved.mean, &w, &coefs);
         return;
     }
+    if s < SHORT_SPATIAL {
+        let lanes: Vec<[T::Lane; 6]> = (0..c)
+            .map(|ch| {
+                let (hi, lo) = T::Lane::split(saved.mean[ch]);
+                let k = coefs[ch];
+                let of = T::Lane::of;
+                [
+                    hi,
+                    lo,
+                    of(k.rstd),
+                    of(param_at(weight, ch, 1.0)),
+                    of(k.mean_g),
+                    of(k.b),
+                ]
+            })
+            .collect();
+        let run = min_units(s);
+        x.par_chunks(run * s)
+            .zip(dy.par_chunks(run * s))
+            .zip(dx.par_chunks_mut(run * s))
+            .enumerate()
+            .for_each(|(t, ((xr, dr), or))| {
+                transform::input_grad_slices(xr, dr, or, s, (t * run) % c, &lanes)
+            });
+        return;
+    }
     // Memory order: one sequential stream per thread.
     x.par_chunks(s)
         .zip(dy.par_chunks(s))
@@ -425,6 +555,22 @@ fn backward_constant<T: Float, P: Float>(
     let sample = c * s;
     if sample == 0 {
         return (vec![0.0; c], vec![0.0; c]);
+    }
+    if s < SHORT_SPATIAL {
+        // Short slices: the sums, then dx, each a pass in runs of slices.
+        let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
+        let eps = Epsilon::default(); // unused by constant statistics
+        backward_input_unchecked(
+            x,
+            dy,
+            layout,
+            saved,
+            weight,
+            &eps,
+            StatsGradient::Constant,
+            dx,
+        );
+        return sums;
     }
     let partials: Vec<(Vec<f64>, Vec<f64>)> = x
         .par_chunks(sample)
@@ -463,6 +609,13 @@ fn backward_constant<T: Float, P: Float>(
 /// channel (half of a 512 KiB L2).
 const FUSED_CHANNEL_BYTES: usize = 256 << 10;
 
+/// Bytes of one slice (one sample's part of a channel) from which gathering
+/// a channel's slices pays: below it the slices are a few cache lines each,
+/// spaced `C·S` values apart, and the gathering pass waits on memory for
+/// every one of them (ResNet-50's last stage, `[32, 2048, 7, 7]`: 196-byte
+/// slices) while two passes in memory order stream.
+const FUSED_MIN_SLICE_BYTES: usize = 4 << 10;
+
 /// Backward fused per channel (sums, then `dx` while the channel is in
 /// cache) when a channel fits in L2, else two memory-order passes; returns
 /// `(Σdy, Σdy·x̂)` per channel.
@@ -497,9 +650,11 @@ fn backward_fused<T: Float, P: Float>(
     if !batch_stats {
         return backward_constant(x, dy, layout, saved, weight, dx);
     }
-    if layout.n * s * 2 * std::mem::size_of::<T>() > FUSED_CHANNEL_BYTES {
-        // A channel's x and dy would not stay in L2 between the two passes:
-        // two passes in memory order stream better.
+    let size = std::mem::size_of::<T>();
+    if layout.n * s * 2 * size > FUSED_CHANNEL_BYTES || s * size < FUSED_MIN_SLICE_BYTES {
+        // A channel's x and dy would not stay in L2 between the two passes,
+        // or its slices are too short to gather: two passes in memory order
+        // stream better.
         let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
         let stats = StatsGradient::Batch {
             count,

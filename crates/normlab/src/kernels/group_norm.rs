@@ -90,7 +90,7 @@ pub fn forward<T: Float, P: Float>(
 ) -> Result<()> {
     eps.validate(OP)?;
     check_args(OP, x, layout, weight, bias, saved)?;
-    let y = y.slots();
+    let y = crate::float::slots(y);
     check_len(OP, "y", y.len(), &shape4(layout))?;
     forward_unchecked(x, layout, weight, bias, eps, y, saved);
     Ok(())
@@ -253,7 +253,7 @@ pub fn backward<T: Float, P: Float>(
     dbias: Option<&mut [P]>,
 ) -> Result<()> {
     check_args(OP, x, layout, weight, None, saved)?;
-    let dx = dx.slots();
+    let dx = crate::float::slots(dx);
     check_len(OP, "dy", dy.len(), &shape4(layout))?;
     check_len(OP, "dx", dx.len(), &shape4(layout))?;
     for (arg, g) in [("dweight", &dweight), ("dbias", &dbias)] {

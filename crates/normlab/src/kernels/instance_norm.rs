@@ -7,10 +7,12 @@
 //! running: r ← (1-m)·r + m·mean_n(stat_nc)      (the batch average of the instance statistics)
 //! ```
 //! With running statistics in evaluation, it normalizes exactly as BatchNorm
-//! in evaluation does.
+//! in evaluation does; asked to update them while normalizing with them (a
+//! layer's overrides), it folds in the batch average of the instance
+//! statistics, as in training.
 
 use super::batch_norm::{
-    batch_norm, batch_norm_backward, update_running, BatchNormOptions, Running,
+    batch_norm, batch_norm_backward, update_running, BatchNormOptions, Running, RunningStatsMut,
 };
 use super::group_norm::{group_norm, group_norm_backward};
 use super::{Grads, NcsLayout, Saved};
@@ -41,28 +43,40 @@ pub fn instance_norm<T: Float>(
     options.eps.validate(OP)?;
     options.momentum.validate(OP)?;
     let layout = NcsLayout::of(OP, x.shape(), 2)?;
-    if !options.use_batch_stats {
-        return batch_norm(x, running, weight, bias, options).map_err(|e| e.with_op(OP));
-    }
+    let mut running = running;
     if let Some(r) = &running {
         let c = [layout.c];
         crate::error::check_shape(OP, "running_mean", &[r.mean.len()], &c, x.shape())?;
         crate::error::check_shape(OP, "running_var", &[r.var.len()], &c, x.shape())?;
     }
-    if layout.spatial == 1 && layout.n * layout.c > 0 {
+    let update = options.update_running_stats && running.is_some();
+    let needs_instance_stats = options.use_batch_stats || update;
+    if needs_instance_stats && layout.spatial == 1 && layout.n * layout.c > 0 {
         return Err(NormError::TooFewValues {
             op: OP,
             what: "spatial element",
             shape: x.shape().into(),
         });
     }
-    // One group per channel (C = 0 is one empty group, so that G ≥ 1).
-    let (y, saved) =
-        group_norm(x, layout.c.max(1), weight, bias, options.eps).map_err(|e| e.with_op(OP))?;
-    if let (true, Some(running)) = (
-        options.update_running_stats && layout.n > 0 && layout.spatial > 0,
-        running,
-    ) {
+    let (y, saved) = if options.use_batch_stats {
+        // One group per channel (C = 0 is one empty group, so that G ≥ 1).
+        group_norm(x, layout.c.max(1), weight, bias, options.eps).map_err(|e| e.with_op(OP))?
+    } else {
+        // The running statistics normalize, read before any update: an
+        // update below folds in the instance statistics, as with input
+        // statistics, never the batch statistics over N and space.
+        let normalize_only = BatchNormOptions {
+            update_running_stats: false,
+            ..*options
+        };
+        let reborrowed = running.as_mut().map(|r| RunningStatsMut {
+            mean: &mut *r.mean,
+            var: &mut *r.var,
+            num_batches_tracked: &mut *r.num_batches_tracked,
+        });
+        batch_norm(x, reborrowed, weight, bias, &normalize_only).map_err(|e| e.with_op(OP))?
+    };
+    if let (true, Some(running)) = (update && layout.n > 0 && layout.spatial > 0, running) {
         let s = layout.spatial;
         let ddof = options.running_var.ddof();
         let mut mean = vec![0.0; layout.c];

@@ -190,7 +190,7 @@ pub fn forward<T: Float>(
     y: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
     check_input(shape, options)?;
-    let y = y.slots();
+    let y = crate::float::slots(y);
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "y", y.len(), shape)?;
     forward_unchecked(x, shape, options, y);
@@ -245,7 +245,7 @@ pub fn backward<T: Float>(
     dx: &mut (impl OutputBuffer<T> + ?Sized),
 ) -> Result<()> {
     check_input(shape, options)?;
-    let dx = dx.slots();
+    let dx = crate::float::slots(dx);
     check_len(OP, "x", x.len(), shape)?;
     check_len(OP, "dy", dy.len(), shape)?;
     check_len(OP, "dx", dx.len(), shape)?;

@@ -75,7 +75,7 @@ pub fn forward<T: Float, P: Float>(
     let op = norm.op();
     eps.validate(op)?;
     check_rows(op, x.len(), rows, n, weight, bias)?;
-    let y = y.slots();
+    let y = crate::float::slots(y);
     check_len(op, "y", y.len(), &[rows, n])?;
     check_len(op, "saved.mean", saved.mean.len(), &[rows])?;
     check_len(op, "saved.rstd", saved.rstd.len(), &[rows])?;
@@ -149,7 +149,7 @@ pub fn backward<T: Float, P: Float>(
 ) -> Result<()> {
     let op = norm.op();
     check_rows(op, x.len(), rows, n, weight, None)?;
-    let dx = dx.slots();
+    let dx = crate::float::slots(dx);
     check_len(op, "dy", dy.len(), &[rows, n])?;
     check_len(op, "dx", dx.len(), &[rows, n])?;
     check_len(op, "saved.mean", saved.mean.len(), &[rows])?;
@@ -219,9 +219,16 @@ fn backward_unchecked<T: Float, P: Float>(
             {
                 let (hi, lo) = T::Lane::split(mean);
                 let r = T::Lane::of(rstd);
-                let (sum_g, sum_g_xhat) =
-                    sums::row_grad_sums(
-                    x_row, dy_row, &w, hi, lo, r, &mut dw_lanes, &mut db_lanes, &mut scratch,
+                let (sum_g, sum_g_xhat) = sums::row_grad_sums(
+                    x_row,
+                    dy_row,
+                    &w,
+                    hi,
+                    lo,
+                    r,
+                    &mut dw_lanes,
+                    &mut db_lanes,
+                    &mut scratch,
                 );
                 let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
                 let (mean_g, b) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));

@@ -74,9 +74,8 @@ impl ChannelNormConfig for InstanceNormConfig {
 /// statistics" there are the statistics of each instance. Running
 /// statistics forced to normalize while being updated
 /// (`set_use_batch_stats(Some(false))` in [`crate::Mode::Train`]) are
-/// updated as the functional [`instance_norm`] does then: with the batch's
-/// statistics over N and the spatial positions, not with the average of the
-/// instance statistics.
+/// updated as in training, with the batch average of the instance
+/// statistics (the functional [`instance_norm`] reads them first).
 ///
 /// # Shapes
 /// `x`, `y`: `[N, C, *]` with at least one spatial axis; parameters `[C]`.

@@ -7,10 +7,10 @@
 //! Elements of every storage type are widened to their compute lanes
 //! ([`crate::float::Lane`]: f32 for f32, bf16 and f16; f64 for f64) in
 //! registers and narrowed once on store, round to nearest even:
-//! - [`convert`]: widening, narrowing and (streaming) stores;
-//! - [`sums`]: the reductions (centred moments sums, gradient sums);
-//! - [`transform`]: the element-wise passes (normalize, input gradient);
-//! - [`lrn`]: Local Response Normalization's window loops.
+//! - `convert`: widening, narrowing and (streaming) stores;
+//! - `sums`: the reductions (centred moments sums, gradient sums);
+//! - `transform`: the element-wise passes (normalize, input gradient);
+//! - `lrn`: Local Response Normalization's window loops.
 //!
 //! Each call picks the best level the CPU has (detected once), unless a level is forced with [`force`] — tests use
 //! that to run every path, and `normlab bench` to compare them.
@@ -23,10 +23,10 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-pub mod convert;
-pub mod lrn;
-pub mod sums;
-pub mod transform;
+pub(crate) mod convert;
+pub(crate) mod lrn;
+pub(crate) mod sums;
+pub(crate) mod transform;
 
 /// A SIMD instruction-set level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -103,23 +103,34 @@ pub fn active() -> SimdLevel {
     }
 }
 
+/// Keeps [`Isa`] to the level types of this crate, which only the
+/// dispatching functions of [`simd_fn!`] name, after checking the CPU.
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Baseline {}
+    impl Sealed for super::Avx2 {}
+    impl Sealed for super::Avx512 {}
+}
+
 /// An instruction-set level as a type, so that a kernel body compiled for
 /// one level can ask at compile time what that level has (the 16-bit
-/// conversions use F16C only where it is there).
-pub trait Isa: Copy + 'static {
+/// conversions use F16C only where it is there). Sealed, and its types are
+/// not nameable outside the crate: code that claims F16C is code the
+/// dispatch chose for a CPU that has it.
+pub trait Isa: sealed::Sealed + Copy + 'static {
     /// F16C (`vcvtph2ps`, `vcvtps2ph`) may be used.
     const F16C: bool;
 }
 
 /// [`SimdLevel::Scalar`] as a type.
 #[derive(Clone, Copy, Debug)]
-pub struct Baseline;
+pub(crate) struct Baseline;
 /// [`SimdLevel::Avx2`] as a type (AVX2, FMA, F16C).
 #[derive(Clone, Copy, Debug)]
-pub struct Avx2;
+pub(crate) struct Avx2;
 /// [`SimdLevel::Avx512`] as a type (AVX-512 F/BW/VL, AVX2, FMA, F16C).
 #[derive(Clone, Copy, Debug)]
-pub struct Avx512;
+pub(crate) struct Avx512;
 
 impl Isa for Baseline {
     const F16C: bool = false;

@@ -106,8 +106,9 @@ pub(crate) fn centred_segment<C: Lane>(
 }
 
 /// Adds the values left over after the whole segments (fewer than
-/// [`SEGMENT`]) as one segment padded with `shift`, whose `d = 0` adds
-/// nothing: short slices (a 7×7 feature map) take the vector loop too.
+/// [`SEGMENT`]) as whole groups of [`LANES`] padded with `shift`, whose
+/// `d = 0` adds nothing: short slices (a 7×7 feature map) take the vector
+/// loop too, padded to a multiple of 32 values rather than a whole segment.
 #[inline(always)]
 pub(crate) fn centred_tail<C: Lane>(
     tail: &[C],
@@ -120,13 +121,69 @@ pub(crate) fn centred_tail<C: Lane>(
     }
     let mut padded = [shift; SEGMENT];
     padded[..tail.len()].copy_from_slice(tail);
-    centred_segment(&padded, shift, s1, s2);
+    let used = tail.len().div_ceil(LANES) * LANES;
+    centred_segment(&padded[..used], shift, s1, s2);
+}
+
+/// Lanes of the short-slice sums: one AVX2 vector.
+const SHORT_LANES: usize = 8;
+/// Values a short-slice lane group sums before its flush into f64: four
+/// terms per lane, as the segments do.
+const SHORT_GROUP: usize = SHORT_LANES * FLUSH;
+
+/// `(Σ f(x, y), Σ g(x, y))` of a slice shorter than a [`SEGMENT`] (a 7×7 or
+/// 8×8 feature map): vectors of [`SHORT_LANES`], four terms per lane before
+/// each flush into f64, the last values in f64 one by one. Widened eight at
+/// a time, so no buffer the size of a segment is filled.
+#[inline(always)]
+fn short_sums2<T: Float, L: crate::simd::Isa>(
+    x: &[T],
+    y: &[T],
+    f: impl Fn(T::Lane, T::Lane) -> T::Lane,
+    g: impl Fn(T::Lane, T::Lane) -> T::Lane,
+) -> (f64, f64) {
+    let zero = <T::Lane as Lane>::ZERO;
+    let (mut wide_f, mut wide_g) = ([0f64; SHORT_LANES], [0f64; SHORT_LANES]);
+    let (mut xb, mut yb) = ([zero; SHORT_LANES], [zero; SHORT_LANES]);
+    let whole = x.len() / SHORT_LANES * SHORT_LANES;
+    for (xg, yg) in x[..whole]
+        .chunks(SHORT_GROUP)
+        .zip(y[..whole].chunks(SHORT_GROUP))
+    {
+        let (mut sf, mut sg) = ([zero; SHORT_LANES], [zero; SHORT_LANES]);
+        for (xc, yc) in xg
+            .chunks_exact(SHORT_LANES)
+            .zip(yg.chunks_exact(SHORT_LANES))
+        {
+            let xv = T::lanes::<L>(xc, &mut xb);
+            let yv = T::lanes::<L>(yc, &mut yb);
+            for i in 0..SHORT_LANES {
+                sf[i] += f(xv[i], yv[i]);
+                sg[i] += g(xv[i], yv[i]);
+            }
+        }
+        for i in 0..SHORT_LANES {
+            wide_f[i] += sf[i].wide();
+            wide_g[i] += sg[i].wide();
+        }
+    }
+    let (mut s1, mut s2): (f64, f64) = (wide_f.iter().sum(), wide_g.iter().sum());
+    for (&xv, &yv) in x[whole..].iter().zip(&y[whole..]) {
+        let (xv, yv) = (xv.to_lane(), yv.to_lane());
+        s1 += f(xv, yv).wide();
+        s2 += g(xv, yv).wide();
+    }
+    (s1, s2)
 }
 
 simd_fn! {
     /// `(Σd, Σd²)` with `d = x - shift` (exact in f32 when |μ| ≫ σ), summed
-    /// in lanes over short segments and in f64 across them.
+    /// in lanes over short segments and in f64 across them; a slice shorter
+    /// than a segment in single vectors ([`short_sums2`]).
     pub fn centred_sums<T: Float>[L](x: &[T], shift: T::Lane) -> (f64, f64) {
+        if x.len() < SEGMENT {
+            return short_sums2::<T, L>(x, x, |v, _| v - shift, |v, _| (v - shift) * (v - shift));
+        }
         let (mut s1, mut s2) = ([0f64; WIDE], [0f64; WIDE]);
         let mut buf = [<T::Lane as Lane>::ZERO; SEGMENT];
         let segments = x.chunks_exact(SEGMENT);
@@ -219,8 +276,11 @@ fn grad_segment<C: Lane>(
 simd_fn! {
     /// `(Σdy, Σdy·x̂)` over one slice of a channel or group,
     /// `x̂ = ((x - hi) - lo)·rstd`; the values after the last whole segment
-    /// as one segment padded with `dy = 0`, which adds nothing.
+    /// as whole groups of [`LANES`] padded with `dy = 0`, which adds nothing.
     pub fn slice_grad_sums<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane) -> (f64, f64) {
+        if x.len() < SEGMENT {
+            return short_sums2::<T, L>(x, dy, |_, d| d, |v, d| d * (((v - hi) - lo) * rstd));
+        }
         let coefs = (hi, lo, rstd);
         let mut xb = [<T::Lane as Lane>::ZERO; SEGMENT];
         let mut db = [<T::Lane as Lane>::ZERO; SEGMENT];
@@ -237,7 +297,8 @@ simd_fn! {
             let mut dp = [<T::Lane as Lane>::ZERO; SEGMENT];
             T::widen::<L>(&x[whole..], &mut xp[..rest]);
             T::widen::<L>(&dy[whole..], &mut dp[..rest]);
-            grad_segment(&xp, &dp, coefs, &mut a1, &mut a2);
+            let used = rest.div_ceil(LANES) * LANES;
+            grad_segment(&xp[..used], &dp[..used], coefs, &mut a1, &mut a2);
         }
         (reduce64(&a1), reduce64(&a2))
     }
@@ -290,6 +351,40 @@ simd_fn! {
         for (a, p) in acc.iter_mut().zip(partial.iter_mut()) {
             *a += p.wide();
             *p = <T::Lane as Lane>::ZERO;
+        }
+    }
+}
+
+simd_fn! {
+    /// Adds the centred sums of a run of short slices into per-channel
+    /// totals: slice `j` (`s` values) belongs to channel `(first + j) % C`,
+    /// `C = shifts.len()`, and adds `(Σd, Σd²)`, `d = x - shift_c`, to
+    /// `totals[c]`. One dispatch for the run instead of one per slice.
+    pub fn centred_sums_slices<T: Float>[L](x: &[T], s: usize, first: usize, shifts: &[T::Lane], totals: &mut [(f64, f64)]) {
+        let c = shifts.len();
+        let mut ch = first % c;
+        for xs in x.chunks_exact(s) {
+            let shift = shifts[ch];
+            let (a, b) = short_sums2::<T, L>(xs, xs, |v, _| v - shift, |v, _| (v - shift) * (v - shift));
+            totals[ch].0 += a;
+            totals[ch].1 += b;
+            ch = if ch + 1 == c { 0 } else { ch + 1 };
+        }
+    }
+}
+
+simd_fn! {
+    /// Adds `(Σdy, Σdy·x̂)` of a run of short slices into per-channel
+    /// totals, as [`centred_sums_slices`]; `coefs[c] = [hi, lo, rstd]`.
+    pub fn grad_sums_slices<T: Float>[L](x: &[T], dy: &[T], s: usize, first: usize, coefs: &[[T::Lane; 3]], totals: &mut [(f64, f64)]) {
+        let c = coefs.len();
+        let mut ch = first % c;
+        for (xs, ds) in x.chunks_exact(s).zip(dy.chunks_exact(s)) {
+            let [hi, lo, rstd] = coefs[ch];
+            let (a, b) = short_sums2::<T, L>(xs, ds, |_, d| d, |v, d| d * (((v - hi) - lo) * rstd));
+            totals[ch].0 += a;
+            totals[ch].1 += b;
+            ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
     }
 }

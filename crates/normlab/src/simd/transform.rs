@@ -291,3 +291,95 @@ simd_fn! {
         }
     }
 }
+
+/// Values per vector block of the short-slice passes: one AVX2 vector.
+const SHORT_BLOCK: usize = 8;
+
+/// Runs `block(at, values, scratch)` over a slice of `len` values in
+/// vector blocks of [`SHORT_BLOCK`] and writes each block's lane values to
+/// `out[at..]`: whole blocks as fixed-size arrays (so that their widening
+/// and narrowing are single vector instructions, not calls copying a few
+/// values), then the last values.
+#[inline(always)]
+fn short_blocks<T: Float, L: Isa>(
+    out: &mut [MaybeUninit<T>],
+    block: impl Fn(usize, &mut [T::Lane]),
+) {
+    let zero = T::Lane::ZERO;
+    let mut values = [zero; SHORT_BLOCK];
+    let whole = out.len() / SHORT_BLOCK * SHORT_BLOCK;
+    let (head, rest) = out.split_at_mut(whole);
+    for (k, chunk) in head.chunks_exact_mut(SHORT_BLOCK).enumerate() {
+        block(k * SHORT_BLOCK, &mut values);
+        let chunk: &mut [MaybeUninit<T>; SHORT_BLOCK] =
+            chunk.try_into().expect("chunks_exact gives whole blocks");
+        convert::write::<T, L>(chunk, &values, Store::Cached);
+    }
+    let n = rest.len();
+    block(whole, &mut values[..n]);
+    convert::write::<T, L>(rest, &values[..n], Store::Cached);
+}
+
+/// The lanes of `x[at..at + n]`, `n = buf.len()`: a whole block widened as
+/// a fixed-size array.
+#[inline(always)]
+fn block_lanes<'a, T: Float, L: Isa>(
+    x: &'a [T],
+    at: usize,
+    buf: &'a mut [T::Lane; SHORT_BLOCK],
+    n: usize,
+) -> &'a [T::Lane] {
+    if n == SHORT_BLOCK {
+        let src: &[T; SHORT_BLOCK] = x[at..at + SHORT_BLOCK].try_into().expect("a whole block");
+        T::lanes::<L>(src, buf)
+    } else {
+        T::lanes::<L>(&x[at..at + n], buf)
+    }
+}
+
+simd_fn! {
+    /// Normalizes a run of short slices (consecutive channels of a sample,
+    /// `s` values each, fewer than a cache page): slice `j` with the
+    /// coefficients `[hi, lo, scale, shift]` of channel `(first + j) % C`,
+    /// `C = coefs.len()`. One dispatch for the run instead of one per slice;
+    /// ordinary stores (streaming pays only for long runs of one slice).
+    pub fn normalize_slices<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 4]]) {
+        let c = coefs.len();
+        let mut ch = first % c;
+        for (xs, ys) in x.chunks_exact(s).zip(y.chunks_exact_mut(s)) {
+            let [hi, lo, scale, shift] = coefs[ch];
+            short_blocks::<T, L>(ys, |at, values| {
+                let mut xb = [<T::Lane as Lane>::ZERO; SHORT_BLOCK];
+                let xv = block_lanes::<T, L>(xs, at, &mut xb, values.len());
+                for (v, &xv) in values.iter_mut().zip(xv) {
+                    *v = ((xv - hi) - lo) * scale + shift;
+                }
+            });
+            ch = if ch + 1 == c { 0 } else { ch + 1 };
+        }
+    }
+}
+
+simd_fn! {
+    /// The input gradient of a run of short slices, as [`normalize_slices`]:
+    /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` with the coefficients
+    /// `[hi, lo, rstd, w, mean_g, b]` of channel `(first + j) % C`.
+    pub fn input_grad_slices<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 6]]) {
+        let c = coefs.len();
+        let mut ch = first % c;
+        let slices = x.chunks_exact(s).zip(dy.chunks_exact(s)).zip(dx.chunks_exact_mut(s));
+        for ((xs, ds), os) in slices {
+            let [hi, lo, rstd, w, mean_g, b] = coefs[ch];
+            short_blocks::<T, L>(os, |at, values| {
+                let (mut xb, mut db) = ([<T::Lane as Lane>::ZERO; SHORT_BLOCK], [<T::Lane as Lane>::ZERO; SHORT_BLOCK]);
+                let n = values.len();
+                let xv = block_lanes::<T, L>(xs, at, &mut xb, n);
+                let dv = block_lanes::<T, L>(ds, at, &mut db, n);
+                for ((v, &xv), &d) in values.iter_mut().zip(xv).zip(dv) {
+                    *v = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
+                }
+            });
+            ch = if ch + 1 == c { 0 } else { ch + 1 };
+        }
+    }
+}
