@@ -1,7 +1,7 @@
 //! Output buffers.
 //!
 //! Large buffers are recycled: when a [`Tensor`](crate::Tensor) of at least
-//! [`HUGE_PAGE_MIN`] bytes is dropped, its allocation goes into a bounded
+//! [`CACHE_MIN`] bytes is dropped, its allocation goes into a bounded
 //! cache, and the next output of exactly that size takes it back — no page
 //! faults, no zeroing by the kernel, and memory that is likely still cached.
 //! A training loop allocates the same shapes at every step, so nearly every
@@ -25,6 +25,18 @@ use crate::{Float, NormError, Result};
 
 /// Buffers at least this large (bytes) get the huge-page advice.
 pub const HUGE_PAGE_MIN: usize = 4 << 20;
+
+/// Buffers the cache keeps at most (the oldest go first), so that looking
+/// one up stays a short scan.
+const CACHE_ENTRIES: usize = 256;
+
+/// Buffers at least this large (bytes) are recycled through the cache. The
+/// C allocator serves sizes above 128 KiB by mapping fresh pages (or grows
+/// and trims the heap for them), so without the cache an output of a few
+/// hundred KiB to a few MiB (BatchNorm1d on `[64, 4096]`, one image's
+/// feature map) faults in every page on every call: on `[64, 4096]`
+/// BatchNorm1d that was as long as the normalization itself.
+pub const CACHE_MIN: usize = 64 << 10;
 
 /// Bytes the cache of large buffers holds at most, unless set otherwise.
 pub const DEFAULT_CACHE_LIMIT: usize = 1 << 30;
@@ -88,7 +100,7 @@ fn free((addr, bytes, align): (usize, usize, usize)) {
 /// otherwise frees it as usual. Called when a tensor is dropped.
 pub(crate) fn recycle<T>(mut v: Vec<T>) {
     let bytes = v.capacity() * std::mem::size_of::<T>();
-    if bytes < HUGE_PAGE_MIN {
+    if bytes < CACHE_MIN {
         return;
     }
     v.clear();
@@ -100,7 +112,7 @@ pub(crate) fn recycle<T>(mut v: Vec<T>) {
         }
         std::mem::forget(v);
         let mut evicted = Vec::new();
-        while c.bytes + bytes > c.limit {
+        while c.bytes + bytes > c.limit || c.buffers.len() >= CACHE_ENTRIES {
             let b = c.buffers.remove(0);
             c.bytes -= b.1;
             evicted.push(b);
@@ -116,7 +128,7 @@ pub(crate) fn recycle<T>(mut v: Vec<T>) {
 fn reuse<T>(len: usize) -> Option<Vec<MaybeUninit<T>>> {
     // A size that overflows cannot be in the cache (the allocation will fail).
     let bytes = len.checked_mul(std::mem::size_of::<T>())?;
-    if bytes < HUGE_PAGE_MIN {
+    if bytes < CACHE_MIN {
         return None;
     }
     let align = std::mem::align_of::<T>();

@@ -5,8 +5,10 @@
 //! ([`transform::add_positions`]) and per-position coefficients
 //! ([`PositionCoefs`]), so a row is one vector pass.
 //!
-//! Rows are grouped in blocks of [`ROWS_PER_BLOCK`] whose partial results
-//! are combined in block order, so results do not depend on the thread count.
+//! Statistics are kept per position and computed in column stripes (one
+//! task each), walking every row in order, so results do not depend on the
+//! thread count; the moments take blocks of [`ROWS_PER_BLOCK`] rows, merged
+//! in order.
 //! Statistics follow [`Moments`]: per block, a lane sum gives each position's
 //! shift, the sums centred on it are taken in lanes over [`FLUSH_ROWS`] rows
 //! and in f64 across them, and positions and blocks are merged with Chan's
@@ -48,61 +50,88 @@ fn flush<T: Float>(wide: &mut [f64], lanes: &mut [T::Lane]) {
     sums::flush::<T>(wide, lanes);
 }
 
+/// Positions per stripe of the statistics passes: rows are cut into
+/// column stripes, each a task that walks every row (a wide `[64, 4096]`
+/// BatchNorm1d input is 64 rows, too few to split by rows). A position's
+/// sums do not depend on the stripes, so neither do the results.
+const STRIPE: usize = 1024;
+
+/// The column stripes `lo..hi` of a row of `row` positions.
+fn stripes(row: usize) -> Vec<std::ops::Range<usize>> {
+    (0..row)
+        .step_by(STRIPE)
+        .map(|lo| lo..(lo + STRIPE).min(row))
+        .collect()
+}
+
 /// Per-channel moments of `[N, C, S]`.
 pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
     let row = c * s;
-    x.par_chunks(row * ROWS_PER_BLOCK)
-        .with_min_len(min_units(row * ROWS_PER_BLOCK))
-        .map(|block| {
-            let rows = block.len() / row;
-            let mut shift = vec![T::Lane::ZERO; row];
-            for r in block.chunks_exact(row) {
-                transform::sum_positions(r, &mut shift);
-            }
-            let scale = T::Lane::of(1.0 / rows as f64);
-            for v in &mut shift {
-                *v = *v * scale;
-            }
-            let (mut s1, mut s2) = (vec![T::Lane::ZERO; row], vec![T::Lane::ZERO; row]);
-            let (mut w1, mut w2) = (vec![0f64; row], vec![0f64; row]);
-            for (i, r) in block.chunks_exact(row).enumerate() {
-                transform::add_positions(r, None, &shift, &shift, &shift, &mut s1, &mut s2);
-                if (i + 1) % FLUSH_ROWS == 0 {
-                    flush::<T>(&mut w1, &mut s1);
-                    flush::<T>(&mut w2, &mut s2);
-                }
-            }
-            flush::<T>(&mut w1, &mut s1);
-            flush::<T>(&mut w2, &mut s2);
+    let rows = x.len() / row;
+    let per_position: Vec<Vec<Moments>> = stripes(row)
+        .into_par_iter()
+        .map(|cols| {
+            let w = cols.len();
+            let zero = T::Lane::ZERO;
+            let mut acc = vec![Moments::EMPTY; w];
+            let (mut shift, mut s1, mut s2) = (vec![zero; w], vec![zero; w], vec![zero; w]);
+            let (mut w1, mut w2) = (vec![0f64; w], vec![0f64; w]);
             let (low, _) = T::Lane::SAFE_RANGE;
-            let count = rows as f64;
-            let position = |j: usize| {
-                let m = Moments::from_centred_sums(count, shift[j].wide(), w1[j], w2[j]);
-                if m.m2.is_finite() && m.m2 > count * low * low {
-                    m
-                } else {
-                    // Squares that overflow or underflow the lanes (or values
-                    // that are not finite): this position in f64, two passes.
-                    let values = || block.iter().skip(j).step_by(row).map(|v| v.to_f64());
-                    let mean = values().sum::<f64>() / count;
-                    let m2 = values().map(|v| (v - mean) * (v - mean)).sum();
-                    Moments { count, mean, m2 }
+            for first in (0..rows).step_by(ROWS_PER_BLOCK) {
+                let block = first..(first + ROWS_PER_BLOCK).min(rows);
+                let count = block.len() as f64;
+                let cells = |r: usize| &x[r * row + cols.start..r * row + cols.end];
+                shift.fill(zero);
+                for r in block.clone() {
+                    transform::sum_positions(cells(r), &mut shift);
                 }
-            };
-            (0..c)
-                .map(|ch| {
-                    (ch * s..(ch + 1) * s).fold(Moments::EMPTY, |acc, j| acc.merge(position(j)))
-                })
-                .collect::<Vec<_>>()
+                let scale = T::Lane::of(1.0 / count);
+                for v in &mut shift {
+                    *v = *v * scale;
+                }
+                w1.fill(0.0);
+                w2.fill(0.0);
+                for (i, r) in block.clone().enumerate() {
+                    transform::add_positions(
+                        cells(r),
+                        None,
+                        &shift,
+                        &shift,
+                        &shift,
+                        &mut s1,
+                        &mut s2,
+                    );
+                    if (i + 1) % FLUSH_ROWS == 0 {
+                        flush::<T>(&mut w1, &mut s1);
+                        flush::<T>(&mut w2, &mut s2);
+                    }
+                }
+                flush::<T>(&mut w1, &mut s1);
+                flush::<T>(&mut w2, &mut s2);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let m = Moments::from_centred_sums(count, shift[j].wide(), w1[j], w2[j]);
+                    let m = if m.m2.is_finite() && m.m2 > count * low * low {
+                        m
+                    } else {
+                        // Squares that overflow or underflow the lanes (or
+                        // values that are not finite): this position of the
+                        // block in f64, two passes.
+                        let values = || block.clone().map(|r| x[r * row + cols.start + j].to_f64());
+                        let mean = values().sum::<f64>() / count;
+                        let m2 = values().map(|v| (v - mean) * (v - mean)).sum();
+                        Moments { count, mean, m2 }
+                    };
+                    *a = a.merge(m);
+                }
+            }
+            acc
         })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold(vec![Moments::EMPTY; c], |acc, block| {
-            acc.into_iter()
-                .zip(block)
-                .map(|(a, b)| a.merge(b))
-                .collect()
-        })
+        .collect();
+    let per_position: Vec<Moments> = per_position.into_iter().flatten().collect();
+    per_position
+        .chunks_exact(s)
+        .map(|p| p.iter().fold(Moments::EMPTY, |acc, &m| acc.merge(m)))
+        .collect()
 }
 
 /// The channel mean of every position as `(hi, lo)` lanes.
@@ -136,7 +165,9 @@ pub(crate) fn normalize<T: Float>(
         .for_each(|(xr, yr)| transform::normalize_positions(xr, yr, &k));
 }
 
-/// Per-channel `(Σdy, Σdy·x̂)` with `x̂ = (x - mean_c)·rstd_c`.
+/// Per-channel `(Σdy, Σdy·x̂)` with `x̂ = (x - mean_c)·rstd_c`: per
+/// position over every row (lane sums of [`FLUSH_ROWS`] rows, then f64),
+/// column stripes in parallel, then per channel in position order.
 pub(crate) fn grad_sums<T: Float>(
     x: &[T],
     dy: &[T],
@@ -147,14 +178,17 @@ pub(crate) fn grad_sums<T: Float>(
     let row = c * s;
     let (hi, lo) = split_means::<T::Lane>(mean, s);
     let r: Vec<T::Lane> = expand(rstd.iter().copied(), s);
-    x.par_chunks(row * ROWS_PER_BLOCK)
-        .zip(dy.par_chunks(row * ROWS_PER_BLOCK))
-        .with_min_len(min_units(row * ROWS_PER_BLOCK))
-        .map(|(xb, db)| {
-            let (mut s1, mut s2) = (vec![T::Lane::ZERO; row], vec![T::Lane::ZERO; row]);
-            let (mut w1, mut w2) = (vec![0f64; row], vec![0f64; row]);
-            for (i, (xr, dr)) in xb.chunks_exact(row).zip(db.chunks_exact(row)).enumerate() {
-                transform::add_positions(xr, Some(dr), &hi, &lo, &r, &mut s1, &mut s2);
+    let per_position: Vec<(Vec<f64>, Vec<f64>)> = stripes(row)
+        .into_par_iter()
+        .map(|cols| {
+            let w = cols.len();
+            let (mut s1, mut s2) = (vec![T::Lane::ZERO; w], vec![T::Lane::ZERO; w]);
+            let (mut w1, mut w2) = (vec![0f64; w], vec![0f64; w]);
+            let (hi, lo, r) = (&hi[cols.clone()], &lo[cols.clone()], &r[cols.clone()]);
+            let rows = x.chunks_exact(row).zip(dy.chunks_exact(row));
+            for (i, (xr, dr)) in rows.enumerate() {
+                let (xc, dc) = (&xr[cols.clone()], &dr[cols.clone()]);
+                transform::add_positions(xc, Some(dc), hi, lo, r, &mut s1, &mut s2);
                 if (i + 1) % FLUSH_ROWS == 0 {
                     flush::<T>(&mut w1, &mut s1);
                     flush::<T>(&mut w2, &mut s2);
@@ -162,19 +196,16 @@ pub(crate) fn grad_sums<T: Float>(
             }
             flush::<T>(&mut w1, &mut s1);
             flush::<T>(&mut w2, &mut s2);
-            let per_channel =
-                |w: &[f64]| -> Vec<f64> { w.chunks_exact(s).map(|p| p.iter().sum()).collect() };
-            (per_channel(&w1), per_channel(&w2))
+            (w1, w2)
         })
-        .collect::<Vec<_>>()
+        .collect();
+    let (w1, w2): (Vec<f64>, Vec<f64>) = per_position
         .into_iter()
-        .fold((vec![0.0; c], vec![0.0; c]), |(mut a, mut b), (pa, pb)| {
-            for ch in 0..c {
-                a[ch] += pa[ch];
-                b[ch] += pb[ch];
-            }
-            (a, b)
-        })
+        .flat_map(|(a, b)| a.into_iter().zip(b))
+        .unzip();
+    let per_channel =
+        |w: &[f64]| -> Vec<f64> { w.chunks_exact(s).map(|p| p.iter().sum()).collect() };
+    (per_channel(&w1), per_channel(&w2))
 }
 
 /// `dx = rstd_c·(w_c·dy - mean_g,c) + b_c·(x - mean_c)`.
