@@ -99,7 +99,8 @@ impl Moments {
 
     /// Moments of one chunk in the compute lanes of `T`, by sums centred on
     /// a shift `s` near the mean: `d = x - s` is exact when |μ| ≫ σ; `Σd`,
-    /// `Σd²` are summed in lanes over 4-term segments and in f64 across them;
+    /// `Σd²` are summed in lanes (16 terms at most in the lane type) and in
+    /// f64 across segments;
     /// `mean = s + Σd/n`, `m2 = Σd² - (Σd)²/n`.
     ///
     /// The shift is first the mean of the chunk's first values, which is one

@@ -45,11 +45,6 @@ fn expand<C: Lane>(per_channel: impl Iterator<Item = f64>, s: usize) -> Vec<C> {
         .collect()
 }
 
-/// `f64 += lanes`, lanes zeroed.
-fn flush<T: Float>(wide: &mut [f64], lanes: &mut [T::Lane]) {
-    sums::flush::<T>(wide, lanes);
-}
-
 /// Positions per stripe of the statistics passes: rows are cut into
 /// column stripes, each a task that walks every row (a wide `[64, 4096]`
 /// BatchNorm1d input is 64 rows, too few to split by rows). A position's
@@ -102,12 +97,12 @@ pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
                         &mut s2,
                     );
                     if (i + 1) % FLUSH_ROWS == 0 {
-                        flush::<T>(&mut w1, &mut s1);
-                        flush::<T>(&mut w2, &mut s2);
+                        sums::flush::<T>(&mut w1, &mut s1);
+                        sums::flush::<T>(&mut w2, &mut s2);
                     }
                 }
-                flush::<T>(&mut w1, &mut s1);
-                flush::<T>(&mut w2, &mut s2);
+                sums::flush::<T>(&mut w1, &mut s1);
+                sums::flush::<T>(&mut w2, &mut s2);
                 for (j, a) in acc.iter_mut().enumerate() {
                     let m = Moments::from_centred_sums(count, shift[j].wide(), w1[j], w2[j]);
                     let m = if m.m2.is_finite() && m.m2 > count * low * low {
@@ -190,12 +185,12 @@ pub(crate) fn grad_sums<T: Float>(
                 let (xc, dc) = (&xr[cols.clone()], &dr[cols.clone()]);
                 transform::add_positions(xc, Some(dc), hi, lo, r, &mut s1, &mut s2);
                 if (i + 1) % FLUSH_ROWS == 0 {
-                    flush::<T>(&mut w1, &mut s1);
-                    flush::<T>(&mut w2, &mut s2);
+                    sums::flush::<T>(&mut w1, &mut s1);
+                    sums::flush::<T>(&mut w2, &mut s2);
                 }
             }
-            flush::<T>(&mut w1, &mut s1);
-            flush::<T>(&mut w2, &mut s2);
+            sums::flush::<T>(&mut w1, &mut s1);
+            sums::flush::<T>(&mut w2, &mut s2);
             (w1, w2)
         })
         .collect();

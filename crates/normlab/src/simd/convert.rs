@@ -219,7 +219,8 @@ pub fn unaligned_head<T>(out: &[MaybeUninit<T>]) -> usize {
 /// Largest block of values [`write`] narrows at once.
 pub const MAX_BLOCK: usize = 512;
 
-/// Narrows lane `values` into `out` (same length) and stores them: with
+/// Narrows lane `values` into `out` (same length; the streaming path checks
+/// it, the ordinary one writes the shorter of the two) and stores them: with
 /// streaming stores, 16 bytes at a time, when `store` says so and `out` is
 /// 16-byte aligned; the rest (and everything else) with ordinary ones.
 /// Streaming stores are left unfenced ([`fence`] when done).
@@ -229,7 +230,7 @@ pub fn write<T: Float, L: Isa>(out: &mut [MaybeUninit<T>], values: &[T::Lane], s
     if store == Store::Streaming
         && (out.as_ptr() as usize) % 16 == 0
         && values.len() <= MAX_BLOCK
-        && std::mem::size_of::<T>() <= 16
+        && out.len() == values.len()
     {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
         let mut narrowed = [MaybeUninit::<T>::uninit(); MAX_BLOCK];

@@ -3,9 +3,10 @@
 //!
 //! Accuracy is kept as in an f64 computation by three devices:
 //! - statistics: values are centred on a shift `s` close to the mean, and
-//!   `Σ(x - s)`, `Σ(x - s)²` are summed in lanes over segments of four
-//!   terms per lane, then in f64 across segments; `x - s` is exact in f32
-//!   (Sterbenz) whenever |μ| ≫ σ;
+//!   `Σ(x - s)`, `Σ(x - s)²` are summed in lanes over segments (four terms
+//!   per lane, four lanes folded: at most 16 terms in the lane type), then
+//!   in f64 across segments; `x - s` is exact in f32 (Sterbenz) whenever
+//!   |μ| ≫ σ;
 //! - centring: the f64 mean is split as `μ = hi + lo` ([`Lane::split`]) and
 //!   `x - μ` computed as `(x - hi) - lo`;
 //! - gradient sums are accumulated in f64 the same way.

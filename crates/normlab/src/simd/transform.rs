@@ -248,8 +248,8 @@ simd_fn! {
 simd_fn! {
     /// Adds one row of `[N, C·S]` to per-position lane sums: `s1_j += x_j - shift_j`,
     /// `s2_j += (x_j - shift_j)²`, or with `dy` given, `s1_j += dy_j`,
-    /// `s2_j += dy_j·((x_j - hi_j) - lo_j)·rstd_j` (`shift` holds `hi`,
-    /// `rstd` then `lo`, `scale` the `rstd`).
+    /// `s2_j += dy_j·((x_j - hi_j) - lo_j)·rstd_j` (then `shift` holds
+    /// `hi`; without `dy`, `lo` and `rstd` are not read).
     pub fn add_positions<T: Float>[L](x: &[T], dy: Option<&[T]>, shift: &[T::Lane], lo: &[T::Lane], rstd: &[T::Lane], s1: &mut [T::Lane], s2: &mut [T::Lane]) {
         let mut xb = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
         let mut db = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
