@@ -540,8 +540,8 @@ fn backward_input_unchecked<T: Float, P: Float>(
 }
 
 /// Backward with statistics held constant (evaluation): `dx = γ·r·dy` needs
-/// no channel sums, so samples are visited in memory order; the sums for
-/// dγ, dβ are kept per sample and added in sample order.
+/// no channel sums, so slices are visited in memory order in one pass; the
+/// sums for dγ, dβ are kept per slice and added in order.
 fn backward_constant<T: Float, P: Float>(
     x: &[T],
     dy: &[T],
@@ -572,37 +572,31 @@ fn backward_constant<T: Float, P: Float>(
         );
         return sums;
     }
-    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
-        .par_chunks(sample)
-        .zip(dy.par_chunks(sample))
-        .zip(dx.par_chunks_mut(sample))
-        .map(|((xs, dys), dxs)| {
-            let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
-            let blocks = xs
-                .chunks_exact(s)
-                .zip(dys.chunks_exact(s))
-                .zip(dxs.chunks_exact_mut(s));
-            for (ch, ((x_sl, dy_sl), dx_sl)) in blocks.enumerate() {
-                let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
-                let (a, b) = slices::grad_sums(x_sl, dy_sl, mean, rstd);
-                sum_dy[ch] = a;
-                sum_dy_xhat[ch] = b;
-                let w = param_at(weight, ch, 1.0);
-                slices::input_grad(
-                    x_sl,
-                    dy_sl,
-                    mean,
-                    w,
-                    DxCoefficients::constant(rstd),
-                    dx_sl,
-                    store,
-                );
-            }
-            (sum_dy, sum_dy_xhat)
+    // Slices in memory order, in tasks of at least `MIN_TASK_VALUES` values
+    // (a single image is many tasks); each slice's sums kept apart and
+    // added per channel in slice order, whatever the number of threads.
+    let per_slice: Vec<(f64, f64)> = x
+        .par_chunks(s)
+        .zip(dy.par_chunks(s))
+        .zip(dx.par_chunks_mut(s))
+        .enumerate()
+        .with_min_len(min_units(s))
+        .map(|(i, ((x_sl, dy_sl), dx_sl))| {
+            let ch = i % c;
+            let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
+            let sums = slices::grad_sums(x_sl, dy_sl, mean, rstd);
+            let w = param_at(weight, ch, 1.0);
+            let k = DxCoefficients::constant(rstd);
+            slices::input_grad(x_sl, dy_sl, mean, w, k, dx_sl, store);
+            sums
         })
         .collect();
-    let (a, b): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
-    (sum_partials(c, a), sum_partials(c, b))
+    let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
+    for (i, (a, b)) in per_slice.into_iter().enumerate() {
+        sum_dy[i % c] += a;
+        sum_dy_xhat[i % c] += b;
+    }
+    (sum_dy, sum_dy_xhat)
 }
 
 /// Bytes of one channel's `x` and `dy` up to which backward is fused per
