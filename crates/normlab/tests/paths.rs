@@ -245,3 +245,80 @@ fn every_path<T: normlab::Float>(tol_y: f64, tol_grad: f64) {
     }
     assert!(simd::available().contains(&SimdLevel::Scalar));
 }
+
+/// Parameters of another element type than the input (bf16 activations with
+/// f32 γ and β, as PyTorch's mixed-type path): the same outputs as parameters
+/// of the input's type holding the same values.
+#[test]
+fn mixed_type_parameters_match_same_type_ones() {
+    use half::bf16;
+    use normlab::kernels::rows::{self, RowNorm};
+    use normlab::kernels::{batch_norm, NcsLayout};
+    let mut g = rng(7);
+    let (rows_n, n) = (5, 40);
+    let x = normal(&mut g, &[rows_n, n], 1.0, 2.0).cast::<bf16>();
+    // Values exact in bf16, so that both parameter types hold the same numbers.
+    let w16 = normal(&mut g, &[n], 1.0, 0.3).cast::<bf16>();
+    let b16 = normal(&mut g, &[n], 0.0, 0.3).cast::<bf16>();
+    let (w32, b32) = (w16.cast::<f32>(), b16.cast::<f32>());
+    let eps = Epsilon::default();
+    let run = |w: Option<&[_]>, b: Option<&[_]>| {
+        let mut y = vec![bf16::ZERO; rows_n * n];
+        let mut saved = normlab::Saved::zeros("test", rows_n).unwrap();
+        rows::forward(
+            RowNorm::LayerNorm,
+            x.data(),
+            rows_n,
+            n,
+            w,
+            b,
+            &eps,
+            &mut y,
+            &mut saved,
+        )
+        .unwrap();
+        y
+    };
+    let same: Vec<bf16> = {
+        let mut y = vec![bf16::ZERO; rows_n * n];
+        let mut saved = normlab::Saved::zeros("test", rows_n).unwrap();
+        let (w, b) = (Some(w16.data()), Some(b16.data()));
+        rows::forward(
+            RowNorm::LayerNorm,
+            x.data(),
+            rows_n,
+            n,
+            w,
+            b,
+            &eps,
+            &mut y,
+            &mut saved,
+        )
+        .unwrap();
+        y
+    };
+    assert_eq!(run(Some(w32.data()), Some(b32.data())), same);
+    // Channels: BatchNorm's normalize with f32 γ, β on a bf16 input.
+    let xc = normal(&mut g, &[4, 3, 10], 0.0, 1.0).cast::<bf16>();
+    let layout = NcsLayout::of("test", xc.shape(), 2).unwrap();
+    let saved = normlab::Saved {
+        mean: vec![0.1, -0.2, 0.3],
+        rstd: vec![1.0, 2.0, 0.5],
+    };
+    let (wc16, bc16) = (
+        Tensor::new(
+            vec![3],
+            vec![bf16::from_f32(1.5), bf16::ONE, bf16::from_f32(-0.5)],
+        )
+        .unwrap(),
+        Tensor::new(vec![3], vec![bf16::ZERO, bf16::from_f32(0.25), bf16::ONE]).unwrap(),
+    );
+    let (wc32, bc32) = (wc16.cast::<f32>(), bc16.cast::<f32>());
+    let mut y16 = vec![bf16::ZERO; xc.numel()];
+    let mut y32 = vec![bf16::ZERO; xc.numel()];
+    let (w, b) = (Some(wc16.data()), Some(bc16.data()));
+    batch_norm::normalize(xc.data(), layout, &saved, w, b, &mut y16).unwrap();
+    let (w, b) = (Some(wc32.data()), Some(bc32.data()));
+    batch_norm::normalize(xc.data(), layout, &saved, w, b, &mut y32).unwrap();
+    assert_eq!(y16, y32);
+}
