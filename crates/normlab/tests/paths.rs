@@ -252,7 +252,6 @@ fn every_path<T: normlab::Float>(tol_y: f64, tol_grad: f64) {
 #[test]
 fn mixed_type_parameters_match_same_type_ones() {
     use half::bf16;
-    use normlab::kernels::rows::{self, RowNorm};
     use normlab::kernels::{batch_norm, NcsLayout};
     let mut g = rng(7);
     let (rows_n, n) = (5, 40);
@@ -261,43 +260,11 @@ fn mixed_type_parameters_match_same_type_ones() {
     let w16 = normal(&mut g, &[n], 1.0, 0.3).cast::<bf16>();
     let b16 = normal(&mut g, &[n], 0.0, 0.3).cast::<bf16>();
     let (w32, b32) = (w16.cast::<f32>(), b16.cast::<f32>());
-    let eps = Epsilon::default();
-    let run = |w: Option<&[_]>, b: Option<&[_]>| {
-        let mut y = vec![bf16::ZERO; rows_n * n];
-        let mut saved = normlab::Saved::zeros("test", rows_n).unwrap();
-        rows::forward(
-            RowNorm::LayerNorm,
-            x.data(),
-            rows_n,
-            n,
-            w,
-            b,
-            &eps,
-            &mut y,
-            &mut saved,
-        )
-        .unwrap();
-        y
-    };
-    let same: Vec<bf16> = {
-        let mut y = vec![bf16::ZERO; rows_n * n];
-        let mut saved = normlab::Saved::zeros("test", rows_n).unwrap();
-        let (w, b) = (Some(w16.data()), Some(b16.data()));
-        rows::forward(
-            RowNorm::LayerNorm,
-            x.data(),
-            rows_n,
-            n,
-            w,
-            b,
-            &eps,
-            &mut y,
-            &mut saved,
-        )
-        .unwrap();
-        y
-    };
-    assert_eq!(run(Some(w32.data()), Some(b32.data())), same);
+    let (same, mixed) = (
+        layer_norm_rows(&x, Some(w16.data()), Some(b16.data())),
+        layer_norm_rows(&x, Some(w32.data()), Some(b32.data())),
+    );
+    assert_eq!(mixed, same);
     // Channels: BatchNorm's normalize with f32 γ, β on a bf16 input.
     let xc = normal(&mut g, &[4, 3, 10], 0.0, 1.0).cast::<bf16>();
     let layout = NcsLayout::of("test", xc.shape(), 2).unwrap();
@@ -321,4 +288,21 @@ fn mixed_type_parameters_match_same_type_ones() {
     let (w, b) = (Some(wc32.data()), Some(bc32.data()));
     batch_norm::normalize(xc.data(), layout, &saved, w, b, &mut y32).unwrap();
     assert_eq!(y16, y32);
+}
+
+/// LayerNorm of the rows of a 2-D bf16 `x` through the slice kernel, with
+/// parameters of any element type.
+fn layer_norm_rows<P: normlab::Float>(
+    x: &Tensor<half::bf16>,
+    w: Option<&[P]>,
+    b: Option<&[P]>,
+) -> Vec<half::bf16> {
+    use normlab::kernels::rows::{self, RowNorm};
+    let (rows_n, n) = (x.shape()[0], x.shape()[1]);
+    let mut y = vec![half::bf16::ZERO; rows_n * n];
+    let mut saved = normlab::Saved::zeros("test", rows_n).unwrap();
+    let eps = Epsilon::default();
+    let ln = RowNorm::LayerNorm;
+    rows::forward(ln, x.data(), rows_n, n, w, b, &eps, &mut y, &mut saved).unwrap();
+    y
 }

@@ -548,6 +548,7 @@ fn backward_constant<T: Float, P: Float>(
     layout: NcsLayout,
     saved: &Saved,
     weight: Option<&[P]>,
+    eps: &Epsilon,
     dx: &mut [MaybeUninit<T>],
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
@@ -559,14 +560,13 @@ fn backward_constant<T: Float, P: Float>(
     if s < SHORT_SPATIAL {
         // Short slices: the sums, then dx, each a pass in runs of slices.
         let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
-        let eps = Epsilon::default(); // unused by constant statistics
         backward_input_unchecked(
             x,
             dy,
             layout,
             saved,
             weight,
-            &eps,
+            eps,
             StatsGradient::Constant,
             dx,
         );
@@ -642,7 +642,7 @@ fn backward_fused<T: Float, P: Float>(
         return sums;
     }
     if !batch_stats {
-        return backward_constant(x, dy, layout, saved, weight, dx);
+        return backward_constant(x, dy, layout, saved, weight, eps, dx);
     }
     let size = std::mem::size_of::<T>();
     if layout.n * s * 2 * size > FUSED_CHANNEL_BYTES || s * size < FUSED_MIN_SLICE_BYTES {
