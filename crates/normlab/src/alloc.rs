@@ -166,6 +166,22 @@ pub fn for_overwrite<T: Float>(
     Ok(v)
 }
 
+/// A scratch buffer of `len` values a kernel overwrites before reading,
+/// from the cache when it has one of this size (hand it back with
+/// [`recycle`]): per-task partial sums of a few hundred KiB, allocated and
+/// freed on every call, otherwise cost fresh, faulted-in pages each time.
+/// Scratch sizes follow from sizes already allocated, so running out of
+/// memory here aborts, as a `Vec` does.
+pub(crate) fn scratch<T: Float>(len: usize) -> Vec<MaybeUninit<T>> {
+    if let Some(v) = reuse::<T>(len) {
+        return v;
+    }
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`; MaybeUninit needs no initialization.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// An empty vector with room for exactly `len` values, or
 /// [`NormError::OutOfMemory`]. Every allocation whose size comes from a
 /// caller's shape or option goes through here (or [`zeroed`]), so that an

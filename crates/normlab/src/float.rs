@@ -15,6 +15,7 @@ use std::mem::MaybeUninit;
 use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use crate::simd::convert;
+use crate::simd::vector;
 use crate::simd::Isa;
 
 /// Keeps the element and lane traits to this crate's types: the kernels'
@@ -68,6 +69,16 @@ pub trait Lane:
     fn max(self, other: Self) -> Self;
     /// `√self`.
     fn sqrt(self) -> Self;
+    /// Eight lanes `a + b` with level `L`'s instructions ([`crate::simd::vector::V8`]).
+    fn add8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];
+    /// Eight lanes `a - b`.
+    fn sub8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];
+    /// Eight lanes `a·b`.
+    fn mul8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];
+    /// Eight lanes widened to f64 (exact).
+    fn wide8<L: Isa>(a: [Self; 8]) -> [f64; 8];
+    /// The first `n` lanes of `a`, then those of `pad` (a blend in registers).
+    fn keep8<L: Isa>(a: [Self; 8], pad: [Self; 8], n: usize) -> [Self; 8];
     /// `v` as `(hi, lo)` with `hi + lo ≈ v` to about twice this type's
     /// precision: `x - v` is then computed as `(x - hi) - lo`.
     #[inline(always)]
@@ -81,6 +92,53 @@ impl Lane for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const SAFE_RANGE: (f64, f64) = (1e-10, 1e18);
+    #[inline(always)]
+    fn keep8<L: Isa>(a: [f32; 8], pad: [f32; 8], n: usize) -> [f32; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `add8`.
+            return unsafe { vector::avx::keep_f32(a, pad, n) };
+        }
+        let mut out = pad;
+        out[..n].copy_from_slice(&a[..n]);
+        out
+    }
+    #[inline(always)]
+    fn add8<L: Isa>(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
+            return unsafe { vector::avx::add_f32(a, b) };
+        }
+        vector::lanewise(a, b, |x, y| x + y)
+    }
+    #[inline(always)]
+    fn sub8<L: Isa>(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `add8`.
+            return unsafe { vector::avx::sub_f32(a, b) };
+        }
+        vector::lanewise(a, b, |x, y| x - y)
+    }
+    #[inline(always)]
+    fn mul8<L: Isa>(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `add8`.
+            return unsafe { vector::avx::mul_f32(a, b) };
+        }
+        vector::lanewise(a, b, |x, y| x * y)
+    }
+    #[inline(always)]
+    fn wide8<L: Isa>(a: [f32; 8]) -> [f64; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `add8`.
+            return unsafe { vector::avx::wide_f32(a) };
+        }
+        a.map(|v| v as f64)
+    }
     #[inline(always)]
     fn of(v: f64) -> Self {
         v as f32
@@ -107,6 +165,48 @@ impl Lane for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const SAFE_RANGE: (f64, f64) = (1e-140, 1e140);
+    #[inline(always)]
+    fn keep8<L: Isa>(a: [f64; 8], pad: [f64; 8], n: usize) -> [f64; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `add8`.
+            return unsafe { vector::avx::keep_f64(a, pad, n) };
+        }
+        let mut out = pad;
+        out[..n].copy_from_slice(&a[..n]);
+        out
+    }
+    #[inline(always)]
+    fn add8<L: Isa>(a: [f64; 8], b: [f64; 8]) -> [f64; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
+            return unsafe { vector::avx::add_f64(a, b) };
+        }
+        vector::lanewise(a, b, |x, y| x + y)
+    }
+    #[inline(always)]
+    fn sub8<L: Isa>(a: [f64; 8], b: [f64; 8]) -> [f64; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `add8`.
+            return unsafe { vector::avx::sub_f64(a, b) };
+        }
+        vector::lanewise(a, b, |x, y| x - y)
+    }
+    #[inline(always)]
+    fn mul8<L: Isa>(a: [f64; 8], b: [f64; 8]) -> [f64; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `add8`.
+            return unsafe { vector::avx::mul_f64(a, b) };
+        }
+        vector::lanewise(a, b, |x, y| x * y)
+    }
+    #[inline(always)]
+    fn wide8<L: Isa>(a: [f64; 8]) -> [f64; 8] {
+        a
+    }
     #[inline(always)]
     fn of(v: f64) -> Self {
         v
@@ -151,6 +251,11 @@ pub trait Float:
     fn widen<L: Isa>(src: &[Self], dst: &mut [Self::Lane]);
     /// Rounds `src` into `dst` (same length), round to nearest even.
     fn narrow<L: Isa>(src: &[Self::Lane], dst: &mut [MaybeUninit<Self>]);
+    /// Eight values widened to lanes in registers (one vector load and, for
+    /// 16-bit types, one conversion where level `L` has it).
+    fn widen8<L: Isa>(src: &[Self; 8]) -> [Self::Lane; 8];
+    /// Eight lanes rounded to this type in registers (round to nearest even).
+    fn narrow8<L: Isa>(v: [Self::Lane; 8]) -> [Self; 8];
     /// `src` as lanes: the slice itself when this type is its lane type,
     /// else widened into `buf` (at least as long as `src`).
     #[inline(always)]
@@ -192,6 +297,14 @@ impl Float for f32 {
         }
     }
     #[inline(always)]
+    fn widen8<L: Isa>(src: &[Self; 8]) -> [f32; 8] {
+        *src
+    }
+    #[inline(always)]
+    fn narrow8<L: Isa>(v: [f32; 8]) -> [Self; 8] {
+        v
+    }
+    #[inline(always)]
     fn lanes<'a, L: Isa>(src: &'a [Self], _: &'a mut [f32]) -> &'a [f32] {
         src
     }
@@ -228,6 +341,14 @@ impl Float for f64 {
         }
     }
     #[inline(always)]
+    fn widen8<L: Isa>(src: &[Self; 8]) -> [f64; 8] {
+        *src
+    }
+    #[inline(always)]
+    fn narrow8<L: Isa>(v: [f64; 8]) -> [Self; 8] {
+        v
+    }
+    #[inline(always)]
     fn lanes<'a, L: Isa>(src: &'a [Self], _: &'a mut [f64]) -> &'a [f64] {
         src
     }
@@ -260,6 +381,14 @@ impl Float for half::f16 {
     #[inline(always)]
     fn narrow<L: Isa>(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
         convert::narrow_f16::<L>(src, dst);
+    }
+    #[inline(always)]
+    fn widen8<L: Isa>(src: &[Self; 8]) -> [f32; 8] {
+        convert::widen8_f16::<L>(src)
+    }
+    #[inline(always)]
+    fn narrow8<L: Isa>(v: [f32; 8]) -> [Self; 8] {
+        convert::narrow8_f16::<L>(v)
     }
 }
 
@@ -294,6 +423,14 @@ impl Float for half::bf16 {
         for (d, &v) in dst.iter_mut().zip(src) {
             d.write(half::bf16::from_bits(convert::f32_to_bf16_bits(v)));
         }
+    }
+    #[inline(always)]
+    fn widen8<L: Isa>(src: &[Self; 8]) -> [f32; 8] {
+        convert::widen8_bf16::<L>(src)
+    }
+    #[inline(always)]
+    fn narrow8<L: Isa>(v: [f32; 8]) -> [Self; 8] {
+        convert::narrow8_bf16::<L>(v)
     }
 }
 

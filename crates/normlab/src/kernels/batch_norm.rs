@@ -104,38 +104,50 @@ pub struct RunningStatsMut<'a, T> {
 /// One segment of the centred sums ([`sums::SEGMENT`]).
 const SHORT_SPATIAL: usize = sums::SEGMENT;
 
-/// Runs `add(run, dy_run, first_channel, totals)` over runs of at least a
-/// task's worth of slices (`s` values each) of `x` (and `dy`), in
-/// parallel, each run adding into per-channel totals of its own; returns
-/// the totals added in run order (runs are fixed by the shape, so the bits
-/// do not depend on the thread count).
+/// Per-channel sums of short slices, `add(run, dy_run, first, totals)`
+/// adding run by run: runs of at least a task's worth of slices, each
+/// slice `j` of a run belonging to channel `(first + j) % C` and adding
+/// into `totals[j % totals.len()]`, a task's own totals of
+/// `min(run, C)` entries (a run of fewer slices than channels touches only
+/// that many channels: totals for all `C` per task, zeroed and freed on
+/// every call, faulted in fresh pages each time). The runs' totals are
+/// added in run order, so the result does not depend on the thread count.
 fn short_runs<T: Float>(
     x: &[T],
     dy: Option<&[T]>,
     s: usize,
     c: usize,
-    add: impl Fn(&[T], Option<&[T]>, usize, &mut [(f64, f64)]) + Sync,
+    add: impl Fn(&[T], Option<&[T]>, usize, &mut [f64]) + Sync,
 ) -> Vec<(f64, f64)> {
     let run = min_units(s);
-    let partials: Vec<Vec<(f64, f64)>> = x
-        .par_chunks(run * s)
-        .enumerate()
-        .map(|(t, xr)| {
-            let mut totals = vec![(0.0, 0.0); c];
-            let dr = dy.map(|dy| &dy[t * run * s..][..xr.len()]);
-            add(xr, dr, (t * run) % c, &mut totals);
-            totals
-        })
-        .collect();
+    let m = run.min(c);
+    let runs = (x.len() / s).div_ceil(run);
+    let mut partials = crate::alloc::scratch::<f64>(runs * m * 2);
     partials
-        .into_iter()
-        .fold(vec![(0.0, 0.0); c], |mut acc, part| {
-            for (a, p) in acc.iter_mut().zip(part) {
-                a.0 += p.0;
-                a.1 += p.1;
-            }
-            acc
-        })
+        .par_chunks_mut(m * 2)
+        .zip(x.par_chunks(run * s))
+        .enumerate()
+        .for_each(|(t, (part, xr))| {
+            let totals = &mut part[..(xr.len() / s).min(m) * 2];
+            totals.fill(MaybeUninit::new(0.0));
+            // SAFETY: every value was just written.
+            let totals = unsafe { &mut *(totals as *mut [MaybeUninit<f64>] as *mut [f64]) };
+            let dr = dy.map(|dy| &dy[t * run * s..][..xr.len()]);
+            add(xr, dr, (t * run) % c, totals);
+        });
+    let mut acc = vec![(0.0, 0.0); c];
+    for (t, part) in partials.chunks(m * 2).enumerate() {
+        let (first, used) = ((t * run) % c, (x.len() / s - t * run).min(m));
+        for (k, p) in part[..used * 2].chunks_exact(2).enumerate() {
+            // SAFETY: the first `used` pairs of every run were written above.
+            let (p0, p1) = unsafe { (p[0].assume_init(), p[1].assume_init()) };
+            let a = &mut acc[(first + k) % c];
+            a.0 += p0;
+            a.1 += p1;
+        }
+    }
+    crate::alloc::recycle(partials);
+    acc
 }
 
 /// Per-channel moments of short slices: each channel's sums centred on one

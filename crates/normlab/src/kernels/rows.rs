@@ -232,19 +232,7 @@ fn backward_unchecked<T: Float, P: Float>(
                 );
                 let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
                 let (mean_g, b) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
-                transform::row_dx(
-                    x_row,
-                    dy_row,
-                    &w,
-                    hi,
-                    lo,
-                    r,
-                    mean_g,
-                    b,
-                    dx_row,
-                    store,
-                    &mut scratch,
-                );
+                transform::row_dx(x_row, dy_row, &w, hi, lo, r, mean_g, b, dx_row, store);
                 if (i + 1) % FLUSH_ROWS == 0 {
                     sums::flush::<T>(&mut dw, &mut dw_lanes);
                     sums::flush::<T>(&mut db, &mut db_lanes);

@@ -9,7 +9,7 @@
 
 use std::mem::MaybeUninit;
 
-use crate::float::Float;
+use crate::float::{Float, Lane};
 use crate::simd::Isa;
 
 /// bf16 bits as f32 (exact).
@@ -162,6 +162,251 @@ unsafe fn narrow_f16_f16c(src: &[f32], dst: &mut [MaybeUninit<half::f16>]) {
         dst[k].write(half::f16::from_bits(f32_to_f16_bits(src[k])));
     }
 }
+
+/// Eight f16 values widened in registers: one `vcvtph2ps` where level `L`
+/// has F16C, else [`f16_bits_to_f32`] lane by lane.
+#[inline(always)]
+pub fn widen8_f16<L: Isa>(src: &[half::f16; 8]) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if L::F16C {
+        // SAFETY: `L::F16C` is true only in code compiled for, and
+        // dispatched to, levels whose CPUs have F16C (see `simd_fn!`).
+        return unsafe { widen8_f16c(src) };
+    }
+    src.map(|h| f16_bits_to_f32(h.to_bits()))
+}
+
+/// Eight lanes rounded to f16 in registers: one `vcvtps2ph` where level `L`
+/// has F16C, else [`f32_to_f16_bits`] lane by lane.
+#[inline(always)]
+pub fn narrow8_f16<L: Isa>(v: [f32; 8]) -> [half::f16; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if L::F16C {
+        // SAFETY: as in `widen8_f16`.
+        return unsafe { narrow8_f16c(v) };
+    }
+    v.map(|x| half::f16::from_bits(f32_to_f16_bits(x)))
+}
+
+/// Eight bf16 values widened in registers (zero-extend, shift left by 16).
+#[inline(always)]
+pub fn widen8_bf16<L: Isa>(src: &[half::bf16; 8]) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if L::AVX2 {
+        // SAFETY: `L::AVX2` is true only for levels whose CPUs have AVX2.
+        return unsafe { widen8_bf16_avx2(src) };
+    }
+    src.map(|b| bf16_bits_to_f32(b.to_bits()))
+}
+
+/// Eight lanes rounded to bf16 in registers, as [`f32_to_bf16_bits`]:
+/// `(u + 0x7fff + lsb) >> 16`, NaNs made quiet.
+#[inline(always)]
+pub fn narrow8_bf16<L: Isa>(v: [f32; 8]) -> [half::bf16; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if L::AVX2 {
+        // SAFETY: as in `widen8_bf16`.
+        return unsafe { narrow8_bf16_avx2(v) };
+    }
+    v.map(|x| half::bf16::from_bits(f32_to_bf16_bits(x)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn widen8_f16c(src: &[half::f16; 8]) -> [f32; 8] {
+    use std::arch::x86_64::{__m256, _mm256_cvtph_ps, _mm_loadu_si128};
+    // SAFETY: sixteen bytes are read from an array of eight f16; `__m256`
+    // and `[f32; 8]` have the same size and any bits are valid in both.
+    unsafe {
+        let h = _mm_loadu_si128(src.as_ptr() as *const _);
+        std::mem::transmute::<__m256, [f32; 8]>(_mm256_cvtph_ps(h))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn narrow8_f16c(v: [f32; 8]) -> [half::f16; 8] {
+    use std::arch::x86_64::{__m128i, __m256, _mm256_cvtps_ph, _MM_FROUND_TO_NEAREST_INT};
+    // SAFETY: same sizes, any bits valid (f16 is a plain 16-bit pattern).
+    unsafe {
+        let v = std::mem::transmute::<[f32; 8], __m256>(v);
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        std::mem::transmute::<__m128i, [half::f16; 8]>(h)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn widen8_bf16_avx2(src: &[half::bf16; 8]) -> [f32; 8] {
+    use std::arch::x86_64::{__m256i, _mm256_cvtepu16_epi32, _mm256_slli_epi32, _mm_loadu_si128};
+    // SAFETY: sixteen bytes are read from an array of eight bf16; the
+    // result has the size of `[f32; 8]`, any bits valid.
+    unsafe {
+        let h = _mm_loadu_si128(src.as_ptr() as *const _);
+        let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+        std::mem::transmute::<__m256i, [f32; 8]>(w)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn narrow8_bf16_avx2(v: [f32; 8]) -> [half::bf16; 8] {
+    use std::arch::x86_64::{
+        __m128i, __m256, _mm256_add_epi32, _mm256_and_si256, _mm256_blendv_epi8,
+        _mm256_castps_si256, _mm256_castsi256_si128, _mm256_cmp_ps, _mm256_or_si256,
+        _mm256_packus_epi32, _mm256_permute4x64_epi64, _mm256_set1_epi32, _mm256_srli_epi32,
+        _CMP_UNORD_Q,
+    };
+    // SAFETY: same sizes, any bits valid; AVX2 is enabled for this function.
+    unsafe {
+        let v = std::mem::transmute::<[f32; 8], __m256>(v);
+        let u = _mm256_castps_si256(v);
+        let upper = _mm256_srli_epi32::<16>(u);
+        let lsb = _mm256_and_si256(upper, _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(u, bias));
+        let quiet_nan = _mm256_or_si256(upper, _mm256_set1_epi32(0x40));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        let bits = _mm256_blendv_epi8(rounded, quiet_nan, nan);
+        // Every lane is below 2^16: pack the eight 32-bit lanes to 16 bits
+        // (per 128-bit half), then gather the two halves' low quadwords.
+        let packed = _mm256_packus_epi32(bits, bits);
+        let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(packed);
+        std::mem::transmute::<__m128i, [half::bf16; 8]>(_mm256_castsi256_si128(ordered))
+    }
+}
+
+pub use super::vector::VECTOR;
+
+/// Eight lanes of `x` from `at`, widened in registers.
+#[inline(always)]
+pub fn load<T: Float, L: Isa>(x: &[T], at: usize) -> [T::Lane; VECTOR] {
+    let src: &[T; VECTOR] = x[at..at + VECTOR].try_into().expect("eight values");
+    T::widen8::<L>(src)
+}
+
+/// The `n` (at most eight) values of `x` from `at` as lanes, the lanes past
+/// `n` set to `pad`: a whole vector loads as one, and so does a partial one
+/// that `x` extends past (then blended with `pad`); only at the end of `x`
+/// value by value.
+#[inline(always)]
+pub fn load_n<T: Float, L: Isa>(x: &[T], at: usize, n: usize, pad: T::Lane) -> [T::Lane; VECTOR] {
+    if n == VECTOR {
+        return load::<T, L>(x, at);
+    }
+    if at + VECTOR <= x.len() {
+        // A whole vector is readable: load it and blend in the padding. A
+        // vector assembled lane by lane on the stack and read back whole
+        // stalls the load (no store forwarding), which cost as much as the
+        // rest of a 49-value slice.
+        return T::Lane::keep8::<L>(load::<T, L>(x, at), [pad; VECTOR], n);
+    }
+    let mut v = [pad; VECTOR];
+    for (lane, &value) in v.iter_mut().zip(&x[at..at + n]) {
+        *lane = value.to_lane();
+    }
+    v
+}
+
+/// Narrows `v` and stores its first `n` lanes (at most eight) at `out[at..]`:
+/// a whole vector with one store, streamed when `streaming` (then
+/// `out[at..]` must be 16-byte aligned: [`fill`] sees to it).
+#[inline(always)]
+pub fn store_n<T: Float, L: Isa>(
+    out: &mut [MaybeUninit<T>],
+    at: usize,
+    n: usize,
+    v: [T::Lane; VECTOR],
+    streaming: bool,
+) {
+    let narrowed = T::narrow8::<L>(v);
+    if n == VECTOR {
+        let dst: &mut [MaybeUninit<T>; VECTOR] =
+            (&mut out[at..at + VECTOR]).try_into().expect("eight slots");
+        #[cfg(target_arch = "x86_64")]
+        if streaming {
+            stream(dst, narrowed);
+            return;
+        }
+        let _ = streaming;
+        for (d, value) in dst.iter_mut().zip(narrowed) {
+            d.write(value);
+        }
+        return;
+    }
+    for (d, value) in out[at..at + n].iter_mut().zip(narrowed) {
+        d.write(value);
+    }
+}
+
+/// Eight values written with non-temporal stores, 16 bytes at a time.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn stream<T: Float>(dst: &mut [MaybeUninit<T>; VECTOR], values: [T; VECTOR]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    let bytes = std::mem::size_of::<[T; VECTOR]>();
+    debug_assert_eq!(dst.as_ptr() as usize % 16, 0);
+    let (src, to) = (values.as_ptr() as *const u8, dst.as_mut_ptr() as *mut u8);
+    let mut at = 0;
+    while at < bytes {
+        // SAFETY: every storage type's eight values are a whole number of
+        // 16-byte units (16, 32 or 64 bytes); `to` is 16-byte aligned (the
+        // caller's contract); SSE2 is part of the x86-64 baseline.
+        unsafe {
+            let v = _mm_loadu_si128(src.add(at) as *const __m128i);
+            _mm_stream_si128(to.add(at) as *mut __m128i, v);
+        }
+        at += 16;
+    }
+}
+
+/// Fills `y` vector by vector: `fill!(T, L, y, store, |at, n| lanes)`
+/// evaluates `lanes`, the lanes of `y[at..at + n]` (`n` ≤ 8; lanes past `n`
+/// are ignored), for each vector and stores them narrowed straight from
+/// registers. With `Store::Streaming` (x86-64), the values before `y`'s
+/// first 16-byte boundary are stored first, then whole vectors with
+/// non-temporal stores; streaming stores are left unfenced.
+///
+/// A macro rather than a function taking a closure: a closure is compiled
+/// without the target features of the kernel it is written in, and a call
+/// per vector measured four times slower than the inlined loop.
+macro_rules! fill {
+    ($t:ty, $l:ty, $y:expr, $store:expr, |$at:ident, $n:ident| $lanes:expr) => {{
+        use $crate::simd::convert::{store_n, unaligned_head, Store, VECTOR};
+        let y: &mut [std::mem::MaybeUninit<$t>] = $y;
+        let len = y.len();
+        let streaming = cfg!(target_arch = "x86_64") && $store == Store::Streaming;
+        let mut i = 0;
+        if streaming {
+            let head = unaligned_head(y);
+            if head > 0 {
+                let ($at, $n) = (0usize, head);
+                store_n::<$t, $l>(y, 0, head, $lanes, false);
+            }
+            i = head;
+            while i + VECTOR <= len {
+                let ($at, $n) = (i, VECTOR);
+                store_n::<$t, $l>(y, i, VECTOR, $lanes, true);
+                i += VECTOR;
+            }
+        } else {
+            while i + VECTOR <= len {
+                let ($at, $n) = (i, VECTOR);
+                store_n::<$t, $l>(y, i, VECTOR, $lanes, false);
+                i += VECTOR;
+            }
+        }
+        if i < len {
+            let ($at, $n) = (i, len - i);
+            store_n::<$t, $l>(y, i, len - i, $lanes, false);
+        }
+    }};
+}
+pub(crate) use fill;
 
 /// How a kernel's output values reach memory.
 ///

@@ -10,7 +10,8 @@
 //! - `convert`: widening, narrowing and (streaming) stores;
 //! - `sums`: the reductions (centred moments sums, gradient sums);
 //! - `transform`: the element-wise passes (normalize, input gradient);
-//! - `lrn`: Local Response Normalization's window loops.
+//! - `lrn`: Local Response Normalization's window loops;
+//! - `vector`: eight lanes as one value with vector operators ([`vector::V8`]).
 //!
 //! Each call picks the best level the CPU has (detected once), unless a level is forced with [`force`] — tests use
 //! that to run every path, and `normlab bench` to compare them.
@@ -27,6 +28,7 @@ pub(crate) mod convert;
 pub(crate) mod lrn;
 pub(crate) mod sums;
 pub(crate) mod transform;
+pub(crate) mod vector;
 
 /// A SIMD instruction-set level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -120,6 +122,8 @@ mod sealed {
 pub trait Isa: sealed::Sealed + Copy + 'static {
     /// F16C (`vcvtph2ps`, `vcvtps2ph`) may be used.
     const F16C: bool;
+    /// AVX2 integer vectors may be used (the bf16 conversions in registers).
+    const AVX2: bool;
 }
 
 /// [`SimdLevel::Scalar`] as a type.
@@ -134,12 +138,15 @@ pub(crate) struct Avx512;
 
 impl Isa for Baseline {
     const F16C: bool = false;
+    const AVX2: bool = false;
 }
 impl Isa for Avx2 {
     const F16C: bool = true;
+    const AVX2: bool = true;
 }
 impl Isa for Avx512 {
     const F16C: bool = true;
+    const AVX2: bool = true;
 }
 
 /// Defines a function generic over an element type `T: Float`, whose body

@@ -14,8 +14,10 @@
 //! Reductions use fixed lane arrays, so every level returns the same bits.
 
 use crate::float::{Float, Lane};
-use crate::simd::simd_fn;
-use crate::simd::transform::{RowScratch, ROW_BLOCK};
+use crate::simd::convert::{load, load_n, VECTOR};
+use crate::simd::transform::{lanes_n, put_n, RowScratch, ROW_BLOCK};
+use crate::simd::vector::V8;
+use crate::simd::{simd_fn, Isa};
 
 /// Lanes of a segment sum (four AVX2 vectors of f32, so that four
 /// independent add chains hide the add latency), and terms each lane sums
@@ -77,33 +79,49 @@ pub(crate) fn sum2_pairs<C: Lane>(
     (reduce64(&acc_f) + tf, reduce64(&acc_g) + tg)
 }
 
-/// Adds `Σd`, `Σd²` (`d = v - shift`) of one [`SEGMENT`] of lanes to the
+/// Vectors of [`VECTOR`] lanes that make up the [`LANES`] of a segment sum.
+const GROUPS: usize = LANES / VECTOR;
+
+/// Adds `Σd`, `Σd²` (`d = v - shift`) of `vectors` vectors (a multiple of
+/// [`GROUPS`]; `load(at)` gives the lanes of values `at..at + 8`) to the
 /// f64 lanes `s1`, `s2`: lane sums of [`FLUSH`] terms, folded to [`WIDE`]
 /// lanes (16 terms each), then added in f64 lane by lane. The lanes are
 /// summed once, at the end: a sum of all 32 lanes per segment would be one
 /// long chain of dependent f64 additions, which measured slower than the
 /// memory traffic.
 #[inline(always)]
-pub(crate) fn centred_segment<C: Lane>(
-    seg: &[C],
+pub(crate) fn centred_segment<C: Lane, L: Isa>(
+    vectors: usize,
+    load: impl Fn(usize) -> [C; VECTOR],
     shift: C,
     s1: &mut [f64; WIDE],
     s2: &mut [f64; WIDE],
 ) {
-    let (mut d1, mut d2) = ([C::ZERO; LANES], [C::ZERO; LANES]);
-    for v in seg.chunks_exact(LANES) {
-        for i in 0..LANES {
-            let d = v[i] - shift;
-            d1[i] += d;
-            d2[i] += d * d;
+    let shift_v = V8::<C, L>::splat(shift);
+    let (mut d1, mut d2) = ([V8::<C, L>::zero(); GROUPS], [V8::<C, L>::zero(); GROUPS]);
+    for first in (0..vectors).step_by(GROUPS) {
+        for g in 0..GROUPS {
+            let d = V8::new(load((first + g) * VECTOR)) - shift_v;
+            d1[g] += d;
+            d2[g] += d * d;
         }
     }
-    for i in 0..WIDE {
-        let a = (d1[i] + d1[i + WIDE]) + (d1[i + 2 * WIDE] + d1[i + 3 * WIDE]);
-        let b = (d2[i] + d2[i + WIDE]) + (d2[i + 2 * WIDE] + d2[i + 3 * WIDE]);
-        s1[i] += a.wide();
-        s2[i] += b.wide();
-    }
+    let a = (d1[0] + d1[1]) + (d1[2] + d1[3]);
+    let b = (d2[0] + d2[1]) + (d2[2] + d2[3]);
+    *s1 = (V8::new(*s1) + a.wide()).lanes;
+    *s2 = (V8::new(*s2) + b.wide()).lanes;
+}
+
+/// [`centred_segment`] over one whole [`SEGMENT`] of `x`.
+#[inline(always)]
+pub(crate) fn centred_segment_of<T: Float, L: Isa>(
+    x: &[T],
+    shift: T::Lane,
+    s1: &mut [f64; WIDE],
+    s2: &mut [f64; WIDE],
+) {
+    let x = &x[..SEGMENT];
+    centred_segment::<_, L>(SEGMENT / VECTOR, |at| load::<T, L>(x, at), shift, s1, s2);
 }
 
 /// Adds the values left over after the whole segments (fewer than
@@ -111,9 +129,9 @@ pub(crate) fn centred_segment<C: Lane>(
 /// `d = 0` adds nothing: short slices (a 7×7 feature map) take the vector
 /// loop too, padded to a multiple of 32 values rather than a whole segment.
 #[inline(always)]
-pub(crate) fn centred_tail<C: Lane>(
-    tail: &[C],
-    shift: C,
+pub(crate) fn centred_tail<T: Float, L: Isa>(
+    tail: &[T],
+    shift: T::Lane,
     s1: &mut [f64; WIDE],
     s2: &mut [f64; WIDE],
 ) {
@@ -121,60 +139,54 @@ pub(crate) fn centred_tail<C: Lane>(
         return;
     }
     let mut padded = [shift; SEGMENT];
-    padded[..tail.len()].copy_from_slice(tail);
+    for (p, v) in padded.iter_mut().zip(tail) {
+        *p = v.to_lane();
+    }
     let used = tail.len().div_ceil(LANES) * LANES;
-    centred_segment(&padded[..used], shift, s1, s2);
+    centred_segment::<_, L>(
+        used / VECTOR,
+        |at| lanes_n(&padded, at, VECTOR, shift),
+        shift,
+        s1,
+        s2,
+    );
 }
 
-/// Lanes of the short-slice sums: one AVX2 vector.
-const SHORT_LANES: usize = 8;
-/// Values a short-slice lane group sums before its flush into f64: four
+/// Values a short-slice lane vector sums before its flush into f64: four
 /// terms per lane, as the segments do.
-const SHORT_GROUP: usize = SHORT_LANES * FLUSH;
+const SHORT_GROUP: usize = VECTOR * FLUSH;
 
 /// `(Σ f(x, y), Σ g(x, y))` of a slice shorter than a [`SEGMENT`] (a 7×7 or
-/// 8×8 feature map): vectors of [`SHORT_LANES`], four terms per lane before
-/// each flush into f64, the last values in f64 one by one. Widened eight at
-/// a time, so no buffer the size of a segment is filled.
+/// 8×8 feature map): one vector of lanes, four terms per lane before each
+/// flush into f64 lanes, the last values padded with `pad_x`, `pad_y`
+/// (whose terms must be zero). Widened eight at a time in registers, so no
+/// buffer the size of a segment is filled.
 #[inline(always)]
-fn short_sums2<T: Float, L: crate::simd::Isa>(
+fn short_sums2<T: Float, L: Isa>(
     x: &[T],
     y: &[T],
-    f: impl Fn(T::Lane, T::Lane) -> T::Lane,
-    g: impl Fn(T::Lane, T::Lane) -> T::Lane,
+    (base, len): (usize, usize),
+    (pad_x, pad_y): (T::Lane, T::Lane),
+    f: impl Fn(V8<T::Lane, L>, V8<T::Lane, L>) -> V8<T::Lane, L>,
+    g: impl Fn(V8<T::Lane, L>, V8<T::Lane, L>) -> V8<T::Lane, L>,
 ) -> (f64, f64) {
-    let zero = <T::Lane as Lane>::ZERO;
-    let (mut wide_f, mut wide_g) = ([0f64; SHORT_LANES], [0f64; SHORT_LANES]);
-    let (mut xb, mut yb) = ([zero; SHORT_LANES], [zero; SHORT_LANES]);
-    let whole = x.len() / SHORT_LANES * SHORT_LANES;
-    for (xg, yg) in x[..whole]
-        .chunks(SHORT_GROUP)
-        .zip(y[..whole].chunks(SHORT_GROUP))
-    {
-        let (mut sf, mut sg) = ([zero; SHORT_LANES], [zero; SHORT_LANES]);
-        for (xc, yc) in xg
-            .chunks_exact(SHORT_LANES)
-            .zip(yg.chunks_exact(SHORT_LANES))
-        {
-            let xv = T::lanes::<L>(xc, &mut xb);
-            let yv = T::lanes::<L>(yc, &mut yb);
-            for i in 0..SHORT_LANES {
-                sf[i] += f(xv[i], yv[i]);
-                sg[i] += g(xv[i], yv[i]);
-            }
+    let (mut wide_f, mut wide_g) = (V8::<f64, L>::zero(), V8::<f64, L>::zero());
+    let mut at = 0;
+    while at < len {
+        let (mut sf, mut sg) = (V8::zero(), V8::zero());
+        let end = (at + SHORT_GROUP).min(len);
+        while at < end {
+            let n = (end - at).min(VECTOR);
+            let xv = V8::new(load_n::<T, L>(x, base + at, n, pad_x));
+            let yv = V8::new(load_n::<T, L>(y, base + at, n, pad_y));
+            sf += f(xv, yv);
+            sg += g(xv, yv);
+            at += n;
         }
-        for i in 0..SHORT_LANES {
-            wide_f[i] += sf[i].wide();
-            wide_g[i] += sg[i].wide();
-        }
+        wide_f += sf.wide();
+        wide_g += sg.wide();
     }
-    let (mut s1, mut s2): (f64, f64) = (wide_f.iter().sum(), wide_g.iter().sum());
-    for (&xv, &yv) in x[whole..].iter().zip(&y[whole..]) {
-        let (xv, yv) = (xv.to_lane(), yv.to_lane());
-        s1 += f(xv, yv).wide();
-        s2 += g(xv, yv).wide();
-    }
-    (s1, s2)
+    (wide_f.sum(), wide_g.sum())
 }
 
 simd_fn! {
@@ -183,16 +195,16 @@ simd_fn! {
     /// than a segment in single vectors ([`short_sums2`]).
     pub fn centred_sums<T: Float>[L](x: &[T], shift: T::Lane) -> (f64, f64) {
         if x.len() < SEGMENT {
-            return short_sums2::<T, L>(x, x, |v, _| v - shift, |v, _| (v - shift) * (v - shift));
+            let s = V8::splat(shift);
+            return short_sums2::<T, L>(x, x, (0, x.len()), (shift, shift), |v, _| v - s, |v, _| (v - s) * (v - s));
         }
         let (mut s1, mut s2) = ([0f64; WIDE], [0f64; WIDE]);
-        let mut buf = [<T::Lane as Lane>::ZERO; SEGMENT];
         let segments = x.chunks_exact(SEGMENT);
         let tail = segments.remainder();
         for seg in segments {
-            centred_segment(T::lanes::<L>(seg, &mut buf), shift, &mut s1, &mut s2);
+            centred_segment_of::<T, L>(seg, shift, &mut s1, &mut s2);
         }
-        centred_tail(T::lanes::<L>(tail, &mut buf), shift, &mut s1, &mut s2);
+        centred_tail::<T, L>(tail, shift, &mut s1, &mut s2);
         (reduce64(&s1), reduce64(&s2))
     }
 }
@@ -201,23 +213,23 @@ simd_fn! {
     /// `(Σx, max|x|)` in lanes: an approximate mean and the range check that
     /// decides whether the lane centred sums are safe.
     pub fn sum_and_max_abs<T: Float>[L](x: &[T]) -> (f64, f64) {
-        let mut acc = [<T::Lane as Lane>::ZERO; LANES];
-        let mut top = [<T::Lane as Lane>::ZERO; LANES];
-        let mut buf = [<T::Lane as Lane>::ZERO; LANES];
-        let chunks = x.chunks_exact(LANES);
-        let tail = chunks.remainder();
-        for c in chunks {
-            let c = T::lanes::<L>(c, &mut buf);
-            for i in 0..LANES {
-                acc[i] += c[i];
-            }
-            for i in 0..LANES {
-                top[i] = top[i].max(c[i].abs());
+        let zero = <T::Lane as Lane>::ZERO;
+        let mut acc = [[zero; VECTOR]; GROUPS];
+        let mut top = [[zero; VECTOR]; GROUPS];
+        let whole = x.len() / LANES * LANES;
+        for first in (0..whole).step_by(LANES) {
+            for g in 0..GROUPS {
+                let v = load::<T, L>(x, first + g * VECTOR);
+                for k in 0..VECTOR {
+                    acc[g][k] += v[k];
+                    top[g][k] = top[g][k].max(v[k].abs());
+                }
             }
         }
-        let tail = T::lanes::<L>(tail, &mut buf);
-        let sum = acc.iter().map(|v| v.wide()).sum::<f64>() + tail.iter().map(|v| v.wide()).sum::<f64>();
-        let max = top.iter().chain(tail).fold(0f64, |m, v| m.max(v.abs().wide()));
+        let tail = &x[whole..];
+        let sum = acc.iter().flatten().map(|v| v.wide()).sum::<f64>() + tail.iter().map(|v| v.to_lane().wide()).sum::<f64>();
+        let max = top.iter().flatten().fold(0f64, |m, v| m.max(v.wide()));
+        let max = tail.iter().fold(max, |m, v| m.max(v.to_lane().abs().wide()));
         (sum, max)
     }
 }
@@ -228,49 +240,44 @@ simd_fn! {
     pub fn sum_squares<T: Float>[L](x: &[T]) -> f64 {
         const L64: usize = 16;
         let mut acc = [0f64; L64];
-        let mut buf = [<T::Lane as Lane>::ZERO; L64];
-        let chunks = x.chunks_exact(L64);
-        let tail = chunks.remainder();
-        for c in chunks {
-            let c = T::lanes::<L>(c, &mut buf);
-            for i in 0..L64 {
-                let v = c[i].wide();
-                acc[i] += v * v;
+        let whole = x.len() / L64 * L64;
+        for first in (0..whole).step_by(L64) {
+            for half in 0..L64 / VECTOR {
+                let v = load::<T, L>(x, first + half * VECTOR);
+                for k in 0..VECTOR {
+                    let w = v[k].wide();
+                    acc[half * VECTOR + k] += w * w;
+                }
             }
         }
-        let tail = T::lanes::<L>(tail, &mut buf);
-        reduce64(&acc) + tail.iter().map(|v| v.wide() * v.wide()).sum::<f64>()
+        reduce64(&acc) + x[whole..].iter().map(|v| v.to_lane().wide() * v.to_lane().wide()).sum::<f64>()
     }
 }
 
-/// Adds `Σdy`, `Σdy·x̂` (`x̂ = ((x - hi) - lo)·rstd`) of one [`SEGMENT`]
-/// of lanes to the f64 lanes `a1`, `a2`, as [`sum2_pairs`] does.
+/// Adds `Σdy`, `Σdy·x̂` (`x̂ = ((x - hi) - lo)·rstd`) of `vectors` vectors
+/// (a multiple of [`GROUPS`]; `load(at)` gives the lanes of `x` and `dy`
+/// at `at..at + 8`) to the f64 lanes `a1`, `a2`: [`LANES`] lane sums.
 #[inline(always)]
-fn grad_segment<C: Lane>(
-    xv: &[C],
-    dv: &[C],
+fn grad_segment<C: Lane, L: Isa>(
+    vectors: usize,
+    load: impl Fn(usize) -> ([C; VECTOR], [C; VECTOR]),
     (hi, lo, rstd): (C, C, C),
-    a1: &mut [f64; LANES],
-    a2: &mut [f64; LANES],
+    a1: &mut [V8<f64, L>; GROUPS],
+    a2: &mut [V8<f64, L>; GROUPS],
 ) {
-    let mut sf = [C::ZERO; LANES];
-    let mut sg = [C::ZERO; LANES];
-    // One accumulator per loop, as in `sum2_pairs`.
-    for vb in dv.chunks_exact(LANES) {
-        for i in 0..LANES {
-            sf[i] += vb[i];
+    let (hi_v, lo_v, rstd_v) = (V8::<C, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
+    let (mut sf, mut sg) = ([V8::<C, L>::zero(); GROUPS], [V8::<C, L>::zero(); GROUPS]);
+    for first in (0..vectors).step_by(GROUPS) {
+        for g in 0..GROUPS {
+            let (xv, dv) = load((first + g) * VECTOR);
+            let (xv, dv) = (V8::new(xv), V8::new(dv));
+            sf[g] += dv;
+            sg[g] += dv * (((xv - hi_v) - lo_v) * rstd_v);
         }
     }
-    for (va, vb) in xv.chunks_exact(LANES).zip(dv.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            sg[i] += vb[i] * (((va[i] - hi) - lo) * rstd);
-        }
-    }
-    for i in 0..LANES {
-        a1[i] += sf[i].wide();
-    }
-    for i in 0..LANES {
-        a2[i] += sg[i].wide();
+    for g in 0..GROUPS {
+        a1[g] += sf[g].wide();
+        a2[g] += sg[g].wide();
     }
 }
 
@@ -279,29 +286,30 @@ simd_fn! {
     /// `x̂ = ((x - hi) - lo)·rstd`; the values after the last whole segment
     /// as whole groups of [`LANES`] padded with `dy = 0`, which adds nothing.
     pub fn slice_grad_sums<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane) -> (f64, f64) {
+        let zero = <T::Lane as Lane>::ZERO;
         if x.len() < SEGMENT {
-            return short_sums2::<T, L>(x, dy, |_, d| d, |v, d| d * (((v - hi) - lo) * rstd));
+            let (hi_v, lo_v, rstd_v) = (V8::splat(hi), V8::splat(lo), V8::splat(rstd));
+            return short_sums2::<T, L>(x, dy, (0, x.len()), (hi, zero), |_, d| d, |v, d| d * (((v - hi_v) - lo_v) * rstd_v));
         }
         let coefs = (hi, lo, rstd);
-        let mut xb = [<T::Lane as Lane>::ZERO; SEGMENT];
-        let mut db = [<T::Lane as Lane>::ZERO; SEGMENT];
-        let (mut a1, mut a2) = ([0f64; LANES], [0f64; LANES]);
+        let (mut a1, mut a2) = ([V8::<f64, L>::zero(); GROUPS], [V8::<f64, L>::zero(); GROUPS]);
         let whole = x.len() / SEGMENT * SEGMENT;
         for (xs, ds) in x[..whole].chunks_exact(SEGMENT).zip(dy[..whole].chunks_exact(SEGMENT)) {
-            let xv = T::lanes::<L>(xs, &mut xb);
-            let dv = T::lanes::<L>(ds, &mut db);
-            grad_segment(xv, dv, coefs, &mut a1, &mut a2);
+            grad_segment(SEGMENT / VECTOR, |at| (load::<T, L>(xs, at), load::<T, L>(ds, at)), coefs, &mut a1, &mut a2);
         }
         let rest = x.len() - whole;
         if rest > 0 {
-            let mut xp = [hi; SEGMENT];
-            let mut dp = [<T::Lane as Lane>::ZERO; SEGMENT];
-            T::widen::<L>(&x[whole..], &mut xp[..rest]);
-            T::widen::<L>(&dy[whole..], &mut dp[..rest]);
+            let (xs, ds) = (&x[whole..], &dy[whole..]);
             let used = rest.div_ceil(LANES) * LANES;
-            grad_segment(&xp[..used], &dp[..used], coefs, &mut a1, &mut a2);
+            // Vectors past the values are all padding (`at` may lie past the end).
+            let load = |at: usize| {
+                let (at, n) = (at.min(rest), rest.saturating_sub(at).min(VECTOR));
+                (load_n::<T, L>(xs, at, n, hi), load_n::<T, L>(ds, at, n, zero))
+            };
+            grad_segment(used / VECTOR, load, coefs, &mut a1, &mut a2);
         }
-        (reduce64(&a1), reduce64(&a2))
+        let lanes = |a: [V8<f64, L>; GROUPS]| a.iter().flat_map(|v| v.lanes).sum::<f64>();
+        (lanes(a1), lanes(a2))
     }
 }
 
@@ -324,20 +332,27 @@ simd_fn! {
         let mut sums = (0.0, 0.0);
         // Blocks small enough to stay in L1 between the two loops.
         const BLOCK: usize = ROW_BLOCK;
-        let [xbuf, dbuf, x_hat, g] = &mut scratch.0;
+        let zero = <T::Lane as Lane>::ZERO;
+        let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
+        let [_, _, x_hat, g] = &mut scratch.0;
         let blocks = x.chunks(BLOCK).zip(dy.chunks(BLOCK)).zip(w.chunks(BLOCK));
         let partials = dweight.chunks_mut(BLOCK).zip(dbias.chunks_mut(BLOCK));
         for (((xb, dyb), wb), (dwp, dbp)) in blocks.zip(partials) {
             let len = xb.len();
-            let xb = T::lanes::<L>(xb, xbuf);
-            let dyb = T::lanes::<L>(dyb, dbuf);
-            let (x_hat, g) = (&mut x_hat[..len], &mut g[..len]);
-            for i in 0..len {
-                x_hat[i] = ((xb[i] - hi) - lo) * rstd;
-                g[i] = dyb[i] * wb[i];
-                dwp[i] += dyb[i] * x_hat[i];
-                dbp[i] += dyb[i];
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(VECTOR);
+                let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+                let xv = V8::new(load_n::<T, L>(xb, at, n, hi));
+                let dv = V8::new(load_n::<T, L>(dyb, at, n, zero));
+                let xh = ((xv - hi_v) - lo_v) * rstd_v;
+                put_n(dwp, at, n, (lanes(dwp) + dv * xh).lanes);
+                put_n(dbp, at, n, (lanes(dbp) + dv).lanes);
+                put_n(x_hat, at, n, xh.lanes);
+                put_n(g, at, n, (dv * lanes(wb)).lanes);
+                at += n;
             }
+            let (x_hat, g) = (&x_hat[..len], &g[..len]);
             let (sum_g, sum_g_xhat) = sum2_pairs(g, x_hat, |gv, _| gv, |gv, h| gv * h);
             sums.0 += sum_g;
             sums.1 += sum_g_xhat;
@@ -360,15 +375,21 @@ simd_fn! {
     /// Adds the centred sums of a run of short slices into per-channel
     /// totals: slice `j` (`s` values) belongs to channel `(first + j) % C`,
     /// `C = shifts.len()`, and adds `(Σd, Σd²)`, `d = x - shift_c`, to
-    /// `totals[c]`. One dispatch for the run instead of one per slice.
-    pub fn centred_sums_slices<T: Float>[L](x: &[T], s: usize, first: usize, shifts: &[T::Lane], totals: &mut [(f64, f64)]) {
+    /// `totals[2j', 2j' + 1]`, `j' = j % (totals.len() / 2)` (the run's own
+    /// totals, pair `k` for channel `(first + k) % C`). One dispatch for the run instead of one
+    /// per slice.
+    pub fn centred_sums_slices<T: Float>[L](x: &[T], s: usize, first: usize, shifts: &[T::Lane], totals: &mut [f64]) {
         let c = shifts.len();
         let mut ch = first % c;
-        for xs in x.chunks_exact(s) {
+        // Slices load from the whole run (see `convert::load_n`).
+        let (m, mut k) = (totals.len() / 2, 0);
+        for j in 0..x.len() / s {
             let shift = shifts[ch];
-            let (a, b) = short_sums2::<T, L>(xs, xs, |v, _| v - shift, |v, _| (v - shift) * (v - shift));
-            totals[ch].0 += a;
-            totals[ch].1 += b;
+            let sv = V8::splat(shift);
+            let (a, b) = short_sums2::<T, L>(x, x, (j * s, s), (shift, shift), |v, _| v - sv, |v, _| (v - sv) * (v - sv));
+            totals[2 * k] += a;
+            totals[2 * k + 1] += b;
+            k = if k + 1 == m { 0 } else { k + 1 };
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
     }
@@ -377,14 +398,17 @@ simd_fn! {
 simd_fn! {
     /// Adds `(Σdy, Σdy·x̂)` of a run of short slices into per-channel
     /// totals, as [`centred_sums_slices`]; `coefs[c] = [hi, lo, rstd]`.
-    pub fn grad_sums_slices<T: Float>[L](x: &[T], dy: &[T], s: usize, first: usize, coefs: &[[T::Lane; 3]], totals: &mut [(f64, f64)]) {
+    pub fn grad_sums_slices<T: Float>[L](x: &[T], dy: &[T], s: usize, first: usize, coefs: &[[T::Lane; 3]], totals: &mut [f64]) {
         let c = coefs.len();
         let mut ch = first % c;
-        for (xs, ds) in x.chunks_exact(s).zip(dy.chunks_exact(s)) {
+        let (m, mut k) = (totals.len() / 2, 0);
+        for j in 0..x.len() / s {
             let [hi, lo, rstd] = coefs[ch];
-            let (a, b) = short_sums2::<T, L>(xs, ds, |_, d| d, |v, d| d * (((v - hi) - lo) * rstd));
-            totals[ch].0 += a;
-            totals[ch].1 += b;
+            let (hi_v, lo_v, rstd_v) = (V8::splat(hi), V8::splat(lo), V8::splat(rstd));
+            let (a, b) = short_sums2::<T, L>(x, dy, (j * s, s), (hi, <T::Lane as Lane>::ZERO), |_, d| d, |v, d| d * (((v - hi_v) - lo_v) * rstd_v));
+            totals[2 * k] += a;
+            totals[2 * k + 1] += b;
+            k = if k + 1 == m { 0 } else { k + 1 };
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
     }

@@ -2,78 +2,65 @@
 //! (per-feature γ, β), a slice of one channel (scalar coefficients), or a
 //! row of `[N, C·S]` with per-position coefficients (BatchNorm1d).
 //!
-//! Each pass computes a short block of lane values and stores it through
-//! [`convert::write`], which narrows to the storage type and streams when
+//! Each pass loads one vector of eight values at a time, widened in
+//! registers ([`convert::load_n`]), computes its lanes and stores them
+//! narrowed straight from registers ([`convert::fill!`]), streamed when
 //! asked; streaming stores are fenced by the kernel that issued them.
 
 use std::mem::MaybeUninit;
 
-use super::convert::{self, Store};
-use super::sums::{centred_segment, centred_tail, SEGMENT, WIDE};
+use super::convert::{self, load_n, Store, VECTOR};
+use super::sums::{centred_segment_of, centred_tail, SEGMENT, WIDE};
+use super::vector::V8;
 use crate::float::{Float, Lane};
 use crate::simd::{simd_fn, Isa};
 
-/// Values per register block of [`fill_blocks`]: computed, then stored
-/// straight from registers. Blocks of 8 (one vector) measured slower, in
-/// bf16 most: BatchNorm eval `[1, 256, 56, 56]` forward 0.36–0.44 against
-/// 0.21 ms, GroupNorm(32) `[2, 320, 64, 64]` 1.7–2.2 against 1.2–1.3 ms
-/// (`normlab bench --threads 2 --suite models`, two alternating rounds).
-const REGISTER_BLOCK: usize = 32;
-
-/// Values a row or backward pass computes per block: its loops read two or
-/// more inputs, and longer blocks amortize the per-block slicing (64
-/// measured slower for the f32 backward).
+/// Values a row pass handles per block (the row backward's partial sums):
+/// long enough to amortize the per-block slicing (64 measured slower for
+/// the f32 backward), short enough to stay in L1 between its loops.
 pub const ROW_BLOCK: usize = 512;
 
-/// Fills `y` block by block: `block(start, values, scratch)` computes the
-/// lane values of `y[start..start + values.len()]`, with two blocks of
-/// scratch lanes to widen its inputs into. Whole [`REGISTER_BLOCK`]s are
-/// stored from registers, streamed when `store` says so and `y` is 16-byte
-/// aligned there; the values before the first aligned block and after the
-/// last whole one through the same writer (an ordinary store into the lines
-/// between streamed ones measured far slower on 784-value slices). The
-/// buffers are made once per call: zeroing them per block cost as much as
-/// the arithmetic.
+/// `n` (at most eight) lanes of `v` from `at`, the rest `pad`.
 #[inline(always)]
-fn fill_blocks<T: Float, L: Isa>(
-    y: &mut [MaybeUninit<T>],
-    store: Store,
-    block: impl Fn(usize, &mut [T::Lane], &mut Scratch<T::Lane>),
-) {
-    let len = y.len();
-    let head = convert::unaligned_head(y);
-    let mut values = [T::Lane::ZERO; REGISTER_BLOCK];
-    let mut scratch = [[T::Lane::ZERO; REGISTER_BLOCK]; 2];
-    block(0, &mut values[..head], &mut scratch);
-    convert::write::<T, L>(&mut y[..head], &values[..head], Store::Cached);
-    let mut i = head;
-    while i + REGISTER_BLOCK <= len {
-        block(i, &mut values, &mut scratch);
-        convert::write::<T, L>(&mut y[i..i + REGISTER_BLOCK], &values, store);
-        i += REGISTER_BLOCK;
+pub(crate) fn lanes_n<C: Lane>(v: &[C], at: usize, n: usize, pad: C) -> [C; VECTOR] {
+    let mut out = [pad; VECTOR];
+    if n == VECTOR {
+        out.copy_from_slice(&v[at..at + VECTOR]);
+    } else {
+        for (o, &value) in out.iter_mut().zip(&v[at..at + n]) {
+            *o = value;
+        }
     }
-    let rest = len - i;
-    block(i, &mut values[..rest], &mut scratch);
-    convert::write::<T, L>(&mut y[i..], &values[..rest], store);
+    out
 }
 
-/// Two register blocks of lanes to widen a block's inputs into.
-type Scratch<C> = [[C; REGISTER_BLOCK]; 2];
+/// Writes the first `n` (at most eight) lanes of `v` to `dst[at..]` (a
+/// whole vector as one store; a copy of run-time length would be a call).
+#[inline(always)]
+pub(crate) fn put_n<C: Lane>(dst: &mut [C], at: usize, n: usize, v: [C; VECTOR]) {
+    if n == VECTOR {
+        dst[at..at + VECTOR].copy_from_slice(&v);
+    } else {
+        for (d, &value) in dst[at..at + n].iter_mut().zip(&v) {
+            *d = value;
+        }
+    }
+}
 
-/// `y = ((x - hi) - lo)·scale + shift` through [`fill_blocks`].
+/// `y = ((x - hi) - lo)·scale + shift`, vector by vector ([`convert::fill!`]).
 #[inline(always)]
 fn normalize_blocks<T: Float, L: Isa>(
     x: &[T],
+    base: usize,
     y: &mut [MaybeUninit<T>],
     (hi, lo, scale, shift): (T::Lane, T::Lane, T::Lane, T::Lane),
     store: Store,
 ) {
-    fill_blocks::<T, L>(&mut y[..x.len()], store, |at, values, [buf, _]| {
-        let n = values.len();
-        let xs = T::lanes::<L>(&x[at..at + n], buf);
-        for (v, &xv) in values.iter_mut().zip(xs) {
-            *v = ((xv - hi) - lo) * scale + shift;
-        }
+    let (hi_v, lo_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo));
+    let (scale_v, shift_v) = (V8::splat(scale), V8::splat(shift));
+    convert::fill!(T, L, y, store, |at, n| {
+        let xv = V8::new(load_n::<T, L>(x, base + at, n, hi));
+        (((xv - hi_v) - lo_v) * scale_v + shift_v).lanes
     });
 }
 
@@ -82,7 +69,7 @@ simd_fn! {
     /// channel), stored from registers block by block (BatchNorm eval on
     /// `[32, 64, 56, 56]` f32: 1.32 against 1.47 ms with a copy-out block).
     pub fn normalize_slice<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, scale: T::Lane, shift: T::Lane, store: Store) {
-        normalize_blocks::<T, L>(x, y, (hi, lo, scale, shift), store);
+        normalize_blocks::<T, L>(x, 0, &mut y[..x.len()], (hi, lo, scale, shift), store);
         convert::fence(store);
     }
 }
@@ -99,22 +86,20 @@ simd_fn! {
     pub fn normalize_and_sum_next<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, scale: T::Lane, shift: T::Lane, store: Store, next: &[T], next_shift: T::Lane) -> (f64, f64) {
         let coefs = (hi, lo, scale, shift);
         let (mut lanes1, mut lanes2) = ([0f64; WIDE], [0f64; WIDE]);
-        let mut buf = [<T::Lane as Lane>::ZERO; SEGMENT];
         let whole = next.len() / SEGMENT * SEGMENT;
         let (mut at_x, mut at_next) = (0, 0);
         while at_x < x.len() || at_next < whole {
             if at_next < whole {
-                let seg = T::lanes::<L>(&next[at_next..at_next + SEGMENT], &mut buf);
-                centred_segment(seg, next_shift, &mut lanes1, &mut lanes2);
+                centred_segment_of::<T, L>(&next[at_next..], next_shift, &mut lanes1, &mut lanes2);
                 at_next += SEGMENT;
             }
             if at_x < x.len() {
                 let end = (at_x + SEGMENT).min(x.len());
-                normalize_blocks::<T, L>(&x[at_x..end], &mut y[at_x..end], coefs, store);
+                normalize_blocks::<T, L>(x, at_x, &mut y[at_x..end], coefs, store);
                 at_x = end;
             }
         }
-        centred_tail(T::lanes::<L>(&next[whole..], &mut buf), next_shift, &mut lanes1, &mut lanes2);
+        centred_tail::<T, L>(&next[whole..], next_shift, &mut lanes1, &mut lanes2);
         (lanes1.iter().sum::<f64>(), lanes2.iter().sum::<f64>())
     }
 }
@@ -124,12 +109,12 @@ simd_fn! {
     /// RMSNorm; callers pass ones and zeros for absent parameters, which
     /// changes no bit of the result).
     pub fn normalize_row<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: &[T::Lane], b: &[T::Lane], store: Store) {
-        fill_blocks::<T, L>(&mut y[..x.len()], store, |at, values, [buf, _]| {
-            let n = values.len();
-            let xs = T::lanes::<L>(&x[at..at + n], buf);
-            for (((o, &xv), &wv), &bv) in values.iter_mut().zip(xs).zip(&w[at..at + n]).zip(&b[at..at + n]) {
-                *o = ((xv - hi) - lo) * rstd * wv + bv;
-            }
+        let zero = <T::Lane as Lane>::ZERO;
+        let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
+        convert::fill!(T, L, &mut y[..x.len()], store, |at, n| {
+            let xv = V8::new(load_n::<T, L>(x, at, n, hi));
+            let (wv, bv) = (V8::new(lanes_n(w, at, n, zero)), V8::new(lanes_n(b, at, n, zero)));
+            (((xv - hi_v) - lo_v) * rstd_v * wv + bv).lanes
         });
         convert::fence(store);
     }
@@ -138,18 +123,16 @@ simd_fn! {
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, second pass:
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)`.
-    pub fn row_dx<T: Float>[L](x: &[T], dy: &[T], w: &[T::Lane], hi: T::Lane, lo: T::Lane, rstd: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store, scratch: &mut RowScratch<T::Lane>) {
-        let [xb, db, values, _] = &mut scratch.0;
-        for (k, out) in dx[..x.len()].chunks_mut(ROW_BLOCK).enumerate() {
-            let (at, n) = (k * ROW_BLOCK, out.len());
-            let xs = T::lanes::<L>(&x[at..at + n], xb);
-            let ds = T::lanes::<L>(&dy[at..at + n], db);
-            let values = &mut values[..n];
-            for (((o, &xv), &d), &wv) in values.iter_mut().zip(xs).zip(ds).zip(&w[at..at + n]) {
-                *o = rstd * (d * wv - mean_g) + b * ((xv - hi) - lo);
-            }
-            convert::write::<T, L>(out, values, store);
-        }
+    pub fn row_dx<T: Float>[L](x: &[T], dy: &[T], w: &[T::Lane], hi: T::Lane, lo: T::Lane, rstd: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store) {
+        let zero = <T::Lane as Lane>::ZERO;
+        let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
+        let (mean_g_v, b_v) = (V8::splat(mean_g), V8::splat(b));
+        convert::fill!(T, L, &mut dx[..x.len()], store, |at, n| {
+            let xv = V8::new(load_n::<T, L>(x, at, n, hi));
+            let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
+            let wv = V8::new(lanes_n(w, at, n, zero));
+            (rstd_v * (dv * wv - mean_g_v) + b_v * ((xv - hi_v) - lo_v)).lanes
+        });
         convert::fence(store);
     }
 }
@@ -158,20 +141,33 @@ simd_fn! {
     /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one
     /// channel: `w` is a scalar).
     pub fn slice_dx<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store) {
-        fill_blocks::<T, L>(&mut dx[..x.len()], store, |at, values, [xb, db]| {
-            let n = values.len();
-            let xs = T::lanes::<L>(&x[at..at + n], xb);
-            let ds = T::lanes::<L>(&dy[at..at + n], db);
-            for ((v, &xv), &d) in values.iter_mut().zip(xs).zip(ds) {
-                *v = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
-            }
-        });
+        slice_dx_blocks::<T, L>(x, dy, 0, [hi, lo, rstd, w, mean_g, b], &mut dx[..x.len()], store);
         convert::fence(store);
     }
 }
 
-/// Lane buffers of the row passes ([`row_dx`],
-/// [`super::sums::row_grad_sums`]): four blocks of [`ROW_BLOCK`] lanes,
+/// The body of [`slice_dx`] and [`input_grad_slices`], unfenced.
+#[inline(always)]
+fn slice_dx_blocks<T: Float, L: Isa>(
+    x: &[T],
+    dy: &[T],
+    base: usize,
+    [hi, lo, rstd, w, mean_g, b]: [T::Lane; 6],
+    dx: &mut [MaybeUninit<T>],
+    store: Store,
+) {
+    let zero = <T::Lane as Lane>::ZERO;
+    let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
+    let (w_v, mean_g_v, b_v) = (V8::splat(w), V8::splat(mean_g), V8::splat(b));
+    convert::fill!(T, L, dx, store, |at, n| {
+        let xv = V8::new(load_n::<T, L>(x, base + at, n, hi));
+        let dv = V8::new(load_n::<T, L>(dy, base + at, n, zero));
+        (rstd_v * (w_v * dv - mean_g_v) + b_v * ((xv - hi_v) - lo_v)).lanes
+    });
+}
+
+/// Lane buffers of the row backward's sums
+/// ([`super::sums::row_grad_sums`]): four blocks of [`ROW_BLOCK`] lanes,
 /// made once per task by the caller ([`RowScratch::new`]) rather than
 /// zeroed on every call.
 pub struct RowScratch<C>(pub(crate) [Vec<C>; 4]);
@@ -210,19 +206,14 @@ pub struct PositionCoefs<C> {
 simd_fn! {
     /// One row of `[N, C·S]`: `y = ((x - hi_j) - lo_j)·scale_j + shift_j`.
     pub fn normalize_positions<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>) {
-        let mut xb = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        let mut values = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        for (i, out) in y[..x.len()].chunks_mut(ROW_BLOCK).enumerate() {
-            let (at, n) = (i * ROW_BLOCK, out.len());
-            let xs = T::lanes::<L>(&x[at..at + n], &mut xb);
-            let values = &mut values[..n];
-            let (hi, lo) = (&k.hi[at..at + n], &k.lo[at..at + n]);
-            let (scale, shift) = (&k.scale[at..at + n], &k.shift[at..at + n]);
-            for j in 0..n {
-                values[j] = ((xs[j] - hi[j]) - lo[j]) * scale[j] + shift[j];
-            }
-            convert::write::<T, L>(out, values, Store::Cached);
-        }
+        let zero = <T::Lane as Lane>::ZERO;
+        let lanes = |v: &[T::Lane], at, n| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+        convert::fill!(T, L, &mut y[..x.len()], Store::Cached, |at, n| {
+            let xv = V8::new(load_n::<T, L>(x, at, n, zero));
+            let (hi, lo) = (lanes(&k.hi, at, n), lanes(&k.lo, at, n));
+            let (scale, shift) = (lanes(&k.scale, at, n), lanes(&k.shift, at, n));
+            (((xv - hi) - lo) * scale + shift).lanes
+        });
     }
 }
 
@@ -230,21 +221,15 @@ simd_fn! {
     /// One row of `[N, C·S]`: `dx = shift_j·dy - offset_j + scale_j·((x - hi_j) - lo_j)`,
     /// i.e. `rstd·(γ·dy - mean_g) + b·(x - μ)` per channel.
     pub fn input_grad_positions<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>) {
-        let mut xb = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        let mut db = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        let mut values = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        for (i, out) in dx[..x.len()].chunks_mut(ROW_BLOCK).enumerate() {
-            let (at, n) = (i * ROW_BLOCK, out.len());
-            let xs = T::lanes::<L>(&x[at..at + n], &mut xb);
-            let ds = T::lanes::<L>(&dy[at..at + n], &mut db);
-            let values = &mut values[..n];
-            let (hi, lo, scale) = (&k.hi[at..at + n], &k.lo[at..at + n], &k.scale[at..at + n]);
-            let (shift, offset) = (&k.shift[at..at + n], &k.offset[at..at + n]);
-            for j in 0..n {
-                values[j] = (shift[j] * ds[j] - offset[j]) + scale[j] * ((xs[j] - hi[j]) - lo[j]);
-            }
-            convert::write::<T, L>(out, values, Store::Cached);
-        }
+        let zero = <T::Lane as Lane>::ZERO;
+        let lanes = |v: &[T::Lane], at, n| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+        convert::fill!(T, L, &mut dx[..x.len()], Store::Cached, |at, n| {
+            let xv = V8::new(load_n::<T, L>(x, at, n, zero));
+            let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
+            let (hi, lo, scale) = (lanes(&k.hi, at, n), lanes(&k.lo, at, n), lanes(&k.scale, at, n));
+            let (shift, offset) = (lanes(&k.shift, at, n), lanes(&k.offset, at, n));
+            ((shift * dv - offset) + scale * ((xv - hi) - lo)).lanes
+        });
     }
 }
 
@@ -254,29 +239,30 @@ simd_fn! {
     /// `s2_j += dy_j·((x_j - hi_j) - lo_j)·rstd_j` (then `shift` holds
     /// `hi`; without `dy`, `lo` and `rstd` are not read).
     pub fn add_positions<T: Float>[L](x: &[T], dy: Option<&[T]>, shift: &[T::Lane], lo: &[T::Lane], rstd: &[T::Lane], s1: &mut [T::Lane], s2: &mut [T::Lane]) {
-        let mut xb = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        let mut db = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        for (i, xc) in x.chunks(ROW_BLOCK).enumerate() {
-            let (at, n) = (i * ROW_BLOCK, xc.len());
-            let xs = T::lanes::<L>(xc, &mut xb);
-            let (sh, a, b) = (&shift[at..at + n], &mut s1[at..at + n], &mut s2[at..at + n]);
+        let zero = <T::Lane as Lane>::ZERO;
+        let len = x.len();
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(VECTOR);
+            let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+            let xv = V8::new(load_n::<T, L>(x, at, n, zero));
+            let sh = lanes(shift);
+            let (mut a, mut b) = (lanes(s1), lanes(s2));
             match dy {
                 None => {
-                    for j in 0..n {
-                        let d = xs[j] - sh[j];
-                        a[j] += d;
-                        b[j] += d * d;
-                    }
+                    let d = xv - sh;
+                    a += d;
+                    b += d * d;
                 }
                 Some(dy) => {
-                    let ds = T::lanes::<L>(&dy[at..at + n], &mut db);
-                    let (lo, r) = (&lo[at..at + n], &rstd[at..at + n]);
-                    for j in 0..n {
-                        a[j] += ds[j];
-                        b[j] += ds[j] * (((xs[j] - sh[j]) - lo[j]) * r[j]);
-                    }
+                    let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
+                    a += dv;
+                    b += dv * (((xv - sh) - lanes(lo)) * lanes(rstd));
                 }
             }
+            put_n(s1, at, n, a.lanes);
+            put_n(s2, at, n, b.lanes);
+            at += n;
         }
     }
 }
@@ -284,59 +270,15 @@ simd_fn! {
 simd_fn! {
     /// Adds one row to per-position lane sums: `acc_j += x_j`.
     pub fn sum_positions<T: Float>[L](x: &[T], acc: &mut [T::Lane]) {
-        let mut xb = [<T::Lane as Lane>::ZERO; ROW_BLOCK];
-        for (i, xc) in x.chunks(ROW_BLOCK).enumerate() {
-            let at = i * ROW_BLOCK;
-            let xs = T::lanes::<L>(xc, &mut xb);
-            for (a, &v) in acc[at..at + xs.len()].iter_mut().zip(xs) {
-                *a += v;
-            }
+        let zero = <T::Lane as Lane>::ZERO;
+        let len = x.len();
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(VECTOR);
+            let sum = V8::<T::Lane, L>::new(lanes_n(acc, at, n, zero)) + V8::new(load_n::<T, L>(x, at, n, zero));
+            put_n(acc, at, n, sum.lanes);
+            at += n;
         }
-    }
-}
-
-/// Values per vector block of the short-slice passes: one AVX2 vector.
-const SHORT_BLOCK: usize = 8;
-
-/// Runs `block(at, values, scratch)` over a slice of `len` values in
-/// vector blocks of [`SHORT_BLOCK`] and writes each block's lane values to
-/// `out[at..]`: whole blocks as fixed-size arrays (so that their widening
-/// and narrowing are single vector instructions, not calls copying a few
-/// values), then the last values.
-#[inline(always)]
-fn short_blocks<T: Float, L: Isa>(
-    out: &mut [MaybeUninit<T>],
-    block: impl Fn(usize, &mut [T::Lane]),
-) {
-    let zero = T::Lane::ZERO;
-    let mut values = [zero; SHORT_BLOCK];
-    let whole = out.len() / SHORT_BLOCK * SHORT_BLOCK;
-    let (head, rest) = out.split_at_mut(whole);
-    for (k, chunk) in head.chunks_exact_mut(SHORT_BLOCK).enumerate() {
-        block(k * SHORT_BLOCK, &mut values);
-        let chunk: &mut [MaybeUninit<T>; SHORT_BLOCK] =
-            chunk.try_into().expect("chunks_exact gives whole blocks");
-        convert::write::<T, L>(chunk, &values, Store::Cached);
-    }
-    let n = rest.len();
-    block(whole, &mut values[..n]);
-    convert::write::<T, L>(rest, &values[..n], Store::Cached);
-}
-
-/// The lanes of `x[at..at + n]`, `n = buf.len()`: a whole block widened as
-/// a fixed-size array.
-#[inline(always)]
-fn block_lanes<'a, T: Float, L: Isa>(
-    x: &'a [T],
-    at: usize,
-    buf: &'a mut [T::Lane; SHORT_BLOCK],
-    n: usize,
-) -> &'a [T::Lane] {
-    if n == SHORT_BLOCK {
-        let src: &[T; SHORT_BLOCK] = x[at..at + SHORT_BLOCK].try_into().expect("a whole block");
-        T::lanes::<L>(src, buf)
-    } else {
-        T::lanes::<L>(&x[at..at + n], buf)
     }
 }
 
@@ -349,15 +291,11 @@ simd_fn! {
     pub fn normalize_slices<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 4]]) {
         let c = coefs.len();
         let mut ch = first % c;
-        for (xs, ys) in x.chunks_exact(s).zip(y.chunks_exact_mut(s)) {
+        // Each slice loads from the whole run, so that its last, partial
+        // vector is one load of values the run goes on with (see `load_n`).
+        for (j, ys) in y[..x.len()].chunks_exact_mut(s).enumerate() {
             let [hi, lo, scale, shift] = coefs[ch];
-            short_blocks::<T, L>(ys, |at, values| {
-                let mut xb = [<T::Lane as Lane>::ZERO; SHORT_BLOCK];
-                let xv = block_lanes::<T, L>(xs, at, &mut xb, values.len());
-                for (v, &xv) in values.iter_mut().zip(xv) {
-                    *v = ((xv - hi) - lo) * scale + shift;
-                }
-            });
+            normalize_blocks::<T, L>(x, j * s, ys, (hi, lo, scale, shift), Store::Cached);
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
     }
@@ -370,18 +308,8 @@ simd_fn! {
     pub fn input_grad_slices<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 6]]) {
         let c = coefs.len();
         let mut ch = first % c;
-        let slices = x.chunks_exact(s).zip(dy.chunks_exact(s)).zip(dx.chunks_exact_mut(s));
-        for ((xs, ds), os) in slices {
-            let [hi, lo, rstd, w, mean_g, b] = coefs[ch];
-            short_blocks::<T, L>(os, |at, values| {
-                let (mut xb, mut db) = ([<T::Lane as Lane>::ZERO; SHORT_BLOCK], [<T::Lane as Lane>::ZERO; SHORT_BLOCK]);
-                let n = values.len();
-                let xv = block_lanes::<T, L>(xs, at, &mut xb, n);
-                let dv = block_lanes::<T, L>(ds, at, &mut db, n);
-                for ((v, &xv), &d) in values.iter_mut().zip(xv).zip(dv) {
-                    *v = rstd * (w * d - mean_g) + b * ((xv - hi) - lo);
-                }
-            });
+        for (j, os) in dx[..x.len()].chunks_exact_mut(s).enumerate() {
+            slice_dx_blocks::<T, L>(x, dy, j * s, coefs[ch], os, Store::Cached);
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
     }
