@@ -21,7 +21,7 @@ use crate::error::{check_len, ensure, Result};
 use crate::float::{Lane, OutputBuffer};
 use crate::moments::Moments;
 use crate::simd::convert::{fence, Store};
-use crate::simd::transform;
+use crate::simd::{sums, transform};
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -128,6 +128,20 @@ fn forward_unchecked<T: Float, P: Float>(
             let m = Moments::of_slice(x_grp);
             (*mean, *rstd) = (m.mean, eps.rstd(m.var(0)));
             let first_channel = (group % layout.groups) * cpg;
+            if s < SHORT_CHANNEL {
+                // Short channels (8×8, 16×16 maps at 40 channels a group):
+                // the group's slices in one pass with per-channel
+                // coefficients, rather than one call per slice.
+                let (hi, lo) = T::Lane::split(m.mean);
+                let coefs: Vec<[T::Lane; 4]> = (first_channel..first_channel + cpg)
+                    .map(|c| {
+                        let scale = T::Lane::of(*rstd * param_at(weight, c, 1.0));
+                        [hi, lo, scale, T::Lane::of(param_at(bias, c, 0.0))]
+                    })
+                    .collect();
+                transform::normalize_slices(x_grp, y_grp, s, 0, &coefs);
+                return;
+            }
             for (i, (x_ch, y_ch)) in x_grp
                 .chunks_exact(s)
                 .zip(y_grp.chunks_exact_mut(s))
@@ -139,6 +153,14 @@ fn forward_unchecked<T: Float, P: Float>(
             }
         });
 }
+
+/// Spatial size below which a group's channels are passed over in one call
+/// with per-channel coefficients (`transform::normalize_slices`,
+/// `sums::grad_sums_slices`, `transform::input_grad_slices`) instead of one
+/// call per channel: the diffusion UNet's 8×8 and 16×16 maps have 40
+/// channels of 64 or 256 values a group, where the per-call cost was a
+/// large share of the work.
+const SHORT_CHANNEL: usize = 512;
 
 /// Spatial size from which the forward overlaps each group's
 /// normalizing pass with the next group's statistics pass. On
@@ -304,6 +326,35 @@ fn backward_unchecked<T: Float, P: Float>(
             let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
             let first_channel = (group % layout.groups) * cpg;
             let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
+            if s < SHORT_CHANNEL {
+                // Short channels: each pass over the group's slices in one
+                // call with per-channel coefficients (as the forward).
+                let (hi, lo) = T::Lane::split(mean);
+                let r = T::Lane::of(rstd);
+                let mut totals = vec![0.0; 2 * cpg];
+                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &vec![[hi, lo, r]; cpg], &mut totals);
+                let sums: Vec<(f64, f64)> = totals
+                    .chunks_exact(2)
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let (sum_dy, sum_dy_xhat) = (t[0], t[1]);
+                        let w = param_at(weight, first_channel + i, 1.0);
+                        sum_g += w * sum_dy;
+                        sum_g_xhat += w * sum_dy_xhat;
+                        (sum_dy_xhat, sum_dy)
+                    })
+                    .collect();
+                let k = DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+                let of = T::Lane::of;
+                let coefs: Vec<[T::Lane; 6]> = (0..cpg)
+                    .map(|i| {
+                        let w = param_at(weight, first_channel + i, 1.0);
+                        [hi, lo, of(k.rstd), of(w), of(k.mean_g), of(k.b)]
+                    })
+                    .collect();
+                transform::input_grad_slices(x_grp, dy_grp, dx_grp, s, 0, &coefs);
+                return sums;
+            }
             let sums: Vec<(f64, f64)> = x_grp
                 .chunks_exact(s)
                 .zip(dy_grp.chunks_exact(s))

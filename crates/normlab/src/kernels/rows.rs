@@ -31,7 +31,6 @@ use crate::error::{check_len, Result};
 use crate::float::{Lane, OutputBuffer};
 use crate::moments::{sum_of_squares, Moments};
 use crate::simd::convert::Store;
-use crate::simd::transform::RowScratch;
 use crate::simd::{sums, transform};
 use crate::{Float, Tensor, View};
 
@@ -209,7 +208,6 @@ fn backward_unchecked<T: Float, P: Float>(
             // dγ, dβ: lanes over a few rows, flushed into the block's f64 sums.
             let (mut dw, mut db) = (vec![0.0; n], vec![0.0; n]);
             let (mut dw_lanes, mut db_lanes) = (vec![T::Lane::ZERO; n], vec![T::Lane::ZERO; n]);
-            let mut scratch = RowScratch::new();
             let rows = xb
                 .chunks_exact(n)
                 .zip(dyb.chunks_exact(n))
@@ -219,17 +217,8 @@ fn backward_unchecked<T: Float, P: Float>(
             {
                 let (hi, lo) = T::Lane::split(mean);
                 let r = T::Lane::of(rstd);
-                let (sum_g, sum_g_xhat) = sums::row_grad_sums(
-                    x_row,
-                    dy_row,
-                    &w,
-                    hi,
-                    lo,
-                    r,
-                    &mut dw_lanes,
-                    &mut db_lanes,
-                    &mut scratch,
-                );
+                let (sum_g, sum_g_xhat) =
+                    sums::row_grad_sums(x_row, dy_row, &w, hi, lo, r, &mut dw_lanes, &mut db_lanes);
                 let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
                 let (mean_g, b) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
                 transform::row_dx(x_row, dy_row, &w, hi, lo, r, mean_g, b, dx_row, store);

@@ -15,7 +15,7 @@
 
 use crate::float::{Float, Lane};
 use crate::simd::convert::{load, load_n, VECTOR};
-use crate::simd::transform::{lanes_n, put_n, RowScratch, ROW_BLOCK};
+use crate::simd::transform::{lanes_n, put_n};
 use crate::simd::vector::V8;
 use crate::simd::{simd_fn, Isa};
 
@@ -34,49 +34,6 @@ pub const WIDE: usize = 8;
 #[inline(always)]
 fn reduce64(acc: &[f64]) -> f64 {
     acc.iter().sum()
-}
-
-/// `(Σ f(a, b), Σ g(a, b))` over the lanes of two equally long inputs, in
-/// lane sums over segments of [`SEGMENT`] values (each lane adds [`FLUSH`]
-/// terms), flushed into f64 lanes. The rounding error of a segment is that
-/// of a 4-term sum in the lane type.
-#[inline(always)]
-pub(crate) fn sum2_pairs<C: Lane>(
-    a: &[C],
-    b: &[C],
-    f: impl Fn(C, C) -> C,
-    g: impl Fn(C, C) -> C,
-) -> (f64, f64) {
-    let mut acc_f = [0f64; LANES];
-    let mut acc_g = [0f64; LANES];
-    let sa = a.chunks_exact(SEGMENT);
-    let sb = b.chunks_exact(SEGMENT);
-    let (ta, tb) = (sa.remainder(), sb.remainder());
-    for (seg_a, seg_b) in sa.zip(sb) {
-        let mut sf = [C::ZERO; LANES];
-        let mut sg = [C::ZERO; LANES];
-        // Two loops, one accumulator each: in one loop LLVM pairs the two
-        // sums lane by lane instead of vectorizing each.
-        for (va, vb) in seg_a.chunks_exact(LANES).zip(seg_b.chunks_exact(LANES)) {
-            for i in 0..LANES {
-                sf[i] += f(va[i], vb[i]);
-            }
-        }
-        for (va, vb) in seg_a.chunks_exact(LANES).zip(seg_b.chunks_exact(LANES)) {
-            for i in 0..LANES {
-                sg[i] += g(va[i], vb[i]);
-            }
-        }
-        for i in 0..LANES {
-            acc_f[i] += sf[i].wide();
-        }
-        for i in 0..LANES {
-            acc_g[i] += sg[i].wide();
-        }
-    }
-    let tf: f64 = ta.iter().zip(tb).map(|(&x, &y)| f(x, y).wide()).sum();
-    let tg: f64 = ta.iter().zip(tb).map(|(&x, &y)| g(x, y).wide()).sum();
-    (reduce64(&acc_f) + tf, reduce64(&acc_g) + tg)
 }
 
 /// Vectors of [`VECTOR`] lanes that make up the [`LANES`] of a segment sum.
@@ -327,37 +284,42 @@ simd_fn! {
         rstd: T::Lane,
         dweight: &mut [T::Lane],
         dbias: &mut [T::Lane],
-        scratch: &mut RowScratch<T::Lane>,
     ) -> (f64, f64) {
-        let mut sums = (0.0, 0.0);
-        // Blocks small enough to stay in L1 between the two loops.
-        const BLOCK: usize = ROW_BLOCK;
         let zero = <T::Lane as Lane>::ZERO;
         let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
-        let [_, _, x_hat, g] = &mut scratch.0;
-        let blocks = x.chunks(BLOCK).zip(dy.chunks(BLOCK)).zip(w.chunks(BLOCK));
-        let partials = dweight.chunks_mut(BLOCK).zip(dbias.chunks_mut(BLOCK));
-        for (((xb, dyb), wb), (dwp, dbp)) in blocks.zip(partials) {
-            let len = xb.len();
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(VECTOR);
-                let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
-                let xv = V8::new(load_n::<T, L>(xb, at, n, hi));
-                let dv = V8::new(load_n::<T, L>(dyb, at, n, zero));
-                let xh = ((xv - hi_v) - lo_v) * rstd_v;
-                put_n(dwp, at, n, (lanes(dwp) + dv * xh).lanes);
-                put_n(dbp, at, n, (lanes(dbp) + dv).lanes);
-                put_n(x_hat, at, n, xh.lanes);
-                put_n(g, at, n, (dv * lanes(wb)).lanes);
-                at += n;
+        // `Σg`, `Σg·x̂` in [`LANES`] lane sums of at most [`FLUSH`] terms,
+        // flushed into f64 lanes every segment, as [`grad_segment`] does.
+        let (mut a1, mut a2) = ([V8::<f64, L>::zero(); GROUPS], [V8::<f64, L>::zero(); GROUPS]);
+        let len = x.len();
+        let mut at = 0;
+        while at < len {
+            let end = (at + SEGMENT).min(len);
+            let (mut sf, mut sg) = ([V8::<T::Lane, L>::zero(); GROUPS], [V8::<T::Lane, L>::zero(); GROUPS]);
+            while at < end {
+                for g in 0..GROUPS {
+                    if at >= end {
+                        break;
+                    }
+                    let n = (end - at).min(VECTOR);
+                    let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+                    let xv = V8::new(load_n::<T, L>(x, at, n, hi));
+                    let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
+                    let xh = ((xv - hi_v) - lo_v) * rstd_v;
+                    let gv = dv * lanes(w);
+                    put_n(dweight, at, n, (lanes(dweight) + dv * xh).lanes);
+                    put_n(dbias, at, n, (lanes(dbias) + dv).lanes);
+                    sf[g] += gv;
+                    sg[g] += gv * xh;
+                    at += n;
+                }
             }
-            let (x_hat, g) = (&x_hat[..len], &g[..len]);
-            let (sum_g, sum_g_xhat) = sum2_pairs(g, x_hat, |gv, _| gv, |gv, h| gv * h);
-            sums.0 += sum_g;
-            sums.1 += sum_g_xhat;
+            for g in 0..GROUPS {
+                a1[g] += sf[g].wide();
+                a2[g] += sg[g].wide();
+            }
         }
-        sums
+        let lanes = |a: [V8<f64, L>; GROUPS]| a.iter().flat_map(|v| v.lanes).sum::<f64>();
+        (lanes(a1), lanes(a2))
     }
 }
 

@@ -15,11 +15,6 @@ use super::vector::V8;
 use crate::float::{Float, Lane};
 use crate::simd::{simd_fn, Isa};
 
-/// Values a row pass handles per block (the row backward's partial sums):
-/// long enough to amortize the per-block slicing (64 measured slower for
-/// the f32 backward), short enough to stay in L1 between its loops.
-pub const ROW_BLOCK: usize = 512;
-
 /// `n` (at most eight) lanes of `v` from `at`, the rest `pad`.
 #[inline(always)]
 pub(crate) fn lanes_n<C: Lane>(v: &[C], at: usize, n: usize, pad: C) -> [C; VECTOR] {
@@ -166,25 +161,6 @@ fn slice_dx_blocks<T: Float, L: Isa>(
     });
 }
 
-/// Lane buffers of the row backward's sums
-/// ([`super::sums::row_grad_sums`]): four blocks of [`ROW_BLOCK`] lanes,
-/// made once per task by the caller ([`RowScratch::new`]) rather than
-/// zeroed on every call.
-pub struct RowScratch<C>(pub(crate) [Vec<C>; 4]);
-
-impl<C: Lane> RowScratch<C> {
-    /// Zeroed buffers.
-    pub fn new() -> Self {
-        Self(std::array::from_fn(|_| vec![C::ZERO; ROW_BLOCK]))
-    }
-}
-
-impl<C: Lane> Default for RowScratch<C> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Per-position coefficients of a row of `[N, C·S]` (BatchNorm on a small
 /// spatial size): position `j` belongs to channel `j / S`, and each array
 /// holds that channel's value at every position of the row, so that a row
@@ -242,27 +218,31 @@ simd_fn! {
         let zero = <T::Lane as Lane>::ZERO;
         let len = x.len();
         let mut at = 0;
-        while at < len {
-            let n = (len - at).min(VECTOR);
-            let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
-            let xv = V8::new(load_n::<T, L>(x, at, n, zero));
-            let sh = lanes(shift);
-            let (mut a, mut b) = (lanes(s1), lanes(s2));
-            match dy {
-                None => {
-                    let d = xv - sh;
-                    a += d;
-                    b += d * d;
-                }
-                Some(dy) => {
-                    let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
-                    a += dv;
-                    b += dv * (((xv - sh) - lanes(lo)) * lanes(rstd));
+        // One loop per case: a `match` inside the loop kept the lanes of
+        // `s1`, `s2` from staying in registers.
+        match dy {
+            None => {
+                while at < len {
+                    let n = (len - at).min(VECTOR);
+                    let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+                    let d = V8::new(load_n::<T, L>(x, at, n, zero)) - lanes(shift);
+                    put_n(s1, at, n, (lanes(s1) + d).lanes);
+                    put_n(s2, at, n, (lanes(s2) + d * d).lanes);
+                    at += n;
                 }
             }
-            put_n(s1, at, n, a.lanes);
-            put_n(s2, at, n, b.lanes);
-            at += n;
+            Some(dy) => {
+                while at < len {
+                    let n = (len - at).min(VECTOR);
+                    let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+                    let xv = V8::new(load_n::<T, L>(x, at, n, zero));
+                    let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
+                    let xh = ((xv - lanes(shift)) - lanes(lo)) * lanes(rstd);
+                    put_n(s1, at, n, (lanes(s1) + dv).lanes);
+                    put_n(s2, at, n, (lanes(s2) + dv * xh).lanes);
+                    at += n;
+                }
+            }
         }
     }
 }
