@@ -167,13 +167,19 @@ fn every_path<T: normlab::Float>(tol_y: f64, tol_grad: f64) {
         &[40, 2, 2049],
         &[3, 96, 5, 5],
         // Short slices in runs of a task's length that straddle samples
-        // (7×7 and 9×9 maps; 96 and 33 channels), and the per-slice path
-        // just above them (14×14), over several tasks.
+        // (7×7, 9×9 and 14×14 maps; 96 and 33 channels), runs shorter than
+        // the channel count (200 channels of 14×14: three runs, the last
+        // one short), and the per-slice path above them (23×23), over
+        // several tasks.
         &[16, 96, 7, 7],
         &[32, 33, 9, 9],
         &[12, 33, 14, 14],
-        // BatchNorm1d-like rows (spatial 1) over several blocks of rows.
+        &[2, 200, 14, 14],
+        &[6, 8, 23, 23],
+        // BatchNorm1d-like rows (spatial 1) over several blocks of rows, and
+        // several column stripes × row blocks.
         &[300, 130, 1],
+        &[130, 1100, 1],
     ];
     let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
         .iter()

@@ -109,7 +109,7 @@ const SHORT_SPATIAL: usize = 512;
 /// Per-channel sums of short slices, `add(run, dy_run, first, totals)`
 /// adding run by run: runs of at least a task's worth of slices, each
 /// slice `j` of a run belonging to channel `(first + j) % C` and adding
-/// into `totals[j % totals.len()]`, a task's own totals of
+/// into pair `j % m` of `totals` (`m = totals.len() / 2` pairs `Σ, Σ`), a task's own totals of
 /// `min(run, C)` entries (a run of fewer slices than channels touches only
 /// that many channels: totals for all `C` per task, zeroed and freed on
 /// every call, faulted in fresh pages each time). The runs' totals are

@@ -332,7 +332,8 @@ fn backward_unchecked<T: Float, P: Float>(
                 let (hi, lo) = T::Lane::split(mean);
                 let r = T::Lane::of(rstd);
                 let mut totals = vec![0.0; 2 * cpg];
-                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &vec![[hi, lo, r]; cpg], &mut totals);
+                // Every channel of the group shares the coefficients: one entry.
+                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &[[hi, lo, r]], &mut totals);
                 let sums: Vec<(f64, f64)> = totals
                     .chunks_exact(2)
                     .enumerate()

@@ -298,6 +298,9 @@ pub fn load_n<T: Float, L: Isa>(x: &[T], at: usize, n: usize, pad: T::Lane) -> [
     if n == VECTOR {
         return load::<T, L>(x, at);
     }
+    if n == 0 {
+        return [pad; VECTOR];
+    }
     if at + VECTOR <= x.len() {
         // A whole vector is readable: load it and blend in the padding. A
         // vector assembled lane by lane on the stack and read back whole
@@ -313,8 +316,8 @@ pub fn load_n<T: Float, L: Isa>(x: &[T], at: usize, n: usize, pad: T::Lane) -> [
 }
 
 /// Narrows `v` and stores its first `n` lanes (at most eight) at `out[at..]`:
-/// a whole vector with one store, streamed when `streaming` (then
-/// `out[at..]` must be 16-byte aligned: [`fill`] sees to it).
+/// a whole vector with one store, streamed when `streaming` and `out[at..]`
+/// is 16-byte aligned ([`fill!`] sees to it).
 #[inline(always)]
 pub fn store_n<T: Float, L: Isa>(
     out: &mut [MaybeUninit<T>],
@@ -327,8 +330,11 @@ pub fn store_n<T: Float, L: Isa>(
     if n == VECTOR {
         let dst: &mut [MaybeUninit<T>; VECTOR] =
             (&mut out[at..at + VECTOR]).try_into().expect("eight slots");
+        // Non-temporal stores need 16-byte alignment, which `fill!` gives
+        // every whole vector after its head; checked here all the same (a
+        // predictable branch) rather than trusted, as this function is safe.
         #[cfg(target_arch = "x86_64")]
-        if streaming {
+        if streaming && (dst.as_ptr() as usize) % 16 == 0 {
             stream(dst, narrowed);
             return;
         }
@@ -343,7 +349,8 @@ pub fn store_n<T: Float, L: Isa>(
     }
 }
 
-/// Eight values written with non-temporal stores, 16 bytes at a time.
+/// Eight values written with non-temporal stores, 16 bytes at a time;
+/// `dst` is 16-byte aligned (checked by the caller).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn stream<T: Float>(dst: &mut [MaybeUninit<T>; VECTOR], values: [T; VECTOR]) {
@@ -543,6 +550,55 @@ mod tests {
                 f32_to_bf16_bits(v),
                 half::bf16::from_f32(v).to_bits(),
                 "{v:e}"
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn register_conversions_match_the_scalar_ones_on_every_pattern() {
+        use crate::simd::{Avx2, Baseline};
+        if crate::simd::detected() < crate::simd::SimdLevel::Avx2 {
+            return;
+        }
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for first in (0..=u16::MAX).step_by(8) {
+            let bits: [u16; 8] = std::array::from_fn(|k| first + k as u16);
+            let h = bits.map(half::f16::from_bits);
+            let b = bits.map(half::bf16::from_bits);
+            let (wh, wb) = (widen8_f16::<Avx2>(&h), widen8_bf16::<Avx2>(&b));
+            let (sh, sb) = (widen8_f16::<Baseline>(&h), widen8_bf16::<Baseline>(&b));
+            for k in 0..8 {
+                assert!(same(wh[k], sh[k]) && same(wb[k], sb[k]), "{:#06x}", bits[k]);
+            }
+        }
+        // Random f32 patterns, NaNs and infinities included, and the
+        // halfway cases of both 16-bit types.
+        let mut state = 0x2545_f491u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        for round in 0..40_000 {
+            let v: [f32; 8] = std::array::from_fn(|k| match (round + k) % 4 {
+                0 => f32::from_bits(next()),
+                1 => f32::from_bits((next() & 0xffff_0000) | 0x8000),
+                2 => f32::from_bits((next() & 0xffff_e000) | 0x1000),
+                _ => f32::from_bits(next() | 0x7f80_0000),
+            });
+            let nh = narrow8_f16::<Avx2>(v).map(half::f16::to_bits);
+            let nb = narrow8_bf16::<Avx2>(v).map(half::bf16::to_bits);
+            assert_eq!(
+                nh,
+                narrow8_f16::<Baseline>(v).map(half::f16::to_bits),
+                "{v:?}"
+            );
+            assert_eq!(
+                nb,
+                narrow8_bf16::<Baseline>(v).map(half::bf16::to_bits),
+                "{v:?}"
             );
         }
     }
