@@ -69,7 +69,7 @@ pub trait Lane:
     fn max(self, other: Self) -> Self;
     /// `√self`.
     fn sqrt(self) -> Self;
-    /// Eight lanes `a + b` with level `L`'s instructions ([`crate::simd::vector::V8`]).
+    /// Eight lanes `a + b` with level `L`'s instructions (`simd::vector::V8`).
     fn add8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];
     /// Eight lanes `a - b`.
     fn sub8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];

@@ -1,17 +1,18 @@
 //! The kernels' inner loops and their run-time SIMD dispatch.
 //!
-//! Hot loops are written once as plain Rust over fixed-width lane arrays,
-//! which LLVM turns into vector code, generic over the element type, and
-//! compiled several times by [`simd_fn!`]: for the baseline target (the
-//! scalar path, always compiled), with AVX2+FMA+F16C, and with AVX-512.
-//! Elements of every storage type are widened to their compute lanes
-//! ([`crate::float::Lane`]: f32 for f32, bf16 and f16; f64 for f64) in
-//! registers and narrowed once on store, round to nearest even:
+//! Hot loops are written once, generic over the element type, on vectors
+//! of eight compute lanes (`vector::V8`: one AVX instruction per
+//! operator at the AVX2 levels, plain Rust at the baseline), and compiled
+//! several times by [`simd_fn!`]: for the baseline target (the scalar path,
+//! always compiled), with AVX2+FMA+F16C, and with AVX-512. Elements of every
+//! storage type are widened to their compute lanes ([`crate::float::Lane`]:
+//! f32 for f32, bf16 and f16; f64 for f64) in registers and narrowed once
+//! on store, round to nearest even:
 //! - `convert`: widening, narrowing and (streaming) stores;
 //! - `sums`: the reductions (centred moments sums, gradient sums);
 //! - `transform`: the element-wise passes (normalize, input gradient);
 //! - `lrn`: Local Response Normalization's window loops;
-//! - `vector`: eight lanes as one value with vector operators ([`vector::V8`]).
+//! - `vector`: eight lanes as one value with vector operators (`vector::V8`).
 //!
 //! Each call picks the best level the CPU has (detected once), unless a level is forced with [`force`] — tests use
 //! that to run every path, and `normlab bench` to compare them.
