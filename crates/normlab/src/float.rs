@@ -88,53 +88,62 @@ pub trait Lane:
     }
 }
 
+/// The eight-lane operators of [`Lane`] for one lane type: the AVX forms
+/// of `simd::vector::avx` at the AVX2 levels, the same lane-wise
+/// operations in plain Rust at the baseline.
+macro_rules! lane_vector_ops {
+    ($t:ty, $keep:ident, $add:ident, $sub:ident, $mul:ident) => {
+        #[inline(always)]
+        fn keep8<L: Isa>(a: [$t; 8], pad: [$t; 8], n: usize) -> [$t; 8] {
+            #[cfg(target_arch = "x86_64")]
+            if L::AVX2 {
+                // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
+                return unsafe { vector::avx::$keep(a, pad, n) };
+            }
+            let mut out = pad;
+            out[..n].copy_from_slice(&a[..n]);
+            out
+        }
+        #[inline(always)]
+        fn add8<L: Isa>(a: [$t; 8], b: [$t; 8]) -> [$t; 8] {
+            #[cfg(target_arch = "x86_64")]
+            if L::AVX2 {
+                // SAFETY: as in `keep8`.
+                return unsafe { vector::avx::$add(a, b) };
+            }
+            vector::lanewise(a, b, |x, y| x + y)
+        }
+        #[inline(always)]
+        fn sub8<L: Isa>(a: [$t; 8], b: [$t; 8]) -> [$t; 8] {
+            #[cfg(target_arch = "x86_64")]
+            if L::AVX2 {
+                // SAFETY: as in `keep8`.
+                return unsafe { vector::avx::$sub(a, b) };
+            }
+            vector::lanewise(a, b, |x, y| x - y)
+        }
+        #[inline(always)]
+        fn mul8<L: Isa>(a: [$t; 8], b: [$t; 8]) -> [$t; 8] {
+            #[cfg(target_arch = "x86_64")]
+            if L::AVX2 {
+                // SAFETY: as in `keep8`.
+                return unsafe { vector::avx::$mul(a, b) };
+            }
+            vector::lanewise(a, b, |x, y| x * y)
+        }
+    };
+}
+
 impl Lane for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const SAFE_RANGE: (f64, f64) = (1e-10, 1e18);
-    #[inline(always)]
-    fn keep8<L: Isa>(a: [f32; 8], pad: [f32; 8], n: usize) -> [f32; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: as in `add8`.
-            return unsafe { vector::avx::keep_f32(a, pad, n) };
-        }
-        let mut out = pad;
-        out[..n].copy_from_slice(&a[..n]);
-        out
-    }
-    #[inline(always)]
-    fn add8<L: Isa>(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
-            return unsafe { vector::avx::add_f32(a, b) };
-        }
-        vector::lanewise(a, b, |x, y| x + y)
-    }
-    #[inline(always)]
-    fn sub8<L: Isa>(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: as in `add8`.
-            return unsafe { vector::avx::sub_f32(a, b) };
-        }
-        vector::lanewise(a, b, |x, y| x - y)
-    }
-    #[inline(always)]
-    fn mul8<L: Isa>(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: as in `add8`.
-            return unsafe { vector::avx::mul_f32(a, b) };
-        }
-        vector::lanewise(a, b, |x, y| x * y)
-    }
+    lane_vector_ops!(f32, keep_f32, add_f32, sub_f32, mul_f32);
     #[inline(always)]
     fn wide8<L: Isa>(a: [f32; 8]) -> [f64; 8] {
         #[cfg(target_arch = "x86_64")]
         if L::AVX2 {
-            // SAFETY: as in `add8`.
+            // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
             return unsafe { vector::avx::wide_f32(a) };
         }
         a.map(|v| v as f64)
@@ -165,44 +174,7 @@ impl Lane for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const SAFE_RANGE: (f64, f64) = (1e-140, 1e140);
-    #[inline(always)]
-    fn keep8<L: Isa>(a: [f64; 8], pad: [f64; 8], n: usize) -> [f64; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: as in `add8`.
-            return unsafe { vector::avx::keep_f64(a, pad, n) };
-        }
-        let mut out = pad;
-        out[..n].copy_from_slice(&a[..n]);
-        out
-    }
-    #[inline(always)]
-    fn add8<L: Isa>(a: [f64; 8], b: [f64; 8]) -> [f64; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
-            return unsafe { vector::avx::add_f64(a, b) };
-        }
-        vector::lanewise(a, b, |x, y| x + y)
-    }
-    #[inline(always)]
-    fn sub8<L: Isa>(a: [f64; 8], b: [f64; 8]) -> [f64; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: as in `add8`.
-            return unsafe { vector::avx::sub_f64(a, b) };
-        }
-        vector::lanewise(a, b, |x, y| x - y)
-    }
-    #[inline(always)]
-    fn mul8<L: Isa>(a: [f64; 8], b: [f64; 8]) -> [f64; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if L::AVX2 {
-            // SAFETY: as in `add8`.
-            return unsafe { vector::avx::mul_f64(a, b) };
-        }
-        vector::lanewise(a, b, |x, y| x * y)
-    }
+    lane_vector_ops!(f64, keep_f64, add_f64, sub_f64, mul_f64);
     #[inline(always)]
     fn wide8<L: Isa>(a: [f64; 8]) -> [f64; 8] {
         a

@@ -325,59 +325,49 @@ fn backward_unchecked<T: Float, P: Float>(
         .map(|(group, ((x_grp, dy_grp), dx_grp))| {
             let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
             let first_channel = (group % layout.groups) * cpg;
-            let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
-            if s < SHORT_CHANNEL {
-                // Short channels: each pass over the group's slices in one
-                // call with per-channel coefficients (as the forward).
-                let (hi, lo) = T::Lane::split(mean);
-                let r = T::Lane::of(rstd);
+            // Each channel's (Σdy, Σdy·x̂): short channels in one pass over
+            // the group (every channel shares the coefficients: one entry).
+            let short = s < SHORT_CHANNEL;
+            let (hi, lo) = T::Lane::split(mean);
+            let channel_sums: Vec<(f64, f64)> = if short {
                 let mut totals = vec![0.0; 2 * cpg];
-                // Every channel of the group shares the coefficients: one entry.
-                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &[[hi, lo, r]], &mut totals);
-                let sums: Vec<(f64, f64)> = totals
-                    .chunks_exact(2)
-                    .enumerate()
-                    .map(|(i, t)| {
-                        let (sum_dy, sum_dy_xhat) = (t[0], t[1]);
-                        let w = param_at(weight, first_channel + i, 1.0);
-                        sum_g += w * sum_dy;
-                        sum_g_xhat += w * sum_dy_xhat;
-                        (sum_dy_xhat, sum_dy)
-                    })
-                    .collect();
-                let k = DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+                let coefs = [[hi, lo, T::Lane::of(rstd)]];
+                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &coefs, &mut totals);
+                totals.chunks_exact(2).map(|t| (t[0], t[1])).collect()
+            } else {
+                x_grp
+                    .chunks_exact(s)
+                    .zip(dy_grp.chunks_exact(s))
+                    .map(|(x_ch, dy_ch)| slices::grad_sums(x_ch, dy_ch, mean, rstd))
+                    .collect()
+            };
+            let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
+            for (i, &(sum_dy, sum_dy_xhat)) in channel_sums.iter().enumerate() {
+                let w = param_at(weight, first_channel + i, 1.0);
+                sum_g += w * sum_dy;
+                sum_g_xhat += w * sum_dy_xhat;
+            }
+            let k = DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+            let weight_of = |i: usize| param_at(weight, first_channel + i, 1.0);
+            if short {
                 let of = T::Lane::of;
                 let coefs: Vec<[T::Lane; 6]> = (0..cpg)
-                    .map(|i| {
-                        let w = param_at(weight, first_channel + i, 1.0);
-                        [hi, lo, of(k.rstd), of(w), of(k.mean_g), of(k.b)]
-                    })
+                    .map(|i| [hi, lo, of(k.rstd), of(weight_of(i)), of(k.mean_g), of(k.b)])
                     .collect();
                 transform::input_grad_slices(x_grp, dy_grp, dx_grp, s, 0, &coefs);
-                return sums;
+            } else {
+                let chans = x_grp
+                    .chunks_exact(s)
+                    .zip(dy_grp.chunks_exact(s))
+                    .zip(dx_grp.chunks_exact_mut(s));
+                for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
+                    slices::input_grad(x_ch, dy_ch, mean, weight_of(i), k, dx_ch, store);
+                }
             }
-            let sums: Vec<(f64, f64)> = x_grp
-                .chunks_exact(s)
-                .zip(dy_grp.chunks_exact(s))
-                .enumerate()
-                .map(|(i, (x_ch, dy_ch))| {
-                    let (sum_dy, sum_dy_xhat) = slices::grad_sums(x_ch, dy_ch, mean, rstd);
-                    let w = param_at(weight, first_channel + i, 1.0);
-                    sum_g += w * sum_dy;
-                    sum_g_xhat += w * sum_dy_xhat;
-                    (sum_dy_xhat, sum_dy)
-                })
-                .collect();
-            let coefs = DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
-            let chans = x_grp
-                .chunks_exact(s)
-                .zip(dy_grp.chunks_exact(s))
-                .zip(dx_grp.chunks_exact_mut(s));
-            for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
-                let w = param_at(weight, first_channel + i, 1.0);
-                slices::input_grad(x_ch, dy_ch, mean, w, coefs, dx_ch, store);
-            }
-            sums
+            channel_sums
+                .into_iter()
+                .map(|(sum_dy, sum_dy_xhat)| (sum_dy_xhat, sum_dy))
+                .collect::<Vec<_>>()
         })
         .collect();
     let (mut dw, mut db) = (vec![0.0; c_total], vec![0.0; c_total]);

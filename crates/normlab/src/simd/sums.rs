@@ -36,6 +36,12 @@ fn reduce64(acc: &[f64]) -> f64 {
     acc.iter().sum()
 }
 
+/// The f64 lanes of [`GROUPS`] vectors summed in lane order.
+#[inline(always)]
+fn sum_groups<L: Isa>(a: [V8<f64, L>; GROUPS]) -> f64 {
+    a.iter().flat_map(|v| v.lanes).sum()
+}
+
 /// Vectors of [`VECTOR`] lanes that make up the [`LANES`] of a segment sum.
 const GROUPS: usize = LANES / VECTOR;
 
@@ -92,21 +98,11 @@ pub(crate) fn centred_tail<T: Float, L: Isa>(
     s1: &mut [f64; WIDE],
     s2: &mut [f64; WIDE],
 ) {
-    if tail.is_empty() {
-        return;
-    }
-    let mut padded = [shift; SEGMENT];
-    for (p, v) in padded.iter_mut().zip(tail) {
-        *p = v.to_lane();
-    }
-    let used = tail.len().div_ceil(LANES) * LANES;
-    centred_segment::<_, L>(
-        used / VECTOR,
-        |at| lanes_n(&padded, at, VECTOR, shift),
-        shift,
-        s1,
-        s2,
-    );
+    let len = tail.len();
+    let used = len.div_ceil(LANES) * LANES;
+    // Vectors past the values are all padding (`load_n` of no values).
+    let load = |at: usize| load_n::<T, L>(tail, at, len.saturating_sub(at).min(VECTOR), shift);
+    centred_segment::<_, L>(used / VECTOR, load, shift, s1, s2);
 }
 
 /// Values a short-slice lane vector sums before its flush into f64: four
@@ -258,15 +254,14 @@ simd_fn! {
         if rest > 0 {
             let (xs, ds) = (&x[whole..], &dy[whole..]);
             let used = rest.div_ceil(LANES) * LANES;
-            // Vectors past the values are all padding (`at` may lie past the end).
+            // Vectors past the values are all padding (`load_n` of no values).
             let load = |at: usize| {
-                let (at, n) = (at.min(rest), rest.saturating_sub(at).min(VECTOR));
+                let n = rest.saturating_sub(at).min(VECTOR);
                 (load_n::<T, L>(xs, at, n, hi), load_n::<T, L>(ds, at, n, zero))
             };
             grad_segment(used / VECTOR, load, coefs, &mut a1, &mut a2);
         }
-        let lanes = |a: [V8<f64, L>; GROUPS]| a.iter().flat_map(|v| v.lanes).sum::<f64>();
-        (lanes(a1), lanes(a2))
+        (sum_groups(a1), sum_groups(a2))
     }
 }
 
@@ -318,8 +313,7 @@ simd_fn! {
                 a2[g] += sg[g].wide();
             }
         }
-        let lanes = |a: [V8<f64, L>; GROUPS]| a.iter().flat_map(|v| v.lanes).sum::<f64>();
-        (lanes(a1), lanes(a2))
+        (sum_groups(a1), sum_groups(a2))
     }
 }
 
