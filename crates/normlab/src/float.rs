@@ -332,11 +332,13 @@ impl Float for half::f16 {
     type Lane = f32;
     #[inline(always)]
     fn to_f64(self) -> f64 {
-        half::f16::to_f64(self)
+        convert::f16_bits_to_f32(self.to_bits()) as f64
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
-        half::f16::from_f64(v)
+        half::f16::from_bits(convert::f32_to_f16_bits(convert::f64_to_f32_round_to_odd(
+            v,
+        )))
     }
     #[inline(always)]
     fn to_lane(self) -> f32 {
@@ -370,11 +372,13 @@ impl Float for half::bf16 {
     type Lane = f32;
     #[inline(always)]
     fn to_f64(self) -> f64 {
-        half::bf16::to_f64(self)
+        convert::bf16_bits_to_f32(self.to_bits()) as f64
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
-        half::bf16::from_f64(v)
+        half::bf16::from_bits(convert::f32_to_bf16_bits(convert::f64_to_f32_round_to_odd(
+            v,
+        )))
     }
     #[inline(always)]
     fn to_lane(self) -> f32 {

@@ -32,6 +32,28 @@ pub fn f32_to_bf16_bits(v: f32) -> u16 {
     }
 }
 
+/// f64 to f32 rounded to odd: the f32 on `v`'s side of zero just below or
+/// at `|v|`, with its lowest mantissa bit set when the conversion was
+/// inexact. Rounding that f32 to nearest even at 16 bits gives the f64
+/// correctly rounded (Boldo & Melquiond, "When double rounding is odd",
+/// 2005: the intermediate has at least `2p + 2` bits of the target's `p`,
+/// 24 ≥ 2·11 + 2 for f16 and more for bf16, subnormals included), where
+/// rounding to nearest twice can be off by one unit at a tie.
+#[inline(always)]
+pub fn f64_to_f32_round_to_odd(v: f64) -> f32 {
+    let t = v as f32;
+    if !t.is_finite() || t as f64 == v {
+        // Exact, NaN, or past f32's range (past every 16-bit type's too).
+        return t;
+    }
+    let mut bits = t.to_bits();
+    if (t as f64).abs() > v.abs() {
+        // Rounded away from zero: one step back toward zero.
+        bits -= 1;
+    }
+    f32::from_bits(bits | 1)
+}
+
 /// The bits of 2¹¹², which scales the f16 exponent bias (15) to f32's (127).
 const F16_TO_F32_SCALE_BITS: u32 = (127 + 112) << 23;
 
@@ -513,6 +535,111 @@ pub fn write<T: Float, L: Isa>(out: &mut [MaybeUninit<T>], values: &[T::Lane], s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 16-bit value nearest `v` (ties to the even bit pattern), by
+    /// search over the type's finite magnitudes `0..inf_bits` (monotonic
+    /// in their bits) with exact f64 comparisons: the midpoint of two
+    /// neighbours is exact in f64. Past the largest finite value by half a
+    /// unit or more: infinity (the largest value's pattern is odd).
+    fn nearest_16(v: f64, value: impl Fn(u16) -> f64, inf_bits: u16) -> u16 {
+        let sign = if v.is_sign_negative() { 0x8000 } else { 0 };
+        let a = v.abs();
+        // The largest magnitude at or below `a`.
+        let (mut lo, mut hi) = (0u16, inf_bits - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if value(mid) <= a {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        let below = value(lo);
+        let next = lo + 1;
+        let above = if next == inf_bits {
+            // One unit past the largest value (the unit of its binade).
+            2.0 * value(lo) - value(lo - 1)
+        } else {
+            value(next)
+        };
+        let mid = (below + above) / 2.0;
+        let bits = if a < mid || (a == mid && lo % 2 == 0) {
+            lo
+        } else {
+            next
+        };
+        bits | sign
+    }
+
+    #[test]
+    fn f64_to_16_bits_through_round_to_odd_rounds_correctly() {
+        let bf16 = |b: u16| bf16_bits_to_f32(b) as f64;
+        let f16 = |b: u16| f16_bits_to_f32(b) as f64;
+        let check = |v: f64| {
+            if v.is_nan() {
+                let via = f64_to_f32_round_to_odd(v);
+                assert!(bf16_bits_to_f32(f32_to_bf16_bits(via)).is_nan());
+                assert!(f16_bits_to_f32(f32_to_f16_bits(via)).is_nan());
+                return;
+            }
+            let via = f64_to_f32_round_to_odd(v);
+            assert_eq!(
+                f32_to_bf16_bits(via),
+                nearest_16(v, bf16, 0x7f80),
+                "bf16 of {v:e}"
+            );
+            assert_eq!(
+                f32_to_f16_bits(via),
+                nearest_16(v, f16, 0x7c00),
+                "f16 of {v:e}"
+            );
+        };
+        // Every 16-bit value, the midpoints between neighbours and the f64s
+        // next to them: the ties that rounding to nearest twice gets wrong.
+        let up = |x: f64| f64::from_bits(x.to_bits() + 1);
+        let down = |x: f64| f64::from_bits(x.to_bits() - 1);
+        for (value, inf) in [(&bf16 as &dyn Fn(u16) -> f64, 0x7f80u16), (&f16, 0x7c00)] {
+            for bits in 0..inf {
+                let (a, b) = (value(bits), value(bits + 1));
+                let next = if bits + 1 == inf {
+                    2.0 * a - value(bits - 1)
+                } else {
+                    b
+                };
+                let mid = (a + next) / 2.0;
+                for v in [a, mid, up(mid), down(mid), up(a)] {
+                    check(v);
+                    check(-v);
+                }
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            check(f64::from_bits(state));
+            // Magnitudes where the 16-bit types live, 2⁻¹⁵⁰ to 2¹³⁰.
+            let exponent = (state >> 52) % 280 + 1023 - 150;
+            check(f64::from_bits(
+                (state & 0x800f_ffff_ffff_ffff) | exponent << 52,
+            ));
+        }
+        for v in [
+            0.0,
+            f64::INFINITY,
+            f64::NAN,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            5e-324,
+            65504.0,
+            65520.0,
+            3.4e38,
+        ] {
+            check(v);
+            check(-v);
+        }
+    }
 
     #[test]
     fn scalar_conversions_agree_with_half_on_every_bf16_and_f16() {

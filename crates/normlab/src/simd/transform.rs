@@ -9,7 +9,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::convert::{self, load_n, Store, VECTOR};
+use super::convert::{self, load, load_n, Store, VECTOR};
 use super::sums::{centred_segment_of, centred_tail, SEGMENT, WIDE};
 use super::vector::V8;
 use crate::float::{Float, Lane};
@@ -181,15 +181,28 @@ pub struct PositionCoefs<C> {
 
 simd_fn! {
     /// One row of `[N, C·S]`: `y = ((x - hi_j) - lo_j)·scale_j + shift_j`.
+    /// Whole vectors through zipped chunks (see [`add_positions`]), then
+    /// the partial one.
     pub fn normalize_positions<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>) {
-        let zero = <T::Lane as Lane>::ZERO;
-        let lanes = |v: &[T::Lane], at, n| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
-        convert::fill!(T, L, &mut y[..x.len()], Store::Cached, |at, n| {
-            let xv = V8::new(load_n::<T, L>(x, at, n, zero));
-            let (hi, lo) = (lanes(&k.hi, at, n), lanes(&k.lo, at, n));
-            let (scale, shift) = (lanes(&k.scale, at, n), lanes(&k.shift, at, n));
-            (((xv - hi) - lo) * scale + shift).lanes
-        });
+        let len = x.len();
+        let whole = len - len % VECTOR;
+        let y = &mut y[..len];
+        let coefs = k.hi[..whole].chunks_exact(VECTOR)
+            .zip(k.lo[..whole].chunks_exact(VECTOR))
+            .zip(k.scale[..whole].chunks_exact(VECTOR).zip(k.shift[..whole].chunks_exact(VECTOR)));
+        for (j, ((hi, lo), (scale, shift))) in coefs.enumerate() {
+            let xv = V8::<T::Lane, L>::new(load::<T, L>(x, j * VECTOR));
+            let v = ((xv - lanes8(hi)) - lanes8(lo)) * lanes8(scale) + lanes8(shift);
+            convert::store_n::<T, L>(y, j * VECTOR, VECTOR, v.lanes, false);
+        }
+        let n = len - whole;
+        if n > 0 {
+            let zero = <T::Lane as Lane>::ZERO;
+            let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
+            let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
+            let v = ((xv - part(&k.hi)) - part(&k.lo)) * part(&k.scale) + part(&k.shift);
+            convert::store_n::<T, L>(y, whole, n, v.lanes, false);
+        }
     }
 }
 
@@ -197,16 +210,35 @@ simd_fn! {
     /// One row of `[N, C·S]`: `dx = shift_j·dy - offset_j + scale_j·((x - hi_j) - lo_j)`,
     /// i.e. `rstd·(γ·dy - mean_g) + b·(x - μ)` per channel.
     pub fn input_grad_positions<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>) {
-        let zero = <T::Lane as Lane>::ZERO;
-        let lanes = |v: &[T::Lane], at, n| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
-        convert::fill!(T, L, &mut dx[..x.len()], Store::Cached, |at, n| {
-            let xv = V8::new(load_n::<T, L>(x, at, n, zero));
-            let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
-            let (hi, lo, scale) = (lanes(&k.hi, at, n), lanes(&k.lo, at, n), lanes(&k.scale, at, n));
-            let (shift, offset) = (lanes(&k.shift, at, n), lanes(&k.offset, at, n));
-            ((shift * dv - offset) + scale * ((xv - hi) - lo)).lanes
-        });
+        let len = x.len();
+        let whole = len - len % VECTOR;
+        let dx = &mut dx[..len];
+        let coefs = k.hi[..whole].chunks_exact(VECTOR)
+            .zip(k.lo[..whole].chunks_exact(VECTOR))
+            .zip(k.scale[..whole].chunks_exact(VECTOR))
+            .zip(k.shift[..whole].chunks_exact(VECTOR).zip(k.offset[..whole].chunks_exact(VECTOR)));
+        for (j, (((hi, lo), scale), (shift, offset))) in coefs.enumerate() {
+            let xv = V8::new(load::<T, L>(x, j * VECTOR));
+            let dv = V8::new(load::<T, L>(dy, j * VECTOR));
+            let v = (lanes8::<_, L>(shift) * dv - lanes8(offset)) + lanes8(scale) * ((xv - lanes8(hi)) - lanes8(lo));
+            convert::store_n::<T, L>(dx, j * VECTOR, VECTOR, v.lanes, false);
+        }
+        let n = len - whole;
+        if n > 0 {
+            let zero = <T::Lane as Lane>::ZERO;
+            let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
+            let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
+            let dv = V8::new(load_n::<T, L>(dy, whole, n, zero));
+            let v = (part(&k.shift) * dv - part(&k.offset)) + part(&k.scale) * ((xv - part(&k.hi)) - part(&k.lo));
+            convert::store_n::<T, L>(dx, whole, n, v.lanes, false);
+        }
     }
+}
+
+/// Eight lanes of `v`, a whole-vector chunk.
+#[inline(always)]
+fn lanes8<C: Lane, L: Isa>(v: &[C]) -> V8<C, L> {
+    V8::new(v.try_into().expect("eight lanes"))
 }
 
 simd_fn! {
@@ -214,33 +246,49 @@ simd_fn! {
     /// `s2_j += (x_j - shift_j)²`, or with `dy` given, `s1_j += dy_j`,
     /// `s2_j += dy_j·((x_j - hi_j) - lo_j)·rstd_j` (then `shift` holds
     /// `hi`; without `dy`, `lo` and `rstd` are not read).
+    ///
+    /// Whole vectors go through zipped chunks, so that the slices' bounds
+    /// are checked once and their pointers stay in registers (indexing each
+    /// vector reloaded them after every store); the last positions, fewer
+    /// than eight, lane by lane with the same operations.
     pub fn add_positions<T: Float>[L](x: &[T], dy: Option<&[T]>, shift: &[T::Lane], lo: &[T::Lane], rstd: &[T::Lane], s1: &mut [T::Lane], s2: &mut [T::Lane]) {
-        let zero = <T::Lane as Lane>::ZERO;
         let len = x.len();
-        let mut at = 0;
+        let whole = len - len % VECTOR;
+        let (s1, s2) = (&mut s1[..len], &mut s2[..len]);
+        let sums = s1[..whole].chunks_exact_mut(VECTOR).zip(s2[..whole].chunks_exact_mut(VECTOR));
         // One loop per case: a `match` inside the loop kept the lanes of
         // `s1`, `s2` from staying in registers.
         match dy {
             None => {
-                while at < len {
-                    let n = (len - at).min(VECTOR);
-                    let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
-                    let d = V8::new(load_n::<T, L>(x, at, n, zero)) - lanes(shift);
-                    put_n(s1, at, n, (lanes(s1) + d).lanes);
-                    put_n(s2, at, n, (lanes(s2) + d * d).lanes);
-                    at += n;
+                let shifts = shift[..whole].chunks_exact(VECTOR);
+                for (k, ((a1, a2), sh)) in sums.zip(shifts).enumerate() {
+                    let d = V8::new(load::<T, L>(x, k * VECTOR)) - lanes8(sh);
+                    a1.copy_from_slice(&(lanes8::<_, L>(a1) + d).lanes);
+                    a2.copy_from_slice(&(lanes8::<_, L>(a2) + d * d).lanes);
+                }
+                for j in whole..len {
+                    let d = x[j].to_lane() - shift[j];
+                    s1[j] += d;
+                    s2[j] += d * d;
                 }
             }
             Some(dy) => {
-                while at < len {
-                    let n = (len - at).min(VECTOR);
-                    let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
-                    let xv = V8::new(load_n::<T, L>(x, at, n, zero));
-                    let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
-                    let xh = ((xv - lanes(shift)) - lanes(lo)) * lanes(rstd);
-                    put_n(s1, at, n, (lanes(s1) + dv).lanes);
-                    put_n(s2, at, n, (lanes(s2) + dv * xh).lanes);
-                    at += n;
+                let dy = &dy[..len];
+                let coefs = shift[..whole].chunks_exact(VECTOR)
+                    .zip(lo[..whole].chunks_exact(VECTOR))
+                    .zip(rstd[..whole].chunks_exact(VECTOR));
+                for (k, ((a1, a2), ((hi, lo), r))) in sums.zip(coefs).enumerate() {
+                    let xv = V8::new(load::<T, L>(x, k * VECTOR));
+                    let dv = V8::new(load::<T, L>(dy, k * VECTOR));
+                    let xh = ((xv - lanes8(hi)) - lanes8(lo)) * lanes8(r);
+                    a1.copy_from_slice(&(lanes8::<_, L>(a1) + dv).lanes);
+                    a2.copy_from_slice(&(lanes8::<_, L>(a2) + dv * xh).lanes);
+                }
+                for j in whole..len {
+                    let dv = dy[j].to_lane();
+                    let xh = ((x[j].to_lane() - shift[j]) - lo[j]) * rstd[j];
+                    s1[j] += dv;
+                    s2[j] += dv * xh;
                 }
             }
         }
@@ -250,14 +298,15 @@ simd_fn! {
 simd_fn! {
     /// Adds one row to per-position lane sums: `acc_j += x_j`.
     pub fn sum_positions<T: Float>[L](x: &[T], acc: &mut [T::Lane]) {
-        let zero = <T::Lane as Lane>::ZERO;
         let len = x.len();
-        let mut at = 0;
-        while at < len {
-            let n = (len - at).min(VECTOR);
-            let sum = V8::<T::Lane, L>::new(lanes_n(acc, at, n, zero)) + V8::new(load_n::<T, L>(x, at, n, zero));
-            put_n(acc, at, n, sum.lanes);
-            at += n;
+        let whole = len - len % VECTOR;
+        let acc = &mut acc[..len];
+        for (k, a) in acc[..whole].chunks_exact_mut(VECTOR).enumerate() {
+            let sum = lanes8::<_, L>(a) + V8::new(load::<T, L>(x, k * VECTOR));
+            a.copy_from_slice(&sum.lanes);
+        }
+        for j in whole..len {
+            acc[j] += x[j].to_lane();
         }
     }
 }
