@@ -20,7 +20,7 @@ use crate::float::{Float, Lane};
 use crate::simd::sums;
 
 /// Leading values whose mean is the first guess of a chunk's shift.
-const SHIFT_SAMPLE: usize = 16;
+pub(crate) const SHIFT_SAMPLE: usize = 16;
 
 /// Values per chunk of the two-pass: small enough to stay in L1 between passes.
 pub const CHUNK: usize = 2048;

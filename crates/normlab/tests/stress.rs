@@ -71,6 +71,19 @@ fn large_offsets_are_five_times_more_accurate_than_pytorch() {
             bounds[1],
         );
 
+        // BatchNorm1d on [256, 32]: the per-position statistics (one shift
+        // per column for every row block), held to the same bound.
+        let (x1d, x1d64) = rounded(seed, &[256, 32], offset, sd);
+        let want = reference::batch_norm(&x1d64, (256, 32, 1), None, &ones, &zeros, 1e-5, false);
+        let (y, _) = batch_norm(&x1d, None, None, None, &BatchNormOptions::training()).unwrap();
+        within_a_fifth(
+            "batch_norm1d",
+            offset,
+            sd,
+            max_abs_diff(&widen(&y), &want),
+            bounds[1],
+        );
+
         let want = reference::group_norm(&x64, (16, 32, 64), 8, &ones, &zeros, 1e-5, false);
         let (y, _) = group_norm(&x, 8, None, None, 1e-5.into()).unwrap();
         within_a_fifth(
@@ -92,6 +105,36 @@ fn large_offsets_are_five_times_more_accurate_than_pytorch() {
             sd,
             max_abs_diff(&widen(&y), &want),
             bounds[2],
+        );
+    }
+}
+
+#[test]
+fn batch_norm1d_statistics_survive_first_rows_far_from_the_mean() {
+    // The leading rows give each column's shift: here they sit 10⁴ standard
+    // deviations away from the rest, and the columns whose shift proves too
+    // far are redone in f64, so the statistics stay exact.
+    let (rows, c) = (300, 24);
+    let x64: Vec<f64> = normal(&mut rng(11), &[rows, c], 0.0, 1.0)
+        .data()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| if i < 16 * c { v + 1e4 } else { v })
+        .collect();
+    let x32 = Tensor::new(vec![rows, c], x64.iter().map(|&v| v as f32).collect()).unwrap();
+    let x64 = widen(&x32);
+    let (y, saved) = batch_norm(&x32, None, None, None, &BatchNormOptions::training()).unwrap();
+    let ones = vec![1.0; c];
+    let zeros = vec![0.0; c];
+    let want = reference::batch_norm(&x64, (rows, c, 1), None, &ones, &zeros, 1e-5, false);
+    let err = max_abs_diff(&widen(&y), &want);
+    assert!(err < 1e-5, "max abs error {err:e}");
+    for ch in 0..c {
+        let column: Vec<f64> = x64.iter().skip(ch).step_by(c).copied().collect();
+        let (mean, _) = reference::mean_var(&column);
+        assert!(
+            (saved.mean[ch] - mean).abs() <= 1e-12 * mean.abs().max(1.0),
+            "channel {ch}"
         );
     }
 }

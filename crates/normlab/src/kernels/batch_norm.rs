@@ -18,6 +18,7 @@ use super::{
     NcsLayout, Saved,
 };
 use super::{positions, slices};
+use crate::alloc::Scratch;
 use crate::error::{check_len, ensure, Result};
 use crate::float::Lane;
 use crate::float::OutputBuffer;
@@ -251,20 +252,22 @@ fn normalize_unchecked<T: Float, P: Float>(
         return;
     }
     if s <= positions::MAX_SPATIAL || s < SHORT_SPATIAL {
-        let scale: Vec<f64> = (0..c)
-            .map(|ch| saved.rstd[ch] * param_at(weight, ch, 1.0))
-            .collect();
-        let shift: Vec<f64> = (0..c).map(|ch| param_at(bias, ch, 0.0)).collect();
+        let scale = Scratch::collect(
+            c,
+            (0..c).map(|ch| saved.rstd[ch] * param_at(weight, ch, 1.0)),
+        );
+        let shift = Scratch::collect(c, (0..c).map(|ch| param_at(bias, ch, 0.0)));
         if s <= positions::MAX_SPATIAL {
             positions::normalize(x, y, (c, s), &saved.mean, &scale, &shift);
             return;
         }
-        let coefs: Vec<[T::Lane; 4]> = (0..c)
-            .map(|ch| {
+        let coefs = Scratch::collect(
+            c,
+            (0..c).map(|ch| {
                 let (hi, lo) = T::Lane::split(saved.mean[ch]);
                 [hi, lo, T::Lane::of(scale[ch]), T::Lane::of(shift[ch])]
-            })
-            .collect();
+            }),
+        );
         let run = min_units(s);
         x.par_chunks(run * s)
             .zip(y.par_chunks_mut(run * s))
@@ -711,8 +714,10 @@ pub fn update_running<T: Float>(
     check_len(op, "batch var", batch_var.len(), &[c])?;
     let tracked = running.num_batches_tracked.saturating_add(1);
     let m = momentum.factor(tracked);
-    let mut new_mean = Vec::with_capacity(c);
-    let mut new_var = Vec::with_capacity(c);
+    // The new values go to scratch first: an error leaves the running
+    // statistics as they were.
+    let mut new_mean = Scratch::filled(c, T::default());
+    let mut new_var = Scratch::filled(c, T::default());
     for ch in 0..c {
         let (bm, bv) = (batch_mean[ch], batch_var[ch]);
         let nm = T::from_f64((1.0 - m) * running.mean[ch].to_f64() + m * bm);
@@ -751,8 +756,8 @@ pub fn update_running<T: Float>(
                 var: bv,
             });
         }
-        new_mean.push(nm);
-        new_var.push(nv);
+        new_mean[ch] = nm;
+        new_var[ch] = nv;
     }
     running.mean.copy_from_slice(&new_mean);
     running.var.copy_from_slice(&new_var);
@@ -963,8 +968,8 @@ pub(crate) fn update_running_from<T: Float>(
     options: &BatchNormOptions,
 ) -> Result<()> {
     let ddof = options.running_var.ddof();
-    let mean: Vec<f64> = moments.iter().map(|m| m.mean).collect();
-    let var: Vec<f64> = moments.iter().map(|m| m.var(ddof)).collect();
+    let mean = Scratch::collect(moments.len(), moments.iter().map(|m| m.mean));
+    let var = Scratch::collect(moments.len(), moments.iter().map(|m| m.var(ddof)));
     update_running(op, running, &mean, &var, options.momentum)
 }
 

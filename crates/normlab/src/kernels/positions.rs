@@ -8,10 +8,11 @@
 //! Statistics are kept per position and computed in tiles of column
 //! stripes × blocks of [`ROWS_PER_BLOCK`] rows (one task each), the blocks
 //! merged in row order, so results do not depend on the thread count.
-//! Statistics follow [`Moments`]: per block, a lane sum gives each position's
-//! shift, the sums centred on it are taken in lanes over [`FLUSH_ROWS`] rows
-//! and in f64 across them, and positions and blocks are merged with Chan's
-//! formula.
+//! Statistics follow [`Moments`]: each position's shift is the mean of
+//! its first rows, the sums centred on it are taken in lanes over
+//! [`FLUSH_ROWS`] rows and in f64 across them, a block's sums are added to
+//! the others' in row order, and a position whose shift proves too far
+//! from its mean is redone in f64.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -20,8 +21,9 @@ use rayon::prelude::*;
 
 use super::parallel::min_units;
 use super::DxCoefficients;
+use crate::alloc::Scratch;
 use crate::float::Lane;
-use crate::moments::Moments;
+use crate::moments::{Moments, SHIFT_SAMPLE};
 use crate::simd::sums;
 use crate::simd::transform::{self, PositionCoefs};
 use crate::Float;
@@ -38,11 +40,12 @@ const ROWS_PER_BLOCK: usize = 64;
 /// the 4-term lane sums of [`sums::SEGMENT`].
 const FLUSH_ROWS: usize = 4;
 
-/// Each channel's value repeated at its `s` positions, as lanes.
-fn expand<C: Lane>(per_channel: impl Iterator<Item = f64>, s: usize) -> Vec<C> {
-    per_channel
-        .flat_map(|v| std::iter::repeat(C::of(v)).take(s))
-        .collect()
+/// Each of the `c` channels' values repeated at its `s` positions, as lanes.
+fn expand<C: Lane>(per_channel: impl Iterator<Item = f64>, (c, s): (usize, usize)) -> Scratch<C> {
+    Scratch::collect(
+        c * s,
+        per_channel.flat_map(|v| std::iter::repeat(C::of(v)).take(s)),
+    )
 }
 
 /// Positions per stripe of the statistics passes: rows are cut into
@@ -69,80 +72,114 @@ fn tiles(rows: usize, row: usize) -> Vec<(Range<usize>, Range<usize>)> {
         .collect()
 }
 
-/// Per-channel moments of `[N, C, S]`.
+/// `data` cut into one piece per tile, in tile order, each `lanes`
+/// values per column of the tile.
+fn per_tile<'a, V>(
+    data: &'a mut [V],
+    tiles: &[(Range<usize>, Range<usize>)],
+    lanes: usize,
+) -> Vec<&'a mut [V]> {
+    let mut rest = data;
+    tiles
+        .iter()
+        .map(|(_, cols)| {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(cols.len() * lanes);
+            rest = tail;
+            piece
+        })
+        .collect()
+}
+
+/// Values in a whole tile of `rows` rows of `row` positions.
+fn tile_values(rows: usize, row: usize) -> usize {
+    rows.min(ROWS_PER_BLOCK) * row.min(STRIPE)
+}
+
+/// Per-channel moments of `[N, C, S]`: every position's sums centred on
+/// one shift, the mean of its first [`SHIFT_SAMPLE`] rows, taken in one
+/// pass over tiles and added across blocks in row order; a position whose
+/// shift proves more than a standard deviation from its mean, or whose
+/// squares leave the lanes' range, is redone in f64 (two passes over its
+/// column). One pass over `x` where a shift per block took two.
 pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
     let row = c * s;
     let rows = x.len() / row.max(1);
     if rows == 0 {
         return vec![Moments::EMPTY; c];
     }
-    let per_tile: Vec<Vec<Moments>> = tiles(rows, row)
-        .into_par_iter()
-        .map(|(block, cols)| {
+    let mut shift = Scratch::filled(row, T::Lane::ZERO);
+    let head = rows.min(SHIFT_SAMPLE);
+    for r in x.chunks_exact(row).take(head) {
+        transform::sum_positions(r, &mut shift);
+    }
+    let scale = T::Lane::of(1.0 / head as f64);
+    for v in shift.iter_mut() {
+        *v = *v * scale;
+    }
+    let tiles = tiles(rows, row);
+    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    // Each tile's per-position centred sums `Σd`, then `Σd²`, in the order of `tiles`.
+    let mut tile_sums = Scratch::filled(blocks * row * 2, 0f64);
+    let pieces = per_tile(&mut tile_sums, &tiles, 2);
+    tiles
+        .par_iter()
+        .zip(pieces)
+        .with_min_len(min_units(tile_values(rows, row)))
+        .for_each(|((block, cols), out)| {
             let w = cols.len();
-            let zero = T::Lane::ZERO;
-            let (mut shift, mut s1, mut s2) = (vec![zero; w], vec![zero; w], vec![zero; w]);
-            let (mut w1, mut w2) = (vec![0f64; w], vec![0f64; w]);
-            let (low, _) = T::Lane::SAFE_RANGE;
-            let count = block.len() as f64;
-            let cells = |r: usize| &x[r * row + cols.start..r * row + cols.end];
-            for r in block.clone() {
-                transform::sum_positions(cells(r), &mut shift);
-            }
-            let scale = T::Lane::of(1.0 / count);
-            for v in &mut shift {
-                *v = *v * scale;
-            }
+            let (mut s1, mut s2) = (
+                Scratch::filled(w, T::Lane::ZERO),
+                Scratch::filled(w, T::Lane::ZERO),
+            );
+            let (w1, w2) = out.split_at_mut(w);
+            let shift = &shift[cols.clone()];
             for (i, r) in block.clone().enumerate() {
-                transform::add_positions(cells(r), None, &shift, &shift, &shift, &mut s1, &mut s2);
+                let cells = &x[r * row + cols.start..r * row + cols.end];
+                transform::add_positions(cells, None, shift, shift, shift, &mut s1, &mut s2);
                 if (i + 1) % FLUSH_ROWS == 0 {
-                    sums::flush::<T>(&mut w1, &mut s1);
-                    sums::flush::<T>(&mut w2, &mut s2);
+                    sums::flush::<T>(w1, &mut s1);
+                    sums::flush::<T>(w2, &mut s2);
                 }
             }
-            sums::flush::<T>(&mut w1, &mut s1);
-            sums::flush::<T>(&mut w2, &mut s2);
-            (0..w)
-                .map(|j| {
-                    let m = Moments::from_centred_sums(count, shift[j].wide(), w1[j], w2[j]);
-                    if m.m2.is_finite() && m.m2 > count * low * low {
-                        m
-                    } else {
-                        // Squares that overflow or underflow the lanes (or
-                        // values that are not finite): this position of the
-                        // block in f64, two passes.
-                        let values = || block.clone().map(|r| x[r * row + cols.start + j].to_f64());
-                        let mean = values().sum::<f64>() / count;
-                        let m2 = values().map(|v| (v - mean) * (v - mean)).sum();
-                        Moments { count, mean, m2 }
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    // Tiles come stripe by stripe, blocks in row order: merge each stripe's
-    // blocks in that order.
-    let mut per_position = Vec::with_capacity(row);
-    let blocks = rows.div_ceil(ROWS_PER_BLOCK).max(1);
-    for stripe in per_tile.chunks(blocks) {
-        let mut acc = vec![Moments::EMPTY; stripe.first().map_or(0, Vec::len)];
-        for block in stripe {
-            for (a, &m) in acc.iter_mut().zip(block) {
-                *a = a.merge(m);
+            sums::flush::<T>(w1, &mut s1);
+            sums::flush::<T>(w2, &mut s2);
+        });
+    // A position's blocks added in row order, then a channel's positions
+    // merged in position order.
+    let count = rows as f64;
+    let mut per_channel = vec![Moments::EMPTY; c];
+    let mut at = 0;
+    for (_, cols) in tiles.iter().step_by(blocks) {
+        let w = cols.len();
+        let stripe = &tile_sums[at..at + blocks * 2 * w];
+        for j in 0..w {
+            let (mut a1, mut a2) = (0.0, 0.0);
+            for b in stripe.chunks_exact(2 * w) {
+                a1 += b[j];
+                a2 += b[w + j];
             }
+            let p = cols.start + j;
+            let position = Moments::from_centred_sums_checked(count, shift[p], a1, a2)
+                .unwrap_or_else(|| {
+                    // In f64, two passes over the position's column.
+                    let column = || x.iter().skip(p).step_by(row).map(|v| v.to_f64());
+                    let mean = column().sum::<f64>() / count;
+                    let m2 = column().map(|v| (v - mean) * (v - mean)).sum();
+                    Moments { count, mean, m2 }
+                });
+            let ch = &mut per_channel[p / s];
+            *ch = ch.merge(position);
         }
-        per_position.extend(acc);
+        at += blocks * 2 * w;
     }
-    per_position
-        .chunks_exact(s)
-        .map(|p| p.iter().fold(Moments::EMPTY, |acc, &m| acc.merge(m)))
-        .collect()
+    per_channel
 }
 
 /// The channel mean of every position as `(hi, lo)` lanes.
-fn split_means<C: Lane>(mean: &[f64], s: usize) -> (Vec<C>, Vec<C>) {
-    let hi: Vec<C> = expand(mean.iter().map(|&m| C::split(m).0.wide()), s);
-    let lo: Vec<C> = expand(mean.iter().map(|&m| C::split(m).1.wide()), s);
+fn split_means<C: Lane>(mean: &[f64], s: usize) -> (Scratch<C>, Scratch<C>) {
+    let c = mean.len();
+    let hi = expand(mean.iter().map(|&m| C::split(m).0.wide()), (c, s));
+    let lo = expand(mean.iter().map(|&m| C::split(m).1.wide()), (c, s));
     (hi, lo)
 }
 
@@ -160,9 +197,9 @@ pub(crate) fn normalize<T: Float>(
     let k = PositionCoefs {
         hi,
         lo,
-        scale: expand(scale.iter().copied(), s),
-        shift: expand(shift.iter().copied(), s),
-        offset: Vec::new(),
+        scale: expand(scale.iter().copied(), (c, s)),
+        shift: expand(shift.iter().copied(), (c, s)),
+        offset: Scratch::filled(0, T::Lane::ZERO),
     };
     x.par_chunks(row)
         .zip(y.par_chunks_mut(row))
@@ -183,52 +220,60 @@ pub(crate) fn grad_sums<T: Float>(
 ) -> (Vec<f64>, Vec<f64>) {
     let row = c * s;
     let (hi, lo) = split_means::<T::Lane>(mean, s);
-    let r: Vec<T::Lane> = expand(rstd.iter().copied(), s);
+    let r: Scratch<T::Lane> = expand(rstd.iter().copied(), (c, s));
     let rows = x.len() / row.max(1);
     if rows == 0 {
         return (vec![0.0; c], vec![0.0; c]);
     }
-    let per_tile: Vec<(Vec<f64>, Vec<f64>)> = tiles(rows, row)
-        .into_par_iter()
-        .map(|(block, cols)| {
+    let tiles = tiles(rows, row);
+    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    // Each tile's per-position `(Σdy, Σdy·x̂)` pairs, in the order of `tiles`.
+    let mut tile_sums = Scratch::filled(blocks * row * 2, 0f64);
+    let pieces = per_tile(&mut tile_sums, &tiles, 2);
+    tiles
+        .par_iter()
+        .zip(pieces)
+        .with_min_len(min_units(tile_values(rows, row)))
+        .for_each(|((block, cols), out)| {
             let w = cols.len();
-            let (mut s1, mut s2) = (vec![T::Lane::ZERO; w], vec![T::Lane::ZERO; w]);
-            let (mut w1, mut w2) = (vec![0f64; w], vec![0f64; w]);
+            let (mut s1, mut s2) = (
+                Scratch::filled(w, T::Lane::ZERO),
+                Scratch::filled(w, T::Lane::ZERO),
+            );
+            let (w1, w2) = out.split_at_mut(w);
             let (hi, lo, r) = (&hi[cols.clone()], &lo[cols.clone()], &r[cols.clone()]);
-            for (i, rr) in block.enumerate() {
+            for (i, rr) in block.clone().enumerate() {
                 let cells = rr * row + cols.start..rr * row + cols.end;
                 let (xc, dc) = (&x[cells.clone()], &dy[cells]);
                 transform::add_positions(xc, Some(dc), hi, lo, r, &mut s1, &mut s2);
                 if (i + 1) % FLUSH_ROWS == 0 {
-                    sums::flush::<T>(&mut w1, &mut s1);
-                    sums::flush::<T>(&mut w2, &mut s2);
+                    sums::flush::<T>(w1, &mut s1);
+                    sums::flush::<T>(w2, &mut s2);
                 }
             }
-            sums::flush::<T>(&mut w1, &mut s1);
-            sums::flush::<T>(&mut w2, &mut s2);
-            (w1, w2)
-        })
-        .collect();
-    // Each stripe's blocks added in row order.
-    let (mut w1, mut w2) = (Vec::with_capacity(row), Vec::with_capacity(row));
-    let blocks = rows.div_ceil(ROWS_PER_BLOCK).max(1);
-    for stripe in per_tile.chunks(blocks) {
-        let w = stripe.first().map_or(0, |b| b.0.len());
-        let (mut a1, mut a2) = (vec![0f64; w], vec![0f64; w]);
-        for (b1, b2) in stripe {
-            for (a, v) in a1.iter_mut().zip(b1) {
-                *a += v;
+            sums::flush::<T>(w1, &mut s1);
+            sums::flush::<T>(w2, &mut s2);
+        });
+    // A position's blocks added in row order, then a channel's positions
+    // in position order.
+    let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
+    let mut at = 0;
+    for (_, cols) in tiles.iter().step_by(blocks) {
+        let w = cols.len();
+        let stripe = &tile_sums[at..at + blocks * 2 * w];
+        for j in 0..w {
+            let (mut a1, mut a2) = (0.0, 0.0);
+            for b in stripe.chunks_exact(2 * w) {
+                a1 += b[j];
+                a2 += b[w + j];
             }
-            for (a, v) in a2.iter_mut().zip(b2) {
-                *a += v;
-            }
+            let ch = (cols.start + j) / s;
+            sum_dy[ch] += a1;
+            sum_dy_xhat[ch] += a2;
         }
-        w1.extend(a1);
-        w2.extend(a2);
+        at += blocks * 2 * w;
     }
-    let per_channel =
-        |w: &[f64]| -> Vec<f64> { w.chunks_exact(s).map(|p| p.iter().sum()).collect() };
-    (per_channel(&w1), per_channel(&w2))
+    (sum_dy, sum_dy_xhat)
 }
 
 /// `dx = rstd_c·(w_c·dy - mean_g,c) + b_c·(x - mean_c)`.
@@ -246,9 +291,9 @@ pub(crate) fn input_grad<T: Float>(
     let k = PositionCoefs {
         hi,
         lo,
-        scale: expand(coefs.iter().map(|k| k.b), s),
-        shift: expand(coefs.iter().zip(weight).map(|(k, w)| k.rstd * w), s),
-        offset: expand(coefs.iter().map(|k| k.rstd * k.mean_g), s),
+        scale: expand(coefs.iter().map(|k| k.b), (c, s)),
+        shift: expand(coefs.iter().zip(weight).map(|(k, w)| k.rstd * w), (c, s)),
+        offset: expand(coefs.iter().map(|k| k.rstd * k.mean_g), (c, s)),
     };
     x.par_chunks(row)
         .zip(dy.par_chunks(row))

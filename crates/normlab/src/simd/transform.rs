@@ -12,6 +12,7 @@ use std::mem::MaybeUninit;
 use super::convert::{self, load, load_n, Store, VECTOR};
 use super::sums::{centred_segment_of, centred_tail, SEGMENT, WIDE};
 use super::vector::V8;
+use crate::alloc::Scratch;
 use crate::float::{Float, Lane};
 use crate::simd::{simd_fn, Isa};
 
@@ -165,18 +166,18 @@ fn slice_dx_blocks<T: Float, L: Isa>(
 /// spatial size): position `j` belongs to channel `j / S`, and each array
 /// holds that channel's value at every position of the row, so that a row
 /// is one element-wise pass.
-#[derive(Clone, Debug, Default)]
-pub struct PositionCoefs<C> {
+#[derive(Debug)]
+pub struct PositionCoefs<C: Copy> {
     /// `hi` of the channel mean.
-    pub hi: Vec<C>,
+    pub hi: Scratch<C>,
     /// `lo` of the channel mean.
-    pub lo: Vec<C>,
+    pub lo: Scratch<C>,
     /// Multiplies the centred `x`: `rstd·γ` forward, `b` backward.
-    pub scale: Vec<C>,
+    pub scale: Scratch<C>,
     /// Forward: `β`. Backward: `rstd·γ`, multiplying `dy`.
-    pub shift: Vec<C>,
-    /// Backward: `rstd·mean_g`, subtracted.
-    pub offset: Vec<C>,
+    pub shift: Scratch<C>,
+    /// Backward: `rstd·mean_g`, subtracted (forward: empty).
+    pub offset: Scratch<C>,
 }
 
 simd_fn! {
