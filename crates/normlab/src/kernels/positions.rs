@@ -1,8 +1,8 @@
 //! Channel-wise kernels for a small spatial size (`[N, C]` BatchNorm1d input
 //! is `S = 1`): there a channel's slice is one or a few values, so per-slice
 //! loops would pay a call per value. These kernels walk whole samples (rows
-//! of `C·S` values) instead, with per-position lane accumulators
-//! ([`transform::add_positions`]) and per-position coefficients
+//! of `C·S` values) instead, with per-position sums of row groups
+//! ([`transform::add_row_group`]) and per-position coefficients
 //! ([`PositionCoefs`]), so a row is one vector pass.
 //!
 //! Statistics are kept per position and computed in tiles of column
@@ -24,7 +24,6 @@ use super::DxCoefficients;
 use crate::alloc::Scratch;
 use crate::float::Lane;
 use crate::moments::{Moments, SHIFT_SAMPLE};
-use crate::simd::sums;
 use crate::simd::transform::{self, PositionCoefs};
 use crate::Float;
 
@@ -42,6 +41,10 @@ const FLUSH_ROWS: usize = 4;
 
 /// Each of the `c` channels' values repeated at its `s` positions, as lanes.
 fn expand<C: Lane>(per_channel: impl Iterator<Item = f64>, (c, s): (usize, usize)) -> Scratch<C> {
+    if s == 1 {
+        // BatchNorm1d: one position per channel.
+        return Scratch::collect(c, per_channel.map(C::of));
+    }
     Scratch::collect(
         c * s,
         per_channel.flat_map(|v| std::iter::repeat(C::of(v)).take(s)),
@@ -90,6 +93,27 @@ fn per_tile<'a, V>(
         .collect()
 }
 
+/// Calls `add(rows, first)` on the tile's rows in groups of
+/// [`FLUSH_ROWS`] (the last one shorter), each row cut to the tile's
+/// columns, `first` the group's first row.
+fn for_row_groups<T>(
+    x: &[T],
+    row: usize,
+    block: &Range<usize>,
+    cols: &Range<usize>,
+    mut add: impl FnMut(&[&[T]], usize),
+) {
+    let mut rows: [&[T]; FLUSH_ROWS] = [&[]; FLUSH_ROWS];
+    for first in block.clone().step_by(FLUSH_ROWS) {
+        let n = (block.end - first).min(FLUSH_ROWS);
+        for (i, r) in rows.iter_mut().take(n).enumerate() {
+            let at = (first + i) * row;
+            *r = &x[at + cols.start..at + cols.end];
+        }
+        add(&rows[..n], first);
+    }
+}
+
 /// Values in a whole tile of `rows` rows of `row` positions.
 fn tile_values(rows: usize, row: usize) -> usize {
     rows.min(ROWS_PER_BLOCK) * row.min(STRIPE)
@@ -126,23 +150,11 @@ pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
         .zip(pieces)
         .with_min_len(min_units(tile_values(rows, row)))
         .for_each(|((block, cols), out)| {
-            let w = cols.len();
-            let (mut s1, mut s2) = (
-                Scratch::filled(w, T::Lane::ZERO),
-                Scratch::filled(w, T::Lane::ZERO),
-            );
-            let (w1, w2) = out.split_at_mut(w);
+            let (w1, w2) = out.split_at_mut(cols.len());
             let shift = &shift[cols.clone()];
-            for (i, r) in block.clone().enumerate() {
-                let cells = &x[r * row + cols.start..r * row + cols.end];
-                transform::add_positions(cells, None, shift, shift, shift, &mut s1, &mut s2);
-                if (i + 1) % FLUSH_ROWS == 0 {
-                    sums::flush::<T>(w1, &mut s1);
-                    sums::flush::<T>(w2, &mut s2);
-                }
-            }
-            sums::flush::<T>(w1, &mut s1);
-            sums::flush::<T>(w2, &mut s2);
+            for_row_groups(x, row, &block, &cols, |rows, _| {
+                transform::add_row_group(rows, None, shift, shift, shift, w1, w2)
+            });
         });
     // A position's blocks added in row order, then a channel's positions
     // merged in position order.
@@ -235,24 +247,16 @@ pub(crate) fn grad_sums<T: Float>(
         .zip(pieces)
         .with_min_len(min_units(tile_values(rows, row)))
         .for_each(|((block, cols), out)| {
-            let w = cols.len();
-            let (mut s1, mut s2) = (
-                Scratch::filled(w, T::Lane::ZERO),
-                Scratch::filled(w, T::Lane::ZERO),
-            );
-            let (w1, w2) = out.split_at_mut(w);
+            let (w1, w2) = out.split_at_mut(cols.len());
             let (hi, lo, r) = (&hi[cols.clone()], &lo[cols.clone()], &r[cols.clone()]);
-            for (i, rr) in block.clone().enumerate() {
-                let cells = rr * row + cols.start..rr * row + cols.end;
-                let (xc, dc) = (&x[cells.clone()], &dy[cells]);
-                transform::add_positions(xc, Some(dc), hi, lo, r, &mut s1, &mut s2);
-                if (i + 1) % FLUSH_ROWS == 0 {
-                    sums::flush::<T>(w1, &mut s1);
-                    sums::flush::<T>(w2, &mut s2);
+            for_row_groups(x, row, &block, &cols, |rows, first| {
+                let mut dys: [&[T]; FLUSH_ROWS] = [&[]; FLUSH_ROWS];
+                for (i, d) in dys.iter_mut().take(rows.len()).enumerate() {
+                    let at = (first + i) * row;
+                    *d = &dy[at + cols.start..at + cols.end];
                 }
-            }
-            sums::flush::<T>(w1, &mut s1);
-            sums::flush::<T>(w2, &mut s2);
+                transform::add_row_group(rows, Some(&dys[..rows.len()]), hi, lo, r, w1, w2)
+            });
         });
     // A position's blocks added in row order, then a channel's positions
     // in position order.

@@ -182,8 +182,9 @@ pub struct PositionCoefs<C: Copy> {
 
 simd_fn! {
     /// One row of `[N, C·S]`: `y = ((x - hi_j) - lo_j)·scale_j + shift_j`.
-    /// Whole vectors through zipped chunks (see [`add_positions`]), then
-    /// the partial one.
+    /// Whole vectors through zipped chunks, so that the slices' bounds are
+    /// checked once and their pointers stay in registers (indexing each
+    /// vector reloaded them after every store), then the partial one.
     pub fn normalize_positions<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>) {
         let len = x.len();
         let whole = len - len % VECTOR;
@@ -243,53 +244,72 @@ fn lanes8<C: Lane, L: Isa>(v: &[C]) -> V8<C, L> {
 }
 
 simd_fn! {
-    /// Adds one row of `[N, C·S]` to per-position lane sums: `s1_j += x_j - shift_j`,
-    /// `s2_j += (x_j - shift_j)²`, or with `dy` given, `s1_j += dy_j`,
-    /// `s2_j += dy_j·((x_j - hi_j) - lo_j)·rstd_j` (then `shift` holds
-    /// `hi`; without `dy`, `lo` and `rstd` are not read).
-    ///
-    /// Whole vectors go through zipped chunks, so that the slices' bounds
-    /// are checked once and their pointers stay in registers (indexing each
-    /// vector reloaded them after every store); the last positions, fewer
-    /// than eight, lane by lane with the same operations.
-    pub fn add_positions<T: Float>[L](x: &[T], dy: Option<&[T]>, shift: &[T::Lane], lo: &[T::Lane], rstd: &[T::Lane], s1: &mut [T::Lane], s2: &mut [T::Lane]) {
-        let len = x.len();
+    /// Adds a group of rows of `[N, C·S]` (the same columns of each, at most
+    /// a flush's worth) to per-position f64 sums: for each position `j`,
+    /// the lane sums over the rows, in row order, of `d = x_j - shift_j` and
+    /// `d²`, or with `dy` given (one row of `dy` per row of `x`) of `dy_j`
+    /// and `dy_j·((x_j - hi_j) - lo_j)·rstd_j` (then `shift` holds `hi`;
+    /// without `dy`, `lo` and `rstd` are not read), widened and added to
+    /// `w1_j`, `w2_j`. The lane sums stay in registers: kept in lane arrays
+    /// (written back at every row, then read again to flush them into f64),
+    /// they made the flush a third of the statistics pass.
+    pub fn add_row_group<T: Float>[L](x: &[&[T]], dy: Option<&[&[T]]>, shift: &[T::Lane], lo: &[T::Lane], rstd: &[T::Lane], w1: &mut [f64], w2: &mut [f64]) {
+        let len = w1.len();
         let whole = len - len % VECTOR;
-        let (s1, s2) = (&mut s1[..len], &mut s2[..len]);
-        let sums = s1[..whole].chunks_exact_mut(VECTOR).zip(s2[..whole].chunks_exact_mut(VECTOR));
-        // One loop per case: a `match` inside the loop kept the lanes of
-        // `s1`, `s2` from staying in registers.
+        let w2 = &mut w2[..len];
+        let zero = V8::<T::Lane, L>::zero();
+        let add = |w: &mut [f64], at: usize, v: V8<T::Lane, L>| {
+            let out = &mut w[at..at + VECTOR];
+            out.copy_from_slice(&(lanes8::<f64, L>(out) + v.wide()).lanes);
+        };
         match dy {
             None => {
-                let shifts = shift[..whole].chunks_exact(VECTOR);
-                for (k, ((a1, a2), sh)) in sums.zip(shifts).enumerate() {
-                    let d = V8::new(load::<T, L>(x, k * VECTOR)) - lanes8(sh);
-                    a1.copy_from_slice(&(lanes8::<_, L>(a1) + d).lanes);
-                    a2.copy_from_slice(&(lanes8::<_, L>(a2) + d * d).lanes);
+                for at in (0..whole).step_by(VECTOR) {
+                    let sh = lanes8(&shift[at..at + VECTOR]);
+                    let (mut a1, mut a2) = (zero, zero);
+                    for r in x {
+                        let d = V8::new(load::<T, L>(r, at)) - sh;
+                        a1 = a1 + d;
+                        a2 = a2 + d * d;
+                    }
+                    add(w1, at, a1);
+                    add(w2, at, a2);
                 }
                 for j in whole..len {
-                    let d = x[j].to_lane() - shift[j];
-                    s1[j] += d;
-                    s2[j] += d * d;
+                    let (mut a1, mut a2) = (<T::Lane as Lane>::ZERO, <T::Lane as Lane>::ZERO);
+                    for r in x {
+                        let d = r[j].to_lane() - shift[j];
+                        a1 += d;
+                        a2 += d * d;
+                    }
+                    w1[j] += a1.wide();
+                    w2[j] += a2.wide();
                 }
             }
             Some(dy) => {
-                let dy = &dy[..len];
-                let coefs = shift[..whole].chunks_exact(VECTOR)
-                    .zip(lo[..whole].chunks_exact(VECTOR))
-                    .zip(rstd[..whole].chunks_exact(VECTOR));
-                for (k, ((a1, a2), ((hi, lo), r))) in sums.zip(coefs).enumerate() {
-                    let xv = V8::new(load::<T, L>(x, k * VECTOR));
-                    let dv = V8::new(load::<T, L>(dy, k * VECTOR));
-                    let xh = ((xv - lanes8(hi)) - lanes8(lo)) * lanes8(r);
-                    a1.copy_from_slice(&(lanes8::<_, L>(a1) + dv).lanes);
-                    a2.copy_from_slice(&(lanes8::<_, L>(a2) + dv * xh).lanes);
+                for at in (0..whole).step_by(VECTOR) {
+                    let (hi, lo, r) = (lanes8(&shift[at..at + VECTOR]), lanes8(&lo[at..at + VECTOR]), lanes8(&rstd[at..at + VECTOR]));
+                    let (mut a1, mut a2) = (zero, zero);
+                    for (xr, dr) in x.iter().zip(dy) {
+                        let xv = V8::new(load::<T, L>(xr, at));
+                        let dv = V8::new(load::<T, L>(dr, at));
+                        let xh = ((xv - hi) - lo) * r;
+                        a1 = a1 + dv;
+                        a2 = a2 + dv * xh;
+                    }
+                    add(w1, at, a1);
+                    add(w2, at, a2);
                 }
                 for j in whole..len {
-                    let dv = dy[j].to_lane();
-                    let xh = ((x[j].to_lane() - shift[j]) - lo[j]) * rstd[j];
-                    s1[j] += dv;
-                    s2[j] += dv * xh;
+                    let (mut a1, mut a2) = (<T::Lane as Lane>::ZERO, <T::Lane as Lane>::ZERO);
+                    for (xr, dr) in x.iter().zip(dy) {
+                        let dv = dr[j].to_lane();
+                        let xh = ((xr[j].to_lane() - shift[j]) - lo[j]) * rstd[j];
+                        a1 += dv;
+                        a2 += dv * xh;
+                    }
+                    w1[j] += a1.wide();
+                    w2[j] += a2.wide();
                 }
             }
         }
