@@ -152,7 +152,7 @@ pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
         .for_each(|((block, cols), out)| {
             let (w1, w2) = out.split_at_mut(cols.len());
             let shift = &shift[cols.clone()];
-            for_row_groups(x, row, &block, &cols, |rows, _| {
+            for_row_groups(x, row, block, cols, |rows, _| {
                 transform::add_row_group(rows, None, shift, shift, shift, w1, w2)
             });
         });
@@ -249,7 +249,7 @@ pub(crate) fn grad_sums<T: Float>(
         .for_each(|((block, cols), out)| {
             let (w1, w2) = out.split_at_mut(cols.len());
             let (hi, lo, r) = (&hi[cols.clone()], &lo[cols.clone()], &r[cols.clone()]);
-            for_row_groups(x, row, &block, &cols, |rows, first| {
+            for_row_groups(x, row, block, cols, |rows, first| {
                 let mut dys: [&[T]; FLUSH_ROWS] = [&[]; FLUSH_ROWS];
                 for (i, d) in dys.iter_mut().take(rows.len()).enumerate() {
                     let at = (first + i) * row;
