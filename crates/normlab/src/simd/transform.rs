@@ -269,8 +269,8 @@ simd_fn! {
                     let (mut a1, mut a2) = (zero, zero);
                     for r in x {
                         let d = V8::new(load::<T, L>(r, at)) - sh;
-                        a1 = a1 + d;
-                        a2 = a2 + d * d;
+                        a1 += d;
+                        a2 += d * d;
                     }
                     add(w1, at, a1);
                     add(w2, at, a2);
@@ -294,8 +294,8 @@ simd_fn! {
                         let xv = V8::new(load::<T, L>(xr, at));
                         let dv = V8::new(load::<T, L>(dr, at));
                         let xh = ((xv - hi) - lo) * r;
-                        a1 = a1 + dv;
-                        a2 = a2 + dv * xh;
+                        a1 += dv;
+                        a2 += dv * xh;
                     }
                     add(w1, at, a1);
                     add(w2, at, a2);
