@@ -166,11 +166,9 @@ fn run_suite(
 
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let threads = match &cli.command {
-        Command::Bench { threads, .. } => *threads,
-        _ => None,
-    };
-    thread_pool(threads)?;
+    if let Command::Bench { threads, .. } = &cli.command {
+        bench_thread_pool(*threads)?;
+    }
     match cli.command {
         Command::Report(args) => {
             let all: Vec<_> = normlab_cli::lab::experiments::SUITE.iter().collect();
@@ -215,15 +213,19 @@ fn run() -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Sets up the global thread pool (`threads` workers, default: one per
-/// core) with the main thread as one of its workers. The kernels' parallel
-/// loops are then started from inside the pool: the caller splits the work
-/// and runs its share at once, as an OpenMP caller does, instead of handing
-/// the whole loop to a sleeping worker and waiting to be woken. The bf16
-/// BatchNorm1d forward on `[256, 512]` took 0.20–0.37 ms from outside the
-/// pool and 0.17 ms from inside it (2 threads, medians of 100 runs,
-/// `normlab bench --suite models --dtype bf16`).
-fn thread_pool(threads: Option<usize>) -> anyhow::Result<()> {
+/// Sets up the global thread pool for `normlab bench` (`threads` workers,
+/// default: one per core) with the main thread as one of its workers. The
+/// kernels' parallel loops are then started from inside the pool: the
+/// caller splits the work and runs its share at once, as an OpenMP caller
+/// does, instead of handing the whole loop to a sleeping worker and waiting
+/// to be woken. The bf16 BatchNorm1d forward on `[256, 512]` took
+/// 0.20–0.37 ms from outside the pool and 0.17 ms from inside it (2
+/// threads, medians of 100 runs, `normlab bench --suite models --dtype
+/// bf16`). Only the bench does this: its main thread does nothing but call
+/// kernels. The lab's SyncBatchNorm ranks are threads of their own whose
+/// kernels run on the pool while the main thread waits for them; with the
+/// main thread in the pool, that wait would hold one of its workers.
+fn bench_thread_pool(threads: Option<usize>) -> anyhow::Result<()> {
     use anyhow::{bail, Context};
     let mut builder = rayon::ThreadPoolBuilder::new().use_current_thread();
     if let Some(t) = threads {

@@ -203,7 +203,9 @@ const SCRATCH_MIN: usize = 4 << 10;
 /// A per-call temporary: a vector of `Copy` values that comes from the
 /// cache of freed buffers when the cache holds one of its size, and goes
 /// back into it when dropped (from [`SCRATCH_MIN`] bytes on), so that a
-/// call repeated with the same shape allocates nothing new.
+/// call repeated with the same shape allocates nothing new. Scratch sizes
+/// follow from sizes already allocated (a channel count, a row), so
+/// running out of memory here aborts, as a `Vec` does, like [`scratch`].
 #[derive(Debug)]
 pub(crate) struct Scratch<T: Copy> {
     values: Vec<T>,

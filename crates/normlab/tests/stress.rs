@@ -140,6 +140,35 @@ fn batch_norm1d_statistics_survive_first_rows_far_from_the_mean() {
 }
 
 #[test]
+fn batch_norm1d_constant_columns_have_zero_variance() {
+    // ReLU-dead features (all 0) and constant ones: their lane sums are 0,
+    // so they take the exact f64 path; the others stay on the fast one.
+    let (rows, c) = (200, 19);
+    let noise = normal(&mut rng(12), &[rows, c], 0.0, 1.0);
+    let data: Vec<f32> = noise
+        .data()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| match i % c {
+            0 | 7 => 0.0,
+            3 => 2.5,
+            _ => v as f32,
+        })
+        .collect();
+    let x = Tensor::new(vec![rows, c], data).unwrap();
+    let x64 = widen(&x);
+    let (y, saved) = batch_norm(&x, None, None, None, &BatchNormOptions::training()).unwrap();
+    let (ones, zeros) = (vec![1.0; c], vec![0.0; c]);
+    let want = reference::batch_norm(&x64, (rows, c, 1), None, &ones, &zeros, 1e-5, false);
+    let err = max_abs_diff(&widen(&y), &want);
+    assert!(err < 1e-5, "max abs error {err:e}");
+    for (ch, mean) in [(0, 0.0), (7, 0.0), (3, 2.5)] {
+        assert_eq!(saved.mean[ch], mean, "channel {ch}");
+        assert_eq!(saved.rstd[ch], 1.0 / 1e-5f64.sqrt(), "channel {ch}");
+    }
+}
+
+#[test]
 fn saved_statistics_stay_exact_for_backward_with_large_offsets() {
     // The mean is kept in f64: centring in backward must not lose the spread.
     let (x, x64) = rounded(7, &[4, 1024], 1e4, 0.01);

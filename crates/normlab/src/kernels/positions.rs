@@ -156,10 +156,11 @@ pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
                 transform::add_row_group(rows, None, shift, shift, shift, w1, w2)
             });
         });
-    // A position's blocks added in row order, then a channel's positions
-    // merged in position order.
+    // A position's blocks added in row order; positions whose sums fail
+    // the check are redone together afterwards.
     let count = rows as f64;
-    let mut per_channel = vec![Moments::EMPTY; c];
+    let mut per_position = Scratch::filled(row, Moments::EMPTY);
+    let mut redo = Vec::new();
     let mut at = 0;
     for (_, cols) in tiles.iter().step_by(blocks) {
         let w = cols.len();
@@ -171,20 +172,72 @@ pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
                 a2 += b[w + j];
             }
             let p = cols.start + j;
-            let position = Moments::from_centred_sums_checked(count, shift[p], a1, a2)
-                .unwrap_or_else(|| {
-                    // In f64, two passes over the position's column.
-                    let column = || x.iter().skip(p).step_by(row).map(|v| v.to_f64());
-                    let mean = column().sum::<f64>() / count;
-                    let m2 = column().map(|v| (v - mean) * (v - mean)).sum();
-                    Moments { count, mean, m2 }
-                });
-            let ch = &mut per_channel[p / s];
-            *ch = ch.merge(position);
+            match Moments::from_centred_sums_checked(count, shift[p], a1, a2) {
+                Some(m) => per_position[p] = m,
+                None => redo.push(p),
+            }
         }
         at += blocks * 2 * w;
     }
+    if !redo.is_empty() {
+        for (p, m) in redo.iter().zip(exact_columns(x, row, &redo)) {
+            per_position[*p] = m;
+        }
+    }
+    // A channel's positions merged in position order.
+    let mut per_channel = vec![Moments::EMPTY; c];
+    for (p, &m) in per_position.iter().enumerate() {
+        let ch = &mut per_channel[p / s];
+        *ch = ch.merge(m);
+    }
     per_channel
+}
+
+/// Moments of the `columns` (positions) of the rows of `row` values in
+/// `x`, in f64 with two passes: the positions whose shifted lane sums could
+/// not be trusted (constant columns such as a ReLU's dead units, a shift
+/// far from the mean, squares outside the lanes' range). Both passes go
+/// over blocks of [`ROWS_PER_BLOCK`] rows in parallel, each block reading
+/// its rows in memory order, and add the blocks' sums in row order.
+fn exact_columns<T: Float>(x: &[T], row: usize, columns: &[usize]) -> Vec<Moments> {
+    let rows = x.len() / row;
+    let count = rows as f64;
+    let blocks: Vec<Range<usize>> = (0..rows)
+        .step_by(ROWS_PER_BLOCK)
+        .map(|r| r..(r + ROWS_PER_BLOCK).min(rows))
+        .collect();
+    let min_len = min_units(ROWS_PER_BLOCK * columns.len());
+    // Σ term(value, column index) per column over each block, then over
+    // blocks in row order.
+    let sums = |term: &(dyn Fn(f64, usize) -> f64 + Sync)| -> Vec<f64> {
+        let per_block: Vec<Vec<f64>> = blocks
+            .par_iter()
+            .with_min_len(min_len)
+            .map(|block| {
+                let mut acc = vec![0.0; columns.len()];
+                for r in block.clone() {
+                    let values = &x[r * row..(r + 1) * row];
+                    for (i, (a, &p)) in acc.iter_mut().zip(columns).enumerate() {
+                        *a += term(values[p].to_f64(), i);
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut total = vec![0.0; columns.len()];
+        for block in per_block {
+            for (t, v) in total.iter_mut().zip(block) {
+                *t += v;
+            }
+        }
+        total
+    };
+    let mean: Vec<f64> = sums(&|v, _| v).into_iter().map(|s| s / count).collect();
+    let m2 = sums(&|v, i| (v - mean[i]) * (v - mean[i]));
+    mean.iter()
+        .zip(m2)
+        .map(|(&mean, m2)| Moments { count, mean, m2 })
+        .collect()
 }
 
 /// The channel mean of every position as `(hi, lo)` lanes.

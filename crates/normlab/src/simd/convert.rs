@@ -36,8 +36,9 @@ pub fn f32_to_bf16_bits(v: f32) -> u16 {
 /// at `|v|`, with its lowest mantissa bit set when the conversion was
 /// inexact. Rounding that f32 to nearest even at 16 bits gives the f64
 /// correctly rounded (Boldo & Melquiond, "When double rounding is odd",
-/// 2005: the intermediate has at least `2p + 2` bits of the target's `p`,
-/// 24 ≥ 2·11 + 2 for f16 and more for bf16, subnormals included), where
+/// 2005: the intermediate needs at least `p + 2` bits of the target's `p`
+/// and an exponent range covering the target's; f32 has 24 against 11 for
+/// f16 and 8 for bf16, and reaches below both types' subnormals), where
 /// rounding to nearest twice can be off by one unit at a tie.
 #[inline(always)]
 pub fn f64_to_f32_round_to_odd(v: f64) -> f32 {
