@@ -93,25 +93,72 @@ fn per_tile<'a, V>(
         .collect()
 }
 
-/// Calls `add(rows, first)` on the tile's rows in groups of
-/// [`FLUSH_ROWS`] (the last one shorter), each row cut to the tile's
-/// columns, `first` the group's first row.
-fn for_row_groups<T>(
-    x: &[T],
+/// Calls `add(x_rows, dy_rows)` on the tile's rows in groups of
+/// [`FLUSH_ROWS`] (the last one shorter), each row of `x` (and of `dy`
+/// when given) cut to the tile's columns.
+fn for_row_groups<'a, T>(
+    x: &'a [T],
+    dy: Option<&'a [T]>,
     row: usize,
     block: &Range<usize>,
     cols: &Range<usize>,
-    mut add: impl FnMut(&[&[T]], usize),
+    mut add: impl FnMut(&[&'a [T]], Option<&[&'a [T]]>),
 ) {
-    let mut rows: [&[T]; FLUSH_ROWS] = [&[]; FLUSH_ROWS];
+    let mut xs: [&[T]; FLUSH_ROWS] = [&[]; FLUSH_ROWS];
+    let mut dys: [&[T]; FLUSH_ROWS] = [&[]; FLUSH_ROWS];
     for first in block.clone().step_by(FLUSH_ROWS) {
         let n = (block.end - first).min(FLUSH_ROWS);
-        for (i, r) in rows.iter_mut().take(n).enumerate() {
-            let at = (first + i) * row;
-            *r = &x[at + cols.start..at + cols.end];
+        for i in 0..n {
+            let cells = (first + i) * row + cols.start..(first + i) * row + cols.end;
+            xs[i] = &x[cells.clone()];
+            if let Some(dy) = dy {
+                dys[i] = &dy[cells];
+            }
         }
-        add(&rows[..n], first);
+        add(&xs[..n], dy.map(|_| &dys[..n]));
     }
+}
+
+/// Per-position pair sums over every row: each tile (in parallel) adds its
+/// row groups with `add(x_rows, dy_rows, cols, w1, w2)` into its own f64
+/// sums, then a position's blocks are added in row order. Returns the two
+/// sums of every position.
+fn position_sums<T: Float>(
+    x: &[T],
+    dy: Option<&[T]>,
+    row: usize,
+    add: impl Fn(&[&[T]], Option<&[&[T]]>, &Range<usize>, &mut [f64], &mut [f64]) + Sync,
+) -> (Scratch<f64>, Scratch<f64>) {
+    let rows = x.len() / row;
+    let tiles = tiles(rows, row);
+    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    // Each tile's per-position sums, the first then the second, in the order of `tiles`.
+    let mut tile_sums = Scratch::filled(blocks * row * 2, 0f64);
+    let pieces = per_tile(&mut tile_sums, &tiles, 2);
+    tiles
+        .par_iter()
+        .zip(pieces)
+        .with_min_len(min_units(tile_values(rows, row)))
+        .for_each(|((block, cols), out)| {
+            let (w1, w2) = out.split_at_mut(cols.len());
+            for_row_groups(x, dy, row, block, cols, |xs, dys| {
+                add(xs, dys, cols, w1, w2)
+            });
+        });
+    let (mut s1, mut s2) = (Scratch::filled(row, 0f64), Scratch::filled(row, 0f64));
+    let mut at = 0;
+    for (_, cols) in tiles.iter().step_by(blocks) {
+        let w = cols.len();
+        let stripe = &tile_sums[at..at + blocks * 2 * w];
+        for j in 0..w {
+            for b in stripe.chunks_exact(2 * w) {
+                s1[cols.start + j] += b[j];
+                s2[cols.start + j] += b[w + j];
+            }
+        }
+        at += blocks * 2 * w;
+    }
+    (s1, s2)
 }
 
 /// Values in a whole tile of `rows` rows of `row` positions.
@@ -123,8 +170,8 @@ fn tile_values(rows: usize, row: usize) -> usize {
 /// one shift, the mean of its first [`SHIFT_SAMPLE`] rows, taken in one
 /// pass over tiles and added across blocks in row order; a position whose
 /// shift proves more than a standard deviation from its mean, or whose
-/// squares leave the lanes' range, is redone in f64 (two passes over its
-/// column). One pass over `x` where a shift per block took two.
+/// squares leave the lanes' range, is redone in f64 with the others
+/// ([`exact_columns`]). One pass over `x` where a shift per block took two.
 pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
     let row = c * s;
     let rows = x.len() / row.max(1);
@@ -140,44 +187,19 @@ pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
     for v in shift.iter_mut() {
         *v = *v * scale;
     }
-    let tiles = tiles(rows, row);
-    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
-    // Each tile's per-position centred sums `Σd`, then `Σd²`, in the order of `tiles`.
-    let mut tile_sums = Scratch::filled(blocks * row * 2, 0f64);
-    let pieces = per_tile(&mut tile_sums, &tiles, 2);
-    tiles
-        .par_iter()
-        .zip(pieces)
-        .with_min_len(min_units(tile_values(rows, row)))
-        .for_each(|((block, cols), out)| {
-            let (w1, w2) = out.split_at_mut(cols.len());
-            let shift = &shift[cols.clone()];
-            for_row_groups(x, row, block, cols, |rows, _| {
-                transform::add_row_group(rows, None, shift, shift, shift, w1, w2)
-            });
-        });
-    // A position's blocks added in row order; positions whose sums fail
-    // the check are redone together afterwards.
+    let (s1, s2) = position_sums(x, None, row, |xs, _, cols, w1, w2| {
+        let shift = &shift[cols.clone()];
+        transform::add_row_group(xs, None, shift, shift, shift, w1, w2)
+    });
+    // Positions whose sums fail the check are redone together afterwards.
     let count = rows as f64;
     let mut per_position = Scratch::filled(row, Moments::EMPTY);
     let mut redo = Vec::new();
-    let mut at = 0;
-    for (_, cols) in tiles.iter().step_by(blocks) {
-        let w = cols.len();
-        let stripe = &tile_sums[at..at + blocks * 2 * w];
-        for j in 0..w {
-            let (mut a1, mut a2) = (0.0, 0.0);
-            for b in stripe.chunks_exact(2 * w) {
-                a1 += b[j];
-                a2 += b[w + j];
-            }
-            let p = cols.start + j;
-            match Moments::from_centred_sums_checked(count, shift[p], a1, a2) {
-                Some(m) => per_position[p] = m,
-                None => redo.push(p),
-            }
+    for p in 0..row {
+        match Moments::from_centred_sums_checked(count, shift[p], s1[p], s2[p]) {
+            Some(m) => per_position[p] = m,
+            None => redo.push(p),
         }
-        at += blocks * 2 * w;
     }
     if !redo.is_empty() {
         for (p, m) in redo.iter().zip(exact_columns(x, row, &redo)) {
@@ -290,45 +312,15 @@ pub(crate) fn grad_sums<T: Float>(
     if rows == 0 {
         return (vec![0.0; c], vec![0.0; c]);
     }
-    let tiles = tiles(rows, row);
-    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
-    // Each tile's per-position `(Σdy, Σdy·x̂)` pairs, in the order of `tiles`.
-    let mut tile_sums = Scratch::filled(blocks * row * 2, 0f64);
-    let pieces = per_tile(&mut tile_sums, &tiles, 2);
-    tiles
-        .par_iter()
-        .zip(pieces)
-        .with_min_len(min_units(tile_values(rows, row)))
-        .for_each(|((block, cols), out)| {
-            let (w1, w2) = out.split_at_mut(cols.len());
-            let (hi, lo, r) = (&hi[cols.clone()], &lo[cols.clone()], &r[cols.clone()]);
-            for_row_groups(x, row, block, cols, |rows, first| {
-                let mut dys: [&[T]; FLUSH_ROWS] = [&[]; FLUSH_ROWS];
-                for (i, d) in dys.iter_mut().take(rows.len()).enumerate() {
-                    let at = (first + i) * row;
-                    *d = &dy[at + cols.start..at + cols.end];
-                }
-                transform::add_row_group(rows, Some(&dys[..rows.len()]), hi, lo, r, w1, w2)
-            });
-        });
-    // A position's blocks added in row order, then a channel's positions
-    // in position order.
+    let (s1, s2) = position_sums(x, Some(dy), row, |xs, dys, cols, w1, w2| {
+        let (hi, lo, r) = (&hi[cols.clone()], &lo[cols.clone()], &r[cols.clone()]);
+        transform::add_row_group(xs, dys, hi, lo, r, w1, w2)
+    });
+    // A channel's positions added in position order.
     let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
-    let mut at = 0;
-    for (_, cols) in tiles.iter().step_by(blocks) {
-        let w = cols.len();
-        let stripe = &tile_sums[at..at + blocks * 2 * w];
-        for j in 0..w {
-            let (mut a1, mut a2) = (0.0, 0.0);
-            for b in stripe.chunks_exact(2 * w) {
-                a1 += b[j];
-                a2 += b[w + j];
-            }
-            let ch = (cols.start + j) / s;
-            sum_dy[ch] += a1;
-            sum_dy_xhat[ch] += a2;
-        }
-        at += blocks * 2 * w;
+    for p in 0..row {
+        sum_dy[p / s] += s1[p];
+        sum_dy_xhat[p / s] += s2[p];
     }
     (sum_dy, sum_dy_xhat)
 }
