@@ -264,7 +264,7 @@ pub struct BlockStats {
 
 struct Block {
     linear: Option<candle_nn::Linear>,
-    conv: Option<candle_nn::Conv2d>,
+    conv: Option<crate::lab::conv::Conv2d>,
     norm: Option<Norm>,
     pool: bool,
 }
@@ -382,12 +382,12 @@ impl Model {
                     let b = vb
                         .pp("conv")
                         .get_with_hints(config.width, "bias", Init::Const(0.0))?;
-                    let conv = candle_nn::Conv2d::new(
+                    let conv = crate::lab::conv::Conv2d::new(
                         w,
                         Some(b),
-                        candle_nn::Conv2dConfig {
+                        crate::lab::conv::Conv2dConfig {
                             padding: 1,
-                            ..Default::default()
+                            stride: 1,
                         },
                     );
                     in_channels = config.width;
@@ -483,7 +483,7 @@ impl Model {
             let out = (out + probe.as_tensor())?;
             probes.push(probe);
             h = if self.blocks[i].pool {
-                out.max_pool2d(2)?
+                crate::lab::pool::max_pool2d(&out, 2)?
             } else {
                 out
             };
@@ -542,7 +542,7 @@ impl Model {
     ) -> Result<(Tensor, Option<BlockStats>)> {
         let (out, stats) = self.block_forward_unpooled(i, h, train, record)?;
         let out = if self.blocks[i].pool {
-            out.max_pool2d(2)?
+            crate::lab::pool::max_pool2d(&out, 2)?
         } else {
             out
         };
