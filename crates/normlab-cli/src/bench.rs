@@ -1,6 +1,7 @@
 //! The bench suites: the cases `normlab bench` and the criterion benches time.
 //!
-//! Two suites (`--suite`):
+//! Two kernel suites (`--suite`), and a third of training steps
+//! (`training`, in [`crate::lab::step_bench`]):
 //! - `default`: eleven large cases, one per op and layout;
 //! - `models`: shapes taken from real model families, each case named after
 //!   its family: decoder-LLM RMSNorm (hidden sizes 2048–8192 at 1, 8 and 2048
@@ -103,6 +104,8 @@ pub enum Suite {
     Default,
     /// Shapes of real model families.
     Models,
+    /// Optimizer steps of the lab's networks ([`crate::lab::step_bench`]).
+    Training,
 }
 
 /// The default suite, in order.
@@ -115,6 +118,8 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     match suite {
         Suite::Default => default_cases(),
         Suite::Models => model_cases(),
+        // Not kernel cases: `lab::step_bench::cases` lists them.
+        Suite::Training => Vec::new(),
     }
 }
 

@@ -77,8 +77,10 @@ enum Command {
     /// Example: normlab bench --threads 2 --case "layer_norm 8192x1024";
     /// normlab bench --suite models --dtype bf16
     Bench {
-        /// Which cases: `default` (eleven large cases) or `models` (shapes of
-        /// real model families, named after them).
+        /// Which cases: `default` (eleven large cases), `models` (shapes of
+        /// real model families, named after them) or `training` (optimizer
+        /// steps of the lab's networks on the embedded MNIST images; --runs
+        /// timed steps per case, median step time).
         #[arg(long, value_enum, default_value = "default")]
         suite: bench::Suite,
         /// Element type of inputs, parameters and outputs.
@@ -164,10 +166,36 @@ fn run_suite(
     })
 }
 
+/// Sets `RAYON_NUM_THREADS` (when unset) to the number of threads the
+/// process will use, before any thread starts. candle reads its thread
+/// count on every matrix product and element-wise op; without the variable
+/// it counts physical cores by parsing `/proc/cpuinfo` each time (candle
+/// 0.11, `num_cpus::get_physical`). That parsing made up half of a training
+/// step of a 6 × 64 MLP: 4.8 → 2.6 ms median (`normlab bench --suite
+/// training --threads 2 --case "mlp 6x64 batch b64 sgd"`, with and without
+/// the variable).
+fn fix_thread_count(bench_threads: Option<usize>) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let threads = bench_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    });
+    // Single-threaded here: nothing else reads the environment yet.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+}
+
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    if let Command::Bench { threads, .. } = &cli.command {
-        bench_thread_pool(*threads)?;
+    fix_thread_count(match &cli.command {
+        Command::Bench { threads, .. } => *threads,
+        _ => None,
+    });
+    if let Command::Bench { threads, suite, .. } = &cli.command {
+        // Training steps are timed in the pool the lab trains in.
+        bench_thread_pool(*threads, *suite != bench::Suite::Training)?;
     }
     match cli.command {
         Command::Report(args) => {
@@ -224,10 +252,15 @@ fn run() -> anyhow::Result<ExitCode> {
 /// bf16`). Only the bench does this: its main thread does nothing but call
 /// kernels. The lab's SyncBatchNorm ranks are threads of their own whose
 /// kernels run on the pool while the main thread waits for them; with the
-/// main thread in the pool, that wait would hold one of its workers.
-fn bench_thread_pool(threads: Option<usize>) -> anyhow::Result<()> {
+/// main thread in the pool, that wait would hold one of its workers; so
+/// the training suite (`caller_in_pool` false) times steps in the pool the
+/// lab trains in.
+fn bench_thread_pool(threads: Option<usize>, caller_in_pool: bool) -> anyhow::Result<()> {
     use anyhow::{bail, Context};
-    let mut builder = rayon::ThreadPoolBuilder::new().use_current_thread();
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if caller_in_pool {
+        builder = builder.use_current_thread();
+    }
     if let Some(t) = threads {
         // clap checks the range; callers other than the parser are held to it too.
         if !(1..=MAX_THREADS as usize).contains(&t) {
@@ -274,6 +307,9 @@ fn run_bench(
         names,
         list,
     } = choice;
+    if suite == bench::Suite::Training {
+        return run_training_bench(names, list, runs, json);
+    }
     let suite = bench::cases(suite);
     if list {
         for case in &suite {
@@ -349,6 +385,55 @@ fn run_bench(
                 m.bwd_gbps,
                 100.0 * m.bwd_gbps / copy
             );
+        }
+    }
+    Ok(())
+}
+
+/// `normlab bench --suite training`: the median time of `runs` optimizer
+/// steps of each selected case.
+fn run_training_bench(names: &[String], list: bool, runs: usize, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use normlab_cli::lab::step_bench;
+    let all = step_bench::cases();
+    if list {
+        for case in &all {
+            println!("{}", case.name);
+        }
+        return Ok(());
+    }
+    let selected: Vec<_> = if names.is_empty() {
+        all
+    } else {
+        names
+            .iter()
+            .map(|n| {
+                all.iter().find(|c| &c.name == n).cloned().with_context(|| {
+                    format!("unknown case `{n}` (normlab bench --suite training --list shows the names)")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let (train_set, _, _) = data::Split::new(data::embedded_mnist()?).into_sets(0)?;
+    let threads = rayon::current_num_threads();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"suite": "training", "threads": threads})
+        );
+    } else {
+        println!(
+            "{threads} threads; medians of {runs} steps after {} untimed ones",
+            step_bench::WARMUP_STEPS
+        );
+        println!("{:<36} {:>10} {:>10}", "case", "step_ms", "min_ms");
+    }
+    for case in &selected {
+        let m = step_bench::measure(case, &train_set, runs)?;
+        if json {
+            println!("{}", serde_json::to_string(&m)?);
+        } else {
+            println!("{:<36} {:>10.3} {:>10.3}", m.case, m.step_ms, m.min_step_ms);
         }
     }
     Ok(())

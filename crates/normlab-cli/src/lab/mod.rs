@@ -3,8 +3,10 @@
 pub mod conv;
 pub mod experiments;
 pub mod model;
+pub mod optim;
 pub mod plot;
 pub mod pool;
 pub mod report;
+pub mod step_bench;
 pub mod train;
 pub mod verdict;

@@ -22,13 +22,14 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use normlab_candle::{Communicator, SingleProcess};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
 use super::model::{Arch, Model, ModelConfig};
+use super::optim::{AdamW, MomentumSgd};
 use crate::data::Dataset;
 
 /// Optimizer choice.
@@ -258,25 +259,6 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
-/// SGD with momentum over candle variables.
-struct MomentumSgd {
-    vars: Vec<(Var, Tensor)>,
-    lr: f64,
-    momentum: f64,
-}
-
-impl MomentumSgd {
-    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        for (var, velocity) in &mut self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                *velocity = ((&*velocity * self.momentum)? + g)?;
-                var.set(&var.as_tensor().sub(&(&*velocity * self.lr)?)?)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A mini-batch of images `[B, C, H, W]` and labels `[B]`.
 pub fn batch(data: &Dataset, indices: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
     let sub = data.select(indices);
@@ -311,7 +293,7 @@ pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
 /// The optimizer of a run.
 enum Opt {
     Sgd(MomentumSgd),
-    AdamW(candle_nn::AdamW),
+    AdamW(AdamW),
 }
 
 /// A training run in progress: the model, its variables, the optimizer and
@@ -391,22 +373,12 @@ impl<'a> Trainer<'a> {
         };
         let vars = trainable.clone();
         let opt = match config.optimizer {
-            OptimizerKind::Sgd { momentum } => Opt::Sgd(MomentumSgd {
-                vars: trainable
-                    .iter()
-                    .map(|v| Ok((v.clone(), v.as_tensor().zeros_like()?)))
-                    .collect::<Result<_>>()?,
-                lr: config.lr,
-                momentum,
-            }),
-            OptimizerKind::AdamW { weight_decay } => Opt::AdamW(candle_nn::AdamW::new(
-                trainable,
-                candle_nn::ParamsAdamW {
-                    lr: config.lr,
-                    weight_decay,
-                    ..Default::default()
-                },
-            )?),
+            OptimizerKind::Sgd { momentum } => {
+                Opt::Sgd(MomentumSgd::new(trainable, config.lr, momentum)?)
+            }
+            OptimizerKind::AdamW { weight_decay } => {
+                Opt::AdamW(AdamW::new(trainable, config.lr, weight_decay)?)
+            }
         };
         Ok(Trainer {
             model,
@@ -603,25 +575,11 @@ fn is_non_finite_statistics(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Whether every floating-point variable of `map` is finite: one pass over
-/// each, `x - x` being 0 for finite `x` and NaN for NaN and ±∞ (a plain
-/// sum could overflow on large finite values).
+/// Whether every floating-point variable of `map` (running statistics
+/// included) is finite.
 fn all_finite(map: &VarMap) -> Result<bool> {
     let data = map.data().lock().expect("var map lock");
-    for var in data.values() {
-        let t = var.as_tensor();
-        if t.dtype().is_float() {
-            let zero = t
-                .sub(t)?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            if !zero.is_finite() {
-                return Ok(false);
-            }
-        }
-    }
-    Ok(true)
+    crate::lab::optim::all_finite(data.values())
 }
 
 /// The floating-point variables of `map` holding NaN or infinite values, as
