@@ -78,17 +78,31 @@ impl MaxPool {
         (self.height / self.k, self.width / self.k)
     }
 
-    /// Offset in the plane of the first maximum of window `(oh, ow)`:
-    /// strictly greater values replace it, so ties keep the first; NaN
-    /// replaces anything and is never replaced.
+    /// Offset in the plane of the maximum of window `(oh, ow)`, by
+    /// PyTorch's rule: a value replaces the best so far when it is greater
+    /// or NaN, so ties keep the first maximum and a NaN always wins (the
+    /// last NaN, as in PyTorch's CPU kernel).
+    #[inline(always)]
     fn argmax<T: PoolFloat>(&self, plane: &[T], oh: usize, ow: usize) -> usize {
-        let k = self.k;
-        let mut best = oh * k * self.width + ow * k;
+        let (k, width) = (self.k, self.width);
+        if k == 2 {
+            // The lab's 2×2 pools: the four candidates in row-major order.
+            let top = 2 * oh * width + 2 * ow;
+            let mut best = top;
+            for at in [top + 1, top + width, top + width + 1] {
+                let v = plane[at];
+                if v > plane[best] || v.is_nan() {
+                    best = at;
+                }
+            }
+            return best;
+        }
+        let mut best = oh * k * width + ow * k;
         for i in 0..k {
-            let row = (oh * k + i) * self.width + ow * k;
+            let row = (oh * k + i) * width + ow * k;
             for at in row..row + k {
-                let (v, b) = (plane[at], plane[best]);
-                if !b.is_nan() && (v > b || v.is_nan()) {
+                let v = plane[at];
+                if v > plane[best] || v.is_nan() {
                     best = at;
                 }
             }

@@ -372,6 +372,82 @@ mod tests {
         assert!(err.contains("signal") && err.contains("advice"), "{err}");
     }
 
+    /// Narrow networks cannot keep two cores busy alone, so `train_many`
+    /// runs configurations side by side; the results must be the bits a
+    /// one-at-a-time run on one thread gives.
+    #[test]
+    fn concurrent_runs_give_the_results_of_runs_one_by_one() -> Result<()> {
+        use crate::lab::model::{Arch, NormKind};
+        let images = |n: usize, salt: usize| Dataset {
+            images: (0..n * 64)
+                .map(|i| ((i * 31 + salt) % 101) as f32 / 101.0)
+                .collect(),
+            labels: (0..n).map(|i| ((i * 7 + salt) % 3) as u8).collect(),
+            channels: 1,
+            height: 8,
+            width: 8,
+            classes: 3,
+        };
+        let (train_set, held_out) = (images(96, 0), images(32, 5));
+        let runs: Vec<(ModelConfig, TrainConfig)> = [
+            (Arch::Mlp, NormKind::Batch),
+            (Arch::Mlp, NormKind::Layer),
+            (Arch::Cnn, NormKind::Batch),
+            (Arch::Cnn, NormKind::Group(2)),
+            (Arch::Mlp, NormKind::None),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (arch, norm))| {
+            let model = ModelConfig {
+                arch,
+                depth: 3,
+                width: 8,
+                norm,
+                ..ModelConfig::default()
+            };
+            let train = if i % 2 == 0 {
+                TrainConfig::sgd(0.05, 16, 12, i as u64)
+            } else {
+                TrainConfig::adamw(2e-3, 16, 12, i as u64)
+            };
+            (model, train)
+        })
+        .collect();
+        let context = Context {
+            profile: Profile::Smoke,
+            seed: 0,
+            train: &train_set,
+            held_out: &held_out,
+            progress: ProgressBar::hidden(),
+        };
+        let in_pool = |threads: usize, f: &(dyn Fn() -> Result<Vec<TrainSummary>> + Sync)| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool")
+                .install(f)
+        };
+        let together = in_pool(2, &|| context.train_many(&runs))?;
+        let one_by_one = in_pool(1, &|| {
+            runs.iter()
+                .map(|(m, t)| Ok(context.train(m, t)?.2))
+                .collect()
+        })?;
+        let bits = |s: &[TrainSummary]| -> Vec<(Vec<u64>, u64)> {
+            s.iter()
+                .map(|s| {
+                    (
+                        s.losses.iter().map(|l| l.to_bits()).collect(),
+                        s.held_out_accuracy.to_bits(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(bits(&together), bits(&one_by_one));
+        Ok(())
+    }
+
     #[test]
     fn profiles_pick_their_value() {
         assert_eq!(Profile::Smoke.pick(1, 2, 3), 1);
