@@ -166,25 +166,35 @@ fn run_suite(
     })
 }
 
-/// Sets `RAYON_NUM_THREADS` (when unset) to the number of threads the
-/// process will use, before any thread starts. candle reads its thread
-/// count on every matrix product and element-wise op; without the variable
-/// it counts physical cores by parsing `/proc/cpuinfo` each time (candle
-/// 0.11, `num_cpus::get_physical`). That parsing made up half of a training
-/// step of a 6 × 64 MLP: 4.8 → 2.6 ms median (`normlab bench --suite
-/// training --threads 2 --case "mlp 6x64 batch b64 sgd"`, with and without
-/// the variable).
+/// Fixes candle's threading before any thread starts (each variable only
+/// when unset, so a user's setting wins):
+/// - `RAYON_NUM_THREADS` to the number of threads the process will use.
+///   candle reads its thread count on every matrix product and element-wise
+///   op; without the variable it counts physical cores by parsing
+///   `/proc/cpuinfo` each time (candle 0.11, `num_cpus::get_physical`). That
+///   parsing made up half of a training step of a 6 × 64 MLP: 4.8 → 2.6 ms
+///   median (`normlab bench --suite training --threads 2 --case "mlp 6x64
+///   batch b64 sgd"`, with and without the variable).
+/// - `CANDLE_NUM_THREADS=1`: no worker threads of candle's own pool for
+///   element-wise ops. Its workers spin while they wait, beside rayon's,
+///   and the lab's tensors are small; with two runs training side by side
+///   (`train_many`) on two cores the spinning took a quarter of the
+///   samples. `normlab experiment batch_size`: 46.3 and 43.4 s with
+///   candle's pool, 21.9 and 18.8 s without (alternating runs). Matrix
+///   products still use every thread (through rayon).
 fn fix_thread_count(bench_threads: Option<usize>) {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return;
-    }
-    let threads = bench_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(1)
-    });
     // Single-threaded here: nothing else reads the environment yet.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = bench_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1)
+        });
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }
 
 fn run() -> anyhow::Result<ExitCode> {
