@@ -1,5 +1,6 @@
 //! The lab: networks with and without normalization, and their training.
 
+pub mod activation;
 pub mod conv;
 pub mod experiments;
 pub mod model;

@@ -565,8 +565,8 @@ impl Model {
         let z = self.block_linear(i, h)?;
         let activate = |t: &Tensor| -> candle_core::Result<Tensor> {
             match self.config.activation {
-                Activation::Relu => t.relu(),
-                Activation::Tanh => t.tanh(),
+                Activation::Relu => crate::lab::activation::relu(t),
+                Activation::Tanh => crate::lab::activation::tanh(t),
             }
         };
         // `activated` is the non-linearity's output, whose zeros are the dead
