@@ -282,7 +282,9 @@ impl Geometry {
 }
 
 /// The element types the convolution computes in (those `gemm` multiplies).
-trait ConvFloat: candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + 'static {
+pub(crate) trait ConvFloat:
+    candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + 'static
+{
     const ZERO: Self;
     const ONE: Self;
 }
@@ -299,9 +301,10 @@ impl ConvFloat for f64 {
 
 /// `dst[m×n] (row-major) = lhs · rhs` (or `dst + lhs · rhs` with
 /// `accumulate`), where `lhs[r, c]` is at `lhs[r·lhs_rs + c·lhs_cs]` and
-/// likewise `rhs`; single-threaded (the callers run images in parallel).
+/// likewise `rhs`; single-threaded (the convolution runs images in
+/// parallel) unless `parallel`.
 #[allow(clippy::too_many_arguments)]
-fn matmul<T: ConvFloat>(
+pub(crate) fn matmul<T: ConvFloat>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     accumulate: bool,
@@ -309,6 +312,7 @@ fn matmul<T: ConvFloat>(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[T],
     (rhs_rs, rhs_cs): (usize, usize),
+    parallel: bool,
 ) {
     assert!(dst.len() >= m * n, "matmul destination too short");
     if m == 0 || n == 0 {
@@ -348,7 +352,11 @@ fn matmul<T: ConvFloat>(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if parallel {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -398,6 +406,7 @@ impl Forward {
                         (taps, 1),
                         cols,
                         (positions, 1),
+                        false,
                     );
                 },
             );
@@ -572,6 +581,7 @@ impl InputGradient {
                         (1, taps),
                         dy,
                         (positions, 1),
+                        false,
                     );
                     g.col2im(cols, image);
                 },
@@ -647,6 +657,7 @@ impl WeightGradient {
                         (positions, 1),
                         &cols,
                         (1, positions),
+                        false,
                     );
                 }
                 dw

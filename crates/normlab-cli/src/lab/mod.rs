@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod conv;
 pub mod experiments;
+pub mod linear;
 pub mod model;
 pub mod optim;
 pub mod plot;

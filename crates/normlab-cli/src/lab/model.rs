@@ -263,7 +263,7 @@ pub struct BlockStats {
 }
 
 struct Block {
-    linear: Option<candle_nn::Linear>,
+    linear: Option<crate::lab::linear::Linear>,
     conv: Option<crate::lab::conv::Conv2d>,
     norm: Option<Norm>,
     pool: bool,
@@ -273,7 +273,7 @@ struct Block {
 pub struct Model {
     config: ModelConfig,
     blocks: Vec<Block>,
-    head: candle_nn::Linear,
+    head: crate::lab::linear::Linear,
 }
 
 /// A weight of `shape` drawn from N(0, stdev²) with the model's seeded
@@ -295,10 +295,10 @@ fn linear(
     init: InitScheme,
     vb: VarBuilder,
     rng: &mut StdRng,
-) -> Result<candle_nn::Linear> {
+) -> Result<crate::lab::linear::Linear> {
     let w = weight(&vb, &[fan_out, fan_in], init.stdev(fan_in, fan_out), rng)?;
     let b = vb.get_with_hints(fan_out, "bias", Init::Const(0.0))?;
-    Ok(candle_nn::Linear::new(w, Some(b)))
+    Ok(crate::lab::linear::Linear::new(w, Some(b)))
 }
 
 impl Model {
