@@ -18,9 +18,11 @@ biases. Norms: batch (BatchNorm1d/2d, momentum 0.1), layer (LayerNorm over the
 features; in a CNN GroupNorm with one group, as the lab), group<G>
 (GroupNorm(G)), instance (InstanceNorm2d, affine, tracking running
 statistics), rms (RMSNorm, eps 1e-6; in a CNN over the channels at each
-pixel), lrn (LocalResponseNorm(5, 1e-4, 0.75, 2); in an MLP over the features
+pixel), lrn (LocalResponseNorm(5), PyTorch's defaults; in an MLP over the features
 as channels), none. ε = 1e-5 elsewhere. Optimizers: sgd (lr 0.05, momentum
-0.9) and adamw (lr 2e-3, no weight decay).
+0.9) and adamw (lr 2e-3, no weight decay), PyTorch's default CPU
+implementations (a loop over the parameters; normlab updates each
+variable in one in-place pass).
 
 A step: a mini-batch drawn from 8,000 fixed images in a shuffled order (a new
 order each epoch), zero the gradients, forward, cross-entropy, backward,
@@ -66,7 +68,7 @@ class FeatureLrn(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.lrn = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+        self.lrn = nn.LocalResponseNorm(5)
 
     def forward(self, x):
         return self.lrn(x.unsqueeze(2)).squeeze(2)
@@ -86,7 +88,7 @@ def norm_layer(norm, width, spatial):
     if norm == "rms":
         return ChannelsLastRms(width) if spatial else nn.RMSNorm(width, eps=1e-6)
     if norm == "lrn":
-        return nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0) if spatial else FeatureLrn()
+        return nn.LocalResponseNorm(5) if spatial else FeatureLrn()
     raise ValueError(f"unknown normalization {norm!r}")
 
 

@@ -167,7 +167,8 @@ fn run_suite(
 }
 
 /// Fixes candle's threading before any thread starts (each variable only
-/// when unset, so a user's setting wins):
+/// when unset or not a positive number, so a user's setting wins, except
+/// that `bench --threads` sets both pools):
 /// - `RAYON_NUM_THREADS` to the number of threads the process will use.
 ///   candle reads its thread count on every matrix product and element-wise
 ///   op; without the variable it counts physical cores by parsing
@@ -183,8 +184,12 @@ fn run_suite(
 ///   candle's pool, 21.9 and 18.8 s without (alternating runs). Matrix
 ///   products still use every thread (through rayon).
 fn fix_thread_count(bench_threads: Option<usize>) {
+    let unset = |name: &str| {
+        std::env::var(name).map_or(true, |v| v.trim().parse().map_or(true, |n: usize| n == 0))
+    };
     // Single-threaded here: nothing else reads the environment yet.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+    // `--threads` sets the pool, so it also sets candle's count.
+    if bench_threads.is_some() || unset("RAYON_NUM_THREADS") {
         let threads = bench_threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(usize::from)
@@ -192,7 +197,7 @@ fn fix_thread_count(bench_threads: Option<usize>) {
         });
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    if unset("CANDLE_NUM_THREADS") {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }

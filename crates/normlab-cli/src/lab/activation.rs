@@ -12,8 +12,9 @@
 //! tanh:  z = tanh(x)     dx = dz · (1 − z²)
 //! ```
 //!
-//! ReLU's gradient at 0 is 0 (PyTorch's convention; candle passes it on),
-//! and NaN propagates forward as in PyTorch.
+//! ReLU's gradient at 0 is 0 (PyTorch's convention; candle passes it on);
+//! NaN propagates forward, and its gradient passes through, as in PyTorch
+//! (`z <= 0 ? 0 : dz`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -146,19 +147,19 @@ impl CustomOp2 for Backward {
         let out = match (s1.dtype(), s2.dtype(), self.0) {
             (DType::F32, DType::F32, Kind::Relu) => {
                 CpuStorage::F32(zip_map(values(s1, l1)?, values(s2, l2)?, |z: f32, dz| {
-                    if z > 0.0 {
-                        dz
-                    } else {
+                    if z <= 0.0 {
                         0.0
+                    } else {
+                        dz
                     }
                 }))
             }
             (DType::F64, DType::F64, Kind::Relu) => {
                 CpuStorage::F64(zip_map(values(s1, l1)?, values(s2, l2)?, |z: f64, dz| {
-                    if z > 0.0 {
-                        dz
-                    } else {
+                    if z <= 0.0 {
                         0.0
+                    } else {
+                        dz
                     }
                 }))
             }
@@ -237,9 +238,16 @@ mod tests {
 
     #[test]
     fn relu_keeps_nan_and_large_tensors_run_in_parallel() {
-        let x = Tensor::from_vec(vec![f32::NAN, -1.0, 2.0], 3, &Device::Cpu).unwrap();
-        let y: Vec<f32> = relu(&x).unwrap().to_vec1().unwrap();
-        assert!(y[0].is_nan() && y[1] == 0.0 && y[2] == 2.0);
+        let x = Var::from_tensor(
+            &Tensor::from_vec(vec![f32::NAN, -1.0, 2.0, 0.0], 4, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let y = relu(&x).unwrap();
+        let values: Vec<f32> = y.to_vec1().unwrap();
+        assert!(values[0].is_nan() && values[1] == 0.0 && values[2] == 2.0 && values[3] == 0.0);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx: Vec<f32> = g.get(&x).unwrap().to_vec1().unwrap();
+        assert_eq!(dx, [1.0, 0.0, 1.0, 0.0]);
         let n = 5 * TASK + 3;
         let big: Vec<f32> = (0..n).map(|i| (i % 11) as f32 - 5.0).collect();
         let t = Tensor::from_vec(big.clone(), n, &Device::Cpu).unwrap();

@@ -150,12 +150,49 @@ impl Geometry {
         if config.stride == 0 {
             candle_core::bail!("conv2d: stride must be at least 1");
         }
-        let (padded_h, padded_w) = (height + 2 * config.padding, width + 2 * config.padding);
+        if in_channels == 0 || height == 0 || width == 0 {
+            candle_core::bail!(
+                "conv2d: x {x:?} has no values per image (C_in, H and W must be at least 1)"
+            );
+        }
+        let padded = |size: usize| {
+            config
+                .padding
+                .checked_mul(2)
+                .and_then(|p| p.checked_add(size))
+        };
+        let (Some(padded_h), Some(padded_w)) = (padded(height), padded(width)) else {
+            candle_core::bail!(
+                "conv2d: padding {} is too large for x {x:?}",
+                config.padding
+            );
+        };
         if kernel_h == 0 || kernel_w == 0 || kernel_h > padded_h || kernel_w > padded_w {
             candle_core::bail!(
                 "conv2d: kernel {kernel_h}×{kernel_w} of weight {w:?} does not fit x {x:?} \
                  padded by {}",
                 config.padding
+            );
+        }
+        let (out_h, out_w) = (
+            (padded_h - kernel_h) / config.stride + 1,
+            (padded_w - kernel_w) / config.stride + 1,
+        );
+        // Every buffer size below is a product of these: checked once here.
+        let sizes = [
+            [batch, in_channels, height, width],
+            [batch, out_channels, out_h, out_w],
+            [in_channels, kernel_h, kernel_w, out_h * out_w.max(1)],
+        ];
+        if out_h.checked_mul(out_w).is_none()
+            || sizes.iter().any(|dims| {
+                dims.iter()
+                    .try_fold(1usize, |a, &d| a.checked_mul(d))
+                    .is_none()
+            })
+        {
+            candle_core::bail!(
+                "conv2d: x {x:?} and weight {w:?} give buffers too large to address"
             );
         }
         Ok(Geometry {
@@ -166,8 +203,8 @@ impl Geometry {
             out_channels,
             kernel_h,
             kernel_w,
-            out_h: (padded_h - kernel_h) / config.stride + 1,
-            out_w: (padded_w - kernel_w) / config.stride + 1,
+            out_h,
+            out_w,
             padding: config.padding,
             stride: config.stride,
         })
@@ -227,6 +264,10 @@ impl Geometry {
                         let input = &channel[(oh * s + i - p) * self.width..][..self.width];
                         out[..valid_w.start].fill(T::ZERO);
                         out[valid_w.end..].fill(T::ZERO);
+                        if valid_w.is_empty() {
+                            // The kernel column lies wholly in the padding.
+                            continue;
+                        }
                         if s == 1 {
                             let from = valid_w.start + j - p;
                             out[valid_w.clone()]
@@ -257,6 +298,10 @@ impl Geometry {
                 for j in 0..self.kernel_w {
                     let valid_w = self.valid_outputs(j, self.width, self.out_w);
                     let row = rows.next().expect("one row per tap");
+                    if valid_w.is_empty() {
+                        // The kernel column lies wholly in the padding.
+                        continue;
+                    }
                     for oh in valid_h.clone() {
                         let from = &row[oh * ow_n..(oh + 1) * ow_n];
                         let input = &mut channel[(oh * s + i - p) * self.width..][..self.width];
@@ -314,19 +359,26 @@ pub(crate) fn matmul<T: ConvFloat>(
     (rhs_rs, rhs_cs): (usize, usize),
     parallel: bool,
 ) {
-    assert!(dst.len() >= m * n, "matmul destination too short");
+    assert!(
+        m.checked_mul(n).is_some_and(|mn| dst.len() >= mn),
+        "matmul destination too short"
+    );
     if m == 0 || n == 0 {
         return;
     }
     if k > 0 {
-        let last =
-            |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+        // The offset of the last element, None when it overflows.
+        let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+            (rows - 1)
+                .checked_mul(rs)?
+                .checked_add((cols - 1).checked_mul(cs)?)
+        };
         assert!(
-            lhs.len() > last(m, k, lhs_rs, lhs_cs),
+            last(m, k, lhs_rs, lhs_cs).is_some_and(|at| at < lhs.len()),
             "matmul lhs too short"
         );
         assert!(
-            rhs.len() > last(k, n, rhs_rs, rhs_cs),
+            last(k, n, rhs_rs, rhs_cs).is_some_and(|at| at < rhs.len()),
             "matmul rhs too short"
         );
     }
@@ -790,6 +842,46 @@ mod tests {
         }
     }
 
+    /// A 5 × 5 kernel with padding 2 on a 1 × 2 map: most kernel columns
+    /// lie wholly in the padding. Forward against candle, gradients by
+    /// finite differences.
+    #[test]
+    fn kernels_wider_than_the_map_work() {
+        let x = Var::from_tensor(&random(&[2, 1, 1, 2], 31, DType::F64)).unwrap();
+        let wt = random(&[2, 1, 5, 5], 32, DType::F64);
+        let config = Conv2dConfig {
+            padding: 2,
+            stride: 1,
+        };
+        let ours = conv2d(&x, &wt, None, config).unwrap();
+        let theirs = x.conv2d(&wt, 2, 1, 1, 1).unwrap();
+        assert!(max_abs_diff(&ours, &theirs) < 1e-12);
+        let grads = ours.sum_all().unwrap().backward().unwrap();
+        let dx: Vec<f64> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, &g) in dx.iter().enumerate() {
+            let at = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                let t = Tensor::from_vec(v, (2, 1, 1, 2), &Device::Cpu).unwrap();
+                conv2d(&t, &wt, None, config)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!((numeric - g).abs() < 1e-7, "dx[{i}]: {numeric} vs {g}");
+        }
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
         let (n, ci, h, w, co) = (2, 2, 5, 4, 3);
@@ -861,11 +953,18 @@ mod tests {
                 .build()
                 .unwrap();
             pool.install(|| {
-                let xv = Var::from_tensor(&x).unwrap();
-                let y = conv2d(&xv, &wt, Some(&b), config).unwrap();
+                let (xv, wv, bv) = (
+                    Var::from_tensor(&x).unwrap(),
+                    Var::from_tensor(&wt).unwrap(),
+                    Var::from_tensor(&b).unwrap(),
+                );
+                let y = conv2d(&xv, &wv, Some(&bv), config).unwrap();
                 let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
                 let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (flat(&y), flat(grads.get(&xv).unwrap()))
+                (
+                    flat(&y),
+                    [&xv, &wv, &bv].map(|v| flat(grads.get(v).unwrap())),
+                )
             })
         };
         let one = run(1);
@@ -903,6 +1002,31 @@ mod tests {
             let e = conv2d(&x, &w, b.as_ref(), config).unwrap_err().to_string();
             assert!(e.contains("conv2d") && e.contains('['), "{e}");
         }
+        let empty = Tensor::zeros((2, 1, 0, 3), DType::F32, &Device::Cpu).unwrap();
+        let e = conv2d(
+            &empty,
+            &random(&[1, 1, 1, 1], 4, DType::F32),
+            None,
+            Conv2dConfig {
+                padding: 1,
+                stride: 1,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("conv2d") && e.contains("[2, 1, 0, 3]"), "{e}");
+        let e = conv2d(
+            &x,
+            &random(&[2, 3, 3, 3], 2, DType::F32),
+            None,
+            Conv2dConfig {
+                padding: usize::MAX / 2,
+                stride: 1,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("conv2d") && e.contains("padding"), "{e}");
         let e = conv2d(
             &x,
             &random(&[2, 3, 3, 3], 2, DType::F64),

@@ -72,6 +72,19 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
             x.dims()
         );
     }
+    if rows.checked_mul(inputs.max(outputs)).is_none()
+        || outputs.checked_mul(inputs).is_none()
+        || rows
+            .checked_mul(inputs)
+            .and_then(|a| a.checked_mul(outputs))
+            .is_none()
+    {
+        candle_core::bail!(
+            "linear: x {:?} and weight {:?} give buffers too large to address",
+            x.dims(),
+            weight.dims()
+        );
+    }
     let sizes = Sizes {
         rows,
         inputs,
@@ -416,6 +429,34 @@ mod tests {
                 assert!(d < 1e-12, "case {case} d{name}: {d}");
             }
         }
+    }
+
+    /// Products above the parallel threshold give the same bits on any
+    /// number of threads.
+    #[test]
+    fn large_products_give_the_same_bits_on_any_thread_count() {
+        let x = random(&[64, 256], 7).to_dtype(DType::F32).unwrap();
+        let w = random(&[300, 256], 8).to_dtype(DType::F32).unwrap();
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+                    let y = linear(&xv, &wv, None).unwrap();
+                    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    [
+                        flat(&y),
+                        flat(g.get(&xv).unwrap()),
+                        flat(g.get(&wv).unwrap()),
+                    ]
+                })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(3));
     }
 
     #[test]

@@ -284,6 +284,35 @@ mod tests {
         assert_eq!(dx, [1.0, 0.0, 0.0, 0.0]);
     }
 
+    /// 3 × 3 windows (the general path) on a 7 × 6 map against candle's
+    /// forward; the backward puts each window's gradient at its maximum.
+    #[test]
+    fn larger_windows_take_the_general_path() {
+        let v: Vec<f32> = (0..84).map(|i| ((i * 29) % 17) as f32).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(v.clone(), (2, 1, 7, 6), &Device::Cpu).unwrap())
+            .unwrap();
+        let ours = max_pool2d(&x, 3).unwrap();
+        let theirs = x.max_pool2d(3).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&ours), flat(&theirs));
+        let g = ours.sum_all().unwrap().backward().unwrap();
+        let dx = flat(g.get(&x).unwrap());
+        // Four windows per image, each passing 1 to one position holding its maximum.
+        assert_eq!(dx.iter().sum::<f32>(), 8.0);
+        for (i, &d) in dx.iter().enumerate() {
+            if d != 0.0 {
+                let (img, r, c) = (i / 42, (i % 42) / 6, i % 6);
+                assert!(r < 6, "a position in the row left out got a gradient");
+                let (oh, ow) = (r / 3, c / 3);
+                let window_max = (0..3)
+                    .flat_map(|a| (0..3).map(move |b| (a, b)))
+                    .map(|(a, b)| v[img * 42 + (oh * 3 + a) * 6 + ow * 3 + b])
+                    .fold(f32::MIN, f32::max);
+                assert_eq!(v[i], window_max);
+            }
+        }
+    }
+
     #[test]
     fn nan_is_the_maximum_and_bad_input_is_an_error() {
         let x =
