@@ -45,11 +45,7 @@ pub fn tanh(x: &Tensor) -> Result<Tensor> {
 struct Forward(Kind);
 
 fn values<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let all = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("activation: the input must be contiguous"),
-    }
+    crate::lab::cpu::contiguous(s, l, "activation", "the input")
 }
 
 fn map<T: Copy + Send + Sync + Default>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {

@@ -27,8 +27,10 @@
 //! count.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::lab::cpu::{by_float_dtype, contiguous, CpuFloat};
 
 /// Geometry of a convolution: square stride and zero padding on both sides
 /// (dilation 1, one group), as the lab's networks use.
@@ -245,7 +247,7 @@ impl Geometry {
 
     /// Writes the unfolding of one image (`C_in·H·W` values) into `cols`
     /// (`K·P` values, row-major `[K, P]`).
-    fn im2col<T: ConvFloat>(&self, image: &[T], cols: &mut [T]) {
+    fn im2col<T: CpuFloat>(&self, image: &[T], cols: &mut [T]) {
         let (p, s) = (self.padding, self.stride);
         let (ow_n, plane) = (self.out_w, self.height * self.width);
         let mut rows = cols.chunks_exact_mut(self.positions());
@@ -286,7 +288,7 @@ impl Geometry {
     /// Adds each entry of `cols` (`[K, P]`) to the input value im2col took
     /// it from: the input gradient of one image (`C_in·H·W` values, which
     /// this overwrites).
-    fn col2im<T: ConvFloat>(&self, cols: &[T], image: &mut [T]) {
+    fn col2im<T: CpuFloat>(&self, cols: &[T], image: &mut [T]) {
         let (p, s) = (self.padding, self.stride);
         let (ow_n, plane) = (self.out_w, self.height * self.width);
         image.fill(T::ZERO);
@@ -326,30 +328,12 @@ impl Geometry {
     }
 }
 
-/// The element types the convolution computes in (those `gemm` multiplies).
-pub(crate) trait ConvFloat:
-    candle_core::WithDType + Copy + Send + Sync + std::ops::AddAssign + 'static
-{
-    const ZERO: Self;
-    const ONE: Self;
-}
-
-impl ConvFloat for f32 {
-    const ZERO: f32 = 0.0;
-    const ONE: f32 = 1.0;
-}
-
-impl ConvFloat for f64 {
-    const ZERO: f64 = 0.0;
-    const ONE: f64 = 1.0;
-}
-
 /// `dst[m×n] (row-major) = lhs · rhs` (or `dst + lhs · rhs` with
 /// `accumulate`), where `lhs[r, c]` is at `lhs[r·lhs_rs + c·lhs_cs]` and
 /// likewise `rhs`; single-threaded (the convolution runs images in
 /// parallel) unless `parallel`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul<T: ConvFloat>(
+pub(crate) fn matmul<T: CpuFloat>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     accumulate: bool,
@@ -413,17 +397,13 @@ pub(crate) fn matmul<T: ConvFloat>(
     }
 }
 
-/// The contiguous values of a storage, or an error naming the argument.
-fn values<'a, T: ConvFloat>(
+/// The contiguous values of argument `what`.
+fn values<'a, T: CpuFloat>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
 ) -> Result<&'a [T]> {
-    let all = storage.as_slice::<T>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&all[start..end]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
-    }
+    contiguous(storage, layout, "conv2d", what)
 }
 
 /// The forward op, over `(x, weight)` or `(x, weight, bias)`.
@@ -432,7 +412,7 @@ struct Forward {
 }
 
 impl Forward {
-    fn run<T: ConvFloat>(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    fn run<T: CpuFloat>(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
         let g = self.geometry;
         let (taps, positions) = (g.taps(), g.positions());
         let mut y = vec![T::ZERO; g.batch * g.out_channels * positions];
@@ -472,31 +452,15 @@ impl Forward {
         b: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = self.geometry.output_shape();
-        Ok(match (x.0, w.0) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let bias = b.map(|(s, l)| values::<f32>(s, l, "bias")).transpose()?;
-                let y = self.run(
-                    values::<f32>(x.0, x.1, "x")?,
-                    values(w.0, w.1, "weight")?,
-                    bias,
-                );
-                (CpuStorage::F32(y), shape)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let bias = b.map(|(s, l)| values::<f64>(s, l, "bias")).transpose()?;
-                let y = self.run(
-                    values::<f64>(x.0, x.1, "x")?,
-                    values(w.0, w.1, "weight")?,
-                    bias,
-                );
-                (CpuStorage::F64(y), shape)
-            }
-            (a, b) => candle_core::bail!(
-                "conv2d: x and weight must both be f32 or both f64, got {:?} and {:?}",
-                a.dtype(),
-                b.dtype()
-            ),
-        })
+        let storage = by_float_dtype!(x.0.dtype(), "conv2d", |T| {
+            let bias = b.map(|(s, l)| values::<T>(s, l, "bias")).transpose()?;
+            self.run(
+                values::<T>(x.0, x.1, "x")?,
+                values(w.0, w.1, "weight")?,
+                bias,
+            )
+        });
+        Ok((storage, shape))
     }
 
     /// `(dx, dweight)` from the forward's `x`, `weight` and the output's gradient.
@@ -577,7 +541,7 @@ struct BiasGradient {
 }
 
 impl BiasGradient {
-    fn run<T: ConvFloat>(&self, dy: &[T]) -> Vec<T> {
+    fn run<T: CpuFloat>(&self, dy: &[T]) -> Vec<T> {
         let g = self.geometry;
         let positions = g.positions().max(1);
         let mut db = vec![T::ZERO; g.out_channels];
@@ -598,11 +562,9 @@ impl candle_core::CustomOp1 for BiasGradient {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from(self.geometry.out_channels);
-        Ok(match s.dtype() {
-            DType::F32 => (CpuStorage::F32(self.run(values(s, l, "dy")?)), shape),
-            DType::F64 => (CpuStorage::F64(self.run(values(s, l, "dy")?)), shape),
-            other => candle_core::bail!("conv2d backward: unsupported dtype {other:?}"),
-        })
+        let storage = by_float_dtype!(s.dtype(), "conv2d backward", |T| self
+            .run(values::<T>(s, l, "dy")?));
+        Ok((storage, shape))
     }
 }
 
@@ -612,7 +574,7 @@ struct InputGradient {
 }
 
 impl InputGradient {
-    fn run<T: ConvFloat>(&self, dy: &[T], w: &[T]) -> Vec<T> {
+    fn run<T: CpuFloat>(&self, dy: &[T], w: &[T]) -> Vec<T> {
         let g = self.geometry;
         let (taps, positions) = (g.taps(), g.positions());
         let mut dx = vec![T::ZERO; g.batch * g.image_len()];
@@ -656,17 +618,9 @@ impl CustomOp2 for InputGradient {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let shape = Shape::from((g.batch, g.in_channels, g.height, g.width));
-        Ok(match s1.dtype() {
-            DType::F32 => (
-                CpuStorage::F32(self.run(values(s1, l1, "dy")?, values(s2, l2, "weight")?)),
-                shape,
-            ),
-            DType::F64 => (
-                CpuStorage::F64(self.run(values(s1, l1, "dy")?, values(s2, l2, "weight")?)),
-                shape,
-            ),
-            other => candle_core::bail!("conv2d backward: unsupported dtype {other:?}"),
-        })
+        let storage = by_float_dtype!(s1.dtype(), "conv2d backward", |T| self
+            .run(values::<T>(s1, l1, "dy")?, values(s2, l2, "weight")?));
+        Ok((storage, shape))
     }
 }
 
@@ -681,7 +635,7 @@ struct WeightGradient {
 const WEIGHT_GRADIENT_CHUNKS: usize = 16;
 
 impl WeightGradient {
-    fn run<T: ConvFloat>(&self, x: &[T], dy: &[T]) -> Vec<T> {
+    fn run<T: CpuFloat>(&self, x: &[T], dy: &[T]) -> Vec<T> {
         let g = self.geometry;
         let (taps, positions) = (g.taps(), g.positions());
         let size = g.out_channels * taps;
@@ -740,23 +694,16 @@ impl CustomOp2 for WeightGradient {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let shape = Shape::from((g.out_channels, g.in_channels, g.kernel_h, g.kernel_w));
-        Ok(match s1.dtype() {
-            DType::F32 => (
-                CpuStorage::F32(self.run(values(s1, l1, "x")?, values(s2, l2, "dy")?)),
-                shape,
-            ),
-            DType::F64 => (
-                CpuStorage::F64(self.run(values(s1, l1, "x")?, values(s2, l2, "dy")?)),
-                shape,
-            ),
-            other => candle_core::bail!("conv2d backward: unsupported dtype {other:?}"),
-        })
+        let storage = by_float_dtype!(s1.dtype(), "conv2d backward", |T| self
+            .run(values::<T>(s1, l1, "x")?, values(s2, l2, "dy")?));
+        Ok((storage, shape))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 

@@ -17,9 +17,10 @@
 //! use every thread.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::lab::conv::{matmul, ConvFloat};
+use crate::lab::conv::matmul;
+use crate::lab::cpu::{by_float_dtype, contiguous, CpuFloat};
 
 /// Multiply–adds from which a product is split over threads: below it
 /// (a 64 × 128 batch through a 128 × 128 layer is 2²⁰) waking the pool
@@ -115,18 +116,14 @@ impl Sizes {
     }
 }
 
-fn values<'a, T: ConvFloat>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let all = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("linear: {what} must be contiguous"),
-    }
+fn values<'a, T: CpuFloat>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    contiguous(s, l, "linear", what)
 }
 
 struct Forward(Sizes);
 
 impl Forward {
-    fn run<T: ConvFloat>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
+    fn run<T: CpuFloat>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
         let Sizes {
             rows,
             inputs,
@@ -159,21 +156,11 @@ impl Forward {
         b: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.0.rows, self.0.outputs));
-        Ok(match (x.0.dtype(), w.0.dtype()) {
-            (DType::F32, DType::F32) => {
-                let b = b.map(|(s, l)| values::<f32>(s, l, "bias")).transpose()?;
-                let y = self.run(values(x.0, x.1, "x")?, values(w.0, w.1, "weight")?, b);
-                (CpuStorage::F32(y), shape)
-            }
-            (DType::F64, DType::F64) => {
-                let b = b.map(|(s, l)| values::<f64>(s, l, "bias")).transpose()?;
-                let y = self.run(values(x.0, x.1, "x")?, values(w.0, w.1, "weight")?, b);
-                (CpuStorage::F64(y), shape)
-            }
-            (a, b) => candle_core::bail!(
-                "linear: x and weight must both be f32 or both f64, got {a:?} and {b:?}"
-            ),
-        })
+        let storage = by_float_dtype!(x.0.dtype(), "linear", |T| {
+            let b = b.map(|(s, l)| values::<T>(s, l, "bias")).transpose()?;
+            self.run(values::<T>(x.0, x.1, "x")?, values(w.0, w.1, "weight")?, b)
+        });
+        Ok((storage, shape))
     }
 
     fn gradients(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -251,29 +238,7 @@ struct WeightGradient(Sizes);
 /// `db = Σ_rows dy`, over `dy`.
 struct BiasGradient(Sizes);
 
-macro_rules! by_dtype {
-    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $shape:expr, $run:expr) => {
-        Ok(match ($s1.dtype(), $s2.dtype()) {
-            (DType::F32, DType::F32) => (
-                CpuStorage::F32($run(
-                    values::<f32>($s1, $l1, "dy")?,
-                    values($s2, $l2, "operand")?,
-                )),
-                $shape,
-            ),
-            (DType::F64, DType::F64) => (
-                CpuStorage::F64($run(
-                    values::<f64>($s1, $l1, "dy")?,
-                    values($s2, $l2, "operand")?,
-                )),
-                $shape,
-            ),
-            (a, b) => candle_core::bail!("linear backward: dtypes {a:?} and {b:?}"),
-        })
-    };
-}
-
-fn input_gradient<T: ConvFloat>(s: Sizes, dy: &[T], w: &[T]) -> Vec<T> {
+fn input_gradient<T: CpuFloat>(s: Sizes, dy: &[T], w: &[T]) -> Vec<T> {
     let mut dx = vec![T::ZERO; s.rows * s.inputs];
     matmul(
         (s.rows, s.inputs, s.outputs),
@@ -288,7 +253,7 @@ fn input_gradient<T: ConvFloat>(s: Sizes, dy: &[T], w: &[T]) -> Vec<T> {
     dx
 }
 
-fn weight_gradient<T: ConvFloat>(s: Sizes, dy: &[T], x: &[T]) -> Vec<T> {
+fn weight_gradient<T: CpuFloat>(s: Sizes, dy: &[T], x: &[T]) -> Vec<T> {
     let mut dw = vec![T::ZERO; s.outputs * s.inputs];
     // dyᵀ[o, r] = dy[r·out + o]: row stride 1, column stride `out`.
     matmul(
@@ -317,7 +282,14 @@ impl CustomOp2 for InputGradient {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.0.rows, self.0.inputs));
-        by_dtype!(s1, l1, s2, l2, shape, |dy, w| input_gradient(self.0, dy, w))
+        let storage = by_float_dtype!(s1.dtype(), "linear backward", |T| {
+            input_gradient(
+                self.0,
+                values::<T>(s1, l1, "dy")?,
+                values(s2, l2, "weight")?,
+            )
+        });
+        Ok((storage, shape))
     }
 }
 
@@ -334,14 +306,15 @@ impl CustomOp2 for WeightGradient {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.0.outputs, self.0.inputs));
-        by_dtype!(s1, l1, s2, l2, shape, |dy, x| weight_gradient(
-            self.0, dy, x
-        ))
+        let storage = by_float_dtype!(s1.dtype(), "linear backward", |T| {
+            weight_gradient(self.0, values::<T>(s1, l1, "dy")?, values(s2, l2, "x")?)
+        });
+        Ok((storage, shape))
     }
 }
 
 impl BiasGradient {
-    fn run<T: ConvFloat>(&self, dy: &[T]) -> Vec<T> {
+    fn run<T: CpuFloat>(&self, dy: &[T]) -> Vec<T> {
         let mut db = vec![T::ZERO; self.0.outputs];
         // Rows in order: the sum does not depend on the thread count.
         for row in dy.chunks_exact(self.0.outputs.max(1)) {
@@ -360,18 +333,16 @@ impl candle_core::CustomOp1 for BiasGradient {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from(self.0.outputs);
-        Ok(match s.dtype() {
-            DType::F32 => (CpuStorage::F32(self.run(values(s, l, "dy")?)), shape),
-            DType::F64 => (CpuStorage::F64(self.run(values(s, l, "dy")?)), shape),
-            other => candle_core::bail!("linear backward: unsupported dtype {other:?}"),
-        })
+        let storage = by_float_dtype!(s.dtype(), "linear backward", |T| self
+            .run(values::<T>(s, l, "dy")?));
+        Ok((storage, shape))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {

@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod conv;
+mod cpu;
 pub mod experiments;
 pub mod linear;
 pub mod model;

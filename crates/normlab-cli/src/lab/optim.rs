@@ -20,11 +20,7 @@ fn values<'a>(
     layout: &Layout,
     op: &str,
 ) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: the gradient is not contiguous"),
-        (other, _) => candle_core::bail!("{op}: f32 only, got {:?}", other.dtype()),
-    }
+    crate::lab::cpu::contiguous(storage, layout, op, "the gradient")
 }
 
 /// The contiguous f32 values of a storage, mutably.

@@ -14,8 +14,10 @@
 //! where PyTorch gives `[0, 0, 0, 1]`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::lab::cpu::{by_float_dtype, contiguous, CpuFloat};
 
 /// `x` `[N, C, H, W]` max-pooled over `k × k` windows with stride `k`:
 /// `[N, C, ⌊H/k⌋, ⌊W/k⌋]`. CPU f32 or f64, differentiable.
@@ -53,26 +55,6 @@ struct MaxPool {
     k: usize,
 }
 
-/// The element types the pool runs on.
-trait PoolFloat: candle_core::WithDType + PartialOrd + Copy + Send + Sync {
-    const ZERO: Self;
-    fn is_nan(self) -> bool;
-}
-
-impl PoolFloat for f32 {
-    const ZERO: f32 = 0.0;
-    fn is_nan(self) -> bool {
-        f32::is_nan(self)
-    }
-}
-
-impl PoolFloat for f64 {
-    const ZERO: f64 = 0.0;
-    fn is_nan(self) -> bool {
-        f64::is_nan(self)
-    }
-}
-
 impl MaxPool {
     fn out_dims(&self) -> (usize, usize) {
         (self.height / self.k, self.width / self.k)
@@ -83,7 +65,7 @@ impl MaxPool {
     /// or NaN, so ties keep the first maximum and a NaN always wins (the
     /// last NaN, as in PyTorch's CPU kernel).
     #[inline(always)]
-    fn argmax<T: PoolFloat>(&self, plane: &[T], oh: usize, ow: usize) -> usize {
+    fn argmax<T: CpuFloat>(&self, plane: &[T], oh: usize, ow: usize) -> usize {
         let (k, width) = (self.k, self.width);
         if k == 2 {
             // The lab's 2×2 pools: the four candidates in row-major order.
@@ -110,7 +92,7 @@ impl MaxPool {
         best
     }
 
-    fn forward<T: PoolFloat>(&self, x: &[T]) -> Vec<T> {
+    fn forward<T: CpuFloat>(&self, x: &[T]) -> Vec<T> {
         let (oh_n, ow_n) = self.out_dims();
         let plane_len = self.height * self.width;
         let mut y = vec![T::ZERO; self.planes * oh_n * ow_n];
@@ -131,7 +113,7 @@ impl MaxPool {
 
     /// `dx`: each window's `dy` at its first maximum, 0 elsewhere (also in
     /// the rows and columns the rounding down left out).
-    fn backward<T: PoolFloat>(&self, x: &[T], dy: &[T]) -> Vec<T> {
+    fn backward<T: CpuFloat>(&self, x: &[T], dy: &[T]) -> Vec<T> {
         let (oh_n, ow_n) = self.out_dims();
         let plane_len = self.height * self.width;
         let mut dx = vec![T::ZERO; self.planes * plane_len];
@@ -152,12 +134,8 @@ impl MaxPool {
     }
 }
 
-fn values<'a, T: PoolFloat>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let all = s.as_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&all[start..end]),
-        None => candle_core::bail!("max_pool2d: {what} must be contiguous"),
-    }
+fn values<'a, T: CpuFloat>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    contiguous(s, l, "max_pool2d", what)
 }
 
 impl CustomOp1 for MaxPool {
@@ -169,11 +147,9 @@ impl CustomOp1 for MaxPool {
         let (oh, ow) = self.out_dims();
         let dims = l.shape().dims();
         let shape = Shape::from((dims[0], dims[1], oh, ow));
-        Ok(match s.dtype() {
-            DType::F32 => (CpuStorage::F32(self.forward(values(s, l, "x")?)), shape),
-            DType::F64 => (CpuStorage::F64(self.forward(values(s, l, "x")?)), shape),
-            other => candle_core::bail!("max_pool2d: unsupported dtype {other:?} (f32, f64)"),
-        })
+        let storage = by_float_dtype!(s.dtype(), "max_pool2d", |T| self
+            .forward(values::<T>(s, l, "x")?));
+        Ok((storage, shape))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -200,24 +176,17 @@ impl CustomOp2 for MaxPoolBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
-        Ok(match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => (
-                CpuStorage::F32(self.0.backward(values(s1, l1, "x")?, values(s2, l2, "dy")?)),
-                shape,
-            ),
-            (DType::F64, DType::F64) => (
-                CpuStorage::F64(self.0.backward(values(s1, l1, "x")?, values(s2, l2, "dy")?)),
-                shape,
-            ),
-            (a, b) => candle_core::bail!("max_pool2d backward: dtypes {a:?} and {b:?}"),
-        })
+        let storage = by_float_dtype!(s1.dtype(), "max_pool2d backward", |T| self
+            .0
+            .backward(values::<T>(s1, l1, "x")?, values(s2, l2, "dy")?));
+        Ok((storage, shape))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn forward_matches_candle_and_backward_goes_to_the_first_maximum() {

@@ -16,6 +16,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::Dataset;
+use crate::lab::experiments::signal::norm_name;
 use crate::lab::model::{Activation, Arch, ModelConfig, NormKind};
 use crate::lab::train::{TrainConfig, Trainer};
 
@@ -34,19 +35,6 @@ pub struct StepCase {
 /// Untimed steps before the timed ones: the first steps allocate the
 /// optimizer state and warm the caches.
 pub const WARMUP_STEPS: usize = 5;
-
-fn norm_name(norm: NormKind) -> String {
-    match norm {
-        NormKind::None => "none".into(),
-        NormKind::Batch => "batch".into(),
-        NormKind::SyncBatch => "sync-batch".into(),
-        NormKind::Layer => "layer".into(),
-        NormKind::Group(g) => format!("group{g}"),
-        NormKind::Instance => "instance".into(),
-        NormKind::Rms => "rms".into(),
-        NormKind::Lrn => "lrn".into(),
-    }
-}
 
 /// Every case of the training suite, in order: first the README table's
 /// SGD configurations (lr 0.05, momentum 0.9), then the networks of the
