@@ -1,13 +1,18 @@
 //! The bench suites: the cases `normlab bench` and the criterion benches time.
 //!
-//! Two kernel suites (`--suite`), and a third of training steps
+//! Three kernel suites (`--suite`), and a fourth of training steps
 //! (`training`, in [`crate::lab::step_bench`]):
 //! - `default`: eleven large cases, one per op and layout;
 //! - `models`: shapes taken from real model families, each case named after
 //!   its family: decoder-LLM RMSNorm (hidden sizes 2048–8192 at 1, 8 and 2048
 //!   tokens), BERT and ViT LayerNorm, ResNet-50 BatchNorm at every stage in
 //!   training and for single-image inference, BatchNorm1d in MLPs,
-//!   Stable-Diffusion UNet GroupNorm(32), InstanceNorm in style transfer.
+//!   Stable-Diffusion UNet GroupNorm(32), InstanceNorm in style transfer;
+//! - `fused`: the cases of both whose op has a fused form with an
+//!   activation (LayerNorm, BatchNorm, GroupNorm), each timed fused
+//!   (`batch_norm_act`, …) and as the unfused pair (the op, then
+//!   `activation`; backward `activation_backward`, then the op's backward),
+//!   see [`measure_fused`].
 //!
 //! Each runs in f32, bf16 or f16 (`--dtype`; weight, bias and running
 //! statistics in the same type, as PyTorch's functional calls). Weight and
@@ -22,6 +27,7 @@
 
 use std::time::{Duration, Instant};
 
+use normlab::kernels::activation::{activation, activation_backward};
 use normlab::kernels::batch_norm::{
     self, batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
 };
@@ -29,7 +35,7 @@ use normlab::kernels::group_norm::{self, group_norm, group_norm_backward, GroupL
 use normlab::kernels::lrn::{self, lrn, lrn_backward, LrnOptions};
 use normlab::kernels::rows::{self, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward};
 use normlab::kernels::NcsLayout;
-use normlab::{Epsilon, Float, Saved, Tensor};
+use normlab::{Activation, Epsilon, Float, Saved, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -104,6 +110,9 @@ pub enum Suite {
     Default,
     /// Shapes of real model families.
     Models,
+    /// The cases of `default` and `models` with a fused activation, fused
+    /// against the unfused pair.
+    Fused,
     /// Optimizer steps of the lab's networks ([`crate::lab::step_bench`]).
     Training,
 }
@@ -118,6 +127,16 @@ pub fn cases(suite: Suite) -> Vec<Case> {
     match suite {
         Suite::Default => default_cases(),
         Suite::Models => model_cases(),
+        Suite::Fused => default_cases()
+            .into_iter()
+            .chain(model_cases())
+            .filter(|c| {
+                matches!(
+                    c.op,
+                    Op::LayerNorm | Op::BatchNormTrain | Op::BatchNormEval | Op::GroupNorm(_)
+                )
+            })
+            .collect(),
         // Not kernel cases: `lab::step_bench::cases` lists them.
         Suite::Training => Vec::new(),
     }
@@ -510,4 +529,156 @@ pub fn copy_bandwidth(runs: usize) -> anyhow::Result<f64> {
         Ok(())
     })?;
     Ok(2.0 * (n * 4) as f64 / t.as_secs_f64() / 1e9)
+}
+
+/// One case of the fused suite: medians of the op followed by an
+/// activation, fused and as the unfused pair, each allocating its outputs.
+#[derive(Clone, Debug, Serialize)]
+pub struct FusedMeasurement {
+    /// Case name.
+    pub case: String,
+    /// Element type (PyTorch's name).
+    pub dtype: &'static str,
+    /// The activation (`relu`, `tanh`, `sigmoid`).
+    pub activation: &'static str,
+    /// Fused forward (`batch_norm_act`, …), ms.
+    pub fused_fwd_ms: f64,
+    /// The op's forward, then `activation`, ms.
+    pub unfused_fwd_ms: f64,
+    /// Fused backward (`batch_norm_act_backward`, …), ms.
+    pub fused_bwd_ms: f64,
+    /// `activation_backward`, then the op's backward, ms.
+    pub unfused_bwd_ms: f64,
+}
+
+impl<T: Float> Prepared<T> {
+    /// The forward followed by `act`: fused, or the op then [`activation`].
+    /// Returns the activation's output.
+    fn forward_act(&mut self, act: Activation, fused: bool) -> anyhow::Result<Tensor<T>> {
+        use normlab::kernels::layer_norm::layer_norm_act;
+        use normlab::kernels::{batch_norm::batch_norm_act, group_norm::group_norm_act};
+        let Prepared {
+            case,
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            ..
+        } = self;
+        let (w, b) = (Some(&*weight), Some(&*bias));
+        let eps = Epsilon::from(EPS);
+        let running = RunningStatsMut {
+            mean: running_mean,
+            var: running_var,
+            num_batches_tracked,
+        };
+        let options = match case.op {
+            Op::BatchNormTrain => BatchNormOptions::training(),
+            _ => BatchNormOptions::eval(),
+        };
+        let y = match (case.op, fused) {
+            (Op::LayerNorm, true) => layer_norm_act(x, -1, w, b, eps, act)?.0,
+            (Op::LayerNorm, false) => activation(&layer_norm(x, -1, w, b, eps)?.0, act)?,
+            (Op::BatchNormTrain | Op::BatchNormEval, true) => {
+                batch_norm_act(x, Some(running), w, b, &options, act)?.0
+            }
+            (Op::BatchNormTrain | Op::BatchNormEval, false) => {
+                activation(&batch_norm(x, Some(running), w, b, &options)?.0, act)?
+            }
+            (Op::GroupNorm(g), true) => group_norm_act(x, g, w, b, eps, act)?.0,
+            (Op::GroupNorm(g), false) => activation(&group_norm(x, g, w, b, eps)?.0, act)?,
+            (op, _) => anyhow::bail!("{op:?} has no fused form"),
+        };
+        Ok(y)
+    }
+
+    /// The backward through `act` and the op from the saved statistics:
+    /// fused, or [`activation_backward`] at the activation's output `y`
+    /// then the op's backward.
+    fn backward_act(&self, y: &Tensor<T>, act: Activation, fused: bool) -> anyhow::Result<()> {
+        use normlab::kernels::batch_norm::batch_norm_act_backward;
+        use normlab::kernels::group_norm::group_norm_act_backward;
+        use normlab::kernels::layer_norm::layer_norm_act_backward;
+        let (x, w, b) = (&self.x, Some(&self.weight), Some(&self.bias));
+        let (eps, saved) = (Epsilon::from(EPS), &self.saved);
+        let train = self.case.op == Op::BatchNormTrain;
+        let grads = if fused {
+            let dy = &self.dy;
+            match self.case.op {
+                Op::LayerNorm => layer_norm_act_backward(x, dy, -1, w, b, act, eps, saved)?,
+                Op::GroupNorm(g) => group_norm_act_backward(x, dy, g, w, b, act, eps, saved)?,
+                _ => batch_norm_act_backward(x, dy, w, b, act, eps, saved, train)?,
+            }
+        } else {
+            let dz = activation_backward(y, &self.dy, act)?;
+            match self.case.op {
+                Op::LayerNorm => layer_norm_backward(x, &dz, -1, w, true, eps, saved)?,
+                Op::GroupNorm(g) => group_norm_backward(x, &dz, g, w, true, eps, saved)?,
+                _ => batch_norm_backward(x, &dz, w, true, eps, saved, train)?,
+            }
+        };
+        std::hint::black_box(grads);
+        Ok(())
+    }
+}
+
+/// Times one case of the fused suite in `dtype`: fused and unfused
+/// alternate call by call, so that both see the same machine.
+pub fn measure_fused(
+    case: &Case,
+    dtype: Dtype,
+    act: Activation,
+    runs: usize,
+) -> anyhow::Result<FusedMeasurement> {
+    match dtype {
+        Dtype::F32 => measure_fused_in::<f32>(case, dtype, act, runs),
+        Dtype::Bf16 => measure_fused_in::<half::bf16>(case, dtype, act, runs),
+        Dtype::F16 => measure_fused_in::<half::f16>(case, dtype, act, runs),
+    }
+}
+
+fn measure_fused_in<T: Float>(
+    case: &Case,
+    dtype: Dtype,
+    act: Activation,
+    runs: usize,
+) -> anyhow::Result<FusedMeasurement> {
+    let mut p = Prepared::<T>::new(case)?;
+    let y = p.forward_act(act, false)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut times = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..runs + 2 {
+        let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<Duration> {
+            let start = Instant::now();
+            f()?;
+            Ok(start.elapsed())
+        };
+        let t = [
+            time(&mut || p.forward_act(act, true).map(drop))?,
+            time(&mut || p.forward_act(act, false).map(drop))?,
+            time(&mut || p.backward_act(&y, act, true))?,
+            time(&mut || p.backward_act(&y, act, false))?,
+        ];
+        // The first two rounds warm the caches and the allocator.
+        if round >= 2 {
+            for (all, t) in times.iter_mut().zip(t) {
+                all.push(t);
+            }
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        ms(v[v.len() / 2])
+    };
+    Ok(FusedMeasurement {
+        case: case.name.clone(),
+        dtype: dtype.name(),
+        activation: act.name(),
+        fused_fwd_ms: median(&mut times[0]),
+        unfused_fwd_ms: median(&mut times[1]),
+        fused_bwd_ms: median(&mut times[2]),
+        unfused_bwd_ms: median(&mut times[3]),
+    })
 }

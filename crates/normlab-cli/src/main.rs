@@ -78,7 +78,9 @@ enum Command {
     /// normlab bench --suite models --dtype bf16
     Bench {
         /// Which cases: `default` (eleven large cases), `models` (shapes of
-        /// real model families, named after them) or `training` (optimizer
+        /// real model families, named after them), `fused` (the cases of
+        /// both with a fused activation, --activation, fused against the
+        /// op followed by a separate activation) or `training` (optimizer
         /// steps of the lab's networks on the embedded MNIST images; --runs
         /// timed steps per case, median step time).
         #[arg(long, value_enum, default_value = "default")]
@@ -104,7 +106,15 @@ enum Command {
         /// List the case names and exit.
         #[arg(long)]
         list: bool,
+        /// The activation of the fused suite: relu, tanh or sigmoid.
+        #[arg(long, default_value = "relu", value_parser = parse_activation)]
+        activation: normlab::Activation,
     },
+}
+
+fn parse_activation(name: &str) -> Result<normlab::Activation, String> {
+    normlab::Activation::from_name(name)
+        .ok_or_else(|| format!("unknown activation `{name}` (relu, tanh, sigmoid)"))
 }
 
 /// Options shared by `report` and `experiment`.
@@ -235,12 +245,14 @@ fn run() -> anyhow::Result<ExitCode> {
             simd,
             json,
             list,
+            activation,
         } => {
             let choice = BenchChoice {
                 suite,
                 dtype,
                 names: &cases,
                 list,
+                activation,
             };
             run_bench(choice, runs as usize, simd.as_deref(), json)?;
             Ok(ExitCode::SUCCESS)
@@ -306,6 +318,7 @@ struct BenchChoice<'a> {
     dtype: bench::Dtype,
     names: &'a [String],
     list: bool,
+    activation: normlab::Activation,
 }
 
 fn run_bench(
@@ -321,7 +334,9 @@ fn run_bench(
         dtype,
         names,
         list,
+        activation,
     } = choice;
+    let fused = suite == bench::Suite::Fused;
     if suite == bench::Suite::Training {
         return run_training_bench(names, list, runs, json);
     }
@@ -379,6 +394,11 @@ fn run_bench(
             simd::active().name(),
             dtype.name()
         );
+    }
+    if fused {
+        return run_fused_bench(&selected, dtype, activation, runs, json);
+    }
+    if !json {
         println!(
             "{:<48} {:>8} {:>11} {:>8} {:>15} {:>15}",
             "case", "fwd_ms", "fwd_into_ms", "bwd_ms", "fwd GB/s (copy)", "bwd GB/s (copy)"
@@ -399,6 +419,40 @@ fn run_bench(
                 100.0 * m.fwd_gbps / copy,
                 m.bwd_gbps,
                 100.0 * m.bwd_gbps / copy
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `normlab bench --suite fused`: each case fused and unfused, alternating.
+fn run_fused_bench(
+    selected: &[bench::Case],
+    dtype: bench::Dtype,
+    activation: normlab::Activation,
+    runs: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !json {
+        println!(
+            "{:<48} {:>9} {:>11} {:>7} {:>9} {:>11} {:>7}",
+            "case", "fused fwd", "unfused fwd", "speedup", "fused bwd", "unfused bwd", "speedup"
+        );
+    }
+    for case in selected {
+        let m = bench::measure_fused(case, dtype, activation, runs)?;
+        if json {
+            println!("{}", serde_json::to_string(&m)?);
+        } else {
+            println!(
+                "{:<48} {:>9.3} {:>11.3} {:>6.2}x {:>9.3} {:>11.3} {:>6.2}x",
+                format!("{} + {}", m.case, m.activation),
+                m.fused_fwd_ms,
+                m.unfused_fwd_ms,
+                m.unfused_fwd_ms / m.fused_fwd_ms,
+                m.fused_bwd_ms,
+                m.unfused_bwd_ms,
+                m.unfused_bwd_ms / m.fused_bwd_ms
             );
         }
     }

@@ -69,6 +69,10 @@ pub trait Lane:
     fn max(self, other: Self) -> Self;
     /// `√self`.
     fn sqrt(self) -> Self;
+    /// `tanh(self)`, within one unit in the last place.
+    fn tanh(self) -> Self;
+    /// `1/(1 + e^-self)`, within one unit in the last place.
+    fn sigmoid(self) -> Self;
     /// Eight lanes `a + b` with level `L`'s instructions (`simd::vector::V8`).
     fn add8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];
     /// Eight lanes `a - b`.
@@ -79,6 +83,9 @@ pub trait Lane:
     fn wide8<L: Isa>(a: [Self; 8]) -> [f64; 8];
     /// The first `n` lanes of `a`, then those of `pad` (a blend in registers).
     fn keep8<L: Isa>(a: [Self; 8], pad: [Self; 8], n: usize) -> [Self; 8];
+    /// `d` where `z > 0` or `z` is NaN, 0 where `z ≤ 0`: ReLU's gradient
+    /// (a compare and an and).
+    fn where_positive8<L: Isa>(z: [Self; 8], d: [Self; 8]) -> [Self; 8];
     /// `v` as `(hi, lo)` with `hi + lo ≈ v` to about twice this type's
     /// precision: `x - v` is then computed as `(x - hi) - lo`.
     #[inline(always)]
@@ -92,7 +99,20 @@ pub trait Lane:
 /// of `simd::vector::avx` at the AVX2 levels, the same lane-wise
 /// operations in plain Rust at the baseline.
 macro_rules! lane_vector_ops {
-    ($t:ty, $keep:ident, $add:ident, $sub:ident, $mul:ident) => {
+    ($t:ty, $keep:ident, $add:ident, $sub:ident, $mul:ident, $positive:ident) => {
+        #[inline(always)]
+        fn where_positive8<L: Isa>(z: [$t; 8], d: [$t; 8]) -> [$t; 8] {
+            #[cfg(target_arch = "x86_64")]
+            if L::AVX2 {
+                // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
+                return unsafe { vector::avx::$positive(z, d) };
+            }
+            let mut out = d;
+            for k in 0..8 {
+                out[k] = if z[k] <= 0.0 { 0.0 } else { d[k] };
+            }
+            out
+        }
         #[inline(always)]
         fn keep8<L: Isa>(a: [$t; 8], pad: [$t; 8], n: usize) -> [$t; 8] {
             #[cfg(target_arch = "x86_64")]
@@ -138,7 +158,7 @@ impl Lane for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const SAFE_RANGE: (f64, f64) = (1e-10, 1e18);
-    lane_vector_ops!(f32, keep_f32, add_f32, sub_f32, mul_f32);
+    lane_vector_ops!(f32, keep_f32, add_f32, sub_f32, mul_f32, positive_f32);
     #[inline(always)]
     fn wide8<L: Isa>(a: [f32; 8]) -> [f64; 8] {
         #[cfg(target_arch = "x86_64")]
@@ -168,13 +188,21 @@ impl Lane for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        crate::activation::tanh_f32(self)
+    }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        crate::activation::sigmoid_f32(self)
+    }
 }
 
 impl Lane for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const SAFE_RANGE: (f64, f64) = (1e-140, 1e140);
-    lane_vector_ops!(f64, keep_f64, add_f64, sub_f64, mul_f64);
+    lane_vector_ops!(f64, keep_f64, add_f64, sub_f64, mul_f64, positive_f64);
     #[inline(always)]
     fn wide8<L: Isa>(a: [f64; 8]) -> [f64; 8] {
         a
@@ -198,6 +226,14 @@ impl Lane for f64 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + (-self).exp())
     }
 }
 

@@ -26,6 +26,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod activation;
 pub mod alloc;
 pub mod comm;
 pub mod error;
@@ -38,6 +39,7 @@ pub mod simd;
 pub mod state;
 pub mod tensor;
 
+pub use activation::Activation;
 pub use comm::{Communicator, SingleProcess, ThreadGroup};
 pub use error::{NormError, Result};
 pub use float::Float;

@@ -13,18 +13,21 @@
 //! all-reduce the sums between them.
 
 use super::parallel::{channels, channels_mut, min_units, sum_partials};
+use super::slices::Affine;
+use super::{affine_at, positions, slices, BiasGrad, ChannelAct};
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
     NcsLayout, Saved,
 };
-use super::{positions, slices};
 use crate::alloc::Scratch;
 use crate::error::{check_len, ensure, Result};
 use crate::float::Lane;
 use crate::float::OutputBuffer;
 use crate::moments::Moments;
+use crate::simd::activation::Act;
 use crate::simd::convert::Store;
 use crate::simd::{sums, transform};
+use crate::Activation;
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -233,11 +236,29 @@ pub fn normalize<T: Float, P: Float>(
     check_channel_args(x, layout, saved, weight, bias)?;
     let y = crate::float::slots(y);
     check_len(OP, "y", y.len(), &[layout.n, layout.c, layout.spatial])?;
-    normalize_unchecked(x, layout, saved, weight, bias, y);
+    normalize_unchecked(x, layout, saved, weight, bias, y, None);
     Ok(())
 }
 
-/// The body of [`normalize`], arguments checked.
+/// The forward's per-channel coefficients `(rstd·γ, β)`: computed here
+/// alone, so that a fused backward recomputes `z` from the very values the
+/// forward normalized with.
+fn affine_coefs<P: Float>(
+    saved: &Saved,
+    weight: Option<&[P]>,
+    bias: Option<&[P]>,
+) -> (Scratch<f64>, Scratch<f64>) {
+    let c = saved.rstd.len();
+    let scale = Scratch::collect(
+        c,
+        (0..c).map(|ch| saved.rstd[ch] * param_at(weight, ch, 1.0)),
+    );
+    let shift = Scratch::collect(c, (0..c).map(|ch| param_at(bias, ch, 0.0)));
+    (scale, shift)
+}
+
+/// The body of [`normalize`], arguments checked; `y = φ(x̂·γ + β)` with an
+/// activation.
 fn normalize_unchecked<T: Float, P: Float>(
     x: &[T],
     layout: NcsLayout,
@@ -245,6 +266,7 @@ fn normalize_unchecked<T: Float, P: Float>(
     weight: Option<&[P]>,
     bias: Option<&[P]>,
     y: &mut [MaybeUninit<T>],
+    act: Act,
 ) {
     let (c, s) = (layout.c, layout.spatial);
     let store = Store::for_output::<T>(x.len());
@@ -252,13 +274,9 @@ fn normalize_unchecked<T: Float, P: Float>(
         return;
     }
     if s <= positions::MAX_SPATIAL || s < SHORT_SPATIAL {
-        let scale = Scratch::collect(
-            c,
-            (0..c).map(|ch| saved.rstd[ch] * param_at(weight, ch, 1.0)),
-        );
-        let shift = Scratch::collect(c, (0..c).map(|ch| param_at(bias, ch, 0.0)));
+        let (scale, shift) = affine_coefs(saved, weight, bias);
         if s <= positions::MAX_SPATIAL {
-            positions::normalize(x, y, (c, s), &saved.mean, &scale, &shift);
+            positions::normalize(x, y, (c, s), &saved.mean, &scale, &shift, act);
             return;
         }
         let coefs = Scratch::collect(
@@ -273,7 +291,7 @@ fn normalize_unchecked<T: Float, P: Float>(
             .zip(y.par_chunks_mut(run * s))
             .enumerate()
             .for_each(|(t, (xr, yr))| {
-                transform::normalize_slices(xr, yr, s, (t * run) % c, &coefs)
+                transform::normalize_slices(xr, yr, s, (t * run) % c, &coefs, act)
             });
         return;
     }
@@ -285,9 +303,11 @@ fn normalize_unchecked<T: Float, P: Float>(
         .with_min_len(min_units(s))
         .for_each(|(block, (x_sl, y_sl))| {
             let ch = block % c;
-            let scale = saved.rstd[ch] * param_at(weight, ch, 1.0);
-            let shift = param_at(bias, ch, 0.0);
-            slices::normalize(x_sl, y_sl, saved.mean[ch], scale, shift, store);
+            let k = Affine {
+                scale: saved.rstd[ch] * param_at(weight, ch, 1.0),
+                shift: param_at(bias, ch, 0.0),
+            };
+            slices::normalize(x_sl, y_sl, saved.mean[ch], k, store, act);
         });
 }
 
@@ -317,11 +337,12 @@ pub fn forward_train<T: Float, P: Float>(
         }
     }
     let moments = channel_moments(x, layout)?;
-    forward_train_unchecked(x, layout, &moments, weight, bias, eps, y);
+    forward_train_unchecked(x, layout, &moments, weight, bias, eps, y, None);
     Ok(moments)
 }
 
-/// Normalizes with the batch `moments`; returns the statistics saved.
+/// Normalizes with the batch `moments` (and `act`); returns the statistics saved.
+#[allow(clippy::too_many_arguments)]
 fn forward_train_unchecked<T: Float, P: Float>(
     x: &[T],
     layout: NcsLayout,
@@ -330,12 +351,13 @@ fn forward_train_unchecked<T: Float, P: Float>(
     bias: Option<&[P]>,
     eps: &Epsilon,
     y: &mut [MaybeUninit<T>],
+    act: Act,
 ) -> Saved {
     let saved = Saved {
         mean: moments.iter().map(|m| m.mean).collect(),
         rstd: moments.iter().map(|m| eps.rstd(m.var(0))).collect(),
     };
-    normalize_unchecked(x, layout, &saved, weight, bias, y);
+    normalize_unchecked(x, layout, &saved, weight, bias, y, act);
     saved
 }
 
@@ -359,29 +381,33 @@ pub fn channel_grad_sums<T: Float>(
             crate::alloc::try_filled(OP, "sum_dy_xhat", c, 0.0)?,
         ));
     }
-    Ok(channel_grad_sums_unchecked(x, dy, layout, saved))
+    Ok(channel_grad_sums_unchecked(x, dy, layout, saved, None))
 }
 
-/// The body of [`channel_grad_sums`] on a non-empty input, arguments checked.
+/// The body of [`channel_grad_sums`] on a non-empty input, arguments
+/// checked; fused, the sums of `dz = φ'(z)·dy` (see [`ChannelAct`]).
 fn channel_grad_sums_unchecked<T: Float>(
     x: &[T],
     dy: &[T],
     layout: NcsLayout,
     saved: &Saved,
+    fused: Option<ChannelAct<'_>>,
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
+    let act = fused.map(|f| f.act);
     if s <= positions::MAX_SPATIAL {
-        return positions::grad_sums(x, dy, (c, s), &saved.mean, &saved.rstd);
+        return positions::grad_sums(x, dy, (c, s), &saved.mean, &saved.rstd, fused);
     }
     if s < SHORT_SPATIAL {
-        let coefs: Vec<[T::Lane; 3]> = (0..c)
+        let coefs: Vec<[T::Lane; 5]> = (0..c)
             .map(|ch| {
                 let (hi, lo) = T::Lane::split(saved.mean[ch]);
-                [hi, lo, T::Lane::of(saved.rstd[ch])]
+                let z = affine_at(fused, ch).z::<T::Lane>(act);
+                [hi, lo, T::Lane::of(saved.rstd[ch]), z.scale, z.shift]
             })
             .collect();
         let totals = short_runs(x, Some(dy), s, c, |run, dys, first, totals| {
-            sums::grad_sums_slices(run, dys.unwrap_or(&[]), s, first, &coefs, totals)
+            sums::grad_sums_slices(run, dys.unwrap_or(&[]), s, first, &coefs, totals, act)
         });
         return totals.into_iter().unzip();
     }
@@ -396,7 +422,8 @@ fn channel_grad_sums_unchecked<T: Float>(
                 .zip(dys.chunks_exact(s))
                 .enumerate()
                 .map(|(ch, (x_sl, dy_sl))| {
-                    slices::grad_sums(x_sl, dy_sl, saved.mean[ch], saved.rstd[ch])
+                    let z_k = affine_at(fused, ch);
+                    slices::grad_sums(x_sl, dy_sl, saved.mean[ch], saved.rstd[ch], z_k, act)
                 })
                 .unzip()
         })
@@ -405,11 +432,17 @@ fn channel_grad_sums_unchecked<T: Float>(
     (sum_partials(c, a), sum_partials(c, b))
 }
 
-fn channel_sums<T: Float>(xs: &[&[T]], dys: &[&[T]], mean: f64, rstd: f64) -> (f64, f64) {
+fn channel_sums<T: Float>(
+    xs: &[&[T]],
+    dys: &[&[T]],
+    mean: f64,
+    rstd: f64,
+    (z_k, act): (Affine, Act),
+) -> (f64, f64) {
     xs.iter()
         .zip(dys)
         .fold((0.0, 0.0), |(a, b), (x_sl, dy_sl)| {
-            let (da, db) = slices::grad_sums(x_sl, dy_sl, mean, rstd);
+            let (da, db) = slices::grad_sums(x_sl, dy_sl, mean, rstd, z_k, act);
             (a + da, b + db)
         })
 }
@@ -478,11 +511,12 @@ pub fn backward_input<T: Float, P: Float>(
         check_len(OP, "sum_dy", sum_dy.len(), &[layout.c])?;
         check_len(OP, "sum_dy_xhat", sum_dy_xhat.len(), &[layout.c])?;
     }
-    backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx);
+    backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx, None);
     Ok(())
 }
 
-/// The body of [`backward_input`], arguments checked.
+/// The body of [`backward_input`], arguments checked; fused, through the
+/// activation (see [`ChannelAct`]).
 #[allow(clippy::too_many_arguments)]
 fn backward_input_unchecked<T: Float, P: Float>(
     x: &[T],
@@ -493,8 +527,10 @@ fn backward_input_unchecked<T: Float, P: Float>(
     eps: &Epsilon,
     stats: StatsGradient<'_>,
     dx: &mut [MaybeUninit<T>],
+    fused: Option<ChannelAct<'_>>,
 ) {
     let (c, s) = (layout.c, layout.spatial);
+    let act = fused.map(|f| f.act);
     let store = Store::for_output::<T>(x.len());
     if x.is_empty() {
         return;
@@ -514,15 +550,16 @@ fn backward_input_unchecked<T: Float, P: Float>(
         .collect();
     if s <= positions::MAX_SPATIAL {
         let w: Vec<f64> = (0..c).map(|ch| param_at(weight, ch, 1.0)).collect();
-        positions::input_grad(x, dy, dx, (c, s), &saved.mean, &w, &coefs);
+        positions::input_grad(x, dy, dx, (c, s), &saved.mean, &w, &coefs, fused);
         return;
     }
     if s < SHORT_SPATIAL {
-        let lanes: Vec<[T::Lane; 6]> = (0..c)
+        let lanes: Vec<[T::Lane; 8]> = (0..c)
             .map(|ch| {
                 let (hi, lo) = T::Lane::split(saved.mean[ch]);
                 let k = coefs[ch];
                 let of = T::Lane::of;
+                let z = affine_at(fused, ch).z::<T::Lane>(act);
                 [
                     hi,
                     lo,
@@ -530,6 +567,8 @@ fn backward_input_unchecked<T: Float, P: Float>(
                     of(param_at(weight, ch, 1.0)),
                     of(k.mean_g),
                     of(k.b),
+                    z.scale,
+                    z.shift,
                 ]
             })
             .collect();
@@ -539,7 +578,7 @@ fn backward_input_unchecked<T: Float, P: Float>(
             .zip(dx.par_chunks_mut(run * s))
             .enumerate()
             .for_each(|(t, ((xr, dr), or))| {
-                transform::input_grad_slices(xr, dr, or, s, (t * run) % c, &lanes)
+                transform::input_grad_slices(xr, dr, or, s, (t * run) % c, &lanes, act)
             });
         return;
     }
@@ -552,13 +591,25 @@ fn backward_input_unchecked<T: Float, P: Float>(
         .for_each(|(block, ((x_sl, dy_sl), dx_sl))| {
             let ch = block % c;
             let w = param_at(weight, ch, 1.0);
-            slices::input_grad(x_sl, dy_sl, saved.mean[ch], w, coefs[ch], dx_sl, store);
+            let z_k = affine_at(fused, ch);
+            slices::input_grad(
+                x_sl,
+                dy_sl,
+                saved.mean[ch],
+                w,
+                coefs[ch],
+                dx_sl,
+                store,
+                z_k,
+                act,
+            );
         });
 }
 
 /// Backward with statistics held constant (evaluation): `dx = γ·r·dy` needs
 /// no channel sums, so slices are visited in memory order in one pass; the
 /// sums for dγ, dβ are kept per slice and added in order.
+#[allow(clippy::too_many_arguments)]
 fn backward_constant<T: Float, P: Float>(
     x: &[T],
     dy: &[T],
@@ -567,8 +618,10 @@ fn backward_constant<T: Float, P: Float>(
     weight: Option<&[P]>,
     eps: &Epsilon,
     dx: &mut [MaybeUninit<T>],
+    fused: Option<ChannelAct<'_>>,
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
+    let act = fused.map(|f| f.act);
     let store = Store::for_output::<T>(x.len());
     let sample = c * s;
     if sample == 0 {
@@ -576,7 +629,7 @@ fn backward_constant<T: Float, P: Float>(
     }
     if s < SHORT_SPATIAL {
         // Short slices: the sums, then dx, each a pass in runs of slices.
-        let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
+        let sums = channel_grad_sums_unchecked(x, dy, layout, saved, fused);
         backward_input_unchecked(
             x,
             dy,
@@ -586,6 +639,7 @@ fn backward_constant<T: Float, P: Float>(
             eps,
             StatsGradient::Constant,
             dx,
+            fused,
         );
         return sums;
     }
@@ -601,10 +655,11 @@ fn backward_constant<T: Float, P: Float>(
         .map(|(i, ((x_sl, dy_sl), dx_sl))| {
             let ch = i % c;
             let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
-            let sums = slices::grad_sums(x_sl, dy_sl, mean, rstd);
+            let z_k = affine_at(fused, ch);
+            let sums = slices::grad_sums(x_sl, dy_sl, mean, rstd, z_k, act);
             let w = param_at(weight, ch, 1.0);
             let k = DxCoefficients::constant(rstd);
-            slices::input_grad(x_sl, dy_sl, mean, w, k, dx_sl, store);
+            slices::input_grad(x_sl, dy_sl, mean, w, k, dx_sl, store, z_k, act);
             sums
         })
         .collect();
@@ -640,12 +695,14 @@ fn backward_fused<T: Float, P: Float>(
     eps: &Epsilon,
     batch_stats: bool,
     dx: &mut [MaybeUninit<T>],
+    fused: Option<ChannelAct<'_>>,
 ) -> (Vec<f64>, Vec<f64>) {
     let (c, s) = (layout.c, layout.spatial);
     let count = (layout.n * s) as f64;
+    let act = fused.map(|f| f.act);
     if s <= positions::MAX_SPATIAL {
         // Whole samples are short rows: sums, then dx, each in memory order.
-        let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
+        let sums = channel_grad_sums_unchecked(x, dy, layout, saved, fused);
         let stats = if batch_stats {
             StatsGradient::Batch {
                 count,
@@ -655,24 +712,24 @@ fn backward_fused<T: Float, P: Float>(
         } else {
             StatsGradient::Constant
         };
-        backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx);
+        backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx, fused);
         return sums;
     }
     if !batch_stats {
-        return backward_constant(x, dy, layout, saved, weight, eps, dx);
+        return backward_constant(x, dy, layout, saved, weight, eps, dx, fused);
     }
     let size = std::mem::size_of::<T>();
     if layout.n * s * 2 * size > FUSED_CHANNEL_BYTES || s * size < FUSED_MIN_SLICE_BYTES {
         // A channel's x and dy would not stay in L2 between the two passes,
         // or its slices are too short to gather: two passes in memory order
         // stream better.
-        let sums = channel_grad_sums_unchecked(x, dy, layout, saved);
+        let sums = channel_grad_sums_unchecked(x, dy, layout, saved, fused);
         let stats = StatsGradient::Batch {
             count,
             sum_dy: &sums.0,
             sum_dy_xhat: &sums.1,
         };
-        backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx);
+        backward_input_unchecked(x, dy, layout, saved, weight, eps, stats, dx, fused);
         return sums;
     }
     let store = Store::for_output::<T>(x.len());
@@ -683,11 +740,12 @@ fn backward_fused<T: Float, P: Float>(
         .enumerate()
         .map(|(ch, ((xs, dys), dxs))| {
             let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
-            let (sum_dy, sum_dy_xhat) = channel_sums(&xs, &dys, mean, rstd);
+            let z_k = affine_at(fused, ch);
+            let (sum_dy, sum_dy_xhat) = channel_sums(&xs, &dys, mean, rstd, (z_k, act));
             let w = param_at(weight, ch, 1.0);
             let coefs = channel_coefficients(eps, w, rstd, Some((count, sum_dy, sum_dy_xhat)));
             for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
-                slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl, store);
+                slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl, store, z_k, act);
             }
             (sum_dy, sum_dy_xhat)
         })
@@ -854,6 +912,44 @@ pub fn batch_norm<T: Float>(
     bias: Option<&Tensor<T>>,
     options: &BatchNormOptions,
 ) -> Result<(Tensor<T>, Saved)> {
+    batch_norm_with(x, running, weight, bias, options, None)
+}
+
+/// BatchNorm followed by an activation, one pass: `y = φ(x̂·γ + β)`, as
+/// `φ(F.batch_norm(…))` with the same statistics and running-statistics
+/// update as [`batch_norm`]. Its backward is [`batch_norm_act_backward`].
+///
+/// # Errors
+/// As [`batch_norm`].
+///
+/// ```
+/// use normlab::{Activation, Tensor, kernels::batch_norm::{batch_norm_act, BatchNormOptions}};
+/// let x = Tensor::new(vec![2, 1], vec![1.0f32, 3.0]).unwrap();
+/// let opts = BatchNormOptions::training();
+/// let (y, _) = batch_norm_act(&x, None, None, None, &opts, Activation::Relu).unwrap();
+/// assert_eq!(y.data()[0], 0.0); // relu(-1)
+/// assert!((y.data()[1] - 1.0).abs() < 1e-4);
+/// ```
+pub fn batch_norm_act<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    running: Running<'_, T>,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    options: &BatchNormOptions,
+    act: Activation,
+) -> Result<(Tensor<T>, Saved)> {
+    batch_norm_with(x, running, weight, bias, options, Some(act))
+}
+
+/// [`batch_norm`], with an activation when `act` is given.
+fn batch_norm_with<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    running: Running<'_, T>,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    options: &BatchNormOptions,
+    act: Act,
+) -> Result<(Tensor<T>, Saved)> {
     let op = OP;
     let layout = check_args(op, x.shape(), &running, weight, bias, options)?;
     let update = options.update_running_stats && running.is_some();
@@ -882,7 +978,8 @@ pub fn batch_norm<T: Float>(
                 return Err(too_few());
             }
             let moments = channel_moments(x.data(), layout)?;
-            let saved = forward_train_unchecked(x.data(), layout, &moments, w, b, &options.eps, y);
+            let saved =
+                forward_train_unchecked(x.data(), layout, &moments, w, b, &options.eps, y, act);
             Ok((saved, Some(moments)))
         } else {
             let r = running
@@ -892,7 +989,7 @@ pub fn batch_norm<T: Float>(
                 mean: r.mean.iter().map(|m| m.to_f64()).collect(),
                 rstd: r.var.iter().map(|v| options.eps.rstd(v.to_f64())).collect(),
             };
-            normalize_unchecked(x.data(), layout, &saved, w, b, y);
+            normalize_unchecked(x.data(), layout, &saved, w, b, y, act);
             // Running statistics may still be updated from the batch (read before).
             let moments = match (update, count) {
                 (false, _) => None,
@@ -988,10 +1085,51 @@ pub fn batch_norm_backward<T: Float>(
     saved: &Saved,
     batch_stats: bool,
 ) -> Result<Grads<T>> {
+    let bias = BiasGrad::Plain { with_bias };
+    backward_with(x, dy, weight, bias, eps, saved, batch_stats)
+}
+
+/// Gradients of [`batch_norm_act`] with respect to `x`, γ and β (`dy` is
+/// the gradient at its output): one backward through the activation and
+/// the normalization, `z = x̂·γ + β` recomputed from `x`, the saved
+/// statistics and the parameters rather than stored. `bias` is the
+/// forward's β (also when it is not trained: `z` needs it).
+///
+/// # Errors
+/// Shapes that disagree with the forward call's.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_act_backward<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    act: Activation,
+    eps: Epsilon,
+    saved: &Saved,
+    batch_stats: bool,
+) -> Result<Grads<T>> {
+    let bias = BiasGrad::Fused { bias, act };
+    backward_with(x, dy, weight, bias, eps, saved, batch_stats)
+}
+
+/// The body of [`batch_norm_backward`] and [`batch_norm_act_backward`].
+fn backward_with<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
+    weight: Option<&Tensor<T>>,
+    bias: BiasGrad<'_, T>,
+    eps: Epsilon,
+    saved: &Saved,
+    batch_stats: bool,
+) -> Result<Grads<T>> {
     let op = OP;
+    let with_bias = bias.with_bias();
     let layout = NcsLayout::of(op, x.shape(), 2)?;
     crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(op, "weight", weight, &[layout.c], x.shape())?;
+    if let BiasGrad::Fused { bias, .. } = bias {
+        check_param(op, "bias", bias, &[layout.c], x.shape())?;
+    }
     let numel = check_view(op, "x", x)?;
     check_view(op, "dy", dy)?;
     check_saved(op, saved, layout.c, numel)?;
@@ -1003,16 +1141,24 @@ pub fn batch_norm_backward<T: Float>(
             dbias: grad_buffer(with_bias, &[layout.c])?,
         });
     }
+    let w = weight.map(Tensor::data);
+    let (scale, shift) = affine_coefs(saved, w, bias.values());
+    let fused = bias.act().map(|act| ChannelAct {
+        act,
+        scale: &scale,
+        shift: &shift,
+    });
     let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(op, x.shape(), |dx| {
         Ok::<_, NormError>(backward_fused(
             x.data(),
             dy.data(),
             layout,
             saved,
-            weight.map(Tensor::data),
+            w,
             &eps,
             batch_stats,
             dx,
+            fused,
         ))
     })?;
     let to_tensor = |v: &[f64]| Tensor::from_vec(v.iter().map(|&a| T::from_f64(a)).collect());

@@ -12,7 +12,8 @@
 
 use super::parallel::min_units;
 use super::rows::write_sums;
-use super::slices;
+use super::slices::{self, Affine};
+use super::BiasGrad;
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
     NcsLayout, Saved,
@@ -20,8 +21,10 @@ use super::{
 use crate::error::{check_len, ensure, Result};
 use crate::float::{Lane, OutputBuffer};
 use crate::moments::Moments;
+use crate::simd::activation::Act;
 use crate::simd::convert::{fence, Store};
 use crate::simd::{sums, transform};
+use crate::Activation;
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -92,11 +95,12 @@ pub fn forward<T: Float, P: Float>(
     check_args(OP, x, layout, weight, bias, saved)?;
     let y = crate::float::slots(y);
     check_len(OP, "y", y.len(), &shape4(layout))?;
-    forward_unchecked(x, layout, weight, bias, eps, y, saved);
+    forward_unchecked(x, layout, weight, bias, eps, y, saved, None);
     Ok(())
 }
 
-/// The forward body, arguments checked.
+/// The forward body, arguments checked; `y = φ(x̂·γ + β)` with an activation.
+#[allow(clippy::too_many_arguments)]
 fn forward_unchecked<T: Float, P: Float>(
     x: &[T],
     layout: GroupLayout,
@@ -105,6 +109,7 @@ fn forward_unchecked<T: Float, P: Float>(
     eps: &Epsilon,
     y: &mut [MaybeUninit<T>],
     saved: &mut Saved,
+    act: Act,
 ) {
     let store = Store::for_output::<T>(x.len());
     let (len, s, cpg) = (
@@ -116,7 +121,7 @@ fn forward_unchecked<T: Float, P: Float>(
         return;
     }
     if s >= PIPELINE_MIN_SPATIAL {
-        forward_pipelined(x, layout, weight, bias, eps, y, saved, store);
+        forward_pipelined(x, layout, weight, bias, eps, y, saved, store, act);
         return;
     }
     x.par_chunks(len)
@@ -139,7 +144,7 @@ fn forward_unchecked<T: Float, P: Float>(
                         [hi, lo, scale, T::Lane::of(param_at(bias, c, 0.0))]
                     })
                     .collect();
-                transform::normalize_slices(x_grp, y_grp, s, 0, &coefs);
+                transform::normalize_slices(x_grp, y_grp, s, 0, &coefs, act);
                 return;
             }
             for (i, (x_ch, y_ch)) in x_grp
@@ -148,8 +153,11 @@ fn forward_unchecked<T: Float, P: Float>(
                 .enumerate()
             {
                 let c = first_channel + i;
-                let scale = *rstd * param_at(weight, c, 1.0);
-                slices::normalize(x_ch, y_ch, m.mean, scale, param_at(bias, c, 0.0), store);
+                let k = Affine {
+                    scale: *rstd * param_at(weight, c, 1.0),
+                    shift: param_at(bias, c, 0.0),
+                };
+                slices::normalize(x_ch, y_ch, m.mean, k, store, act);
             }
         });
 }
@@ -201,6 +209,7 @@ fn forward_pipelined<T: Float, P: Float>(
     y: &mut [MaybeUninit<T>],
     saved: &mut Saved,
     store: Store,
+    act: Act,
 ) {
     let (len, s, cpg) = (
         layout.group_len(),
@@ -245,7 +254,7 @@ fn forward_pipelined<T: Float, P: Float>(
                         None => (&[][..], T::Lane::ZERO),
                     };
                     let sums = transform::normalize_and_sum_next(
-                        x_ch, y_ch, hi, lo, scale, shift, store, next_ch, guess,
+                        x_ch, y_ch, hi, lo, scale, shift, store, next_ch, guess, act,
                     );
                     if next.is_some() {
                         next_moments =
@@ -283,7 +292,7 @@ pub fn backward<T: Float, P: Float>(
             check_len(OP, arg, g.len(), &[layout.ncs.c])?;
         }
     }
-    backward_unchecked(x, dy, layout, weight, eps, saved, dx, dweight, dbias);
+    backward_unchecked(x, dy, layout, weight, eps, saved, dx, dweight, dbias, None);
     Ok(())
 }
 
@@ -301,8 +310,11 @@ fn backward_unchecked<T: Float, P: Float>(
     dx: &mut [MaybeUninit<T>],
     dweight: Option<&mut [P]>,
     dbias: Option<&mut [P]>,
+    fused: Option<(Option<&[P]>, Activation)>,
 ) {
     let store = Store::for_output::<T>(x.len());
+    let act = fused.map(|(_, act)| act);
+    let bias = fused.and_then(|(bias, _)| bias);
     let (len, s, cpg) = (
         layout.group_len(),
         layout.ncs.spatial,
@@ -329,16 +341,30 @@ fn backward_unchecked<T: Float, P: Float>(
             // the group (every channel shares the coefficients: one entry).
             let short = s < SHORT_CHANNEL;
             let (hi, lo) = T::Lane::split(mean);
+            // The forward's coefficients of channel `i` of the group, from
+            // which a fused backward recomputes `z`.
+            let affine = |i: usize| Affine {
+                scale: rstd * param_at(weight, first_channel + i, 1.0),
+                shift: param_at(bias, first_channel + i, 0.0),
+            };
             let channel_sums: Vec<(f64, f64)> = if short {
                 let mut totals = vec![0.0; 2 * cpg];
-                let coefs = [[hi, lo, T::Lane::of(rstd)]];
-                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &coefs, &mut totals);
+                let coefs: Vec<[T::Lane; 5]> = (0..cpg)
+                    .map(|i| {
+                        let z = affine(i).z::<T::Lane>(act);
+                        [hi, lo, T::Lane::of(rstd), z.scale, z.shift]
+                    })
+                    .collect();
+                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &coefs, &mut totals, act);
                 totals.chunks_exact(2).map(|t| (t[0], t[1])).collect()
             } else {
                 x_grp
                     .chunks_exact(s)
                     .zip(dy_grp.chunks_exact(s))
-                    .map(|(x_ch, dy_ch)| slices::grad_sums(x_ch, dy_ch, mean, rstd))
+                    .enumerate()
+                    .map(|(i, (x_ch, dy_ch))| {
+                        slices::grad_sums(x_ch, dy_ch, mean, rstd, affine(i), act)
+                    })
                     .collect()
             };
             let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
@@ -351,17 +377,22 @@ fn backward_unchecked<T: Float, P: Float>(
             let weight_of = |i: usize| param_at(weight, first_channel + i, 1.0);
             if short {
                 let of = T::Lane::of;
-                let coefs: Vec<[T::Lane; 6]> = (0..cpg)
-                    .map(|i| [hi, lo, of(k.rstd), of(weight_of(i)), of(k.mean_g), of(k.b)])
+                let coefs: Vec<[T::Lane; 8]> = (0..cpg)
+                    .map(|i| {
+                        let z = affine(i).z::<T::Lane>(act);
+                        let (w, mean_g, b) = (of(weight_of(i)), of(k.mean_g), of(k.b));
+                        [hi, lo, of(k.rstd), w, mean_g, b, z.scale, z.shift]
+                    })
                     .collect();
-                transform::input_grad_slices(x_grp, dy_grp, dx_grp, s, 0, &coefs);
+                transform::input_grad_slices(x_grp, dy_grp, dx_grp, s, 0, &coefs, act);
             } else {
                 let chans = x_grp
                     .chunks_exact(s)
                     .zip(dy_grp.chunks_exact(s))
                     .zip(dx_grp.chunks_exact_mut(s));
                 for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
-                    slices::input_grad(x_ch, dy_ch, mean, weight_of(i), k, dx_ch, store);
+                    let w = weight_of(i);
+                    slices::input_grad(x_ch, dy_ch, mean, w, k, dx_ch, store, affine(i), act);
                 }
             }
             channel_sums
@@ -432,6 +463,34 @@ pub fn group_norm<T: Float>(
     bias: Option<&Tensor<T>>,
     eps: Epsilon,
 ) -> Result<(Tensor<T>, Saved)> {
+    group_norm_with(x, num_groups, weight, bias, eps, None)
+}
+
+/// GroupNorm followed by an activation, one pass: `y = φ(x̂·γ + β)`, as
+/// `φ(F.group_norm(…))`. Its backward is [`group_norm_act_backward`].
+///
+/// # Errors
+/// As [`group_norm`].
+pub fn group_norm_act<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    eps: Epsilon,
+    act: Activation,
+) -> Result<(Tensor<T>, Saved)> {
+    group_norm_with(x, num_groups, weight, bias, eps, Some(act))
+}
+
+/// [`group_norm`], with an activation when `act` is given.
+fn group_norm_with<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    eps: Epsilon,
+    act: Act,
+) -> Result<(Tensor<T>, Saved)> {
     eps.validate(OP)?;
     let ncs = NcsLayout::of(OP, x.shape(), 2)?;
     let layout = GroupLayout::new(OP, ncs, num_groups, x.shape())?;
@@ -441,7 +500,7 @@ pub fn group_norm<T: Float>(
     let mut saved = Saved::for_input(OP, ncs.n * num_groups, numel)?;
     let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
     let (y, ()) = Tensor::filled_by(OP, x.shape(), |y| {
-        forward_unchecked(x.data(), layout, w, b, &eps, y, &mut saved);
+        forward_unchecked(x.data(), layout, w, b, &eps, y, &mut saved, act);
         Ok(())
     })?;
     Ok((y, saved))
@@ -460,10 +519,50 @@ pub fn group_norm_backward<T: Float>(
     eps: Epsilon,
     saved: &Saved,
 ) -> Result<Grads<T>> {
+    let bias = BiasGrad::Plain { with_bias };
+    group_norm_backward_with(x, dy, num_groups, weight, bias, eps, saved)
+}
+
+/// Gradients of [`group_norm_act`] (`dy` at its output): one backward
+/// through the activation and the normalization, `z` recomputed from `x`,
+/// the saved statistics, γ and β (the forward's `bias`, also when it is not
+/// trained).
+///
+/// # Errors
+/// Shapes that disagree with the forward call's.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_act_backward<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    act: Activation,
+    eps: Epsilon,
+    saved: &Saved,
+) -> Result<Grads<T>> {
+    let bias = BiasGrad::Fused { bias, act };
+    group_norm_backward_with(x, dy, num_groups, weight, bias, eps, saved)
+}
+
+/// The body of [`group_norm_backward`] and [`group_norm_act_backward`].
+fn group_norm_backward_with<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
+    num_groups: usize,
+    weight: Option<&Tensor<T>>,
+    bias: BiasGrad<'_, T>,
+    eps: Epsilon,
+    saved: &Saved,
+) -> Result<Grads<T>> {
+    let with_bias = bias.with_bias();
     let ncs = NcsLayout::of(OP, x.shape(), 2)?;
     let layout = GroupLayout::new(OP, ncs, num_groups, x.shape())?;
     crate::error::check_shape(OP, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(OP, "weight", weight, &[ncs.c], x.shape())?;
+    if let BiasGrad::Fused { bias, .. } = bias {
+        check_param(OP, "bias", bias, &[ncs.c], x.shape())?;
+    }
     let numel = check_view(OP, "x", x)?;
     check_view(OP, "dy", dy)?;
     check_saved(OP, saved, ncs.n * num_groups, numel)?;
@@ -480,6 +579,7 @@ pub fn group_norm_backward<T: Float>(
             dx,
             dweight.as_mut().map(Tensor::data_mut),
             dbias.as_mut().map(Tensor::data_mut),
+            bias.act().map(|act| (bias.values(), act)),
         );
         Ok(())
     })?;

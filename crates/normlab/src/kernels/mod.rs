@@ -27,6 +27,7 @@
 //! (evaluation) leave `dx = r·g`. `g - mean(g)` is formed before scaling by
 //! `r` so that it cancels exactly where it should (rows of one value).
 
+pub mod activation;
 pub mod batch_norm;
 pub mod group_norm;
 pub mod instance_norm;
@@ -39,7 +40,9 @@ pub mod sync_batch_norm;
 
 /// LayerNorm's functional form (its kernels are in [`rows`], shared with RMSNorm).
 pub mod layer_norm {
-    pub use super::rows::{layer_norm, layer_norm_backward, split_at_axis};
+    pub use super::rows::{
+        layer_norm, layer_norm_act, layer_norm_act_backward, layer_norm_backward, split_at_axis,
+    };
 }
 
 /// RMSNorm's functional form (its kernels are in [`rows`], shared with LayerNorm).
@@ -214,6 +217,86 @@ impl DxCoefficients {
             rstd,
             mean_g: 0.0,
             b: 0.0,
+        }
+    }
+}
+
+/// A fused activation with the per-channel forward coefficients that a
+/// backward recomputes `z = (x - μ)·scale + shift` from (`scale = rstd·γ`,
+/// `shift = β`, in f64: rounded to lanes exactly as the forward rounds them).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChannelAct<'a> {
+    /// The activation.
+    pub act: crate::Activation,
+    /// `rstd·γ` per channel.
+    pub scale: &'a [f64],
+    /// `β` per channel.
+    pub shift: &'a [f64],
+}
+
+impl ChannelAct<'_> {
+    /// Channel `ch`'s coefficients.
+    #[inline]
+    pub(crate) fn at(&self, ch: usize) -> slices::Affine {
+        slices::Affine {
+            scale: self.scale[ch],
+            shift: self.shift[ch],
+        }
+    }
+}
+
+/// Channel `ch`'s coefficients of a fused call, or unused ones without an activation.
+#[inline]
+pub(crate) fn affine_at(fused: Option<ChannelAct<'_>>, ch: usize) -> slices::Affine {
+    match fused {
+        Some(f) => f.at(ch),
+        None => slices::Affine {
+            scale: 0.0,
+            shift: 0.0,
+        },
+    }
+}
+
+/// What a backward knows of β: plain, only whether there is one (its value
+/// does not enter); fused, its value and the activation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum BiasGrad<'a, T> {
+    /// A plain normalization.
+    Plain {
+        /// There is a β to return a gradient for.
+        with_bias: bool,
+    },
+    /// A normalization followed by `act`.
+    Fused {
+        /// β, if any.
+        bias: Option<&'a crate::Tensor<T>>,
+        /// The activation.
+        act: crate::Activation,
+    },
+}
+
+impl<'a, T: crate::Float> BiasGrad<'a, T> {
+    /// There is a β to return a gradient for.
+    pub(crate) fn with_bias(self) -> bool {
+        match self {
+            BiasGrad::Plain { with_bias } => with_bias,
+            BiasGrad::Fused { bias, .. } => bias.is_some(),
+        }
+    }
+
+    /// β's values (none for a plain call).
+    pub(crate) fn values(self) -> Option<&'a [T]> {
+        match self {
+            BiasGrad::Plain { .. } => None,
+            BiasGrad::Fused { bias, .. } => bias.map(crate::Tensor::data),
+        }
+    }
+
+    /// The activation, if fused.
+    pub(crate) fn act(self) -> crate::simd::activation::Act {
+        match self {
+            BiasGrad::Plain { .. } => None,
+            BiasGrad::Fused { act, .. } => Some(act),
         }
     }
 }

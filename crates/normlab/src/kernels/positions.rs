@@ -20,11 +20,12 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::parallel::min_units;
-use super::DxCoefficients;
+use super::{ChannelAct, DxCoefficients};
 use crate::alloc::Scratch;
 use crate::float::Lane;
 use crate::moments::{Moments, SHIFT_SAMPLE};
-use crate::simd::transform::{self, PositionCoefs};
+use crate::simd::activation::Act;
+use crate::simd::transform::{self, PositionCoefs, ZCoefs};
 use crate::Float;
 
 /// Largest spatial size handled here: above it a channel's slice is long
@@ -189,7 +190,7 @@ pub(crate) fn moments<T: Float>(x: &[T], c: usize, s: usize) -> Vec<Moments> {
     }
     let (s1, s2) = position_sums(x, None, row, |xs, _, cols, w1, w2| {
         let shift = &shift[cols.clone()];
-        transform::add_row_group(xs, None, shift, shift, shift, w1, w2)
+        transform::add_row_group(xs, None, shift, shift, shift, w1, w2, ZCoefs::none())
     });
     // Positions whose sums fail the check are redone together afterwards.
     let count = rows as f64;
@@ -270,7 +271,7 @@ fn split_means<C: Lane>(mean: &[f64], s: usize) -> (Scratch<C>, Scratch<C>) {
     (hi, lo)
 }
 
-/// `y = (x - mean_c)·scale_c + shift_c`.
+/// `y = φ((x - mean_c)·scale_c + shift_c)` (`φ` the identity without `act`).
 pub(crate) fn normalize<T: Float>(
     x: &[T],
     y: &mut [MaybeUninit<T>],
@@ -278,6 +279,7 @@ pub(crate) fn normalize<T: Float>(
     mean: &[f64],
     scale: &[f64],
     shift: &[f64],
+    act: Act,
 ) {
     let row = c * s;
     let (hi, lo) = split_means(mean, s);
@@ -287,34 +289,61 @@ pub(crate) fn normalize<T: Float>(
         scale: expand(scale.iter().copied(), (c, s)),
         shift: expand(shift.iter().copied(), (c, s)),
         offset: Scratch::filled(0, T::Lane::ZERO),
+        z_scale: Scratch::filled(0, T::Lane::ZERO),
+        z_shift: Scratch::filled(0, T::Lane::ZERO),
     };
     x.par_chunks(row)
         .zip(y.par_chunks_mut(row))
         .with_min_len(min_units(row))
-        .for_each(|(xr, yr)| transform::normalize_positions(xr, yr, &k));
+        .for_each(|(xr, yr)| transform::normalize_positions(xr, yr, &k, act));
 }
 
-/// Per-channel `(Σdy, Σdy·x̂)` with `x̂ = (x - mean_c)·rstd_c`: per
-/// position over every row (lane sums of [`FLUSH_ROWS`] rows, then f64),
-/// tiles in parallel, blocks added in row order, then per channel in
-/// position order.
+/// The fused activation's per-position `z` coefficients (empty without one).
+fn z_lanes<C: Lane>(
+    fused: Option<ChannelAct<'_>>,
+    (c, s): (usize, usize),
+) -> (Scratch<C>, Scratch<C>) {
+    match fused {
+        Some(f) => (
+            expand(f.scale.iter().copied(), (c, s)),
+            expand(f.shift.iter().copied(), (c, s)),
+        ),
+        None => (Scratch::filled(0, C::ZERO), Scratch::filled(0, C::ZERO)),
+    }
+}
+
+/// Per-channel `(Σdz, Σdz·x̂)` with `x̂ = (x - mean_c)·rstd_c` (`dz = dy`,
+/// or fused `φ'(z)·dy`): per position over every row (lane sums of
+/// [`FLUSH_ROWS`] rows, then f64), tiles in parallel, blocks added in row
+/// order, then per channel in position order.
 pub(crate) fn grad_sums<T: Float>(
     x: &[T],
     dy: &[T],
     (c, s): (usize, usize),
     mean: &[f64],
     rstd: &[f64],
+    fused: Option<ChannelAct<'_>>,
 ) -> (Vec<f64>, Vec<f64>) {
     let row = c * s;
     let (hi, lo) = split_means::<T::Lane>(mean, s);
     let r: Scratch<T::Lane> = expand(rstd.iter().copied(), (c, s));
+    let (z_scale, z_shift) = z_lanes::<T::Lane>(fused, (c, s));
+    let act = fused.map(|f| f.act);
     let rows = x.len() / row.max(1);
     if rows == 0 {
         return (vec![0.0; c], vec![0.0; c]);
     }
     let (s1, s2) = position_sums(x, Some(dy), row, |xs, dys, cols, w1, w2| {
         let (hi, lo, r) = (&hi[cols.clone()], &lo[cols.clone()], &r[cols.clone()]);
-        transform::add_row_group(xs, dys, hi, lo, r, w1, w2)
+        let z = match act {
+            Some(_) => ZCoefs {
+                act,
+                scale: &z_scale[cols.clone()],
+                shift: &z_shift[cols.clone()],
+            },
+            None => ZCoefs::none(),
+        };
+        transform::add_row_group(xs, dys, hi, lo, r, w1, w2, z)
     });
     // A channel's positions added in position order.
     let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
@@ -325,7 +354,8 @@ pub(crate) fn grad_sums<T: Float>(
     (sum_dy, sum_dy_xhat)
 }
 
-/// `dx = rstd_c·(w_c·dy - mean_g,c) + b_c·(x - mean_c)`.
+/// `dx = rstd_c·(w_c·dz - mean_g,c) + b_c·(x - mean_c)` (`dz` as in [`grad_sums`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn input_grad<T: Float>(
     x: &[T],
     dy: &[T],
@@ -334,7 +364,9 @@ pub(crate) fn input_grad<T: Float>(
     mean: &[f64],
     weight: &[f64],
     coefs: &[DxCoefficients],
+    fused: Option<ChannelAct<'_>>,
 ) {
+    let (z_scale, z_shift) = z_lanes::<T::Lane>(fused, (c, s));
     let row = c * s;
     let (hi, lo) = split_means(mean, s);
     let k = PositionCoefs {
@@ -343,10 +375,13 @@ pub(crate) fn input_grad<T: Float>(
         scale: expand(coefs.iter().map(|k| k.b), (c, s)),
         shift: expand(coefs.iter().zip(weight).map(|(k, w)| k.rstd * w), (c, s)),
         offset: expand(coefs.iter().map(|k| k.rstd * k.mean_g), (c, s)),
+        z_scale,
+        z_shift,
     };
+    let act = fused.map(|f| f.act);
     x.par_chunks(row)
         .zip(dy.par_chunks(row))
         .zip(dx.par_chunks_mut(row))
         .with_min_len(min_units(row))
-        .for_each(|((xr, dr), or)| transform::input_grad_positions(xr, dr, or, &k));
+        .for_each(|((xr, dr), or)| transform::input_grad_positions(xr, dr, or, &k, act));
 }

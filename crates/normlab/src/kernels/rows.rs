@@ -23,6 +23,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::parallel::{block_units, min_units, sum_partials};
+use super::BiasGrad;
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_lanes, resolve_axis, DxCoefficients,
     Epsilon, Grads, Saved,
@@ -30,8 +31,10 @@ use super::{
 use crate::error::{check_len, Result};
 use crate::float::{Lane, OutputBuffer};
 use crate::moments::{sum_of_squares, Moments};
+use crate::simd::activation::Act;
 use crate::simd::convert::Store;
 use crate::simd::{sums, transform};
+use crate::Activation;
 use crate::{Float, Tensor, View};
 
 /// Which normalization of the rows.
@@ -78,7 +81,7 @@ pub fn forward<T: Float, P: Float>(
     check_len(op, "y", y.len(), &[rows, n])?;
     check_len(op, "saved.mean", saved.mean.len(), &[rows])?;
     check_len(op, "saved.rstd", saved.rstd.len(), &[rows])?;
-    forward_unchecked(norm, x, n, weight, bias, eps, y, saved)
+    forward_unchecked(norm, x, n, weight, bias, eps, y, saved, None)
 }
 
 /// The forward body, arguments checked.
@@ -92,6 +95,7 @@ fn forward_unchecked<T: Float, P: Float>(
     eps: &Epsilon,
     y: &mut [MaybeUninit<T>],
     saved: &mut Saved,
+    act: Act,
 ) -> Result<()> {
     // No values: nothing to write, and nothing of length `n` to build (with
     // no rows, `n` can be as large as any dimension a caller writes).
@@ -110,7 +114,7 @@ fn forward_unchecked<T: Float, P: Float>(
             let (m, var) = row_stats(norm, x_row);
             let r = eps.rstd(var);
             let (hi, lo) = T::Lane::split(m);
-            transform::normalize_row(x_row, y_row, hi, lo, T::Lane::of(r), &w, &b, store);
+            transform::normalize_row(x_row, y_row, hi, lo, T::Lane::of(r), &w, &b, store, act);
             (*mean, *rstd) = (m, r);
         });
     Ok(())
@@ -158,7 +162,7 @@ pub fn backward<T: Float, P: Float>(
             check_len(op, arg, g.len(), &[n])?;
         }
     }
-    backward_unchecked(norm, x, dy, n, weight, eps, saved, dx, dweight, dbias)
+    backward_unchecked(norm, x, dy, n, weight, eps, saved, dx, dweight, dbias, None)
 }
 
 /// The backward body, arguments checked.
@@ -174,6 +178,7 @@ fn backward_unchecked<T: Float, P: Float>(
     dx: &mut [MaybeUninit<T>],
     dweight: Option<&mut [P]>,
     dbias: Option<&mut [P]>,
+    fused: Option<(Option<&[P]>, Activation)>,
 ) -> Result<()> {
     if x.is_empty() {
         // No values, no gradient; the caller's buffers are written in place
@@ -186,6 +191,10 @@ fn backward_unchecked<T: Float, P: Float>(
     let op = norm.op();
     let rows = x.len() / n;
     let w: Vec<T::Lane> = param_lanes(op, "weight", weight, n, 1.0)?;
+    // β enters only a fused backward (`z = x̂·γ + β`); empty otherwise.
+    let act = fused.map(|(_, act)| act);
+    let bias = fused.and_then(|(bias, _)| bias);
+    let b: Vec<T::Lane> = param_lanes(op, "bias", bias, if act.is_some() { n } else { 0 }, 0.0)?;
     let store = Store::for_output::<T>(dx.len());
     // Rows per block of dγ, dβ partial sums (each block keeps two of length
     // n): a fixed share of the rows, and at least a task's worth of values,
@@ -217,11 +226,23 @@ fn backward_unchecked<T: Float, P: Float>(
             {
                 let (hi, lo) = T::Lane::split(mean);
                 let r = T::Lane::of(rstd);
-                let (sum_g, sum_g_xhat) =
-                    sums::row_grad_sums(x_row, dy_row, &w, hi, lo, r, &mut dw_lanes, &mut db_lanes);
+                let (sum_g, sum_g_xhat) = sums::row_grad_sums(
+                    x_row,
+                    dy_row,
+                    &w,
+                    hi,
+                    lo,
+                    r,
+                    &mut dw_lanes,
+                    &mut db_lanes,
+                    &b,
+                    act,
+                );
                 let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
-                let (mean_g, b) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
-                transform::row_dx(x_row, dy_row, &w, hi, lo, r, mean_g, b, dx_row, store);
+                let (mean_g, b_k) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
+                transform::row_dx(
+                    x_row, dy_row, &w, hi, lo, r, mean_g, b_k, dx_row, store, &b, act,
+                );
                 if (i + 1) % FLUSH_ROWS == 0 {
                     sums::flush::<T>(&mut dw, &mut dw_lanes);
                     sums::flush::<T>(&mut db, &mut db_lanes);
@@ -312,6 +333,7 @@ fn functional<T: Float>(
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
     eps: Epsilon,
+    act: Act,
 ) -> Result<(Tensor<T>, Saved)> {
     let op = norm.op();
     eps.validate(op)?;
@@ -322,7 +344,7 @@ fn functional<T: Float>(
     let mut saved = Saved::for_input(op, rows, numel)?;
     let (w, b) = (weight.map(Tensor::data), bias.map(Tensor::data));
     let (y, ()) = Tensor::filled_by(op, x.shape(), |y| {
-        forward_unchecked(norm, x.data(), n, w, b, &eps, y, &mut saved)
+        forward_unchecked(norm, x.data(), n, w, b, &eps, y, &mut saved, act)
     })?;
     Ok((y, saved))
 }
@@ -335,14 +357,18 @@ fn functional_backward<T: Float>(
     dy: &(impl View<T> + ?Sized),
     axis: isize,
     weight: Option<&Tensor<T>>,
-    with_bias: bool,
+    bias: BiasGrad<'_, T>,
     eps: Epsilon,
     saved: &Saved,
 ) -> Result<Grads<T>> {
     let op = norm.op();
+    let with_bias = bias.with_bias();
     let (rows, n, normalized) = split_at_axis(op, x.shape(), axis)?;
     crate::error::check_shape(op, "dy", dy.shape(), x.shape(), x.shape())?;
     check_param(op, "weight", weight, &normalized, x.shape())?;
+    if let BiasGrad::Fused { bias, .. } = bias {
+        check_param(op, "bias", bias, &normalized, x.shape())?;
+    }
     let numel = check_view(op, "x", x)?;
     check_view(op, "dy", dy)?;
     check_saved(op, saved, rows, numel)?;
@@ -360,6 +386,7 @@ fn functional_backward<T: Float>(
             dx,
             dweight.as_mut().map(Tensor::data_mut),
             dbias.as_mut().map(Tensor::data_mut),
+            bias.act().map(|act| (bias.values(), act)),
         )
     })?;
     Ok(Grads { dx, dweight, dbias })
@@ -386,7 +413,45 @@ pub fn layer_norm<T: Float>(
     bias: Option<&Tensor<T>>,
     eps: Epsilon,
 ) -> Result<(Tensor<T>, Saved)> {
-    functional(RowNorm::LayerNorm, x, axis, weight, bias, eps)
+    functional(RowNorm::LayerNorm, x, axis, weight, bias, eps, None)
+}
+
+/// LayerNorm followed by an activation, one pass: `y = φ(x̂·γ + β)`, as
+/// `φ(F.layer_norm(…))`. Its backward is [`layer_norm_act_backward`].
+///
+/// # Errors
+/// As [`layer_norm`].
+pub fn layer_norm_act<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    axis: isize,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    eps: Epsilon,
+    act: Activation,
+) -> Result<(Tensor<T>, Saved)> {
+    functional(RowNorm::LayerNorm, x, axis, weight, bias, eps, Some(act))
+}
+
+/// Gradients of [`layer_norm_act`] (`dy` at its output): one backward
+/// through the activation and the normalization, `z` recomputed from `x`,
+/// the saved statistics, γ and β (the forward's `bias`, also when it is not
+/// trained).
+///
+/// # Errors
+/// Shapes that disagree with the forward call's.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_act_backward<T: Float>(
+    x: &(impl View<T> + ?Sized),
+    dy: &(impl View<T> + ?Sized),
+    axis: isize,
+    weight: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    act: Activation,
+    eps: Epsilon,
+    saved: &Saved,
+) -> Result<Grads<T>> {
+    let bias = BiasGrad::Fused { bias, act };
+    functional_backward(RowNorm::LayerNorm, x, dy, axis, weight, bias, eps, saved)
 }
 
 /// Gradients of [`layer_norm`]: `dx`, and `dweight`/`dbias` for the parameters
@@ -409,7 +474,7 @@ pub fn layer_norm_backward<T: Float>(
         dy,
         axis,
         weight,
-        with_bias,
+        BiasGrad::Plain { with_bias },
         eps,
         saved,
     )
@@ -433,7 +498,7 @@ pub fn rms_norm<T: Float>(
     weight: Option<&Tensor<T>>,
     eps: Epsilon,
 ) -> Result<(Tensor<T>, Saved)> {
-    functional(RowNorm::RmsNorm, x, axis, weight, None, eps)
+    functional(RowNorm::RmsNorm, x, axis, weight, None, eps, None)
 }
 
 /// Gradients of [`rms_norm`]: `dx` and, with a weight, `dweight`.
@@ -448,7 +513,8 @@ pub fn rms_norm_backward<T: Float>(
     eps: Epsilon,
     saved: &Saved,
 ) -> Result<Grads<T>> {
-    functional_backward(RowNorm::RmsNorm, x, dy, axis, weight, false, eps, saved)
+    let bias = BiasGrad::Plain { with_bias: false };
+    functional_backward(RowNorm::RmsNorm, x, dy, axis, weight, bias, eps, saved)
 }
 
 #[cfg(test)]

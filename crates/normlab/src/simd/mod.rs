@@ -25,6 +25,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
+pub(crate) mod activation;
 pub(crate) mod convert;
 pub(crate) mod lrn;
 pub(crate) mod sums;

@@ -13,6 +13,7 @@
 //!
 //! Reductions use fixed lane arrays, so every level returns the same bits.
 
+use super::activation::{self as act_lanes, unswitch, Act};
 use crate::float::{Float, Lane};
 use crate::simd::convert::{load, load_n, VECTOR};
 use crate::simd::transform::{lanes_n, put_n};
@@ -109,7 +110,7 @@ pub(crate) fn centred_tail<T: Float, L: Isa>(
 /// terms per lane, as the segments do.
 const SHORT_GROUP: usize = VECTOR * FLUSH;
 
-/// `(Σ f(x, y), Σ g(x, y))` of a slice shorter than a [`SEGMENT`] (a 7×7 or
+/// `(Σ f(x, y), Σ g(x, y))`, `(f, g) = fg(x, y)`, of a slice shorter than a [`SEGMENT`] (a 7×7 or
 /// 8×8 feature map): one vector of lanes, four terms per lane before each
 /// flush into f64 lanes, the last values padded with `pad_x`, `pad_y`
 /// (whose terms must be zero). Widened eight at a time in registers, so no
@@ -120,8 +121,7 @@ fn short_sums2<T: Float, L: Isa>(
     y: &[T],
     (base, len): (usize, usize),
     (pad_x, pad_y): (T::Lane, T::Lane),
-    f: impl Fn(V8<T::Lane, L>, V8<T::Lane, L>) -> V8<T::Lane, L>,
-    g: impl Fn(V8<T::Lane, L>, V8<T::Lane, L>) -> V8<T::Lane, L>,
+    fg: impl Fn(V8<T::Lane, L>, V8<T::Lane, L>) -> (V8<T::Lane, L>, V8<T::Lane, L>),
 ) -> (f64, f64) {
     let (mut wide_f, mut wide_g) = (V8::<f64, L>::zero(), V8::<f64, L>::zero());
     let mut at = 0;
@@ -132,8 +132,9 @@ fn short_sums2<T: Float, L: Isa>(
             let n = (end - at).min(VECTOR);
             let xv = V8::new(load_n::<T, L>(x, base + at, n, pad_x));
             let yv = V8::new(load_n::<T, L>(y, base + at, n, pad_y));
-            sf += f(xv, yv);
-            sg += g(xv, yv);
+            let (f, g) = fg(xv, yv);
+            sf += f;
+            sg += g;
             at += n;
         }
         wide_f += sf.wide();
@@ -149,7 +150,7 @@ simd_fn! {
     pub fn centred_sums<T: Float>[L](x: &[T], shift: T::Lane) -> (f64, f64) {
         if x.len() < SEGMENT {
             let s = V8::splat(shift);
-            return short_sums2::<T, L>(x, x, (0, x.len()), (shift, shift), |v, _| v - s, |v, _| (v - s) * (v - s));
+            return short_sums2::<T, L>(x, x, (0, x.len()), (shift, shift), |v, _| (v - s, (v - s) * (v - s)));
         }
         let (mut s1, mut s2) = ([0f64; WIDE], [0f64; WIDE]);
         let segments = x.chunks_exact(SEGMENT);
@@ -207,25 +208,31 @@ simd_fn! {
     }
 }
 
-/// Adds `Σdy`, `Σdy·x̂` (`x̂ = ((x - hi) - lo)·rstd`) of `vectors` vectors
-/// (a multiple of [`GROUPS`]; `load(at)` gives the lanes of `x` and `dy`
-/// at `at..at + 8`) to the f64 lanes `a1`, `a2`: [`LANES`] lane sums.
+/// Adds `Σdz`, `Σdz·x̂` (`x̂ = ((x - hi) - lo)·rstd`; `dz = dy`, or fused
+/// `φ'(z)·dy` with `z = ((x - hi) - lo)·scale + shift`, the forward's
+/// operations) of `vectors` vectors (a multiple of [`GROUPS`]; `load(at)`
+/// gives the lanes of `x` and `dy` at `at..at + 8`) to the f64 lanes `a1`,
+/// `a2`: [`LANES`] lane sums.
 #[inline(always)]
 fn grad_segment<C: Lane, L: Isa>(
     vectors: usize,
     load: impl Fn(usize) -> ([C; VECTOR], [C; VECTOR]),
     (hi, lo, rstd): (C, C, C),
+    z: ZSlice<C>,
     a1: &mut [V8<f64, L>; GROUPS],
     a2: &mut [V8<f64, L>; GROUPS],
 ) {
     let (hi_v, lo_v, rstd_v) = (V8::<C, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
+    let (scale_v, shift_v) = (V8::<C, L>::splat(z.scale), V8::splat(z.shift));
     let (mut sf, mut sg) = ([V8::<C, L>::zero(); GROUPS], [V8::<C, L>::zero(); GROUPS]);
     for first in (0..vectors).step_by(GROUPS) {
         for g in 0..GROUPS {
             let (xv, dv) = load((first + g) * VECTOR);
             let (xv, dv) = (V8::new(xv), V8::new(dv));
-            sf[g] += dv;
-            sg[g] += dv * (((xv - hi_v) - lo_v) * rstd_v);
+            let xc = (xv - hi_v) - lo_v;
+            let dz = act_lanes::grad(z.act, dv, || xc * scale_v + shift_v);
+            sf[g] += dz;
+            sg[g] += dz * (xc * rstd_v);
         }
     }
     for g in 0..GROUPS {
@@ -234,21 +241,64 @@ fn grad_segment<C: Lane, L: Isa>(
     }
 }
 
+/// What recomputing `z = ((x - hi) - lo)·scale + shift` over a slice of one
+/// channel needs in a fused backward (`act: None`: a plain one).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ZSlice<C> {
+    /// The fused activation, if any.
+    pub act: Act,
+    /// The forward's `scale` (`rstd·γ`).
+    pub scale: C,
+    /// The forward's `shift` (`β`).
+    pub shift: C,
+}
+
+impl<C: Lane> ZSlice<C> {
+    /// No activation.
+    pub fn none() -> Self {
+        Self {
+            act: None,
+            scale: C::ZERO,
+            shift: C::ZERO,
+        }
+    }
+}
+
+/// Two vectors of lanes.
+type Pair<C, L> = (V8<C, L>, V8<C, L>);
+
+/// The terms `(dz, dz·x̂)` of the gradient sums at one vector of `x`, `dy`.
+#[inline(always)]
+fn grad_terms<C: Lane, L: Isa>(
+    [hi, lo, rstd]: [C; 3],
+    z: ZSlice<C>,
+) -> impl Fn(V8<C, L>, V8<C, L>) -> Pair<C, L> {
+    let (hi_v, lo_v, rstd_v) = (V8::<C, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
+    let (scale_v, shift_v) = (V8::<C, L>::splat(z.scale), V8::splat(z.shift));
+    move |v, d| {
+        let xc = (v - hi_v) - lo_v;
+        let dz = act_lanes::grad(z.act, d, || xc * scale_v + shift_v);
+        (dz, dz * (xc * rstd_v))
+    }
+}
+
 simd_fn! {
     /// `(Σdy, Σdy·x̂)` over one slice of a channel or group,
     /// `x̂ = ((x - hi) - lo)·rstd`; the values after the last whole segment
     /// as whole groups of [`LANES`] padded with `dy = 0`, which adds nothing.
-    pub fn slice_grad_sums<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane) -> (f64, f64) {
+    pub fn slice_grad_sums<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane, z: ZSlice<T::Lane>) -> (f64, f64) {
+        let act = z.act;
+        unswitch!(act, {
+        let z = { let mut v = z; v.act = act; v };
         let zero = <T::Lane as Lane>::ZERO;
         if x.len() < SEGMENT {
-            let (hi_v, lo_v, rstd_v) = (V8::splat(hi), V8::splat(lo), V8::splat(rstd));
-            return short_sums2::<T, L>(x, dy, (0, x.len()), (hi, zero), |_, d| d, |v, d| d * (((v - hi_v) - lo_v) * rstd_v));
+            return short_sums2::<T, L>(x, dy, (0, x.len()), (hi, zero), grad_terms([hi, lo, rstd], z));
         }
         let coefs = (hi, lo, rstd);
         let (mut a1, mut a2) = ([V8::<f64, L>::zero(); GROUPS], [V8::<f64, L>::zero(); GROUPS]);
         let whole = x.len() / SEGMENT * SEGMENT;
         for (xs, ds) in x[..whole].chunks_exact(SEGMENT).zip(dy[..whole].chunks_exact(SEGMENT)) {
-            grad_segment(SEGMENT / VECTOR, |at| (load::<T, L>(xs, at), load::<T, L>(ds, at)), coefs, &mut a1, &mut a2);
+            grad_segment(SEGMENT / VECTOR, |at| (load::<T, L>(xs, at), load::<T, L>(ds, at)), coefs, z, &mut a1, &mut a2);
         }
         let rest = x.len() - whole;
         if rest > 0 {
@@ -259,9 +309,10 @@ simd_fn! {
                 let n = rest.saturating_sub(at).min(VECTOR);
                 (load_n::<T, L>(xs, at, n, hi), load_n::<T, L>(ds, at, n, zero))
             };
-            grad_segment(used / VECTOR, load, coefs, &mut a1, &mut a2);
+            grad_segment(used / VECTOR, load, coefs, z, &mut a1, &mut a2);
         }
         (sum_groups(a1), sum_groups(a2))
+        })
     }
 }
 
@@ -279,7 +330,10 @@ simd_fn! {
         rstd: T::Lane,
         dweight: &mut [T::Lane],
         dbias: &mut [T::Lane],
+        bias: &[T::Lane],
+        act: Act,
     ) -> (f64, f64) {
+        unswitch!(act, {
         let zero = <T::Lane as Lane>::ZERO;
         let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
         // `Σg`, `Σg·x̂` in [`LANES`] lane sums of at most [`FLUSH`] terms,
@@ -298,9 +352,10 @@ simd_fn! {
                     let n = (end - at).min(VECTOR);
                     let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
                     let xv = V8::new(load_n::<T, L>(x, at, n, hi));
-                    let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
                     let xh = ((xv - hi_v) - lo_v) * rstd_v;
-                    let gv = dv * lanes(w);
+                    let wv = lanes(w);
+                    let dv = act_lanes::grad(act, V8::new(load_n::<T, L>(dy, at, n, zero)), || xh * wv + lanes(bias));
+                    let gv = dv * wv;
                     put_n(dweight, at, n, (lanes(dweight) + dv * xh).lanes);
                     put_n(dbias, at, n, (lanes(dbias) + dv).lanes);
                     sf[g] += gv;
@@ -314,6 +369,7 @@ simd_fn! {
             }
         }
         (sum_groups(a1), sum_groups(a2))
+        })
     }
 }
 
@@ -342,7 +398,7 @@ simd_fn! {
         for j in 0..x.len() / s {
             let shift = shifts[ch];
             let sv = V8::splat(shift);
-            let (a, b) = short_sums2::<T, L>(x, x, (j * s, s), (shift, shift), |v, _| v - sv, |v, _| (v - sv) * (v - sv));
+            let (a, b) = short_sums2::<T, L>(x, x, (j * s, s), (shift, shift), |v, _| (v - sv, (v - sv) * (v - sv)));
             totals[2 * k] += a;
             totals[2 * k + 1] += b;
             k = if k + 1 == m { 0 } else { k + 1 };
@@ -354,18 +410,20 @@ simd_fn! {
 simd_fn! {
     /// Adds `(Σdy, Σdy·x̂)` of a run of short slices into per-channel
     /// totals, as [`centred_sums_slices`]; `coefs[c] = [hi, lo, rstd]`.
-    pub fn grad_sums_slices<T: Float>[L](x: &[T], dy: &[T], s: usize, first: usize, coefs: &[[T::Lane; 3]], totals: &mut [f64]) {
+    pub fn grad_sums_slices<T: Float>[L](x: &[T], dy: &[T], s: usize, first: usize, coefs: &[[T::Lane; 5]], totals: &mut [f64], act: Act) {
+        unswitch!(act, {
         let c = coefs.len();
         let mut ch = first % c;
         let (m, mut k) = (totals.len() / 2, 0);
         for j in 0..x.len() / s {
-            let [hi, lo, rstd] = coefs[ch];
-            let (hi_v, lo_v, rstd_v) = (V8::splat(hi), V8::splat(lo), V8::splat(rstd));
-            let (a, b) = short_sums2::<T, L>(x, dy, (j * s, s), (hi, <T::Lane as Lane>::ZERO), |_, d| d, |v, d| d * (((v - hi_v) - lo_v) * rstd_v));
+            let [hi, lo, rstd, scale, shift] = coefs[ch];
+            let z = ZSlice { act, scale, shift };
+            let (a, b) = short_sums2::<T, L>(x, dy, (j * s, s), (hi, <T::Lane as Lane>::ZERO), grad_terms([hi, lo, rstd], z));
             totals[2 * k] += a;
             totals[2 * k + 1] += b;
             k = if k + 1 == m { 0 } else { k + 1 };
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
+        })
     }
 }

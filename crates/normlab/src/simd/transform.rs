@@ -9,6 +9,7 @@
 
 use std::mem::MaybeUninit;
 
+use super::activation::{self as act_lanes, unswitch, Act};
 use super::convert::{self, load, load_n, Store, VECTOR};
 use super::sums::{centred_segment_of, centred_tail, SEGMENT, WIDE};
 use super::vector::V8;
@@ -43,7 +44,7 @@ pub(crate) fn put_n<C: Lane>(dst: &mut [C], at: usize, n: usize, v: [C; VECTOR])
     }
 }
 
-/// `y = ((x - hi) - lo)·scale + shift`, vector by vector ([`convert::fill!`]).
+/// `y = φ(((x - hi) - lo)·scale + shift)`, vector by vector ([`convert::fill!`]).
 #[inline(always)]
 fn normalize_blocks<T: Float, L: Isa>(
     x: &[T],
@@ -51,22 +52,25 @@ fn normalize_blocks<T: Float, L: Isa>(
     y: &mut [MaybeUninit<T>],
     (hi, lo, scale, shift): (T::Lane, T::Lane, T::Lane, T::Lane),
     store: Store,
+    act: Act,
 ) {
     let (hi_v, lo_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo));
     let (scale_v, shift_v) = (V8::splat(scale), V8::splat(shift));
     convert::fill!(T, L, y, store, |at, n| {
         let xv = V8::new(load_n::<T, L>(x, base + at, n, hi));
-        (((xv - hi_v) - lo_v) * scale_v + shift_v).lanes
+        act_lanes::apply(act, ((xv - hi_v) - lo_v) * scale_v + shift_v).lanes
     });
 }
 
 simd_fn! {
-    /// `y = ((x - hi) - lo)·scale + shift` with scalar `scale`, `shift` (one
+    /// `y = φ(((x - hi) - lo)·scale + shift)` with scalar `scale`, `shift` (one
     /// channel), stored from registers block by block (BatchNorm eval on
     /// `[32, 64, 56, 56]` f32: 1.32 against 1.47 ms with a copy-out block).
-    pub fn normalize_slice<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, scale: T::Lane, shift: T::Lane, store: Store) {
-        normalize_blocks::<T, L>(x, 0, &mut y[..x.len()], (hi, lo, scale, shift), store);
+    pub fn normalize_slice<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, scale: T::Lane, shift: T::Lane, store: Store, act: Act) {
+        unswitch!(act, {
+        normalize_blocks::<T, L>(x, 0, &mut y[..x.len()], (hi, lo, scale, shift), store, act);
         convert::fence(store);
+        })
     }
 }
 
@@ -79,7 +83,8 @@ simd_fn! {
     /// alone (with `x` empty this is a plain statistics pass, with the same
     /// bits as [`super::sums::centred_sums`]). Streaming stores are left
     /// unfenced: the caller calls [`convert::fence`] when done.
-    pub fn normalize_and_sum_next<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, scale: T::Lane, shift: T::Lane, store: Store, next: &[T], next_shift: T::Lane) -> (f64, f64) {
+    pub fn normalize_and_sum_next<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, scale: T::Lane, shift: T::Lane, store: Store, next: &[T], next_shift: T::Lane, act: Act) -> (f64, f64) {
+        unswitch!(act, {
         let coefs = (hi, lo, scale, shift);
         let (mut lanes1, mut lanes2) = ([0f64; WIDE], [0f64; WIDE]);
         let whole = next.len() / SEGMENT * SEGMENT;
@@ -91,35 +96,41 @@ simd_fn! {
             }
             if at_x < x.len() {
                 let end = (at_x + SEGMENT).min(x.len());
-                normalize_blocks::<T, L>(x, at_x, &mut y[at_x..end], coefs, store);
+                normalize_blocks::<T, L>(x, at_x, &mut y[at_x..end], coefs, store, act);
                 at_x = end;
             }
         }
         centred_tail::<T, L>(&next[whole..], next_shift, &mut lanes1, &mut lanes2);
         (lanes1.iter().sum::<f64>(), lanes2.iter().sum::<f64>())
+        })
     }
 }
 
 simd_fn! {
-    /// `y = ((x - hi) - lo)·rstd·w + b` with per-element `w`, `b` (LayerNorm,
+    /// `y = φ(((x - hi) - lo)·rstd·w + b)` with per-element `w`, `b` (LayerNorm,
     /// RMSNorm; callers pass ones and zeros for absent parameters, which
     /// changes no bit of the result).
-    pub fn normalize_row<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: &[T::Lane], b: &[T::Lane], store: Store) {
+    pub fn normalize_row<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: &[T::Lane], b: &[T::Lane], store: Store, act: Act) {
+        unswitch!(act, {
         let zero = <T::Lane as Lane>::ZERO;
         let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
         convert::fill!(T, L, &mut y[..x.len()], store, |at, n| {
             let xv = V8::new(load_n::<T, L>(x, at, n, hi));
             let (wv, bv) = (V8::new(lanes_n(w, at, n, zero)), V8::new(lanes_n(b, at, n, zero)));
-            (((xv - hi_v) - lo_v) * rstd_v * wv + bv).lanes
+            act_lanes::apply(act, ((xv - hi_v) - lo_v) * rstd_v * wv + bv).lanes
         });
         convert::fence(store);
+        })
     }
 }
 
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, second pass:
-    /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)`.
-    pub fn row_dx<T: Float>[L](x: &[T], dy: &[T], w: &[T::Lane], hi: T::Lane, lo: T::Lane, rstd: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store) {
+    /// `dx = rstd·(w·dz - mean_g) + b·((x - hi) - lo)`, with `dz = dy` or,
+    /// fused, `φ'(z)·dy` at `z = ((x - hi) - lo)·rstd·w + bias` (the forward's
+    /// operations).
+    pub fn row_dx<T: Float>[L](x: &[T], dy: &[T], w: &[T::Lane], hi: T::Lane, lo: T::Lane, rstd: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store, bias: &[T::Lane], act: Act) {
+        unswitch!(act, {
         let zero = <T::Lane as Lane>::ZERO;
         let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
         let (mean_g_v, b_v) = (V8::splat(mean_g), V8::splat(b));
@@ -127,18 +138,24 @@ simd_fn! {
             let xv = V8::new(load_n::<T, L>(x, at, n, hi));
             let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
             let wv = V8::new(lanes_n(w, at, n, zero));
-            (rstd_v * (dv * wv - mean_g_v) + b_v * ((xv - hi_v) - lo_v)).lanes
+            let xc = (xv - hi_v) - lo_v;
+            let dz = act_lanes::grad(act, dv, || xc * rstd_v * wv + V8::new(lanes_n(bias, at, n, zero)));
+            (rstd_v * (dz * wv - mean_g_v) + b_v * xc).lanes
         });
         convert::fence(store);
+        })
     }
 }
 
 simd_fn! {
-    /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` over one slice (one
-    /// channel: `w` is a scalar).
-    pub fn slice_dx<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store) {
-        slice_dx_blocks::<T, L>(x, dy, 0, [hi, lo, rstd, w, mean_g, b], &mut dx[..x.len()], store);
+    /// `dx = rstd·(w·dz - mean_g) + b·((x - hi) - lo)` over one slice (one
+    /// channel: `w` is a scalar); `dz = dy`, or fused `φ'(z)·dy` with `z`
+    /// from the forward's `[scale, shift]` (see [`normalize_slice`]).
+    pub fn slice_dx<T: Float>[L](x: &[T], dy: &[T], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: T::Lane, mean_g: T::Lane, b: T::Lane, dx: &mut [MaybeUninit<T>], store: Store, z_scale: T::Lane, z_shift: T::Lane, act: Act) {
+        unswitch!(act, {
+        slice_dx_blocks::<T, L>(x, dy, 0, [hi, lo, rstd, w, mean_g, b, z_scale, z_shift], &mut dx[..x.len()], store, act);
         convert::fence(store);
+        })
     }
 }
 
@@ -148,17 +165,21 @@ fn slice_dx_blocks<T: Float, L: Isa>(
     x: &[T],
     dy: &[T],
     base: usize,
-    [hi, lo, rstd, w, mean_g, b]: [T::Lane; 6],
+    [hi, lo, rstd, w, mean_g, b, scale, shift]: [T::Lane; 8],
     dx: &mut [MaybeUninit<T>],
     store: Store,
+    act: Act,
 ) {
     let zero = <T::Lane as Lane>::ZERO;
     let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
     let (w_v, mean_g_v, b_v) = (V8::splat(w), V8::splat(mean_g), V8::splat(b));
+    let (scale_v, shift_v) = (V8::splat(scale), V8::splat(shift));
     convert::fill!(T, L, dx, store, |at, n| {
         let xv = V8::new(load_n::<T, L>(x, base + at, n, hi));
         let dv = V8::new(load_n::<T, L>(dy, base + at, n, zero));
-        (rstd_v * (w_v * dv - mean_g_v) + b_v * ((xv - hi_v) - lo_v)).lanes
+        let xc = (xv - hi_v) - lo_v;
+        let dz = act_lanes::grad(act, dv, || xc * scale_v + shift_v);
+        (rstd_v * (w_v * dz - mean_g_v) + b_v * xc).lanes
     });
 }
 
@@ -178,6 +199,11 @@ pub struct PositionCoefs<C: Copy> {
     pub shift: Scratch<C>,
     /// Backward: `rstd·mean_g`, subtracted (forward: empty).
     pub offset: Scratch<C>,
+    /// Fused backward: the forward's `scale` and `shift`, from which `z` is
+    /// recomputed (otherwise empty).
+    pub z_scale: Scratch<C>,
+    /// See `z_scale`.
+    pub z_shift: Scratch<C>,
 }
 
 simd_fn! {
@@ -185,7 +211,8 @@ simd_fn! {
     /// Whole vectors through zipped chunks, so that the slices' bounds are
     /// checked once and their pointers stay in registers (indexing each
     /// vector reloaded them after every store), then the partial one.
-    pub fn normalize_positions<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>) {
+    pub fn normalize_positions<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>, act: Act) {
+        unswitch!(act, {
         let len = x.len();
         let whole = len - len % VECTOR;
         let y = &mut y[..len];
@@ -194,7 +221,7 @@ simd_fn! {
             .zip(k.scale[..whole].chunks_exact(VECTOR).zip(k.shift[..whole].chunks_exact(VECTOR)));
         for (j, ((hi, lo), (scale, shift))) in coefs.enumerate() {
             let xv = V8::<T::Lane, L>::new(load::<T, L>(x, j * VECTOR));
-            let v = ((xv - lanes8(hi)) - lanes8(lo)) * lanes8(scale) + lanes8(shift);
+            let v = act_lanes::apply(act, ((xv - lanes8(hi)) - lanes8(lo)) * lanes8(scale) + lanes8(shift));
             convert::store_n::<T, L>(y, j * VECTOR, VECTOR, v.lanes, false);
         }
         let n = len - whole;
@@ -202,16 +229,22 @@ simd_fn! {
             let zero = <T::Lane as Lane>::ZERO;
             let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
             let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
-            let v = ((xv - part(&k.hi)) - part(&k.lo)) * part(&k.scale) + part(&k.shift);
+            let v = act_lanes::apply(act, ((xv - part(&k.hi)) - part(&k.lo)) * part(&k.scale) + part(&k.shift));
             convert::store_n::<T, L>(y, whole, n, v.lanes, false);
         }
+        })
     }
 }
 
 simd_fn! {
-    /// One row of `[N, C·S]`: `dx = shift_j·dy - offset_j + scale_j·((x - hi_j) - lo_j)`,
-    /// i.e. `rstd·(γ·dy - mean_g) + b·(x - μ)` per channel.
-    pub fn input_grad_positions<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>) {
+    /// One row of `[N, C·S]`: `dx = shift_j·dz - offset_j + scale_j·((x - hi_j) - lo_j)`,
+    /// i.e. `rstd·(γ·dz - mean_g) + b·(x - μ)` per channel, `dz = dy` or,
+    /// fused, `φ'(z)·dy` with `z = ((x - hi_j) - lo_j)·z_scale_j + z_shift_j`.
+    pub fn input_grad_positions<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>, act: Act) {
+        unswitch!(act, {
+        if act.is_some() {
+            return input_grad_positions_fused::<T, L>(x, dy, dx, k, act);
+        }
         let len = x.len();
         let whole = len - len % VECTOR;
         let dx = &mut dx[..len];
@@ -234,6 +267,31 @@ simd_fn! {
             let v = (part(&k.shift) * dv - part(&k.offset)) + part(&k.scale) * ((xv - part(&k.hi)) - part(&k.lo));
             convert::store_n::<T, L>(dx, whole, n, v.lanes, false);
         }
+        })
+    }
+}
+
+/// What recomputing `z = (x - μ)·scale + shift` per position needs in a
+/// fused backward: the activation and the forward's per-position
+/// coefficients (empty without an activation).
+#[derive(Clone, Copy, Debug)]
+pub struct ZCoefs<'a, C> {
+    /// The fused activation, if any.
+    pub act: Act,
+    /// The forward's `rstd·γ` per position.
+    pub scale: &'a [C],
+    /// The forward's `β` per position.
+    pub shift: &'a [C],
+}
+
+impl<C> ZCoefs<'_, C> {
+    /// No activation.
+    pub fn none() -> Self {
+        Self {
+            act: None,
+            scale: &[],
+            shift: &[],
+        }
     }
 }
 
@@ -253,7 +311,10 @@ simd_fn! {
     /// `w1_j`, `w2_j`. The lane sums stay in registers: kept in lane arrays
     /// (written back at every row, then read again to flush them into f64),
     /// they made the flush a third of the statistics pass.
-    pub fn add_row_group<T: Float>[L](x: &[&[T]], dy: Option<&[&[T]]>, shift: &[T::Lane], lo: &[T::Lane], rstd: &[T::Lane], w1: &mut [f64], w2: &mut [f64]) {
+    pub fn add_row_group<T: Float>[L](x: &[&[T]], dy: Option<&[&[T]]>, shift: &[T::Lane], lo: &[T::Lane], rstd: &[T::Lane], w1: &mut [f64], w2: &mut [f64], z: ZCoefs<'_, T::Lane>) {
+        let act = z.act;
+        unswitch!(act, {
+        let z = { let mut v = z; v.act = act; v };
         let len = w1.len();
         let whole = len - len % VECTOR;
         let w2 = &mut w2[..len];
@@ -289,11 +350,16 @@ simd_fn! {
             Some(dy) => {
                 for at in (0..whole).step_by(VECTOR) {
                     let (hi, lo, r) = (lanes8(&shift[at..at + VECTOR]), lanes8(&lo[at..at + VECTOR]), lanes8(&rstd[at..at + VECTOR]));
+                    let (zs, zb) = match z.act {
+                        Some(_) => (lanes8(&z.scale[at..at + VECTOR]), lanes8(&z.shift[at..at + VECTOR])),
+                        None => (zero, zero),
+                    };
                     let (mut a1, mut a2) = (zero, zero);
                     for (xr, dr) in x.iter().zip(dy) {
                         let xv = V8::new(load::<T, L>(xr, at));
-                        let dv = V8::new(load::<T, L>(dr, at));
-                        let xh = ((xv - hi) - lo) * r;
+                        let xc = (xv - hi) - lo;
+                        let dv = act_lanes::grad(z.act, V8::new(load::<T, L>(dr, at)), || xc * zs + zb);
+                        let xh = xc * r;
                         a1 += dv;
                         a2 += dv * xh;
                     }
@@ -303,8 +369,15 @@ simd_fn! {
                 for j in whole..len {
                     let (mut a1, mut a2) = (<T::Lane as Lane>::ZERO, <T::Lane as Lane>::ZERO);
                     for (xr, dr) in x.iter().zip(dy) {
-                        let dv = dr[j].to_lane();
-                        let xh = ((xr[j].to_lane() - shift[j]) - lo[j]) * rstd[j];
+                        let xc = (xr[j].to_lane() - shift[j]) - lo[j];
+                        let dv = match z.act {
+                            Some(_) => {
+                                let one = |v: <T as Float>::Lane| V8::<T::Lane, L>::splat(v);
+                                act_lanes::grad(z.act, one(dr[j].to_lane()), || one(xc) * one(z.scale[j]) + one(z.shift[j])).lanes[0]
+                            }
+                            None => dr[j].to_lane(),
+                        };
+                        let xh = xc * rstd[j];
                         a1 += dv;
                         a2 += dv * xh;
                     }
@@ -313,6 +386,7 @@ simd_fn! {
                 }
             }
         }
+        })
     }
 }
 
@@ -338,29 +412,105 @@ simd_fn! {
     /// coefficients `[hi, lo, scale, shift]` of channel `(first + j) % C`,
     /// `C = coefs.len()`. One dispatch for the run instead of one per slice;
     /// ordinary stores (streaming pays only for long runs of one slice).
-    pub fn normalize_slices<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 4]]) {
+    pub fn normalize_slices<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 4]], act: Act) {
+        unswitch!(act, {
         let c = coefs.len();
         let mut ch = first % c;
         // Each slice loads from the whole run, so that its last, partial
         // vector is one load of values the run goes on with (see `load_n`).
         for (j, ys) in y[..x.len()].chunks_exact_mut(s).enumerate() {
             let [hi, lo, scale, shift] = coefs[ch];
-            normalize_blocks::<T, L>(x, j * s, ys, (hi, lo, scale, shift), Store::Cached);
+            normalize_blocks::<T, L>(x, j * s, ys, (hi, lo, scale, shift), Store::Cached, act);
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
+        })
     }
 }
 
 simd_fn! {
     /// The input gradient of a run of short slices, as [`normalize_slices`]:
-    /// `dx = rstd·(w·dy - mean_g) + b·((x - hi) - lo)` with the coefficients
-    /// `[hi, lo, rstd, w, mean_g, b]` of channel `(first + j) % C`.
-    pub fn input_grad_slices<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 6]]) {
+    /// `dx = rstd·(w·dz - mean_g) + b·((x - hi) - lo)` with the coefficients
+    /// `[hi, lo, rstd, w, mean_g, b, scale, shift]` of channel `(first + j) % C`
+    /// (`scale`, `shift`: the forward's, for `z` when fused).
+    pub fn input_grad_slices<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], s: usize, first: usize, coefs: &[[T::Lane; 8]], act: Act) {
+        unswitch!(act, {
         let c = coefs.len();
         let mut ch = first % c;
         for (j, os) in dx[..x.len()].chunks_exact_mut(s).enumerate() {
-            slice_dx_blocks::<T, L>(x, dy, j * s, coefs[ch], os, Store::Cached);
+            slice_dx_blocks::<T, L>(x, dy, j * s, coefs[ch], os, Store::Cached, act);
             ch = if ch + 1 == c { 0 } else { ch + 1 };
         }
+        })
+    }
+}
+
+/// [`input_grad_positions`] with an activation: whole vectors with the
+/// coefficients of their positions, then the partial one.
+#[inline(always)]
+fn input_grad_positions_fused<T: Float, L: Isa>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [MaybeUninit<T>],
+    k: &PositionCoefs<T::Lane>,
+    act: Act,
+) {
+    let len = x.len();
+    let whole = len - len % VECTOR;
+    let dx = &mut dx[..len];
+    for at in (0..whole).step_by(VECTOR) {
+        let c8 = |v: &[T::Lane]| lanes8::<_, L>(&v[at..at + VECTOR]);
+        let xv = V8::new(load::<T, L>(x, at));
+        let dv = V8::new(load::<T, L>(dy, at));
+        let xc = (xv - c8(&k.hi)) - c8(&k.lo);
+        let dz = act_lanes::grad(act, dv, || xc * c8(&k.z_scale) + c8(&k.z_shift));
+        let v = (c8(&k.shift) * dz - c8(&k.offset)) + c8(&k.scale) * xc;
+        convert::store_n::<T, L>(dx, at, VECTOR, v.lanes, false);
+    }
+    let n = len - whole;
+    if n > 0 {
+        let zero = <T::Lane as Lane>::ZERO;
+        let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
+        let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
+        let dv = V8::new(load_n::<T, L>(dy, whole, n, zero));
+        let xc = (xv - part(&k.hi)) - part(&k.lo);
+        let dz = act_lanes::grad(act, dv, || xc * part(&k.z_scale) + part(&k.z_shift));
+        let v = (part(&k.shift) * dz - part(&k.offset)) + part(&k.scale) * xc;
+        convert::store_n::<T, L>(dx, whole, n, v.lanes, false);
+    }
+}
+
+simd_fn! {
+    /// `y = φ(z)` over a slice: the activation alone (the unfused form).
+    pub fn activate<T: Float>[L](z: &[T], y: &mut [MaybeUninit<T>], act: Act) {
+        unswitch!(act, {
+        let zero = <T::Lane as Lane>::ZERO;
+        convert::fill!(T, L, &mut y[..z.len()], Store::Cached, |at, n| {
+            act_lanes::apply(act, V8::<T::Lane, L>::new(load_n::<T, L>(z, at, n, zero))).lanes
+        });
+        })
+    }
+}
+
+simd_fn! {
+    /// `dz = φ'·dy` from the activation's output `y`, as PyTorch's unfused
+    /// backward takes it (`threshold_backward`: 0 where `y ≤ 0`;
+    /// `tanh_backward`: `dy·(1 - y·y)`; `sigmoid_backward`: `dy·(1 - y)·y`).
+    pub fn activation_grad<T: Float>[L](y: &[T], dy: &[T], dz: &mut [MaybeUninit<T>], act: Act) {
+        unswitch!(act, {
+        let zero = <T::Lane as Lane>::ZERO;
+        let one = V8::<T::Lane, L>::splat(<T::Lane as Lane>::ONE);
+        convert::fill!(T, L, &mut dz[..y.len()], Store::Cached, |at, n| {
+            let yv = V8::new(load_n::<T, L>(y, at, n, zero));
+            let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
+            match act {
+                None => dv,
+                // ReLU's output is its input where it is positive (or NaN).
+                Some(crate::Activation::Relu) => act_lanes::grad(act, dv, || yv),
+                Some(crate::Activation::Tanh) => dv * (one - yv * yv),
+                Some(crate::Activation::Sigmoid) => dv * (one - yv) * yv,
+            }
+            .lanes
+        });
+        })
     }
 }

@@ -211,6 +211,42 @@ pub(crate) mod avx {
         }
     }
 
+    /// `d` where `!(z <= 0)` (z positive or NaN), else 0.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub unsafe fn positive_f32(z: [f32; 8], d: [f32; 8]) -> [f32; 8] {
+        use std::arch::x86_64::{_mm256_and_ps, _mm256_cmp_ps, _mm256_setzero_ps, _CMP_NLE_UQ};
+        // SAFETY: same sizes, every bit pattern valid (as above).
+        unsafe {
+            let z = transmute::<[f32; 8], __m256>(z);
+            let d = transmute::<[f32; 8], __m256>(d);
+            let mask = _mm256_cmp_ps::<_CMP_NLE_UQ>(z, _mm256_setzero_ps());
+            transmute::<__m256, [f32; 8]>(_mm256_and_ps(mask, d))
+        }
+    }
+
+    /// [`positive_f32`] for f64 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub unsafe fn positive_f64(z: [f64; 8], d: [f64; 8]) -> [f64; 8] {
+        use std::arch::x86_64::{_mm256_and_pd, _mm256_cmp_pd, _mm256_setzero_pd, _CMP_NLE_UQ};
+        // SAFETY: as in `positive_f32`, two halves.
+        unsafe {
+            let z = transmute::<[f64; 8], [__m256d; 2]>(z);
+            let d = transmute::<[f64; 8], [__m256d; 2]>(d);
+            let zero = _mm256_setzero_pd();
+            let lo = _mm256_and_pd(_mm256_cmp_pd::<_CMP_NLE_UQ>(z[0], zero), d[0]);
+            let hi = _mm256_and_pd(_mm256_cmp_pd::<_CMP_NLE_UQ>(z[1], zero), d[1]);
+            transmute::<[__m256d; 2], [f64; 8]>([lo, hi])
+        }
+    }
+
     /// Eight f32 lanes widened to f64 (exact).
     ///
     /// # Safety
