@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 use normlab::kernels::batch_norm::{
-    batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
+    batch_norm, batch_norm_act, batch_norm_act_backward, batch_norm_backward, BatchNormOptions,
+    RunningStatsMut,
 };
-use normlab::kernels::group_norm::{self as gn, group_norm_backward};
+use normlab::kernels::group_norm::{self as gn, group_norm_act_backward, group_norm_backward};
 use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward};
 use normlab::kernels::sync_batch_norm::{sync_batch_norm, sync_batch_norm_backward};
-use normlab::{Communicator, Float, LrnOptions, Saved, TensorView, View};
+use normlab::{Activation, Communicator, Float, LrnOptions, Saved, TensorView, View};
 
 use crate::custom::{apply, impl_custom_ops, NormOp};
 use crate::values::{
@@ -52,6 +53,7 @@ pub struct ChannelNormOp {
     kind: ChannelKind,
     running: Arc<Mutex<RunningCell>>,
     saved: Mutex<Option<Saved>>,
+    act: Option<Activation>,
 }
 
 impl ChannelNormOp {
@@ -61,7 +63,23 @@ impl ChannelNormOp {
             kind,
             running,
             saved: Mutex::new(None),
+            act: None,
         }
+    }
+
+    /// The op followed by `act` in the same pass, forward and backward
+    /// (BatchNorm and GroupNorm; the other kinds fail at the forward).
+    pub fn with_activation(mut self, act: Activation) -> Self {
+        self.act = Some(act);
+        self
+    }
+
+    /// The error for a kind without a fused form.
+    fn no_fused_form(&self) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "{}: no fused activation (BatchNorm and GroupNorm have one)",
+            self.name_str()
+        ))
     }
 
     fn name_str(&self) -> &'static str {
@@ -99,9 +117,13 @@ impl ChannelNormOp {
                     var: v,
                     num_batches_tracked: n,
                 });
-                let result = match &self.kind {
-                    ChannelKind::Batch(_) => batch_norm(x, view, w, b, options),
-                    ChannelKind::SyncBatch(_, comm) => {
+                let result = match (&self.kind, self.act) {
+                    (ChannelKind::Batch(_), Some(act)) => {
+                        batch_norm_act(x, view, w, b, options, act)
+                    }
+                    (_, Some(_)) => return Err(self.no_fused_form()),
+                    (ChannelKind::Batch(_), None) => batch_norm(x, view, w, b, options),
+                    (ChannelKind::SyncBatch(_, comm), None) => {
                         sync_batch_norm(x, view, w, b, options, comm.as_ref())
                     }
                     _ => instance_norm(x, view, w, b, options),
@@ -116,9 +138,12 @@ impl ChannelNormOp {
                 }
                 result
             }
-            ChannelKind::Group(groups, eps) => {
-                gn::group_norm(x, *groups, w, b, (*eps).into()).map_err(err)?
+            ChannelKind::Group(groups, eps) => match self.act {
+                Some(act) => gn::group_norm_act(x, *groups, w, b, (*eps).into(), act),
+                None => gn::group_norm(x, *groups, w, b, (*eps).into()),
             }
+            .map_err(err)?,
+            ChannelKind::Lrn(_) if self.act.is_some() => return Err(self.no_fused_form()),
             ChannelKind::Lrn(options) => (lrn(x, options).map_err(err)?, Saved::default()),
         };
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
@@ -132,7 +157,7 @@ impl ChannelNormOp {
         x: &(impl View<T> + ?Sized),
         dy: &(impl View<T> + ?Sized),
         w: Option<normlab::Tensor<T>>,
-        with_bias: bool,
+        b: Option<normlab::Tensor<T>>,
     ) -> Result<(
         normlab::Tensor<T>,
         Option<normlab::Tensor<T>>,
@@ -142,6 +167,34 @@ impl ChannelNormOp {
         let Some(saved) = saved else {
             candle_core::bail!("{}: backward before forward", self.name_str())
         };
+        let with_bias = b.is_some();
+        if let Some(act) = self.act {
+            let g = match &self.kind {
+                ChannelKind::Batch(o) => batch_norm_act_backward(
+                    x,
+                    dy,
+                    w.as_ref(),
+                    b.as_ref(),
+                    act,
+                    o.eps,
+                    &saved,
+                    o.use_batch_stats,
+                ),
+                ChannelKind::Group(groups, eps) => group_norm_act_backward(
+                    x,
+                    dy,
+                    *groups,
+                    w.as_ref(),
+                    b.as_ref(),
+                    act,
+                    (*eps).into(),
+                    &saved,
+                ),
+                _ => return Err(self.no_fused_form()),
+            }
+            .map_err(err)?;
+            return Ok((g.dx, g.dweight, g.dbias));
+        }
         let g = match &self.kind {
             ChannelKind::Batch(o) => batch_norm_backward(
                 x,
@@ -214,7 +267,7 @@ impl ChannelNormOp {
         x: &Tensor,
         dy: &Tensor,
         w: Option<&Tensor>,
-        with_bias: bool,
+        bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let probe = if x.dtype() == DType::F64 {
             Values::F64(vec![])
@@ -223,13 +276,15 @@ impl ChannelNormOp {
         };
         let shape = x.dims().to_vec();
         let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
+        let bv = bias.map(|b| of_tensor(b, &probe)).transpose()?;
         let c = shape.get(1).copied().unwrap_or(0);
         macro_rules! back {
             ($x:expr, $dy:expr, $conv:ident, $variant:ident) => {{
                 let w = wv.map($conv).transpose()?;
+                let b = bv.map($conv).transpose()?;
                 let x = TensorView::new(&shape, &$x).map_err(err)?;
                 let dy = TensorView::new(&shape, &$dy).map_err(err)?;
-                let (dx, dw, db) = self.backward_t(&x, &dy, w, with_bias)?;
+                let (dx, dw, db) = self.backward_t(&x, &dy, w, b)?;
                 (
                     Values::$variant(dx.into_data()),
                     dw.map(|t| Values::$variant(t.into_data())),
@@ -289,14 +344,18 @@ impl NormOp for ChannelNormOp {
         self.forward_on(s, l, read_param(weight)?, read_param(bias)?)
     }
 
+    fn fused(&self) -> bool {
+        self.act.is_some()
+    }
+
     fn backward(
         &self,
         x: &Tensor,
         dy: &Tensor,
         weight: Option<&Tensor>,
-        with_bias: bool,
+        bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-        self.backward_channels(x, dy, weight, with_bias)
+        self.backward_channels(x, dy, weight, bias)
     }
 }
 
@@ -327,6 +386,24 @@ pub fn group_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let op = ChannelNormOp::new(ChannelKind::Group(num_groups, eps), Default::default());
+    apply_channels(op, x, weight, bias)
+}
+
+/// GroupNorm of `x` followed by `act`, one op forward and backward
+/// (`act(group_norm(x, …))` without the intermediate tensor).
+///
+/// # Errors
+/// As [`group_norm`].
+pub fn group_norm_act(
+    x: &Tensor,
+    num_groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    act: Activation,
+) -> Result<Tensor> {
+    let op = ChannelNormOp::new(ChannelKind::Group(num_groups, eps), Default::default())
+        .with_activation(act);
     apply_channels(op, x, weight, bias)
 }
 

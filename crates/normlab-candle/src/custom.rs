@@ -12,6 +12,11 @@ pub(crate) trait NormOp {
     /// Op name for candle's graph and for errors.
     fn op_name(&self) -> &'static str;
 
+    /// Whether an activation follows the normalization inside the op.
+    fn fused(&self) -> bool {
+        false
+    }
+
     /// `y` from `x` and the optional parameters, in `x`'s dtype.
     fn forward_storage(
         &self,
@@ -20,14 +25,16 @@ pub(crate) trait NormOp {
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<CpuStorage>;
 
-    /// `(dx, dweight, dbias)` for the forward call's `x`, given `dy`.
+    /// `(dx, dweight, dbias)` for the forward call's `x`, given `dy`;
+    /// `bias` is the forward's β when it had one (a fused activation's
+    /// backward recomputes its input from it).
     #[allow(clippy::type_complexity)]
     fn backward(
         &self,
         x: &Tensor,
         dy: &Tensor,
         weight: Option<&Tensor>,
-        with_bias: bool,
+        bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)>;
 }
 
@@ -55,7 +62,7 @@ macro_rules! impl_custom_ops {
                 dy: &candle_core::Tensor,
             ) -> candle_core::Result<Option<candle_core::Tensor>> {
                 Ok(Some(
-                    $crate::custom::NormOp::backward(self, x, dy, None, false)?.0,
+                    $crate::custom::NormOp::backward(self, x, dy, None, None)?.0,
                 ))
             }
         }
@@ -85,7 +92,7 @@ macro_rules! impl_custom_ops {
                 dy: &candle_core::Tensor,
             ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)>
             {
-                let (dx, dw, _) = $crate::custom::NormOp::backward(self, x, dy, Some(w), false)?;
+                let (dx, dw, _) = $crate::custom::NormOp::backward(self, x, dy, Some(w), None)?;
                 Ok((Some(dx), dw))
             }
         }
@@ -118,7 +125,7 @@ macro_rules! impl_custom_ops {
                 &self,
                 x: &candle_core::Tensor,
                 w: &candle_core::Tensor,
-                _b: &candle_core::Tensor,
+                b: &candle_core::Tensor,
                 _res: &candle_core::Tensor,
                 dy: &candle_core::Tensor,
             ) -> candle_core::Result<(
@@ -126,7 +133,7 @@ macro_rules! impl_custom_ops {
                 Option<candle_core::Tensor>,
                 Option<candle_core::Tensor>,
             )> {
-                let (dx, dw, db) = $crate::custom::NormOp::backward(self, x, dy, Some(w), true)?;
+                let (dx, dw, db) = $crate::custom::NormOp::backward(self, x, dy, Some(w), Some(b))?;
                 Ok((Some(dx), dw, db))
             }
         }
@@ -135,7 +142,8 @@ macro_rules! impl_custom_ops {
 pub(crate) use impl_custom_ops;
 
 /// Applies an op to `x` with optional `weight` and `bias` (a bias without a
-/// weight is added afterwards, broadcast over `bias_shape`).
+/// weight is added afterwards, broadcast over `bias_shape`; with a fused
+/// activation, which needs β inside it, the weight is ones instead).
 pub(crate) fn apply<O>(
     op: O,
     x: &Tensor,
@@ -144,7 +152,8 @@ pub(crate) fn apply<O>(
     bias_shape: &[usize],
 ) -> Result<Tensor>
 where
-    O: candle_core::CustomOp1
+    O: NormOp
+        + candle_core::CustomOp1
         + candle_core::CustomOp2
         + candle_core::CustomOp3
         + Send
@@ -152,6 +161,7 @@ where
         + 'static,
 {
     match (weight, bias) {
+        (None, Some(b)) if op.fused() => x.apply_op3(&b.ones_like()?, b, op),
         (Some(w), Some(b)) => x.apply_op3(w, b, op),
         (Some(w), None) => x.apply_op2(w, op),
         (None, None) => x.apply_op1(op),

@@ -86,6 +86,24 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The layer followed by `act` in one op, forward and backward: the
+    /// same values as `act(self.forward(x))` without the tensor between.
+    ///
+    /// # Errors
+    /// As `forward`; an RMSNorm config (`remove_mean: false`) has no fused form.
+    pub fn forward_act(&self, x: &Tensor, act: normlab::Activation) -> Result<Tensor> {
+        if !self.config.remove_mean {
+            candle_core::bail!("layer_norm: no fused activation without centring (RMSNorm)")
+        }
+        let eps = Epsilon {
+            value: self.config.eps,
+            placement: self.config.eps_placement,
+        };
+        crate::rows::layer_norm_act(x, Some(&self.weight), self.bias.as_ref(), eps, act)
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let eps = Epsilon {
@@ -174,6 +192,24 @@ pub struct GroupNorm {
     bias: Tensor,
     num_groups: usize,
     eps: f64,
+}
+
+impl GroupNorm {
+    /// The layer followed by `act` in one op, forward and backward: the
+    /// same values as `act(self.forward(x))` without the tensor between.
+    ///
+    /// # Errors
+    /// As `forward`.
+    pub fn forward_act(&self, x: &Tensor, act: normlab::Activation) -> Result<Tensor> {
+        crate::ops::group_norm_act(
+            x,
+            self.num_groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            act,
+        )
+    }
 }
 
 impl Module for GroupNorm {
@@ -392,7 +428,12 @@ impl StatNorm {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(
+        &self,
+        x: &Tensor,
+        train: bool,
+        act: Option<normlab::Activation>,
+    ) -> Result<Tensor> {
         let use_batch = train || self.running.is_none();
         let options = BatchNormOptions {
             use_batch_stats: use_batch,
@@ -410,7 +451,10 @@ impl StatNorm {
             (Some(comm), false) => ChannelKind::SyncBatch(options, comm.clone()),
             (None, false) => ChannelKind::Batch(options),
         };
-        let op = ChannelNormOp::new(kind, cell.clone());
+        let mut op = ChannelNormOp::new(kind, cell.clone());
+        if let Some(act) = act {
+            op = op.with_activation(act);
+        }
         let (w, b) = match &self.weight_and_bias {
             Some((w, b)) => (Some(w), Some(b)),
             None => (None, None),
@@ -452,11 +496,21 @@ impl BatchNorm {
     pub fn weight_and_bias(&self) -> Option<(&Tensor, &Tensor)> {
         self.0.weight_and_bias.as_ref().map(|(w, b)| (w, b))
     }
+
+    /// `forward_t` followed by `act` in one op, forward and backward: the
+    /// same values and running statistics as `act(self.forward_t(x, train))`
+    /// without the tensor between.
+    ///
+    /// # Errors
+    /// As `forward_t`.
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: normlab::Activation) -> Result<Tensor> {
+        self.0.forward_t(x, train, Some(act))
+    }
 }
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.0.forward_t(x, train)
+        self.0.forward_t(x, train, None)
     }
 }
 
@@ -540,7 +594,7 @@ pub struct InstanceNorm(StatNorm);
 
 impl ModuleT for InstanceNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.0.forward_t(x, train)
+        self.0.forward_t(x, train, None)
     }
 }
 

@@ -35,8 +35,8 @@ mod values;
 
 /// The differentiable functions, as `candle_nn::ops`.
 pub mod ops {
-    pub use crate::channels::{group_norm, local_response_norm};
-    pub use crate::rows::{layer_norm, layer_norm_eps, rms_norm, rms_norm_eps};
+    pub use crate::channels::{group_norm, group_norm_act, local_response_norm};
+    pub use crate::rows::{layer_norm, layer_norm_act, layer_norm_eps, rms_norm, rms_norm_eps};
 }
 
 pub use layers::{
@@ -45,6 +45,6 @@ pub use layers::{
     InstanceNorm, LayerNorm, LayerNormConfig, LocalResponseNorm, RmsNorm, SyncBatchNorm,
 };
 pub use normlab::{
-    Communicator, EpsPlacement, Epsilon, LrnOptions, Momentum, RunningVarEstimator, SingleProcess,
-    ThreadGroup,
+    Activation, Communicator, EpsPlacement, Epsilon, LrnOptions, Momentum, RunningVarEstimator,
+    SingleProcess, ThreadGroup,
 };

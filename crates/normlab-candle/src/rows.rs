@@ -8,8 +8,9 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Tensor};
+use normlab::kernels::layer_norm::{self as ln, layer_norm_act_backward};
 use normlab::kernels::rows::{self, RowNorm};
-use normlab::{Epsilon, Saved};
+use normlab::{Activation, Epsilon, Saved, TensorView};
 
 use crate::custom::{apply, impl_custom_ops, NormOp};
 use crate::values::{
@@ -30,6 +31,7 @@ pub struct RowNormOp {
     kind: RowKind,
     eps: Epsilon,
     saved: Mutex<Option<Saved>>,
+    act: Option<Activation>,
 }
 
 impl RowNormOp {
@@ -39,7 +41,64 @@ impl RowNormOp {
             kind,
             eps,
             saved: Mutex::new(None),
+            act: None,
         }
+    }
+
+    /// The op followed by `act` in the same pass, forward and backward
+    /// (LayerNorm; RMSNorm fails at the forward).
+    pub fn with_activation(mut self, act: Activation) -> Self {
+        self.act = Some(act);
+        self
+    }
+
+    /// `act(layer_norm(x))` on `rows × n` values: `(y, saved)`.
+    fn forward_fused<T: normlab::Float>(
+        &self,
+        x: &[T],
+        n: usize,
+        w: Option<&[T]>,
+        b: Option<&[T]>,
+        act: Activation,
+    ) -> Result<(Vec<T>, Saved)> {
+        if self.kind != RowKind::LayerNorm {
+            candle_core::bail!(
+                "{}: no fused activation (LayerNorm has one)",
+                self.name_str()
+            );
+        }
+        let rows = x.len().checked_div(n).unwrap_or(0);
+        let shape = [rows, n];
+        let x = TensorView::new(&shape, x).map_err(err)?;
+        let param = |p: Option<&[T]>| p.map(|p| normlab::Tensor::from_vec(p.to_vec()));
+        let (w, b) = (param(w), param(b));
+        let (y, saved) =
+            ln::layer_norm_act(&x, -1, w.as_ref(), b.as_ref(), self.eps, act).map_err(err)?;
+        Ok((y.into_data(), saved))
+    }
+
+    /// The backward of [`Self::forward_fused`]: `(dx, dweight, dbias)`.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn backward_fused<T: normlab::Float>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        n: usize,
+        w: Option<&[T]>,
+        b: Option<&[T]>,
+        act: Activation,
+        saved: &Saved,
+    ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let rows = x.len().checked_div(n).unwrap_or(0);
+        let shape = [rows, n];
+        let x = TensorView::new(&shape, x).map_err(err)?;
+        let dy = TensorView::new(&shape, dy).map_err(err)?;
+        let param = |p: Option<&[T]>| p.map(|p| normlab::Tensor::from_vec(p.to_vec()));
+        let (w, b) = (param(w), param(b));
+        let g = layer_norm_act_backward(&x, &dy, -1, w.as_ref(), b.as_ref(), act, self.eps, saved)
+            .map_err(err)?;
+        let data = |t: Option<normlab::Tensor<T>>| t.map(|t| t.into_data()).unwrap_or_default();
+        Ok((g.dx.into_data(), data(g.dweight), data(g.dbias)))
     }
 
     /// The core's row kernel for this kind.
@@ -66,6 +125,20 @@ impl RowNormOp {
         b: Option<&Values>,
     ) -> Result<Values> {
         let rows = x.len().checked_div(n).unwrap_or(0);
+        if let Some(act) = self.act {
+            let (y, saved) = match (x, w, b) {
+                (Slices::F32(x), w, b) => {
+                    let (y, saved) = self.forward_fused(x, n, f32s(w)?, f32s(b)?, act)?;
+                    (Values::F32(y), saved)
+                }
+                (Slices::F64(x), w, b) => {
+                    let (y, saved) = self.forward_fused(x, n, f64s(w)?, f64s(b)?, act)?;
+                    (Values::F64(y), saved)
+                }
+            };
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+            return Ok(y);
+        }
         let mut saved = Saved::zeros(self.name_str(), rows).map_err(err)?;
         let y = match (x, w, b) {
             (Slices::F32(x), w, b) => {
@@ -94,15 +167,16 @@ impl RowNormOp {
         dys: &Slices<'_>,
         n: usize,
         wv: Option<&Values>,
-        with_bias: bool,
+        bv: Option<&Values>,
     ) -> Result<(Values, Values, Values)> {
+        let with_bias = bv.is_some();
         let rows = xs.len().checked_div(n).unwrap_or(0);
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
         let saved = match saved {
             Some(s) => s,
             // A second backward through the same graph: recompute.
             None => {
-                self.forward(xs, n, wv, None)?;
+                self.forward(xs, n, wv, bv)?;
                 self.saved
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -134,6 +208,21 @@ impl RowNormOp {
                 (dx, dw, db)
             }};
         }
+        if let Some(act) = self.act {
+            return Ok(match (xs, dys) {
+                (Slices::F32(xs), Slices::F32(dys)) => {
+                    let (w, b) = (f32s(wv)?, f32s(bv)?);
+                    let (dx, dw, db) = self.backward_fused(xs, dys, n, w, b, act, &saved)?;
+                    (Values::F32(dx), Values::F32(dw), Values::F32(db))
+                }
+                (Slices::F64(xs), Slices::F64(dys)) => {
+                    let (w, b) = (f64s(wv)?, f64s(bv)?);
+                    let (dx, dw, db) = self.backward_fused(xs, dys, n, w, b, act, &saved)?;
+                    (Values::F64(dx), Values::F64(dw), Values::F64(db))
+                }
+                _ => candle_core::bail!("{}: mixed precisions in backward", self.name_str()),
+            });
+        }
         Ok(match (xs, dys) {
             (Slices::F32(xs), Slices::F32(dys)) => {
                 let (dx, dw, db) = run!(&xs[..], &dys[..], f32s(wv)?, f32);
@@ -154,18 +243,20 @@ impl RowNormOp {
         x: &Tensor,
         dy: &Tensor,
         w: Option<&Tensor>,
-        with_bias: bool,
+        b: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        let with_bias = b.is_some();
         let n = *x.dims().last().unwrap_or(&1);
         let probe = match x.dtype() {
             candle_core::DType::F64 => Values::F64(Vec::new()),
             _ => Values::F32(Vec::new()),
         };
         let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
+        let bv = b.map(|b| of_tensor(b, &probe)).transpose()?;
         // x and dy are borrowed from their storage when possible: no copies.
         let (dx, dw, db) = with_slices(x, &probe, |xs| {
             with_slices(dy, &probe, |dys| {
-                self.backward_values(&xs, &dys, n, wv.as_ref(), with_bias)
+                self.backward_values(&xs, &dys, n, wv.as_ref(), bv.as_ref())
             })
         })?;
         let dx = to_tensor(dx, x.dims(), x.dtype(), x)?;
@@ -249,9 +340,13 @@ impl NormOp for RowNormOp {
         x: &Tensor,
         dy: &Tensor,
         weight: Option<&Tensor>,
-        with_bias: bool,
+        bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-        self.backward_rows(x, dy, weight, with_bias)
+        self.backward_rows(x, dy, weight, bias)
+    }
+
+    fn fused(&self) -> bool {
+        self.act.is_some()
     }
 }
 
@@ -289,6 +384,23 @@ pub fn layer_norm_eps(
         bias,
         &[n],
     )
+}
+
+/// LayerNorm over the last dimension followed by `act`, one op forward and
+/// backward (`act(layer_norm(x, …))` without the intermediate tensor).
+///
+/// # Errors
+/// As [`layer_norm`].
+pub fn layer_norm_act(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: Epsilon,
+    act: Activation,
+) -> Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    let op = RowNormOp::new(RowKind::LayerNorm, eps).with_activation(act);
+    apply(op, x, weight, bias, &[n])
 }
 
 /// RMSNorm over the last dimension with a backward pass: `y = x/√(mean(x²) + ε)·γ`.
