@@ -155,7 +155,8 @@ impl ChannelNormOp {
     fn backward_t<T: Float>(
         &self,
         x: &(impl View<T> + ?Sized),
-        dy: &(impl View<T> + ?Sized),
+        y: &TensorView<'_, T>,
+        dy: &TensorView<'_, T>,
         w: Option<normlab::Tensor<T>>,
         b: Option<normlab::Tensor<T>>,
     ) -> Result<(
@@ -172,6 +173,7 @@ impl ChannelNormOp {
             let g = match &self.kind {
                 ChannelKind::Batch(o) => batch_norm_act_backward(
                     x,
+                    y,
                     dy,
                     w.as_ref(),
                     b.as_ref(),
@@ -182,6 +184,7 @@ impl ChannelNormOp {
                 ),
                 ChannelKind::Group(groups, eps) => group_norm_act_backward(
                     x,
+                    y,
                     dy,
                     *groups,
                     w.as_ref(),
@@ -265,6 +268,7 @@ impl ChannelNormOp {
     fn backward_channels(
         &self,
         x: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
         w: Option<&Tensor>,
         bias: Option<&Tensor>,
@@ -279,12 +283,13 @@ impl ChannelNormOp {
         let bv = bias.map(|b| of_tensor(b, &probe)).transpose()?;
         let c = shape.get(1).copied().unwrap_or(0);
         macro_rules! back {
-            ($x:expr, $dy:expr, $conv:ident, $variant:ident) => {{
+            ($x:expr, $y:expr, $dy:expr, $conv:ident, $variant:ident) => {{
                 let w = wv.map($conv).transpose()?;
                 let b = bv.map($conv).transpose()?;
                 let x = TensorView::new(&shape, &$x).map_err(err)?;
+                let y = TensorView::new(&shape, &$y).map_err(err)?;
                 let dy = TensorView::new(&shape, &$dy).map_err(err)?;
-                let (dx, dw, db) = self.backward_t(&x, &dy, w, b)?;
+                let (dx, dw, db) = self.backward_t(&x, &y, &dy, w, b)?;
                 (
                     Values::$variant(dx.into_data()),
                     dw.map(|t| Values::$variant(t.into_data())),
@@ -292,13 +297,24 @@ impl ChannelNormOp {
                 )
             }};
         }
-        // x and dy are borrowed from their storage when possible: no copies.
+        // x, y and dy are borrowed from their storage when possible: no
+        // copies. y is read only by tanh's and sigmoid's fused backward
+        // (see `Activation::derivative_from_output`); otherwise x stands in.
+        let reads_y = self.act.is_some_and(Activation::derivative_from_output);
         let (dx, dw, db) = with_slices(x, &probe, |xs| {
-            with_slices(dy, &probe, |dys| {
-                Ok(match (xs, dys) {
-                    (Slices::F32(a), Slices::F32(b)) => back!(a, b, f32v, F32),
-                    (Slices::F64(a), Slices::F64(b)) => back!(a, b, f64v, F64),
-                    _ => candle_core::bail!("{}: mixed precisions in backward", self.name_str()),
+            with_slices(if reads_y { y } else { x }, &probe, |ys| {
+                with_slices(dy, &probe, |dys| {
+                    Ok(match (xs, ys, dys) {
+                        (Slices::F32(a), Slices::F32(y), Slices::F32(b)) => {
+                            back!(a, y, b, f32v, F32)
+                        }
+                        (Slices::F64(a), Slices::F64(y), Slices::F64(b)) => {
+                            back!(a, y, b, f64v, F64)
+                        }
+                        _ => {
+                            candle_core::bail!("{}: mixed precisions in backward", self.name_str())
+                        }
+                    })
                 })
             })
         })?;
@@ -351,11 +367,12 @@ impl NormOp for ChannelNormOp {
     fn backward(
         &self,
         x: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-        self.backward_channels(x, dy, weight, bias)
+        self.backward_channels(x, y, dy, weight, bias)
     }
 }
 

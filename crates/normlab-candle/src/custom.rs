@@ -25,13 +25,14 @@ pub(crate) trait NormOp {
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<CpuStorage>;
 
-    /// `(dx, dweight, dbias)` for the forward call's `x`, given `dy`;
-    /// `bias` is the forward's β when it had one (a fused activation's
-    /// backward recomputes its input from it).
+    /// `(dx, dweight, dbias)` for the forward call's `x` and output `y`,
+    /// given `dy`; `bias` is the forward's β when it had one (a fused
+    /// activation's backward recomputes its input from it).
     #[allow(clippy::type_complexity)]
     fn backward(
         &self,
         x: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
@@ -58,11 +59,11 @@ macro_rules! impl_custom_ops {
             fn bwd(
                 &self,
                 x: &candle_core::Tensor,
-                _res: &candle_core::Tensor,
+                res: &candle_core::Tensor,
                 dy: &candle_core::Tensor,
             ) -> candle_core::Result<Option<candle_core::Tensor>> {
                 Ok(Some(
-                    $crate::custom::NormOp::backward(self, x, dy, None, None)?.0,
+                    $crate::custom::NormOp::backward(self, x, res, dy, None, None)?.0,
                 ))
             }
         }
@@ -88,11 +89,12 @@ macro_rules! impl_custom_ops {
                 &self,
                 x: &candle_core::Tensor,
                 w: &candle_core::Tensor,
-                _res: &candle_core::Tensor,
+                res: &candle_core::Tensor,
                 dy: &candle_core::Tensor,
             ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)>
             {
-                let (dx, dw, _) = $crate::custom::NormOp::backward(self, x, dy, Some(w), None)?;
+                let (dx, dw, _) =
+                    $crate::custom::NormOp::backward(self, x, res, dy, Some(w), None)?;
                 Ok((Some(dx), dw))
             }
         }
@@ -126,14 +128,15 @@ macro_rules! impl_custom_ops {
                 x: &candle_core::Tensor,
                 w: &candle_core::Tensor,
                 b: &candle_core::Tensor,
-                _res: &candle_core::Tensor,
+                res: &candle_core::Tensor,
                 dy: &candle_core::Tensor,
             ) -> candle_core::Result<(
                 Option<candle_core::Tensor>,
                 Option<candle_core::Tensor>,
                 Option<candle_core::Tensor>,
             )> {
-                let (dx, dw, db) = $crate::custom::NormOp::backward(self, x, dy, Some(w), Some(b))?;
+                let (dx, dw, db) =
+                    $crate::custom::NormOp::backward(self, x, res, dy, Some(w), Some(b))?;
                 Ok((Some(dx), dw, db))
             }
         }

@@ -82,6 +82,7 @@ impl RowNormOp {
     fn backward_fused<T: normlab::Float>(
         &self,
         x: &[T],
+        y: &[T],
         dy: &[T],
         n: usize,
         w: Option<&[T]>,
@@ -92,11 +93,13 @@ impl RowNormOp {
         let rows = x.len().checked_div(n).unwrap_or(0);
         let shape = [rows, n];
         let x = TensorView::new(&shape, x).map_err(err)?;
+        let y = TensorView::new(&shape, y).map_err(err)?;
         let dy = TensorView::new(&shape, dy).map_err(err)?;
         let param = |p: Option<&[T]>| p.map(|p| normlab::Tensor::from_vec(p.to_vec()));
         let (w, b) = (param(w), param(b));
-        let g = layer_norm_act_backward(&x, &dy, -1, w.as_ref(), b.as_ref(), act, self.eps, saved)
-            .map_err(err)?;
+        let (w, b) = (w.as_ref(), b.as_ref());
+        let g =
+            layer_norm_act_backward(&x, &y, &dy, -1, w, b, act, self.eps, saved).map_err(err)?;
         let data = |t: Option<normlab::Tensor<T>>| t.map(|t| t.into_data()).unwrap_or_default();
         Ok((g.dx.into_data(), data(g.dweight), data(g.dbias)))
     }
@@ -164,6 +167,7 @@ impl RowNormOp {
     fn backward_values(
         &self,
         xs: &Slices<'_>,
+        ys: &Slices<'_>,
         dys: &Slices<'_>,
         n: usize,
         wv: Option<&Values>,
@@ -209,15 +213,15 @@ impl RowNormOp {
             }};
         }
         if let Some(act) = self.act {
-            return Ok(match (xs, dys) {
-                (Slices::F32(xs), Slices::F32(dys)) => {
+            return Ok(match (xs, ys, dys) {
+                (Slices::F32(xs), Slices::F32(ys), Slices::F32(dys)) => {
                     let (w, b) = (f32s(wv)?, f32s(bv)?);
-                    let (dx, dw, db) = self.backward_fused(xs, dys, n, w, b, act, &saved)?;
+                    let (dx, dw, db) = self.backward_fused(xs, ys, dys, n, w, b, act, &saved)?;
                     (Values::F32(dx), Values::F32(dw), Values::F32(db))
                 }
-                (Slices::F64(xs), Slices::F64(dys)) => {
+                (Slices::F64(xs), Slices::F64(ys), Slices::F64(dys)) => {
                     let (w, b) = (f64s(wv)?, f64s(bv)?);
-                    let (dx, dw, db) = self.backward_fused(xs, dys, n, w, b, act, &saved)?;
+                    let (dx, dw, db) = self.backward_fused(xs, ys, dys, n, w, b, act, &saved)?;
                     (Values::F64(dx), Values::F64(dw), Values::F64(db))
                 }
                 _ => candle_core::bail!("{}: mixed precisions in backward", self.name_str()),
@@ -241,6 +245,7 @@ impl RowNormOp {
     fn backward_rows(
         &self,
         x: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
         w: Option<&Tensor>,
         b: Option<&Tensor>,
@@ -253,10 +258,15 @@ impl RowNormOp {
         };
         let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
         let bv = b.map(|b| of_tensor(b, &probe)).transpose()?;
-        // x and dy are borrowed from their storage when possible: no copies.
+        // x, y and dy are borrowed from their storage when possible: no
+        // copies. y is read only by tanh's and sigmoid's fused backward
+        // (see `Activation::derivative_from_output`); otherwise x stands in.
+        let reads_y = self.act.is_some_and(Activation::derivative_from_output);
         let (dx, dw, db) = with_slices(x, &probe, |xs| {
-            with_slices(dy, &probe, |dys| {
-                self.backward_values(&xs, &dys, n, wv.as_ref(), bv.as_ref())
+            with_slices(if reads_y { y } else { x }, &probe, |ys| {
+                with_slices(dy, &probe, |dys| {
+                    self.backward_values(&xs, &ys, &dys, n, wv.as_ref(), bv.as_ref())
+                })
             })
         })?;
         let dx = to_tensor(dx, x.dims(), x.dtype(), x)?;
@@ -338,11 +348,12 @@ impl NormOp for RowNormOp {
     fn backward(
         &self,
         x: &Tensor,
+        y: &Tensor,
         dy: &Tensor,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-        self.backward_rows(x, dy, weight, bias)
+        self.backward_rows(x, y, dy, weight, bias)
     }
 
     fn fused(&self) -> bool {

@@ -594,9 +594,9 @@ impl<T: Float> Prepared<T> {
         Ok(y)
     }
 
-    /// The backward through `act` and the op from the saved statistics:
-    /// fused, or [`activation_backward`] at the activation's output `y`
-    /// then the op's backward.
+    /// The backward through `act` and the op from the saved statistics and
+    /// the activation's output `y`: fused, or [`activation_backward`] then
+    /// the op's backward.
     fn backward_act(&self, y: &Tensor<T>, act: Activation, fused: bool) -> anyhow::Result<()> {
         use normlab::kernels::batch_norm::batch_norm_act_backward;
         use normlab::kernels::group_norm::group_norm_act_backward;
@@ -607,9 +607,9 @@ impl<T: Float> Prepared<T> {
         let grads = if fused {
             let dy = &self.dy;
             match self.case.op {
-                Op::LayerNorm => layer_norm_act_backward(x, dy, -1, w, b, act, eps, saved)?,
-                Op::GroupNorm(g) => group_norm_act_backward(x, dy, g, w, b, act, eps, saved)?,
-                _ => batch_norm_act_backward(x, dy, w, b, act, eps, saved, train)?,
+                Op::LayerNorm => layer_norm_act_backward(x, y, dy, -1, w, b, act, eps, saved)?,
+                Op::GroupNorm(g) => group_norm_act_backward(x, y, dy, g, w, b, act, eps, saved)?,
+                _ => batch_norm_act_backward(x, y, dy, w, b, act, eps, saved, train)?,
             }
         } else {
             let dz = activation_backward(y, &self.dy, act)?;

@@ -38,6 +38,15 @@ impl Activation {
         Self::ALL.into_iter().find(|a| a.name() == name)
     }
 
+    /// Whether the fused backward takes `φ'` from the forward's output `y`
+    /// (tanh: `1 - y²`, sigmoid: `(1 - y)·y`, as PyTorch's backward) rather
+    /// than recomputing it from `x`. ReLU's mask is recomputed: a compare.
+    /// Recomputing tanh or σ costs an exponential a value in each of the
+    /// backward's two passes, which reading `y` once does not.
+    pub fn derivative_from_output(self) -> bool {
+        !matches!(self, Activation::Relu)
+    }
+
     /// `φ(z)` in f64.
     pub fn apply(self, z: f64) -> f64 {
         match self {
@@ -77,6 +86,25 @@ pub(crate) fn relu<C: PartialOrd + Copy + Default>(z: C) -> C {
     }
 }
 
+/// `1.5·2^52`: adding it rounds to an integer held in the low bits.
+const SHIFTER: f64 = 6_755_399_441_055_744.0;
+/// `ln 2` in two parts (the fdlibm split): `HI` has 21 trailing zero bits.
+const LN2_HI: f64 = 0.693_147_180_369_123_8; // 0x3FE62E42FEE00000
+const LN2_LO: f64 = 1.908_214_929_270_587_7e-10; // 0x3DEA39EF35793C76
+/// `1/k!` for k = 11 down to 2.
+const INV_FACTORIALS: [f64; 10] = [
+    1.0 / 39_916_800.0,
+    1.0 / 3_628_800.0,
+    1.0 / 362_880.0,
+    1.0 / 40_320.0,
+    1.0 / 5_040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    1.0 / 2.0,
+];
+
 /// `e^x` for f32 results, computed in f64: `x = n·ln2 + r` with
 /// `|r| ≤ ln2/2` (Cody–Waite: `n·ln2` in two parts, the first exact for
 /// `|n| < 2^21`), `e^r` by its Taylor series to `r^11/11!` (truncation below
@@ -86,24 +114,6 @@ pub(crate) fn relu<C: PartialOrd + Copy + Default>(z: C) -> C {
 /// still fits the exponent); NaN stays NaN.
 #[inline(always)]
 fn exp_for_f32(x: f64) -> f64 {
-    /// `1.5·2^52`: adding it rounds to an integer held in the low bits.
-    const SHIFTER: f64 = 6_755_399_441_055_744.0;
-    /// `ln 2` in two parts (the fdlibm split): `HI` has 21 trailing zero bits.
-    const LN2_HI: f64 = 0.693_147_180_369_123_8; // 0x3FE62E42FEE00000
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10; // 0x3DEA39EF35793C76
-    /// `1/k!` for k = 11 down to 2.
-    const INV_FACTORIALS: [f64; 10] = [
-        1.0 / 39_916_800.0,
-        1.0 / 3_628_800.0,
-        1.0 / 362_880.0,
-        1.0 / 40_320.0,
-        1.0 / 5_040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        1.0 / 2.0,
-    ];
     let x = x.clamp(-708.0, 708.0);
     let t = x * std::f64::consts::LOG2_E + SHIFTER;
     let n = t - SHIFTER;
@@ -119,6 +129,11 @@ fn exp_for_f32(x: f64) -> f64 {
     p * two_n
 }
 
+/// Below this `|z|`, `tanh(z) = z - z³/3` to f64 precision of the f32 result.
+const TANH_SMALL: f64 = 1.0 / 1024.0;
+/// Beyond this `|z|`, `tanh(z)` rounds to ±1 in f32 (and in f64 to within 1e-17).
+const TANH_CLAMP: f64 = 20.0;
+
 /// `tanh(z)` for f32 lanes: computed in f64 as `1 - 2/(e^{2|z|} + 1)` with
 /// the sign of z (absolute error about 1e-16, under 1e-8 of the result for
 /// `|z| ≥ 2^-10`), `z - z³/3` below that (the next term is under 1e-12 of
@@ -126,10 +141,10 @@ fn exp_for_f32(x: f64) -> f64 {
 #[inline(always)]
 pub(crate) fn tanh_f32(z: f32) -> f32 {
     let z = z as f64;
-    let a = z.abs().min(20.0);
+    let a = z.abs().min(TANH_CLAMP);
     let big = 1.0 - 2.0 / (exp_for_f32(2.0 * a) + 1.0);
     let small = a - a * a * a * (1.0 / 3.0);
-    let t = if a < 1.0 / 1024.0 { small } else { big };
+    let t = if a < TANH_SMALL { small } else { big };
     // NaN: `a` became 20 through `min`; give the NaN back.
     (if z.is_nan() { z } else { t.copysign(z) }) as f32
 }
@@ -140,6 +155,118 @@ pub(crate) fn tanh_f32(z: f32) -> f32 {
 pub(crate) fn sigmoid_f32(z: f32) -> f32 {
     let z = z as f64;
     (1.0 / (1.0 + exp_for_f32(-z))) as f32
+}
+
+/// The same operations as [`tanh_f32`] and [`sigmoid_f32`], four f64 lanes
+/// at a time in AVX2 registers (LLVM does not vectorize the scalar forms:
+/// the bit manipulation of `2^n` and the selects stay scalar, 20 ns a
+/// value). Each step is the scalar one's IEEE operation, so the bits agree.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx {
+    use super::{INV_FACTORIALS, LN2_HI, LN2_LO, SHIFTER, TANH_CLAMP, TANH_SMALL};
+    use std::arch::x86_64::*;
+    use std::mem::transmute;
+
+    /// [`super::exp_for_f32`] on four lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn exp4(x: __m256d) -> __m256d {
+        // `clamp`: NaN lanes give any number here; callers put the NaN back.
+        let x = _mm256_min_pd(
+            _mm256_max_pd(x, _mm256_set1_pd(-708.0)),
+            _mm256_set1_pd(708.0),
+        );
+        let shifter = _mm256_set1_pd(SHIFTER);
+        let t = _mm256_add_pd(
+            _mm256_mul_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E)),
+            shifter,
+        );
+        let n = _mm256_sub_pd(t, shifter);
+        let r = _mm256_sub_pd(
+            _mm256_sub_pd(x, _mm256_mul_pd(n, _mm256_set1_pd(LN2_HI))),
+            _mm256_mul_pd(n, _mm256_set1_pd(LN2_LO)),
+        );
+        let mut p = _mm256_set1_pd(INV_FACTORIALS[0]);
+        for &c in &INV_FACTORIALS[1..] {
+            p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(c));
+        }
+        let one = _mm256_set1_pd(1.0);
+        p = _mm256_add_pd(
+            _mm256_mul_pd(_mm256_add_pd(_mm256_mul_pd(p, r), one), r),
+            one,
+        );
+        let bits = _mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023));
+        let two_n = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits));
+        _mm256_mul_pd(p, two_n)
+    }
+
+    /// [`super::tanh_f32`] on four f64 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn tanh4(z: __m256d) -> __m256d {
+        let sign = _mm256_set1_pd(-0.0);
+        let a = _mm256_min_pd(_mm256_andnot_pd(sign, z), _mm256_set1_pd(TANH_CLAMP));
+        let (one, two) = (_mm256_set1_pd(1.0), _mm256_set1_pd(2.0));
+        // SAFETY: this function's contract (AVX2).
+        let e = unsafe { exp4(_mm256_mul_pd(two, a)) };
+        let big = _mm256_sub_pd(one, _mm256_div_pd(two, _mm256_add_pd(e, one)));
+        let cube = _mm256_mul_pd(
+            _mm256_mul_pd(_mm256_mul_pd(a, a), a),
+            _mm256_set1_pd(1.0 / 3.0),
+        );
+        let small = _mm256_sub_pd(a, cube);
+        let is_small = _mm256_cmp_pd::<_CMP_LT_OQ>(a, _mm256_set1_pd(TANH_SMALL));
+        let t = _mm256_blendv_pd(big, small, is_small);
+        let signed = _mm256_or_pd(t, _mm256_and_pd(sign, z));
+        _mm256_blendv_pd(signed, z, _mm256_cmp_pd::<_CMP_UNORD_Q>(z, z))
+    }
+
+    /// [`super::sigmoid_f32`] on four f64 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn sigmoid4(z: __m256d) -> __m256d {
+        let one = _mm256_set1_pd(1.0);
+        // SAFETY: this function's contract (AVX2).
+        let e = unsafe { exp4(_mm256_sub_pd(_mm256_setzero_pd(), z)) };
+        let s = _mm256_div_pd(one, _mm256_add_pd(one, e));
+        _mm256_blendv_pd(s, z, _mm256_cmp_pd::<_CMP_UNORD_Q>(z, z))
+    }
+
+    /// `$f` on both halves of eight f32 lanes, widened to f64 and rounded back.
+    macro_rules! halves {
+        ($v:expr, $f:ident) => {{
+            // SAFETY: `[f32; 8]` and `__m256` have the same size and every
+            // bit pattern is valid in both; the CPU has AVX2 (the caller's
+            // contract).
+            unsafe {
+                let v = transmute::<[f32; 8], __m256>($v);
+                let lo = $f(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+                let hi = $f(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)));
+                let out = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+                transmute::<__m256, [f32; 8]>(out)
+            }
+        }};
+    }
+
+    /// `tanh` of eight f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn tanh_f32(v: [f32; 8]) -> [f32; 8] {
+        halves!(v, tanh4)
+    }
+
+    /// `σ` of eight f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn sigmoid_f32(v: [f32; 8]) -> [f32; 8] {
+        halves!(v, sigmoid4)
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +301,48 @@ mod tests {
             z += 0.000_731;
         }
         assert!(worst.0 <= 1 && worst.1 <= 1, "{worst:?}");
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_lanes_give_the_scalar_bits() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut z = -40.0f32;
+        while z < 40.0 {
+            let v: [f32; 8] =
+                std::array::from_fn(|k| z * [1.0, 1e-3, 1e-6, -1.0, 0.5, 3.0, -1e-4, 7.0][k]);
+            // SAFETY: AVX2 was detected.
+            let (t, s) = unsafe { (avx::tanh_f32(v), avx::sigmoid_f32(v)) };
+            for k in 0..8 {
+                assert_eq!(t[k].to_bits(), tanh_f32(v[k]).to_bits(), "tanh({})", v[k]);
+                assert_eq!(
+                    s[k].to_bits(),
+                    sigmoid_f32(v[k]).to_bits(),
+                    "sigmoid({})",
+                    v[k]
+                );
+            }
+            z += 0.0137;
+        }
+        let special = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-30,
+            -1e30,
+            88.0,
+        ];
+        // SAFETY: AVX2 was detected.
+        let (t, s) = unsafe { (avx::tanh_f32(special), avx::sigmoid_f32(special)) };
+        for k in 0..8 {
+            let (want_t, want_s) = (tanh_f32(special[k]), sigmoid_f32(special[k]));
+            assert!(t[k].to_bits() == want_t.to_bits() || (t[k].is_nan() && want_t.is_nan()));
+            assert!(s[k].to_bits() == want_s.to_bits() || (s[k].is_nan() && want_s.is_nan()));
+        }
     }
 
     #[test]

@@ -73,6 +73,16 @@ pub trait Lane:
     fn tanh(self) -> Self;
     /// `1/(1 + e^-self)`, within one unit in the last place.
     fn sigmoid(self) -> Self;
+    /// [`Self::tanh`] of eight lanes, with level `L`'s instructions (the same bits).
+    #[inline(always)]
+    fn tanh8<L: Isa>(v: [Self; 8]) -> [Self; 8] {
+        v.map(<Self as Lane>::tanh)
+    }
+    /// [`Self::sigmoid`] of eight lanes, with level `L`'s instructions (the same bits).
+    #[inline(always)]
+    fn sigmoid8<L: Isa>(v: [Self; 8]) -> [Self; 8] {
+        v.map(<Self as Lane>::sigmoid)
+    }
     /// Eight lanes `a + b` with level `L`'s instructions (`simd::vector::V8`).
     fn add8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];
     /// Eight lanes `a - b`.
@@ -191,6 +201,24 @@ impl Lane for f32 {
     #[inline(always)]
     fn tanh(self) -> Self {
         crate::activation::tanh_f32(self)
+    }
+    #[inline(always)]
+    fn tanh8<L: Isa>(v: [f32; 8]) -> [f32; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: `L::AVX2` holds only at levels whose CPUs have AVX2.
+            return unsafe { crate::activation::avx::tanh_f32(v) };
+        }
+        v.map(<Self as Lane>::tanh)
+    }
+    #[inline(always)]
+    fn sigmoid8<L: Isa>(v: [f32; 8]) -> [f32; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX2 {
+            // SAFETY: as in `tanh8`.
+            return unsafe { crate::activation::avx::sigmoid_f32(v) };
+        }
+        v.map(<Self as Lane>::sigmoid)
     }
     #[inline(always)]
     fn sigmoid(self) -> Self {

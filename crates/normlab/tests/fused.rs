@@ -107,17 +107,17 @@ fn fused<T: Float>(
                 eval_options()
             };
             let (y, s) = batch_norm_act(x, Some(stats), w, b, &options, act).unwrap();
-            let g = batch_norm_act_backward(x, dy, w, b, act, eps, &s, train).unwrap();
+            let g = batch_norm_act_backward(x, &y, dy, w, b, act, eps, &s, train).unwrap();
             (y, g)
         }
         Norm::Group(groups) => {
             let (y, s) = group_norm_act(x, groups, w, b, eps, act).unwrap();
-            let g = group_norm_act_backward(x, dy, groups, w, b, act, eps, &s).unwrap();
+            let g = group_norm_act_backward(x, &y, dy, groups, w, b, act, eps, &s).unwrap();
             (y, g)
         }
         Norm::Layer => {
             let (y, s) = layer_norm_act(x, -1, w, b, eps, act).unwrap();
-            let g = layer_norm_act_backward(x, dy, -1, w, b, act, eps, &s).unwrap();
+            let g = layer_norm_act_backward(x, &y, dy, -1, w, b, act, eps, &s).unwrap();
             (y, g)
         }
     }
@@ -383,6 +383,7 @@ fn a_bias_of_the_wrong_shape_is_an_error() {
     let err = batch_norm_act_backward(
         &x,
         &x,
+        &x,
         None,
         Some(&bad),
         Activation::Relu,
@@ -394,12 +395,23 @@ fn a_bias_of_the_wrong_shape_is_an_error() {
     .to_string();
     assert!(err.contains("batch_norm") && err.contains("bias"), "{err}");
     let (_, saved) = layer_norm(&x, -1, None, None, eps).unwrap();
-    let err = layer_norm_act_backward(&x, &x, -1, None, Some(&bad), Activation::Tanh, eps, &saved)
-        .unwrap_err()
-        .to_string();
+    let err = layer_norm_act_backward(
+        &x,
+        &x,
+        &x,
+        -1,
+        None,
+        Some(&bad),
+        Activation::Tanh,
+        eps,
+        &saved,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("layer_norm") && err.contains("bias"), "{err}");
     let (_, saved) = group_norm(&x, 3, None, None, eps).unwrap();
     let err = group_norm_act_backward(
+        &x,
         &x,
         &x,
         3,

@@ -180,6 +180,10 @@ impl ModelConfig {
 /// A normalization layer of either kind of module.
 enum Norm {
     Plain(Box<dyn Module>),
+    /// GroupNorm (also LayerNorm over a CNN's channels and maps, as one group).
+    Group(normlab_candle::GroupNorm),
+    /// LayerNorm over an MLP's features.
+    Layer(normlab_candle::LayerNorm),
     /// BatchNorm with per-process statistics.
     Batch(normlab_candle::BatchNorm),
     /// BatchNorm with statistics over every rank.
@@ -217,18 +221,16 @@ impl Norm {
                 channels, bn_config, vb,
             )?)),
             NormKind::Layer if spatial => {
-                Norm::Plain(Box::new(normlab_candle::group_norm(1, channels, 1e-5, vb)?))
+                Norm::Group(normlab_candle::group_norm(1, channels, 1e-5, vb)?)
             }
             NormKind::Layer => {
                 let ln = normlab_candle::LayerNormConfig {
                     affine: config.affine,
                     ..1e-5.into()
                 };
-                Norm::Plain(Box::new(normlab_candle::layer_norm(channels, ln, vb)?))
+                Norm::Layer(normlab_candle::layer_norm(channels, ln, vb)?)
             }
-            NormKind::Group(g) => {
-                Norm::Plain(Box::new(normlab_candle::group_norm(g, channels, 1e-5, vb)?))
-            }
+            NormKind::Group(g) => Norm::Group(normlab_candle::group_norm(g, channels, 1e-5, vb)?),
             NormKind::Rms if spatial => {
                 Norm::ChannelsLast(normlab_candle::rms_norm(channels, 1e-6, vb)?)
             }
@@ -240,6 +242,8 @@ impl Norm {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {
             Norm::Plain(m) => m.forward(x),
+            Norm::Group(m) => m.forward(x),
+            Norm::Layer(m) => m.forward(x),
             Norm::Lrn(m) if x.rank() == 2 => m.forward(&x.unsqueeze(2)?)?.squeeze(2),
             Norm::Lrn(m) => m.forward(x),
             Norm::Stateful(m) => m.forward_t(x, train),
@@ -247,6 +251,27 @@ impl Norm {
             Norm::SyncBatch(m) => m.forward_t(x, train),
             Norm::ChannelsLast(m) => m.forward(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2)),
         }
+    }
+
+    /// The normalization followed by `act` as one fused op (one pass
+    /// forward, one backward, no tensor between them) where the layer has
+    /// one (BatchNorm, GroupNorm, LayerNorm); `None` otherwise.
+    fn forward_act(
+        &self,
+        x: &Tensor,
+        train: bool,
+        act: Activation,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let act = match act {
+            Activation::Relu => normlab::Activation::Relu,
+            Activation::Tanh => normlab::Activation::Tanh,
+        };
+        Ok(Some(match self {
+            Norm::Batch(m) => m.forward_act(x, train, act)?,
+            Norm::Group(m) => m.forward_act(x, act)?,
+            Norm::Layer(m) => m.forward_act(x, act)?,
+            _ => return Ok(None),
+        }))
     }
 }
 
@@ -577,7 +602,10 @@ impl Model {
                 (a.clone(), a)
             }
             (Some(n), Placement::A) => {
-                let a = activate(&n.forward(&z, train)?)?;
+                let a = match n.forward_act(&z, train, self.config.activation)? {
+                    Some(a) => a,
+                    None => activate(&n.forward(&z, train)?)?,
+                };
                 (a.clone(), a)
             }
             (Some(n), Placement::B) => {

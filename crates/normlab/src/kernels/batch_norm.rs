@@ -1090,17 +1090,21 @@ pub fn batch_norm_backward<T: Float>(
 }
 
 /// Gradients of [`batch_norm_act`] with respect to `x`, γ and β (`dy` is
-/// the gradient at its output): one backward through the activation and
-/// the normalization, `z = x̂·γ + β` recomputed from `x`, the saved
-/// statistics and the parameters rather than stored. `bias` is the
-/// forward's β (also when it is not trained: `z` needs it).
+/// the gradient at its output `y`). ReLU: one backward through the
+/// activation and the normalization, its mask recomputed from `z = x̂·γ + β`
+/// (from `x`, the saved statistics and the parameters; `y` is not read).
+/// Tanh and sigmoid: their derivative from `y`, as PyTorch's (see
+/// [`Activation::derivative_from_output`]), then the normalization's
+/// backward. `bias` is the forward's β (also when it is not trained: `z`
+/// needs it).
 ///
 /// # Errors
 /// Shapes that disagree with the forward call's.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_act_backward<T: Float>(
     x: &(impl View<T> + ?Sized),
-    dy: &(impl View<T> + ?Sized),
+    y: &(impl View<T> + ?Sized),
+    dy: &impl View<T>,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
     act: Activation,
@@ -1108,6 +1112,8 @@ pub fn batch_norm_act_backward<T: Float>(
     saved: &Saved,
     batch_stats: bool,
 ) -> Result<Grads<T>> {
+    let mut slot = None;
+    let dy = super::act_output_grad(act, y, dy, &mut slot)?;
     let bias = BiasGrad::Fused { bias, act };
     backward_with(x, dy, weight, bias, eps, saved, batch_stats)
 }

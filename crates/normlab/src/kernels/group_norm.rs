@@ -523,17 +523,18 @@ pub fn group_norm_backward<T: Float>(
     group_norm_backward_with(x, dy, num_groups, weight, bias, eps, saved)
 }
 
-/// Gradients of [`group_norm_act`] (`dy` at its output): one backward
-/// through the activation and the normalization, `z` recomputed from `x`,
-/// the saved statistics, γ and β (the forward's `bias`, also when it is not
-/// trained).
+/// Gradients of [`group_norm_act`] (`dy` at its output `y`): as
+/// [`super::batch_norm::batch_norm_act_backward`], ReLU's mask recomputed
+/// from `x`, the saved statistics, γ and β (the forward's `bias`, also when
+/// it is not trained), tanh's and sigmoid's derivative taken from `y`.
 ///
 /// # Errors
 /// Shapes that disagree with the forward call's.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_act_backward<T: Float>(
     x: &(impl View<T> + ?Sized),
-    dy: &(impl View<T> + ?Sized),
+    y: &(impl View<T> + ?Sized),
+    dy: &impl View<T>,
     num_groups: usize,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -541,6 +542,8 @@ pub fn group_norm_act_backward<T: Float>(
     eps: Epsilon,
     saved: &Saved,
 ) -> Result<Grads<T>> {
+    let mut slot = None;
+    let dy = super::act_output_grad(act, y, dy, &mut slot)?;
     let bias = BiasGrad::Fused { bias, act };
     group_norm_backward_with(x, dy, num_groups, weight, bias, eps, saved)
 }

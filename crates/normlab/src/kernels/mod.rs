@@ -292,13 +292,32 @@ impl<'a, T: crate::Float> BiasGrad<'a, T> {
         }
     }
 
-    /// The activation, if fused.
+    /// The activation whose input the kernels recompute from `x` (ReLU);
+    /// `None` for a plain call and for activations whose gradient the
+    /// caller already took from the output (see [`act_output_grad`]).
     pub(crate) fn act(self) -> crate::simd::activation::Act {
         match self {
             BiasGrad::Plain { .. } => None,
-            BiasGrad::Fused { act, .. } => Some(act),
+            BiasGrad::Fused { act, .. } => (!act.derivative_from_output()).then_some(act),
         }
     }
+}
+
+/// The gradient a fused backward runs its normalization's backward on:
+/// `dy` itself for ReLU (whose mask the kernels recompute from `x`), or
+/// `dz = φ'·dy` from the forward's output `y` for tanh and sigmoid (see
+/// [`crate::Activation::derivative_from_output`]), in `slot`.
+pub(crate) fn act_output_grad<'a, T: crate::Float>(
+    act: crate::Activation,
+    y: &(impl crate::View<T> + ?Sized),
+    dy: &'a impl crate::View<T>,
+    slot: &'a mut Option<crate::Tensor<T>>,
+) -> Result<&'a dyn crate::View<T>> {
+    if !act.derivative_from_output() {
+        return Ok(dy);
+    }
+    let dz = activation::activation_backward(y, dy, act)?;
+    Ok(&*slot.insert(dz))
 }
 
 /// Resolves a possibly negative axis against `rank` (`-1` is the last).

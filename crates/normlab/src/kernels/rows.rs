@@ -432,17 +432,18 @@ pub fn layer_norm_act<T: Float>(
     functional(RowNorm::LayerNorm, x, axis, weight, bias, eps, Some(act))
 }
 
-/// Gradients of [`layer_norm_act`] (`dy` at its output): one backward
-/// through the activation and the normalization, `z` recomputed from `x`,
-/// the saved statistics, γ and β (the forward's `bias`, also when it is not
-/// trained).
+/// Gradients of [`layer_norm_act`] (`dy` at its output `y`): as
+/// [`super::batch_norm::batch_norm_act_backward`], ReLU's mask recomputed
+/// from `x`, the saved statistics, γ and β (the forward's `bias`, also when
+/// it is not trained), tanh's and sigmoid's derivative taken from `y`.
 ///
 /// # Errors
 /// Shapes that disagree with the forward call's.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_act_backward<T: Float>(
     x: &(impl View<T> + ?Sized),
-    dy: &(impl View<T> + ?Sized),
+    y: &(impl View<T> + ?Sized),
+    dy: &impl View<T>,
     axis: isize,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -450,6 +451,8 @@ pub fn layer_norm_act_backward<T: Float>(
     eps: Epsilon,
     saved: &Saved,
 ) -> Result<Grads<T>> {
+    let mut slot = None;
+    let dy = super::act_output_grad(act, y, dy, &mut slot)?;
     let bias = BiasGrad::Fused { bias, act };
     functional_backward(RowNorm::LayerNorm, x, dy, axis, weight, bias, eps, saved)
 }

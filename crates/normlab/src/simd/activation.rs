@@ -46,8 +46,8 @@ pub(crate) fn apply<C: Lane, L: Isa>(act: Act, z: V8<C, L>) -> V8<C, L> {
     match act {
         None => z,
         Some(Activation::Relu) => V8::new(z.lanes.map(relu)),
-        Some(Activation::Tanh) => V8::new(z.lanes.map(C::tanh)),
-        Some(Activation::Sigmoid) => V8::new(z.lanes.map(C::sigmoid)),
+        Some(Activation::Tanh) => V8::new(C::tanh8::<L>(z.lanes)),
+        Some(Activation::Sigmoid) => V8::new(C::sigmoid8::<L>(z.lanes)),
     }
 }
 
