@@ -552,6 +552,92 @@ def sixteen_bit_cases():
                 lrn_dx_scale(x, dy, size, alpha, beta, k, over_size=over, even=even, within=within))
 
 
+# ---------------------------------------------------------------- fused activation
+rng_fused = np.random.default_rng(20261201)  # its own stream: the cases above stay as they were
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+def fused_cases():
+    """batch_norm, layer_norm and group_norm with `"activation"`: y = φ(norm(x)),
+    gradients by autograd through φ and PyTorch's own normalization, in
+    float32 (`fused_*`) and, for ReLU and tanh, bfloat16 and float16
+    (`bf16_fused_*`, `f16_fused_*`, the 16-bit rules above)."""
+    def draw(shape, offset=0.0, sd=1.0):
+        return torch.tensor((offset + sd * rng_fused.standard_normal(shape)).astype(np.float32), dtype=torch.float64)
+
+    def grads(fn, dy, x, w, b):
+        leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+        y = fn(*leaves)
+        g = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
+        return y.detach(), {k: (next(g) if t is not None else None) for k, t in zip(("dx", "dweight", "dbias"), leaves)}
+
+    def cases(draw, rnd):
+        """(name, op, attrs, inputs, fn of (x, w, b), the running statistics it
+        updates, the normalized dims, the evaluation running_var); `rnd` rounds
+        a derived input to the case's type."""
+        out = []
+        for shape, tag in [((3, 4, 5), "2d"), ((6, 5), "0d")]:
+            c = shape[1]
+            x, w, b = draw(shape, 0.3, 1.5), draw((c,), 1.0, 0.3), draw((c,), 0.0, 0.4)
+            rm, rv = draw((c,), 0.0, 0.5), rnd(draw((c,), 0.0, 0.2).abs() + 0.5)
+            dims = [0] + list(range(2, len(shape)))
+            # The update PyTorch makes (unbiased variance), written out: the
+            # calls below run on copies, so the inputs stay as drawn.
+            running = (0.9 * rm + 0.1 * x.mean(dim=dims), 0.9 * rv + 0.1 * x.var(dim=dims, unbiased=True))
+            out.append((f"batch_norm_train_{tag}", "batch_norm", {"eps": 1e-5, "training": True, "momentum": 0.1},
+                        {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv},
+                        lambda x, w, b, rm=rm, rv=rv: F.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5),
+                        running, dims, None))
+        x, w, b = draw((4, 3, 2, 2), -0.5, 1.5), draw((3,), 1.0, 0.3), draw((3,), 0.0, 0.4)
+        rm, rv = draw((3,), -0.5, 0.5), rnd(draw((3,), 0.0, 0.5).abs() + 0.5)
+        out.append(("batch_norm_eval_2d", "batch_norm", {"eps": 1e-5, "training": False, "momentum": 0.1},
+                    {"x": x, "weight": w, "bias": b, "running_mean": rm, "running_var": rv},
+                    lambda x, w, b, rm=rm, rv=rv: F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5), None, [0, 2, 3], rv))
+        x, w, b = draw((4, 12), 1.0, 2.0), draw((12,), 1.0, 0.3), draw((12,), 0.0, 0.4)
+        out.append(("layer_norm_2d", "layer_norm", {"eps": 1e-5, "axis": -1}, {"x": x, "weight": w, "bias": b},
+                    lambda x, w, b: F.layer_norm(x, (12,), w, b, 1e-5), None, [-1], None))
+        x, w, b = draw((2, 6, 5), 0.5, 1.5), draw((6,), 1.0, 0.3), draw((6,), 0.0, 0.4)
+        out.append(("group_norm_2x6x5_g3", "group_norm", {"eps": 1e-5, "num_groups": 3},
+                    {"x": x, "weight": w, "bias": b}, lambda x, w, b: F.group_norm(x, 3, w, b, 1e-5), None, None, None))
+        return out
+
+    for act, phi in ACTIVATIONS.items():
+        to32 = lambda t: torch.tensor(t.numpy().astype(np.float32), dtype=torch.float64)
+        for name, op, attrs, inputs, fn, running, _, _ in cases(draw, to32):
+            x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
+            dy = draw(tuple(x.shape))
+            y, g = grads(lambda x, w, b: phi(fn(x, w, b)), dy, x, w, b)
+            expected = {"y": y}
+            if running is not None:
+                expected.update(running_mean=running[0], running_var=running[1])
+            write(f"fused_{name}_{act}", op, dict(attrs, activation=act), inputs, expected, dy, g)
+
+    for dtype in ("bfloat16", "float16"):
+        d = lambda shape, offset=0.0, sd=1.0: round_to(draw(shape, offset, sd), dtype)
+        for act in ("relu", "tanh"):
+            phi = ACTIVATIONS[act]
+            for name, op, attrs, inputs, fn, running, dims, eval_var in cases(d, lambda t: round_to(t, dtype)):
+                x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
+                dy = d(tuple(x.shape))
+                y, g = grads(lambda x, w, b: phi(fn(x, w, b)), dy, x, w, b)
+                # dx's terms are those of the normalization at dz = φ'(z)·dy.
+                zz = fn(x, w, b).detach()
+                dz = dy * torch.func.grad(lambda v: phi(v).sum())(zz)
+                if op == "group_norm":
+                    xg, dzg = x.reshape(2, 3, -1), (dz * w.reshape(1, -1, 1)).reshape(2, 3, -1)
+                    scale = dx_scale(xg, dzg, [2], 1e-5)
+                elif op == "layer_norm":
+                    scale = dx_scale(x, dz, dims, 1e-5, w)
+                else:
+                    wv = w.reshape([1, -1] + [1] * (x.dim() - 2))
+                    scale = dx_scale(x, dz, dims, 1e-5, wv, batch_stats=eval_var is None,
+                                     running_var=None if eval_var is None else eval_var.reshape(wv.shape))
+                expected = {"y": y}
+                if running is not None:
+                    expected.update(running_mean=running[0], running_var=running[1])
+                write16(dtype, f"fused_{name}_{act}", op, dict(attrs, activation=act), inputs, expected, dy, g, scale)
+
+
 if __name__ == "__main__":
     torch.set_default_dtype(torch.float64)
     if OUT.exists():
@@ -563,4 +649,5 @@ if __name__ == "__main__":
     lrn_cases()
     error_cases()
     sixteen_bit_cases()
+    fused_cases()
     print(f"{len(list(OUT.glob('*.json')))} cases in {OUT}")

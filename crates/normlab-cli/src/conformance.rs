@@ -12,16 +12,21 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use normlab::kernels::batch_norm::{
-    batch_norm, batch_norm_backward, BatchNormOptions, RunningStatsMut,
+    batch_norm, batch_norm_act, batch_norm_act_backward, batch_norm_backward, BatchNormOptions,
+    RunningStatsMut,
 };
-use normlab::kernels::group_norm::{group_norm, group_norm_backward};
+use normlab::kernels::group_norm::{
+    group_norm, group_norm_act, group_norm_act_backward, group_norm_backward,
+};
 use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
-use normlab::kernels::layer_norm::{layer_norm, layer_norm_backward};
+use normlab::kernels::layer_norm::{
+    layer_norm, layer_norm_act, layer_norm_act_backward, layer_norm_backward,
+};
 use normlab::kernels::lrn::{lrn, lrn_backward};
 use normlab::kernels::rms_norm::{rms_norm, rms_norm_backward};
 use normlab::{
-    EpsPlacement, Epsilon, EvenWindow, Float, Grads, LrnOptions, LrnRegion, Momentum, NormError,
-    RunningVarEstimator, Saved, Tensor,
+    Activation, EpsPlacement, Epsilon, EvenWindow, Float, Grads, LrnOptions, LrnRegion, Momentum,
+    NormError, RunningVarEstimator, Saved, Tensor,
 };
 use serde_json::{Map, Value};
 
@@ -911,6 +916,16 @@ fn run_op<T: Float>(
 ) -> CaseResult<(Outputs, Option<Grads<T>>)> {
     let weight = inputs.get("weight");
     let bias = inputs.get("bias");
+    // `"activation"`: the op followed by it, fused (batch_norm, layer_norm,
+    // group_norm).
+    let act = match attrs.str("activation", "")?.as_str() {
+        "" => None,
+        name => match Activation::from_name(name) {
+            Some(a) if matches!(op, "batch_norm" | "layer_norm" | "group_norm") => Some(a),
+            Some(_) => return malformed(format!("`{op}` has no fused activation")),
+            None => return malformed(format!("unknown activation `{name}`")),
+        },
+    };
     match op {
         "batch_norm" | "instance_norm" => {
             let instance = op == "instance_norm";
@@ -953,8 +968,25 @@ fn run_op<T: Float>(
                 (None, None) => None,
                 _ => return malformed("`running_mean` and `running_var` come together"),
             };
-            let call = if instance { instance_norm } else { batch_norm };
-            let (y, saved) = call(x, running, weight, bias, &options)?;
+            let (y, saved) = match act {
+                Some(act) => batch_norm_act(x, running, weight, bias, &options, act)?,
+                None if instance => instance_norm(x, running, weight, bias, &options)?,
+                None => batch_norm(x, running, weight, bias, &options)?,
+            };
+            let fused_grads = match (act, dy) {
+                (Some(act), Some(dy)) => Some(batch_norm_act_backward(
+                    x,
+                    &y,
+                    dy,
+                    weight,
+                    bias,
+                    act,
+                    options.eps,
+                    &saved,
+                    options.use_batch_stats,
+                )?),
+                _ => None,
+            };
             let mut out = outputs(y, Some(&saved));
             if let (Some(m), Some(v)) = (running_mean, running_var) {
                 out.insert("running_mean".into(), widen(&m));
@@ -962,6 +994,7 @@ fn run_op<T: Float>(
                 out.insert("num_batches_tracked".into(), vec![tracked as f32 as f64]);
             }
             let grads = match dy {
+                _ if fused_grads.is_some() => fused_grads,
                 Some(dy) if instance => Some(instance_norm_backward(
                     x,
                     dy,
@@ -986,9 +1019,17 @@ fn run_op<T: Float>(
         }
         "layer_norm" => {
             let (axis, eps) = (attrs.axis()?, attrs.eps(1e-5)?);
-            let (y, saved) = layer_norm(x, axis, weight, bias, eps)?;
+            let (y, saved) = match act {
+                Some(act) => layer_norm_act(x, axis, weight, bias, eps, act)?,
+                None => layer_norm(x, axis, weight, bias, eps)?,
+            };
             let grads = dy
-                .map(|dy| layer_norm_backward(x, dy, axis, weight, bias.is_some(), eps, &saved))
+                .map(|dy| match act {
+                    Some(act) => {
+                        layer_norm_act_backward(x, &y, dy, axis, weight, bias, act, eps, &saved)
+                    }
+                    None => layer_norm_backward(x, dy, axis, weight, bias.is_some(), eps, &saved),
+                })
                 .transpose()?;
             Ok((outputs(y, Some(&saved)), grads))
         }
@@ -1006,9 +1047,17 @@ fn run_op<T: Float>(
         "group_norm" => {
             let groups = attrs.count("group_norm", "num_groups", None)?;
             let eps = attrs.eps(1e-5)?;
-            let (y, saved) = group_norm(x, groups, weight, bias, eps)?;
+            let (y, saved) = match act {
+                Some(act) => group_norm_act(x, groups, weight, bias, eps, act)?,
+                None => group_norm(x, groups, weight, bias, eps)?,
+            };
             let grads = dy
-                .map(|dy| group_norm_backward(x, dy, groups, weight, bias.is_some(), eps, &saved))
+                .map(|dy| match act {
+                    Some(act) => {
+                        group_norm_act_backward(x, &y, dy, groups, weight, bias, act, eps, &saved)
+                    }
+                    None => group_norm_backward(x, dy, groups, weight, bias.is_some(), eps, &saved),
+                })
                 .transpose()?;
             Ok((outputs(y, Some(&saved)), grads))
         }

@@ -40,9 +40,11 @@ impl Activation {
 
     /// Whether the fused backward takes `φ'` from the forward's output `y`
     /// (tanh: `1 - y²`, sigmoid: `(1 - y)·y`, as PyTorch's backward) rather
-    /// than recomputing it from `x`. ReLU's mask is recomputed: a compare.
-    /// Recomputing tanh or σ costs an exponential a value in each of the
-    /// backward's two passes, which reading `y` once does not.
+    /// than recomputing it from `x`, in f32 and f64. ReLU's mask is
+    /// recomputed: a compare. Recomputing tanh or σ costs an exponential a
+    /// value in each of the backward's two passes, which reading `y` once
+    /// does not. In bf16 and f16 they are recomputed too: the stored `y` is
+    /// too coarse for `1 - y²` to keep the gradients within one unit.
     pub fn derivative_from_output(self) -> bool {
         !matches!(self, Activation::Relu)
     }

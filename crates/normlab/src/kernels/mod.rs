@@ -298,9 +298,19 @@ impl<'a, T: crate::Float> BiasGrad<'a, T> {
     pub(crate) fn act(self) -> crate::simd::activation::Act {
         match self {
             BiasGrad::Plain { .. } => None,
-            BiasGrad::Fused { act, .. } => (!act.derivative_from_output()).then_some(act),
+            BiasGrad::Fused { act, .. } => (!reads_output::<T>(act)).then_some(act),
         }
     }
+}
+
+/// Whether a fused backward in `T` takes `act`'s derivative from the
+/// forward's output: tanh and sigmoid in f32 and f64. A 16-bit `y` holds
+/// the output to 2^-8 (bf16) or 2^-11 (f16) of its value, an error that
+/// `1 - y²` would pass on to every gradient (several units in the last
+/// place of dγ, dβ): there the kernels recompute `φ(z)` in f32 lanes.
+pub(crate) fn reads_output<T: crate::Float>(act: crate::Activation) -> bool {
+    let narrow = std::mem::size_of::<T>() < std::mem::size_of::<T::Lane>();
+    act.derivative_from_output() && !narrow
 }
 
 /// The gradient a fused backward runs its normalization's backward on:
@@ -313,7 +323,7 @@ pub(crate) fn act_output_grad<'a, T: crate::Float>(
     dy: &'a impl crate::View<T>,
     slot: &'a mut Option<crate::Tensor<T>>,
 ) -> Result<&'a dyn crate::View<T>> {
-    if !act.derivative_from_output() {
+    if !reads_output::<T>(act) {
         return Ok(dy);
     }
     let dz = activation::activation_backward(y, dy, act)?;
