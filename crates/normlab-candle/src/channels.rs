@@ -77,7 +77,8 @@ impl ChannelNormOp {
     /// The error for a kind without a fused form.
     fn no_fused_form(&self) -> candle_core::Error {
         candle_core::Error::Msg(format!(
-            "{}: no fused activation (BatchNorm and GroupNorm have one)",
+            "{}: no fused activation (BatchNorm without a communicator and GroupNorm have one; \
+             SyncBatchNorm, InstanceNorm and LRN do not)",
             self.name_str()
         ))
     }
@@ -155,7 +156,7 @@ impl ChannelNormOp {
     fn backward_t<T: Float>(
         &self,
         x: &(impl View<T> + ?Sized),
-        y: &TensorView<'_, T>,
+        y: Option<&TensorView<'_, T>>,
         dy: &TensorView<'_, T>,
         w: Option<normlab::Tensor<T>>,
         b: Option<normlab::Tensor<T>>,
@@ -173,7 +174,7 @@ impl ChannelNormOp {
             let g = match &self.kind {
                 ChannelKind::Batch(o) => batch_norm_act_backward(
                     x,
-                    y,
+                    y.map(|y| y as &dyn View<T>),
                     dy,
                     w.as_ref(),
                     b.as_ref(),
@@ -184,7 +185,7 @@ impl ChannelNormOp {
                 ),
                 ChannelKind::Group(groups, eps) => group_norm_act_backward(
                     x,
-                    y,
+                    y.map(|y| y as &dyn View<T>),
                     dy,
                     *groups,
                     w.as_ref(),
@@ -282,6 +283,12 @@ impl ChannelNormOp {
         let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
         let bv = bias.map(|b| of_tensor(b, &probe)).transpose()?;
         let c = shape.get(1).copied().unwrap_or(0);
+        // x, y and dy are borrowed from their storage when possible: no
+        // copies. y is read only by tanh's and sigmoid's fused backward in
+        // f32 and f64 (see `Activation::derivative_from_output`; a bf16/f16
+        // y, widened here, is too coarse): otherwise x stands in, unread.
+        let reads_y = self.act.is_some_and(Activation::derivative_from_output)
+            && matches!(x.dtype(), DType::F32 | DType::F64);
         macro_rules! back {
             ($x:expr, $y:expr, $dy:expr, $conv:ident, $variant:ident) => {{
                 let w = wv.map($conv).transpose()?;
@@ -289,7 +296,7 @@ impl ChannelNormOp {
                 let x = TensorView::new(&shape, &$x).map_err(err)?;
                 let y = TensorView::new(&shape, &$y).map_err(err)?;
                 let dy = TensorView::new(&shape, &$dy).map_err(err)?;
-                let (dx, dw, db) = self.backward_t(&x, &y, &dy, w, b)?;
+                let (dx, dw, db) = self.backward_t(&x, reads_y.then_some(&y), &dy, w, b)?;
                 (
                     Values::$variant(dx.into_data()),
                     dw.map(|t| Values::$variant(t.into_data())),
@@ -297,10 +304,6 @@ impl ChannelNormOp {
                 )
             }};
         }
-        // x, y and dy are borrowed from their storage when possible: no
-        // copies. y is read only by tanh's and sigmoid's fused backward
-        // (see `Activation::derivative_from_output`); otherwise x stands in.
-        let reads_y = self.act.is_some_and(Activation::derivative_from_output);
         let (dx, dw, db) = with_slices(x, &probe, |xs| {
             with_slices(if reads_y { y } else { x }, &probe, |ys| {
                 with_slices(dy, &probe, |dys| {

@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 use normlab::kernels::layer_norm::{self as ln, layer_norm_act_backward};
 use normlab::kernels::rows::{self, RowNorm};
-use normlab::{Activation, Epsilon, Saved, TensorView};
+use normlab::{Activation, Epsilon, Saved, TensorView, View};
 
 use crate::custom::{apply, impl_custom_ops, NormOp};
 use crate::values::{
@@ -82,7 +82,7 @@ impl RowNormOp {
     fn backward_fused<T: normlab::Float>(
         &self,
         x: &[T],
-        y: &[T],
+        y: Option<&[T]>,
         dy: &[T],
         n: usize,
         w: Option<&[T]>,
@@ -93,13 +93,26 @@ impl RowNormOp {
         let rows = x.len().checked_div(n).unwrap_or(0);
         let shape = [rows, n];
         let x = TensorView::new(&shape, x).map_err(err)?;
-        let y = TensorView::new(&shape, y).map_err(err)?;
+        let y = y
+            .map(|y| TensorView::new(&shape, y))
+            .transpose()
+            .map_err(err)?;
         let dy = TensorView::new(&shape, dy).map_err(err)?;
         let param = |p: Option<&[T]>| p.map(|p| normlab::Tensor::from_vec(p.to_vec()));
         let (w, b) = (param(w), param(b));
         let (w, b) = (w.as_ref(), b.as_ref());
-        let g =
-            layer_norm_act_backward(&x, &y, &dy, -1, w, b, act, self.eps, saved).map_err(err)?;
+        let g = layer_norm_act_backward(
+            &x,
+            y.as_ref().map(|y| y as &dyn View<T>),
+            &dy,
+            -1,
+            w,
+            b,
+            act,
+            self.eps,
+            saved,
+        )
+        .map_err(err)?;
         let data = |t: Option<normlab::Tensor<T>>| t.map(|t| t.into_data()).unwrap_or_default();
         Ok((g.dx.into_data(), data(g.dweight), data(g.dbias)))
     }
@@ -167,7 +180,7 @@ impl RowNormOp {
     fn backward_values(
         &self,
         xs: &Slices<'_>,
-        ys: &Slices<'_>,
+        ys: Option<&Slices<'_>>,
         dys: &Slices<'_>,
         n: usize,
         wv: Option<&Values>,
@@ -214,12 +227,20 @@ impl RowNormOp {
         }
         if let Some(act) = self.act {
             return Ok(match (xs, ys, dys) {
-                (Slices::F32(xs), Slices::F32(ys), Slices::F32(dys)) => {
+                (Slices::F32(xs), ys, Slices::F32(dys)) => {
+                    let ys = match ys {
+                        Some(Slices::F32(ys)) => Some(&ys[..]),
+                        _ => None,
+                    };
                     let (w, b) = (f32s(wv)?, f32s(bv)?);
                     let (dx, dw, db) = self.backward_fused(xs, ys, dys, n, w, b, act, &saved)?;
                     (Values::F32(dx), Values::F32(dw), Values::F32(db))
                 }
-                (Slices::F64(xs), Slices::F64(ys), Slices::F64(dys)) => {
+                (Slices::F64(xs), ys, Slices::F64(dys)) => {
+                    let ys = match ys {
+                        Some(Slices::F64(ys)) => Some(&ys[..]),
+                        _ => None,
+                    };
                     let (w, b) = (f64s(wv)?, f64s(bv)?);
                     let (dx, dw, db) = self.backward_fused(xs, ys, dys, n, w, b, act, &saved)?;
                     (Values::F64(dx), Values::F64(dw), Values::F64(db))
@@ -259,13 +280,22 @@ impl RowNormOp {
         let wv = w.map(|w| of_tensor(w, &probe)).transpose()?;
         let bv = b.map(|b| of_tensor(b, &probe)).transpose()?;
         // x, y and dy are borrowed from their storage when possible: no
-        // copies. y is read only by tanh's and sigmoid's fused backward
-        // (see `Activation::derivative_from_output`); otherwise x stands in.
-        let reads_y = self.act.is_some_and(Activation::derivative_from_output);
+        // copies. y is read only by tanh's and sigmoid's fused backward in
+        // f32 and f64 (see `Activation::derivative_from_output`; a bf16/f16
+        // y, widened here, is too coarse): otherwise x stands in, unread.
+        let reads_y = self.act.is_some_and(Activation::derivative_from_output)
+            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
         let (dx, dw, db) = with_slices(x, &probe, |xs| {
             with_slices(if reads_y { y } else { x }, &probe, |ys| {
                 with_slices(dy, &probe, |dys| {
-                    self.backward_values(&xs, &ys, &dys, n, wv.as_ref(), bv.as_ref())
+                    self.backward_values(
+                        &xs,
+                        reads_y.then_some(&ys),
+                        &dys,
+                        n,
+                        wv.as_ref(),
+                        bv.as_ref(),
+                    )
                 })
             })
         })?;

@@ -607,9 +607,13 @@ impl<T: Float> Prepared<T> {
         let grads = if fused {
             let dy = &self.dy;
             match self.case.op {
-                Op::LayerNorm => layer_norm_act_backward(x, y, dy, -1, w, b, act, eps, saved)?,
-                Op::GroupNorm(g) => group_norm_act_backward(x, y, dy, g, w, b, act, eps, saved)?,
-                _ => batch_norm_act_backward(x, y, dy, w, b, act, eps, saved, train)?,
+                Op::LayerNorm => {
+                    layer_norm_act_backward(x, Some(y), dy, -1, w, b, act, eps, saved)?
+                }
+                Op::GroupNorm(g) => {
+                    group_norm_act_backward(x, Some(y), dy, g, w, b, act, eps, saved)?
+                }
+                _ => batch_norm_act_backward(x, Some(y), dy, w, b, act, eps, saved, train)?,
             }
         } else {
             let dz = activation_backward(y, &self.dy, act)?;

@@ -976,7 +976,7 @@ fn run_op<T: Float>(
             let fused_grads = match (act, dy) {
                 (Some(act), Some(dy)) => Some(batch_norm_act_backward(
                     x,
-                    &y,
+                    Some(&y),
                     dy,
                     weight,
                     bias,
@@ -1025,9 +1025,17 @@ fn run_op<T: Float>(
             };
             let grads = dy
                 .map(|dy| match act {
-                    Some(act) => {
-                        layer_norm_act_backward(x, &y, dy, axis, weight, bias, act, eps, &saved)
-                    }
+                    Some(act) => layer_norm_act_backward(
+                        x,
+                        Some(&y),
+                        dy,
+                        axis,
+                        weight,
+                        bias,
+                        act,
+                        eps,
+                        &saved,
+                    ),
                     None => layer_norm_backward(x, dy, axis, weight, bias.is_some(), eps, &saved),
                 })
                 .transpose()?;
@@ -1053,9 +1061,17 @@ fn run_op<T: Float>(
             };
             let grads = dy
                 .map(|dy| match act {
-                    Some(act) => {
-                        group_norm_act_backward(x, &y, dy, groups, weight, bias, act, eps, &saved)
-                    }
+                    Some(act) => group_norm_act_backward(
+                        x,
+                        Some(&y),
+                        dy,
+                        groups,
+                        weight,
+                        bias,
+                        act,
+                        eps,
+                        &saved,
+                    ),
                     None => group_norm_backward(x, dy, groups, weight, bias.is_some(), eps, &saved),
                 })
                 .transpose()?;

@@ -2,11 +2,14 @@
 //! pass ([`Activation`]), with their f64 definitions.
 //!
 //! A normalization followed by an activation, `y = φ(z)` with
-//! `z = x̂·γ + β`, is one pass forward and one backward when fused: forward
-//! writes `y` straight from the registers that hold `z`, and backward
-//! recomputes `z` from `x`, the saved statistics, γ and β, so that
-//! `dz = φ'(z)·dy` never goes through memory (the unfused pair stores `z`,
-//! reads it back for the activation, stores `dz` and reads it again).
+//! `z = x̂·γ + β`, is one pass forward when fused: forward writes `y`
+//! straight from the registers that hold `z` (the unfused pair stores `z`
+//! and reads it back for the activation). Backward, ReLU recomputes `z` from
+//! `x`, the saved statistics, γ and β in both of its passes, so that
+//! `dz = [z > 0]·dy` never goes through memory (the unfused pair stores
+//! `dz` and reads it twice). Tanh and sigmoid in f32 and f64 take `φ'` from
+//! the output `y` in one pass that writes `dz`, then the normalization's
+//! backward (see [`Activation::derivative_from_output`]).
 
 /// The activation after a fused normalization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,11 +80,11 @@ impl Activation {
     }
 }
 
-/// `max(z, 0)`, NaN kept (`f64::max` would drop it).
+/// `max(z, 0)` as PyTorch's `clamp_min`: NaN and -0 pass through
+/// (`f64::max` would drop the NaN).
 #[inline(always)]
 pub(crate) fn relu<C: PartialOrd + Copy + Default>(z: C) -> C {
-    // `!(z <= 0)` is true for NaN: the NaN passes, as in PyTorch.
-    if z <= C::default() {
+    if z < C::default() {
         C::default()
     } else {
         z
@@ -156,7 +159,13 @@ pub(crate) fn tanh_f32(z: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn sigmoid_f32(z: f32) -> f32 {
     let z = z as f64;
-    (1.0 / (1.0 + exp_for_f32(-z))) as f32
+    // NaN: the input itself, as the AVX2 form blends it back (`-z` would
+    // flip its sign bit).
+    (if z.is_nan() {
+        z
+    } else {
+        1.0 / (1.0 + exp_for_f32(-z))
+    }) as f32
 }
 
 /// The same operations as [`tanh_f32`] and [`sigmoid_f32`], four f64 lanes

@@ -107,17 +107,17 @@ fn fused<T: Float>(
                 eval_options()
             };
             let (y, s) = batch_norm_act(x, Some(stats), w, b, &options, act).unwrap();
-            let g = batch_norm_act_backward(x, &y, dy, w, b, act, eps, &s, train).unwrap();
+            let g = batch_norm_act_backward(x, Some(&y), dy, w, b, act, eps, &s, train).unwrap();
             (y, g)
         }
         Norm::Group(groups) => {
             let (y, s) = group_norm_act(x, groups, w, b, eps, act).unwrap();
-            let g = group_norm_act_backward(x, &y, dy, groups, w, b, act, eps, &s).unwrap();
+            let g = group_norm_act_backward(x, Some(&y), dy, groups, w, b, act, eps, &s).unwrap();
             (y, g)
         }
         Norm::Layer => {
             let (y, s) = layer_norm_act(x, -1, w, b, eps, act).unwrap();
-            let g = layer_norm_act_backward(x, &y, dy, -1, w, b, act, eps, &s).unwrap();
+            let g = layer_norm_act_backward(x, Some(&y), dy, -1, w, b, act, eps, &s).unwrap();
             (y, g)
         }
     }
@@ -382,7 +382,7 @@ fn a_bias_of_the_wrong_shape_is_an_error() {
     let eps = Epsilon::default();
     let err = batch_norm_act_backward(
         &x,
-        &x,
+        Some(&x),
         &x,
         None,
         Some(&bad),
@@ -397,7 +397,7 @@ fn a_bias_of_the_wrong_shape_is_an_error() {
     let (_, saved) = layer_norm(&x, -1, None, None, eps).unwrap();
     let err = layer_norm_act_backward(
         &x,
-        &x,
+        Some(&x),
         &x,
         -1,
         None,
@@ -412,7 +412,7 @@ fn a_bias_of_the_wrong_shape_is_an_error() {
     let (_, saved) = group_norm(&x, 3, None, None, eps).unwrap();
     let err = group_norm_act_backward(
         &x,
-        &x,
+        Some(&x),
         &x,
         3,
         None,
@@ -456,4 +456,89 @@ fn the_activation_alone_matches_f64() {
     check::<f32>(2e-7);
     check::<half::bf16>(8e-3);
     check::<half::f16>(1e-3);
+}
+
+/// ReLU keeps -0 and NaN (PyTorch's `clamp_min`), and passes the gradient
+/// at NaN; tanh and sigmoid keep NaN; without `y` the backward recomputes
+/// tanh from `x` and agrees with the one that reads `y`.
+#[test]
+fn special_values_and_a_missing_output() {
+    let eps = Epsilon::default();
+    // Row 0 normalizes to exactly 0 at its middle value; row 1 holds a NaN.
+    let x = Tensor::new(vec![2, 3], vec![-1.0f32, 0.0, 1.0, f32::NAN, 1.0, 2.0]).unwrap();
+    // γ = -1, β = -0: z = -0 at the middle value.
+    let w = Tensor::new(vec![3], vec![-1.0f32; 3]).unwrap();
+    let b = Tensor::new(vec![3], vec![-0.0f32, -0.0, -0.0]).unwrap();
+    let (y, s) = layer_norm_act(&x, -1, Some(&w), Some(&b), eps, Activation::Relu).unwrap();
+    assert!(
+        y.data()[1] == 0.0 && y.data()[1].is_sign_negative(),
+        "{:?}",
+        y.data()
+    );
+    assert!(y.data()[3..].iter().all(|v| v.is_nan()));
+    let dy = Tensor::full(&[2, 3], 1.0).unwrap();
+    let g = layer_norm_act_backward(
+        &x,
+        Some(&y),
+        &dy,
+        -1,
+        None,
+        Some(&b),
+        Activation::Relu,
+        eps,
+        &s,
+    )
+    .unwrap();
+    assert!(
+        g.dx.data()[3..].iter().all(|v| v.is_nan()),
+        "the NaN row's gradient passes"
+    );
+    for act in [Activation::Tanh, Activation::Sigmoid] {
+        let (y, _) = layer_norm_act(&x, -1, None, None, eps, act).unwrap();
+        assert!(y.data()[3..].iter().all(|v| v.is_nan()));
+    }
+    let mut g = rng(5);
+    let x = normal(&mut g, &[6, 4, 9], 0.5, 2.0).cast::<f32>();
+    let dy = normal(&mut g, &[6, 4, 9], 0.0, 1.0).cast::<f32>();
+    for act in [Activation::Tanh, Activation::Sigmoid] {
+        let opts = BatchNormOptions::training();
+        let (y, s) = batch_norm_act(&x, None, None, None, &opts, act).unwrap();
+        let read =
+            batch_norm_act_backward(&x, Some(&y), &dy, None, None, act, eps, &s, true).unwrap();
+        let recomputed =
+            batch_norm_act_backward(&x, None, &dy, None, None, act, eps, &s, true).unwrap();
+        assert_close(
+            act.name(),
+            &widen(&read.dx),
+            &widen(&recomputed.dx),
+            1e-5,
+            1e-4,
+        );
+    }
+    // A y of the wrong shape is an error naming the op and `y`.
+    let (y, s) = batch_norm_act(
+        &x,
+        None,
+        None,
+        None,
+        &BatchNormOptions::training(),
+        Activation::Relu,
+    )
+    .unwrap();
+    let bad = Tensor::<f32>::zeros(&[6, 4]).unwrap();
+    let err = batch_norm_act_backward(
+        &x,
+        Some(&bad),
+        &dy,
+        None,
+        None,
+        Activation::Relu,
+        eps,
+        &s,
+        true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("batch_norm") && err.contains("`y`"), "{err}");
+    drop(y);
 }

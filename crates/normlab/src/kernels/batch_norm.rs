@@ -1095,15 +1095,16 @@ pub fn batch_norm_backward<T: Float>(
 /// (from `x`, the saved statistics and the parameters; `y` is not read).
 /// Tanh and sigmoid: their derivative from `y`, as PyTorch's (see
 /// [`Activation::derivative_from_output`]), then the normalization's
-/// backward. `bias` is the forward's β (also when it is not trained: `z`
-/// needs it).
+/// backward; without `y` (and always in bf16 and f16) recomputed from `x`
+/// in both passes. `bias` is the forward's β (also when it is not trained:
+/// `z` needs it).
 ///
 /// # Errors
 /// Shapes that disagree with the forward call's.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_act_backward<T: Float>(
     x: &(impl View<T> + ?Sized),
-    y: &(impl View<T> + ?Sized),
+    y: Option<&dyn View<T>>,
     dy: &impl View<T>,
     weight: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
@@ -1113,7 +1114,7 @@ pub fn batch_norm_act_backward<T: Float>(
     batch_stats: bool,
 ) -> Result<Grads<T>> {
     let mut slot = None;
-    let dy = super::act_output_grad(act, y, dy, &mut slot)?;
+    let (dy, act) = super::act_output_grad(OP, x.shape(), act, y, dy, &mut slot)?;
     let bias = BiasGrad::Fused { bias, act };
     backward_with(x, dy, weight, bias, eps, saved, batch_stats)
 }

@@ -533,7 +533,7 @@ pub fn group_norm_backward<T: Float>(
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_act_backward<T: Float>(
     x: &(impl View<T> + ?Sized),
-    y: &(impl View<T> + ?Sized),
+    y: Option<&dyn View<T>>,
     dy: &impl View<T>,
     num_groups: usize,
     weight: Option<&Tensor<T>>,
@@ -543,7 +543,7 @@ pub fn group_norm_act_backward<T: Float>(
     saved: &Saved,
 ) -> Result<Grads<T>> {
     let mut slot = None;
-    let dy = super::act_output_grad(act, y, dy, &mut slot)?;
+    let (dy, act) = super::act_output_grad(OP, x.shape(), act, y, dy, &mut slot)?;
     let bias = BiasGrad::Fused { bias, act };
     group_norm_backward_with(x, dy, num_groups, weight, bias, eps, saved)
 }

@@ -266,12 +266,13 @@ pub(crate) enum BiasGrad<'a, T> {
         /// There is a β to return a gradient for.
         with_bias: bool,
     },
-    /// A normalization followed by `act`.
+    /// A normalization followed by an activation.
     Fused {
         /// β, if any.
         bias: Option<&'a crate::Tensor<T>>,
-        /// The activation.
-        act: crate::Activation,
+        /// The activation whose input the kernels recompute from `x`;
+        /// `None` when `dy` already went through it (see [`act_output_grad`]).
+        act: crate::simd::activation::Act,
     },
 }
 
@@ -292,13 +293,12 @@ impl<'a, T: crate::Float> BiasGrad<'a, T> {
         }
     }
 
-    /// The activation whose input the kernels recompute from `x` (ReLU);
-    /// `None` for a plain call and for activations whose gradient the
-    /// caller already took from the output (see [`act_output_grad`]).
+    /// The activation whose input the kernels recompute from `x`; `None`
+    /// for a plain call and where `dy` already went through it.
     pub(crate) fn act(self) -> crate::simd::activation::Act {
         match self {
             BiasGrad::Plain { .. } => None,
-            BiasGrad::Fused { act, .. } => (!reads_output::<T>(act)).then_some(act),
+            BiasGrad::Fused { act, .. } => act,
         }
     }
 }
@@ -313,21 +313,34 @@ pub(crate) fn reads_output<T: crate::Float>(act: crate::Activation) -> bool {
     act.derivative_from_output() && !narrow
 }
 
-/// The gradient a fused backward runs its normalization's backward on:
-/// `dy` itself for ReLU (whose mask the kernels recompute from `x`), or
-/// `dz = φ'·dy` from the forward's output `y` for tanh and sigmoid (see
-/// [`crate::Activation::derivative_from_output`]), in `slot`.
+/// The gradient a fused backward runs its normalization's backward on,
+/// and the activation its kernels still recompute: `(dy, act)` for ReLU,
+/// for a missing `y` and in 16-bit types (the kernels recompute `φ(z)` from
+/// `x`), or `(dz, None)` with `dz = φ'·dy` from the forward's output `y`
+/// for tanh and sigmoid in f32 and f64 (see
+/// [`crate::Activation::derivative_from_output`]), kept in `slot`. `dy` and
+/// `y` are checked against `x`'s shape first, under `op`'s name.
 pub(crate) fn act_output_grad<'a, T: crate::Float>(
+    op: &'static str,
+    x_shape: &[usize],
     act: crate::Activation,
-    y: &(impl crate::View<T> + ?Sized),
+    y: Option<&dyn crate::View<T>>,
     dy: &'a impl crate::View<T>,
     slot: &'a mut Option<crate::Tensor<T>>,
-) -> Result<&'a dyn crate::View<T>> {
-    if !reads_output::<T>(act) {
-        return Ok(dy);
+) -> Result<(&'a dyn crate::View<T>, crate::simd::activation::Act)> {
+    crate::error::check_shape(op, "dy", dy.shape(), x_shape, x_shape)?;
+    check_view(op, "dy", dy)?;
+    if let Some(y) = y {
+        crate::error::check_shape(op, "y", y.shape(), x_shape, x_shape)?;
+        check_view(op, "y", y)?;
     }
-    let dz = activation::activation_backward(y, dy, act)?;
-    Ok(&*slot.insert(dz))
+    match y {
+        Some(y) if reads_output::<T>(act) => {
+            let dz = activation::activation_backward(y, dy, act)?;
+            Ok((&*slot.insert(dz), None))
+        }
+        _ => Ok((dy, Some(act))),
+    }
 }
 
 /// Resolves a possibly negative axis against `rank` (`-1` is the last).

@@ -442,7 +442,7 @@ pub fn layer_norm_act<T: Float>(
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_act_backward<T: Float>(
     x: &(impl View<T> + ?Sized),
-    y: &(impl View<T> + ?Sized),
+    y: Option<&dyn View<T>>,
     dy: &impl View<T>,
     axis: isize,
     weight: Option<&Tensor<T>>,
@@ -452,7 +452,7 @@ pub fn layer_norm_act_backward<T: Float>(
     saved: &Saved,
 ) -> Result<Grads<T>> {
     let mut slot = None;
-    let dy = super::act_output_grad(act, y, dy, &mut slot)?;
+    let (dy, act) = super::act_output_grad("layer_norm", x.shape(), act, y, dy, &mut slot)?;
     let bias = BiasGrad::Fused { bias, act };
     functional_backward(RowNorm::LayerNorm, x, dy, axis, weight, bias, eps, saved)
 }
