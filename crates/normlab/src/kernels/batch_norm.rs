@@ -1149,11 +1149,14 @@ fn backward_with<T: Float>(
         });
     }
     let w = weight.map(Tensor::data);
-    let (scale, shift) = affine_coefs(saved, w, bias.values());
-    let fused = bias.act().map(|act| ChannelAct {
-        act,
-        scale: &scale,
-        shift: &shift,
+    // The forward's coefficients, only where the kernels recompute `z`.
+    let coefs = bias
+        .act()
+        .map(|act| (act, affine_coefs(saved, w, bias.values())));
+    let fused = coefs.as_ref().map(|(act, (scale, shift))| ChannelAct {
+        act: *act,
+        scale,
+        shift,
     });
     let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(op, x.shape(), |dx| {
         Ok::<_, NormError>(backward_fused(

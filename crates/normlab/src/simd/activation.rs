@@ -51,27 +51,32 @@ pub(crate) fn apply<C: Lane, L: Isa>(act: Act, z: V8<C, L>) -> V8<C, L> {
     }
 }
 
-/// `dz = φ'(z)·dy` in PyTorch's order (`tanh_backward`: `dy·(1 - y·y)`;
-/// `sigmoid_backward`: `dy·(1 - y)·y`; `relu`: `dy`, or 0 where `z ≤ 0`),
-/// with `y = φ(z)` recomputed in lanes; `z` is evaluated only with an
-/// activation.
+/// `dz = φ'·dy` from the activation's output `y`, in PyTorch's order
+/// (`threshold_backward`: 0 where `y ≤ 0`; `tanh_backward`: `dy·(1 - y·y)`;
+/// `sigmoid_backward`: `dy·(1 - y)·y`).
+#[inline(always)]
+pub(crate) fn grad_from_output<C: Lane, L: Isa>(act: Act, dy: V8<C, L>, y: V8<C, L>) -> V8<C, L> {
+    let one = V8::<C, L>::splat(C::ONE);
+    match act {
+        None => dy,
+        Some(Activation::Relu) => V8::new(C::where_positive8::<L>(y.lanes, dy.lanes)),
+        Some(Activation::Tanh) => dy * (one - y * y),
+        Some(Activation::Sigmoid) => dy * (one - y) * y,
+    }
+}
+
+/// `dz = φ'(z)·dy` as [`grad_from_output`], with `y = φ(z)` recomputed in
+/// lanes (ReLU's mask from `z` itself, whose sign is `y`'s); `z` is
+/// evaluated only with an activation.
 #[inline(always)]
 pub(crate) fn grad<C: Lane, L: Isa>(
     act: Act,
     dy: V8<C, L>,
     z: impl FnOnce() -> V8<C, L>,
 ) -> V8<C, L> {
-    let one = V8::<C, L>::splat(C::ONE);
     match act {
         None => dy,
-        Some(Activation::Relu) => V8::new(C::where_positive8::<L>(z().lanes, dy.lanes)),
-        Some(Activation::Tanh) => {
-            let y = apply(act, z());
-            dy * (one - y * y)
-        }
-        Some(Activation::Sigmoid) => {
-            let y = apply(act, z());
-            dy * (one - y) * y
-        }
+        Some(Activation::Relu) => grad_from_output(act, dy, z()),
+        Some(_) => grad_from_output(act, dy, apply(act, z())),
     }
 }

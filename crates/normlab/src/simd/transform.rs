@@ -498,18 +498,10 @@ simd_fn! {
     pub fn activation_grad<T: Float>[L](y: &[T], dy: &[T], dz: &mut [MaybeUninit<T>], act: Act) {
         unswitch!(act, {
         let zero = <T::Lane as Lane>::ZERO;
-        let one = V8::<T::Lane, L>::splat(<T::Lane as Lane>::ONE);
         convert::fill!(T, L, &mut dz[..y.len()], Store::Cached, |at, n| {
-            let yv = V8::new(load_n::<T, L>(y, at, n, zero));
+            let yv = V8::<T::Lane, L>::new(load_n::<T, L>(y, at, n, zero));
             let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
-            match act {
-                None => dv,
-                // ReLU's output is its input where it is positive (or NaN).
-                Some(crate::Activation::Relu) => act_lanes::grad(act, dv, || yv),
-                Some(crate::Activation::Tanh) => dv * (one - yv * yv),
-                Some(crate::Activation::Sigmoid) => dv * (one - yv) * yv,
-            }
-            .lanes
+            act_lanes::grad_from_output(act, dv, yv).lanes
         });
         })
     }
