@@ -102,7 +102,11 @@ pub(crate) fn centred_tail<T: Float, L: Isa>(
     let len = tail.len();
     let used = len.div_ceil(LANES) * LANES;
     // Vectors past the values are all padding (`load_n` of no values).
-    let load = |at: usize| load_n::<T, L>(tail, at, len.saturating_sub(at).min(VECTOR), shift);
+    let load = {
+        // Inlined, or its loads would be calls (see `grad_terms`).
+        #[inline(always)]
+        |at: usize| load_n::<T, L>(tail, at, len.saturating_sub(at).min(VECTOR), shift)
+    };
     centred_segment::<_, L>(used / VECTOR, load, shift, s1, s2);
 }
 
@@ -230,7 +234,7 @@ fn grad_segment<C: Lane, L: Isa>(
             let (xv, dv) = load((first + g) * VECTOR);
             let (xv, dv) = (V8::new(xv), V8::new(dv));
             let xc = (xv - hi_v) - lo_v;
-            let dz = act_lanes::grad(z.act, dv, || xc * scale_v + shift_v);
+            let dz = act_lanes::grad(z.act, dv, xc * scale_v + shift_v);
             sf[g] += dz;
             sg[g] += dz * (xc * rstd_v);
         }
@@ -275,9 +279,12 @@ fn grad_terms<C: Lane, L: Isa>(
 ) -> impl Fn(V8<C, L>, V8<C, L>) -> Pair<C, L> {
     let (hi_v, lo_v, rstd_v) = (V8::<C, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
     let (scale_v, shift_v) = (V8::<C, L>::splat(z.scale), V8::splat(z.shift));
+    // A closure is compiled without its caller's `target_feature`s: unless
+    // it is inlined, its vector operations become calls.
+    #[inline(always)]
     move |v, d| {
         let xc = (v - hi_v) - lo_v;
-        let dz = act_lanes::grad(z.act, d, || xc * scale_v + shift_v);
+        let dz = act_lanes::grad(z.act, d, xc * scale_v + shift_v);
         (dz, dz * (xc * rstd_v))
     }
 }
@@ -354,7 +361,9 @@ simd_fn! {
                     let xv = V8::new(load_n::<T, L>(x, at, n, hi));
                     let xh = ((xv - hi_v) - lo_v) * rstd_v;
                     let wv = lanes(w);
-                    let dv = act_lanes::grad(act, V8::new(load_n::<T, L>(dy, at, n, zero)), || xh * wv + lanes(bias));
+                    // `bias` is empty without an activation.
+                    let bv = if act.is_some() { lanes(bias) } else { V8::zero() };
+                    let dv = act_lanes::grad(act, V8::new(load_n::<T, L>(dy, at, n, zero)), xh * wv + bv);
                     let gv = dv * wv;
                     put_n(dweight, at, n, (lanes(dweight) + dv * xh).lanes);
                     put_n(dbias, at, n, (lanes(dbias) + dv).lanes);

@@ -139,7 +139,9 @@ simd_fn! {
             let dv = V8::new(load_n::<T, L>(dy, at, n, zero));
             let wv = V8::new(lanes_n(w, at, n, zero));
             let xc = (xv - hi_v) - lo_v;
-            let dz = act_lanes::grad(act, dv, || xc * rstd_v * wv + V8::new(lanes_n(bias, at, n, zero)));
+            // `bias` is empty without an activation.
+            let bv = if act.is_some() { V8::new(lanes_n(bias, at, n, zero)) } else { V8::zero() };
+            let dz = act_lanes::grad(act, dv, xc * rstd_v * wv + bv);
             (rstd_v * (dz * wv - mean_g_v) + b_v * xc).lanes
         });
         convert::fence(store);
@@ -178,7 +180,7 @@ fn slice_dx_blocks<T: Float, L: Isa>(
         let xv = V8::new(load_n::<T, L>(x, base + at, n, hi));
         let dv = V8::new(load_n::<T, L>(dy, base + at, n, zero));
         let xc = (xv - hi_v) - lo_v;
-        let dz = act_lanes::grad(act, dv, || xc * scale_v + shift_v);
+        let dz = act_lanes::grad(act, dv, xc * scale_v + shift_v);
         (rstd_v * (w_v * dz - mean_g_v) + b_v * xc).lanes
     });
 }
@@ -358,7 +360,7 @@ simd_fn! {
                     for (xr, dr) in x.iter().zip(dy) {
                         let xv = V8::new(load::<T, L>(xr, at));
                         let xc = (xv - hi) - lo;
-                        let dv = act_lanes::grad(z.act, V8::new(load::<T, L>(dr, at)), || xc * zs + zb);
+                        let dv = act_lanes::grad(z.act, V8::new(load::<T, L>(dr, at)), xc * zs + zb);
                         let xh = xc * r;
                         a1 += dv;
                         a2 += dv * xh;
@@ -373,7 +375,7 @@ simd_fn! {
                         let dv = match z.act {
                             Some(_) => {
                                 let one = |v: <T as Float>::Lane| V8::<T::Lane, L>::splat(v);
-                                act_lanes::grad(z.act, one(dr[j].to_lane()), || one(xc) * one(z.scale[j]) + one(z.shift[j])).lanes[0]
+                                act_lanes::grad(z.act, one(dr[j].to_lane()), one(xc) * one(z.scale[j]) + one(z.shift[j])).lanes[0]
                             }
                             None => dr[j].to_lane(),
                         };
@@ -462,7 +464,7 @@ fn input_grad_positions_fused<T: Float, L: Isa>(
         let xv = V8::new(load::<T, L>(x, at));
         let dv = V8::new(load::<T, L>(dy, at));
         let xc = (xv - c8(&k.hi)) - c8(&k.lo);
-        let dz = act_lanes::grad(act, dv, || xc * c8(&k.z_scale) + c8(&k.z_shift));
+        let dz = act_lanes::grad(act, dv, xc * c8(&k.z_scale) + c8(&k.z_shift));
         let v = (c8(&k.shift) * dz - c8(&k.offset)) + c8(&k.scale) * xc;
         convert::store_n::<T, L>(dx, at, VECTOR, v.lanes, false);
     }
@@ -473,7 +475,7 @@ fn input_grad_positions_fused<T: Float, L: Isa>(
         let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
         let dv = V8::new(load_n::<T, L>(dy, whole, n, zero));
         let xc = (xv - part(&k.hi)) - part(&k.lo);
-        let dz = act_lanes::grad(act, dv, || xc * part(&k.z_scale) + part(&k.z_shift));
+        let dz = act_lanes::grad(act, dv, xc * part(&k.z_scale) + part(&k.z_shift));
         let v = (part(&k.shift) * dz - part(&k.offset)) + part(&k.scale) * xc;
         convert::store_n::<T, L>(dx, whole, n, v.lanes, false);
     }
