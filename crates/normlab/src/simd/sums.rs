@@ -346,31 +346,49 @@ simd_fn! {
         // `Σg`, `Σg·x̂` in [`LANES`] lane sums of at most [`FLUSH`] terms,
         // flushed into f64 lanes every segment, as [`grad_segment`] does.
         let (mut a1, mut a2) = ([V8::<f64, L>::zero(); GROUPS], [V8::<f64, L>::zero(); GROUPS]);
+        // One vector of `n` values at `at`: adds `dz·x̂` into `dweight` and
+        // `dz` into `dbias`, returns `(g, g·x̂)`.
+        let vector = {
+            #[inline(always)]
+            |at: usize, n: usize, dweight: &mut [T::Lane], dbias: &mut [T::Lane]| {
+                let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
+                let xv = V8::new(load_n::<T, L>(x, at, n, hi));
+                let xh = ((xv - hi_v) - lo_v) * rstd_v;
+                let wv = lanes(w);
+                // `bias` is empty without an activation.
+                let bv = if act.is_some() { lanes(bias) } else { V8::zero() };
+                let dv = act_lanes::grad(act, V8::new(load_n::<T, L>(dy, at, n, zero)), xh * wv + bv);
+                let gv = dv * wv;
+                put_n(dweight, at, n, (lanes(dweight) + dv * xh).lanes);
+                put_n(dbias, at, n, (lanes(dbias) + dv).lanes);
+                (gv, gv * xh)
+            }
+        };
         let len = x.len();
         let mut at = 0;
         while at < len {
             let end = (at + SEGMENT).min(len);
             let (mut sf, mut sg) = ([V8::<T::Lane, L>::zero(); GROUPS], [V8::<T::Lane, L>::zero(); GROUPS]);
-            while at < end {
+            // Vector `k` of the segment adds into lane group `k % GROUPS`:
+            // whole rounds of the groups with whole vectors (the loop
+            // without a length test per vector, which had kept the lane
+            // sums on the stack), then the last values.
+            while at + LANES <= end {
                 for g in 0..GROUPS {
-                    if at >= end {
-                        break;
-                    }
-                    let n = (end - at).min(VECTOR);
-                    let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
-                    let xv = V8::new(load_n::<T, L>(x, at, n, hi));
-                    let xh = ((xv - hi_v) - lo_v) * rstd_v;
-                    let wv = lanes(w);
-                    // `bias` is empty without an activation.
-                    let bv = if act.is_some() { lanes(bias) } else { V8::zero() };
-                    let dv = act_lanes::grad(act, V8::new(load_n::<T, L>(dy, at, n, zero)), xh * wv + bv);
-                    let gv = dv * wv;
-                    put_n(dweight, at, n, (lanes(dweight) + dv * xh).lanes);
-                    put_n(dbias, at, n, (lanes(dbias) + dv).lanes);
-                    sf[g] += gv;
-                    sg[g] += gv * xh;
-                    at += n;
+                    let (f, h) = vector(at + g * VECTOR, VECTOR, dweight, dbias);
+                    sf[g] += f;
+                    sg[g] += h;
                 }
+                at += LANES;
+            }
+            let mut g = 0;
+            while at < end {
+                let n = (end - at).min(VECTOR);
+                let (f, h) = vector(at, n, dweight, dbias);
+                sf[g] += f;
+                sg[g] += h;
+                g += 1;
+                at += n;
             }
             for g in 0..GROUPS {
                 a1[g] += sf[g].wide();
