@@ -35,10 +35,13 @@ pub(crate) fn block_units(units: usize) -> usize {
 }
 
 /// Adds per-block partial sums in block order.
-pub(crate) fn sum_partials(len: usize, partials: impl IntoIterator<Item = Vec<f64>>) -> Vec<f64> {
+pub(crate) fn sum_partials<P: std::ops::Deref<Target = [f64]>>(
+    len: usize,
+    partials: impl IntoIterator<Item = P>,
+) -> Vec<f64> {
     let mut total = vec![0.0; len];
     for p in partials {
-        for (t, v) in total.iter_mut().zip(p) {
+        for (t, v) in total.iter_mut().zip(p.iter()) {
             *t += v;
         }
     }

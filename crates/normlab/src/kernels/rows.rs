@@ -28,6 +28,7 @@ use super::{
     check_param, check_saved, check_view, grad_buffer, param_lanes, resolve_axis, DxCoefficients,
     Epsilon, Grads, Saved,
 };
+use crate::alloc::Scratch;
 use crate::error::{check_len, Result};
 use crate::float::{Lane, OutputBuffer};
 use crate::moments::{sum_of_squares, Moments};
@@ -202,7 +203,7 @@ fn backward_unchecked<T: Float, P: Float>(
     // allocation of partial sums per row.
     let per_block = block_units(rows).max(min_units(n));
     let block = per_block * n;
-    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
+    let partials: Vec<(Scratch<f64>, Scratch<f64>)> = x
         .par_chunks(block)
         .zip(dy.par_chunks(block))
         .zip(dx.par_chunks_mut(block))
@@ -215,8 +216,12 @@ fn backward_unchecked<T: Float, P: Float>(
         .with_min_len(min_units(block))
         .map(|(((xb, dyb), dxb), (means, rstds))| {
             // dγ, dβ: lanes over a few rows, flushed into the block's f64 sums.
-            let (mut dw, mut db) = (vec![0.0; n], vec![0.0; n]);
-            let (mut dw_lanes, mut db_lanes) = (vec![T::Lane::ZERO; n], vec![T::Lane::ZERO; n]);
+            // From the buffer cache: zeroed `vec!`s of a long row's length
+            // were fresh pages, faulted in (and copied on write) on every
+            // call, most of a decoding step's backward (`[8, 8192]`).
+            let (mut dw, mut db) = (Scratch::filled(n, 0.0), Scratch::filled(n, 0.0));
+            let zero = T::Lane::ZERO;
+            let (mut dw_lanes, mut db_lanes) = (Scratch::filled(n, zero), Scratch::filled(n, zero));
             let rows = xb
                 .chunks_exact(n)
                 .zip(dyb.chunks_exact(n))
