@@ -29,6 +29,7 @@
 
 pub mod activation;
 pub mod batch_norm;
+pub mod channel_rows;
 pub mod group_norm;
 pub mod instance_norm;
 pub mod lrn;

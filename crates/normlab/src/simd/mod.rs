@@ -12,6 +12,7 @@
 //! - `sums`: the reductions (centred moments sums, gradient sums);
 //! - `transform`: the element-wise passes (normalize, input gradient);
 //! - `lrn`: Local Response Normalization's window loops;
+//! - `columns`: per-position statistics across channel rows (LayerNorm/RMSNorm over channels);
 //! - `vector`: eight lanes as one value with vector operators (`vector::V8`).
 //!
 //! Each call picks the best level the CPU has (detected once), unless a level is forced with [`force`] — tests use
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 pub(crate) mod activation;
+pub(crate) mod columns;
 pub(crate) mod convert;
 pub(crate) mod lrn;
 pub(crate) mod sums;
