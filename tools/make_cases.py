@@ -638,6 +638,54 @@ def fused_cases():
                 write16(dtype, f"fused_{name}_{act}", op, dict(attrs, activation=act), inputs, expected, dy, g, scale)
 
 
+rng_channels = np.random.default_rng(20261207)
+
+
+def channel_rows_cases():
+    """layer_norm_channels and rms_norm_channels: LayerNorm/RMSNorm over the
+    channels at each position of [N, C, *], PyTorch's functions on the input
+    with the channels moved last, moved back; float32 (`*_channels_*`) and
+    bfloat16/float16 (the 16-bit rules above)."""
+    def draw(shape, offset=0.0, sd=1.0):
+        return torch.tensor((offset + sd * rng_channels.standard_normal(shape)).astype(np.float32), dtype=torch.float64)
+
+    def moved(norm):
+        return lambda x, w, b: norm(x.movedim(1, -1), w, b).movedim(-1, 1)
+
+    ln = lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+    rms = lambda x, w, b: F.rms_norm(x, (x.shape[-1],), w, 1e-6)
+    for shape in [(2, 4, 3, 5), (3, 6), (1, 8, 40)]:
+        c = shape[1]
+        for variant in ["affine", "no_affine"]:
+            x = draw(shape, 1.0, 2.0)
+            w = draw((c,), 1.0, 0.3) if variant == "affine" else None
+            b = draw((c,), 0.0, 0.3) if variant == "affine" else None
+            tag = f"{len(shape) - 2}d_{variant}"
+            y, dy, g = grads_of(moved(ln), x, w, b)
+            write(f"layer_norm_channels_{tag}", "layer_norm_channels", {"eps": 1e-5},
+                  {"x": x, "weight": w, "bias": b}, {"y": y}, dy, g)
+            y, dy, g = grads_of(moved(rms), x, w, None)
+            write(f"rms_norm_channels_{tag}", "rms_norm_channels", {"eps": 1e-6},
+                  {"x": x, "weight": w}, {"y": y}, dy, g)
+    for dtype in ("bfloat16", "float16"):
+        d = lambda shape, offset=0.0, sd=1.0: round_to(draw(shape, offset, sd), dtype)
+        for shape, offset in [((2, 6, 3, 3), 0.5), ((2, 8, 20), 50.0)]:
+            c = shape[1]
+            x, w, b = d(shape, offset, 1.5), d((c,), 1.0, 0.3), d((c,), 0.0, 0.3)
+            tag = f"{len(shape) - 2}d" + ("_large_offset" if offset > 1 else "")
+            for name, op, norm, eps, bias in [("layer_norm_channels", "layer_norm_channels", ln, 1e-5, b),
+                                              ("rms_norm_channels", "rms_norm_channels", rms, 1e-6, None)]:
+                leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, w, bias)]
+                y = moved(norm)(*leaves)
+                dy = d(tuple(y.shape))
+                gs = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
+                g = {k: (next(gs) if t is not None else None) for k, t in zip(("dx", "dweight", "dbias"), leaves)}
+                xl, dyl = x.movedim(1, -1), dy.movedim(1, -1)
+                scale = dx_scale(xl, dyl * w, [-1], eps, centred=op == "layer_norm_channels")
+                write16(dtype, f"{name}_{tag}", op, {"eps": eps}, {"x": x, "weight": w, "bias": bias},
+                        {"y": y.detach()}, dy, g, scale)
+
+
 if __name__ == "__main__":
     torch.set_default_dtype(torch.float64)
     if OUT.exists():
@@ -650,4 +698,5 @@ if __name__ == "__main__":
     error_cases()
     sixteen_bit_cases()
     fused_cases()
+    channel_rows_cases()
     print(f"{len(list(OUT.glob('*.json')))} cases in {OUT}")

@@ -15,6 +15,7 @@ use normlab::kernels::batch_norm::{
     batch_norm, batch_norm_act, batch_norm_act_backward, batch_norm_backward, BatchNormOptions,
     RunningStatsMut,
 };
+use normlab::kernels::channel_rows as cr;
 use normlab::kernels::group_norm::{self as gn, group_norm_act_backward, group_norm_backward};
 use normlab::kernels::instance_norm::{instance_norm, instance_norm_backward};
 use normlab::kernels::lrn::{lrn, lrn_backward};
@@ -46,6 +47,10 @@ pub enum ChannelKind {
     Instance(BatchNormOptions),
     /// Local response normalization.
     Lrn(LrnOptions),
+    /// LayerNorm over the channels at each position, with this ε.
+    LayerNormChannels(f64),
+    /// RMSNorm over the channels at each position, with this ε.
+    RmsNormChannels(f64),
 }
 
 /// One forward call of a channel normalization (and its backward).
@@ -90,6 +95,8 @@ impl ChannelNormOp {
             ChannelKind::Group(..) => "normlab-group-norm",
             ChannelKind::Instance(_) => "normlab-instance-norm",
             ChannelKind::Lrn(_) => "normlab-lrn",
+            ChannelKind::LayerNormChannels(_) => "normlab-layer-norm-channels",
+            ChannelKind::RmsNormChannels(_) => "normlab-rms-norm-channels",
         }
     }
 
@@ -144,8 +151,20 @@ impl ChannelNormOp {
                 None => gn::group_norm(x, *groups, w, b, (*eps).into()),
             }
             .map_err(err)?,
-            ChannelKind::Lrn(_) if self.act.is_some() => return Err(self.no_fused_form()),
+            ChannelKind::Lrn(_)
+            | ChannelKind::LayerNormChannels(_)
+            | ChannelKind::RmsNormChannels(_)
+                if self.act.is_some() =>
+            {
+                return Err(self.no_fused_form())
+            }
             ChannelKind::Lrn(options) => (lrn(x, options).map_err(err)?, Saved::default()),
+            ChannelKind::LayerNormChannels(eps) => {
+                cr::layer_norm_channels(x, w, b, (*eps).into()).map_err(err)?
+            }
+            ChannelKind::RmsNormChannels(eps) => {
+                cr::rms_norm_channels(x, w, (*eps).into()).map_err(err)?
+            }
         };
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         Ok(y)
@@ -230,6 +249,17 @@ impl ChannelNormOp {
             ),
             ChannelKind::Group(groups, eps) => {
                 group_norm_backward(x, dy, *groups, w.as_ref(), with_bias, (*eps).into(), &saved)
+            }
+            ChannelKind::LayerNormChannels(eps) => cr::layer_norm_channels_backward(
+                x,
+                dy,
+                w.as_ref(),
+                with_bias,
+                (*eps).into(),
+                &saved,
+            ),
+            ChannelKind::RmsNormChannels(eps) => {
+                cr::rms_norm_channels_backward(x, dy, w.as_ref(), (*eps).into(), &saved)
             }
             ChannelKind::Lrn(options) => lrn_backward(x, dy, options).map(|dx| normlab::Grads {
                 dx,
@@ -392,6 +422,34 @@ pub(crate) fn apply_channels(
         .map(|d| if d == 1 { x.dims()[1] } else { 1 })
         .collect();
     apply(op, x, weight, bias, &shape)
+}
+
+/// LayerNorm over the channels at each position of `x` (`[N, C, *]`) with
+/// a backward pass: PyTorch's `F.layer_norm(x.movedim(1, -1), (C,), γ, β,
+/// eps).movedim(-1, 1)` (ConvNeXt's channels-first LayerNorm) without the
+/// transposes.
+///
+/// # Errors
+/// Unsupported device or dtype; rank below 2; parameters not `[C]`.
+pub fn layer_norm_channels(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let op = ChannelNormOp::new(ChannelKind::LayerNormChannels(eps), Default::default());
+    apply_channels(op, x, weight, bias)
+}
+
+/// RMSNorm over the channels at each position of `x` (`[N, C, *]`) with a
+/// backward pass: `F.rms_norm(x.movedim(1, -1), (C,), γ, eps).movedim(-1, 1)`
+/// without the transposes.
+///
+/// # Errors
+/// As [`layer_norm_channels`].
+pub fn rms_norm_channels(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let op = ChannelNormOp::new(ChannelKind::RmsNormChannels(eps), Default::default());
+    apply_channels(op, x, weight, None)
 }
 
 /// GroupNorm of `x` (`[N, C, *]`) with a backward pass.

@@ -163,6 +163,16 @@ impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
         Self { weight, eps }
     }
+
+    /// RMSNorm over the channels at each position of `[N, C, *]` (the
+    /// layer's size is C), without moving the channels last
+    /// ([`crate::ops::rms_norm_channels`]).
+    ///
+    /// # Errors
+    /// As [`crate::ops::rms_norm_channels`].
+    pub fn forward_channels(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::rms_norm_channels(x, Some(&self.weight), self.eps)
+    }
 }
 
 impl Module for RmsNorm {

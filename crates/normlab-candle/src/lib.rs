@@ -35,7 +35,9 @@ mod values;
 
 /// The differentiable functions, as `candle_nn::ops`.
 pub mod ops {
-    pub use crate::channels::{group_norm, group_norm_act, local_response_norm};
+    pub use crate::channels::{
+        group_norm, group_norm_act, layer_norm_channels, local_response_norm, rms_norm_channels,
+    };
     pub use crate::rows::{layer_norm, layer_norm_act, layer_norm_eps, rms_norm, rms_norm_eps};
 }
 

@@ -15,6 +15,10 @@ use normlab::kernels::batch_norm::{
     batch_norm, batch_norm_act, batch_norm_act_backward, batch_norm_backward, BatchNormOptions,
     RunningStatsMut,
 };
+use normlab::kernels::channel_rows::{
+    layer_norm_channels, layer_norm_channels_backward, rms_norm_channels,
+    rms_norm_channels_backward,
+};
 use normlab::kernels::group_norm::{
     group_norm, group_norm_act, group_norm_act_backward, group_norm_backward,
 };
@@ -1051,6 +1055,22 @@ fn run_op<T: Float>(
             let mut out = outputs(y, None);
             out.insert("rstd".into(), as_f32(&saved.rstd));
             Ok((out, grads))
+        }
+        "layer_norm_channels" => {
+            let eps = attrs.eps(1e-5)?;
+            let (y, saved) = layer_norm_channels(x, weight, bias, eps)?;
+            let grads = dy
+                .map(|dy| layer_norm_channels_backward(x, dy, weight, bias.is_some(), eps, &saved))
+                .transpose()?;
+            Ok((outputs(y, None), grads))
+        }
+        "rms_norm_channels" => {
+            let eps = attrs.eps(1e-6)?;
+            let (y, saved) = rms_norm_channels(x, weight, eps)?;
+            let grads = dy
+                .map(|dy| rms_norm_channels_backward(x, dy, weight, eps, &saved))
+                .transpose()?;
+            Ok((outputs(y, None), grads))
         }
         "group_norm" => {
             let groups = attrs.count("group_norm", "num_groups", None)?;

@@ -189,7 +189,8 @@ enum Norm {
     /// BatchNorm with statistics over every rank.
     SyncBatch(normlab_candle::SyncBatchNorm),
     Stateful(Box<dyn ModuleT>),
-    /// RMSNorm over channels at each pixel of `[N, C, H, W]`.
+    /// RMSNorm over channels at each pixel of `[N, C, H, W]` (one op, no
+    /// transposes: [`normlab_candle::RmsNorm::forward_channels`]).
     ChannelsLast(normlab_candle::RmsNorm),
     /// LRN, which needs a spatial axis: `[N, C]` is seen as `[N, C, 1]`.
     Lrn(normlab_candle::LocalResponseNorm),
@@ -249,7 +250,7 @@ impl Norm {
             Norm::Stateful(m) => m.forward_t(x, train),
             Norm::Batch(m) => m.forward_t(x, train),
             Norm::SyncBatch(m) => m.forward_t(x, train),
-            Norm::ChannelsLast(m) => m.forward(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2)),
+            Norm::ChannelsLast(m) => m.forward_channels(x),
         }
     }
 
