@@ -1,6 +1,7 @@
 //! Channel-wise normalizations on `[N, C, *]` as candle custom ops with a
 //! backward pass: BatchNorm (batch or running statistics), GroupNorm,
-//! InstanceNorm, and LRN.
+//! InstanceNorm, LRN, and LayerNorm/RMSNorm over the channels at each
+//! position.
 //!
 //! Each op is built for one forward call. It keeps the statistics its
 //! forward used, so the backward is one kernel call; BatchNorm's and
@@ -83,7 +84,7 @@ impl ChannelNormOp {
     fn no_fused_form(&self) -> candle_core::Error {
         candle_core::Error::Msg(format!(
             "{}: no fused activation (BatchNorm without a communicator and GroupNorm have one; \
-             SyncBatchNorm, InstanceNorm and LRN do not)",
+             SyncBatchNorm, InstanceNorm, LRN and the channels-first LayerNorm/RMSNorm do not)",
             self.name_str()
         ))
     }

@@ -1065,7 +1065,8 @@ fn run_op<T: Float>(
             Ok((outputs(y, None), grads))
         }
         "rms_norm_channels" => {
-            let eps = attrs.eps(1e-6)?;
+            // As `rms_norm`: PyTorch's default, the machine epsilon of the type.
+            let eps = attrs.eps(T::EPSILON)?;
             let (y, saved) = rms_norm_channels(x, weight, eps)?;
             let grads = dy
                 .map(|dy| rms_norm_channels_backward(x, dy, weight, eps, &saved))

@@ -191,7 +191,7 @@ enum Norm {
     Stateful(Box<dyn ModuleT>),
     /// RMSNorm over channels at each pixel of `[N, C, H, W]` (one op, no
     /// transposes: [`normlab_candle::RmsNorm::forward_channels`]).
-    ChannelsLast(normlab_candle::RmsNorm),
+    RmsChannels(normlab_candle::RmsNorm),
     /// LRN, which needs a spatial axis: `[N, C]` is seen as `[N, C, 1]`.
     Lrn(normlab_candle::LocalResponseNorm),
 }
@@ -233,7 +233,7 @@ impl Norm {
             }
             NormKind::Group(g) => Norm::Group(normlab_candle::group_norm(g, channels, 1e-5, vb)?),
             NormKind::Rms if spatial => {
-                Norm::ChannelsLast(normlab_candle::rms_norm(channels, 1e-6, vb)?)
+                Norm::RmsChannels(normlab_candle::rms_norm(channels, 1e-6, vb)?)
             }
             NormKind::Rms => Norm::Plain(Box::new(normlab_candle::rms_norm(channels, 1e-6, vb)?)),
             NormKind::Lrn => Norm::Lrn(normlab_candle::local_response_norm(5)),
@@ -250,7 +250,7 @@ impl Norm {
             Norm::Stateful(m) => m.forward_t(x, train),
             Norm::Batch(m) => m.forward_t(x, train),
             Norm::SyncBatch(m) => m.forward_t(x, train),
-            Norm::ChannelsLast(m) => m.forward_channels(x),
+            Norm::RmsChannels(m) => m.forward_channels(x),
         }
     }
 

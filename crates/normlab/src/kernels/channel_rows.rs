@@ -14,16 +14,19 @@
 //! order (`mean` is 0 for RMSNorm).
 //!
 //! Scheduling: samples are the unit of work (in tasks of at least
-//! [`MIN_TASK_VALUES`](super::parallel) values). Within a sample, positions
-//! go in blocks of [`COLUMNS`], whose per-position sums (f64) stay in L1
-//! while the `C` rows of the block stream past, so every loop runs along
-//! contiguous positions. dγ, dβ are summed per sample and the samples' sums
-//! added in sample order: results do not depend on the number of threads.
-//! All arithmetic is in f64, rounded once to the storage type.
+//! [`MIN_TASK_VALUES`](super::parallel) values; one image runs on one
+//! thread). Within a sample, positions go in blocks of [`COLUMNS`], whose
+//! per-position sums (f64) stay in L1 while the `C` rows of the block
+//! stream past, so every loop runs along contiguous positions. dγ, dβ are
+//! summed over fixed blocks of samples and the blocks' sums added in block
+//! order: results do not depend on the number of threads. All arithmetic is
+//! in f64, rounded once to the storage type. For `[N, C]` (one position per
+//! sample) the row kernels' `layer_norm`/`rms_norm` over the last axis are
+//! the same normalization, vectorized along the channels.
 
 use rayon::prelude::*;
 
-use super::parallel::min_units;
+use super::parallel::{block_units, min_units};
 use super::rows::RowNorm;
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
@@ -137,40 +140,59 @@ fn backward<T: Float>(
         (0..c).map(|ch| param_at(weight.map(Tensor::data), ch, 1.0)),
     );
     let centred = norm == RowNorm::LayerNorm;
-    let (dx, per_sample) = Tensor::filled_by(op, x.shape(), |dx| {
-        let per_sample: Vec<(Scratch<f64>, Scratch<f64>)> = x
+    // Samples in fixed blocks (at most 64 a call, whatever N and the thread
+    // count), each block's dγ, dβ summed over its samples in order and the
+    // blocks' sums added in block order.
+    let per_block = block_units(layout.n);
+    let sample = c * s;
+    let (dx, per_block_sums) = Tensor::filled_by(op, x.shape(), |dx| {
+        let sums: Vec<(Scratch<f64>, Scratch<f64>)> = x
             .data()
-            .par_chunks(c * s)
-            .zip(dy.data().par_chunks(c * s))
-            .zip(dx.par_chunks_mut(c * s))
-            .zip(saved.mean.par_chunks(s).zip(saved.rstd.par_chunks(s)))
-            .with_min_len(min_units(c * s))
-            .map(|(((xs, dys), dxs), (mean, rstd))| {
+            .par_chunks(per_block * sample)
+            .zip(dy.data().par_chunks(per_block * sample))
+            .zip(dx.par_chunks_mut(per_block * sample))
+            .zip(
+                saved
+                    .mean
+                    .par_chunks(per_block * s)
+                    .zip(saved.rstd.par_chunks(per_block * s)),
+            )
+            .with_min_len(min_units(per_block * sample))
+            .map(|(((xb, dyb), dxb), (means, rstds))| {
                 let (mut dg, mut db) = (Scratch::filled(c, 0.0), Scratch::filled(c, 0.0));
                 let width = COLUMNS.min(s);
                 let (mut sum_g, mut sum_gx) =
                     (Scratch::filled(width, 0.0), Scratch::filled(width, 0.0));
-                for (at, w) in blocks(s) {
-                    let (mean, rstd) = (&mean[at..at + w], &rstd[at..at + w]);
-                    let (sg, sgx) = (&mut sum_g[..w], &mut sum_gx[..w]);
-                    columns::column_grad_sums(
-                        xs, dys, s, at, mean, rstd, &gamma, sg, sgx, &mut dg, &mut db,
-                    );
-                    // Σg, Σg·x̂ become the dx coefficients `mean_g`, `b` in place.
-                    for ((g, gx), &r) in sg.iter_mut().zip(sgx.iter_mut()).zip(rstd) {
-                        let mean_g = if centred { *g / c as f64 } else { 0.0 };
-                        let k = DxCoefficients::new(&eps, r, mean_g, *gx / c as f64);
-                        (*g, *gx) = (k.mean_g, k.b);
+                let samples = xb
+                    .chunks_exact(sample)
+                    .zip(dyb.chunks_exact(sample))
+                    .zip(dxb.chunks_exact_mut(sample))
+                    .zip(means.chunks_exact(s).zip(rstds.chunks_exact(s)));
+                for (((xs, dys), dxs), (mean, rstd)) in samples {
+                    for (at, w) in blocks(s) {
+                        let (mean, rstd) = (&mean[at..at + w], &rstd[at..at + w]);
+                        let (sg, sgx) = (&mut sum_g[..w], &mut sum_gx[..w]);
+                        columns::column_grad_sums(
+                            xs, dys, s, at, mean, rstd, &gamma, sg, sgx, &mut dg, &mut db,
+                        );
+                        // Σg, Σg·x̂ become the dx coefficients `mean_g`, `b` in place.
+                        for ((g, gx), &r) in sg.iter_mut().zip(sgx.iter_mut()).zip(rstd) {
+                            let mean_g = if centred { *g / c as f64 } else { 0.0 };
+                            let k = DxCoefficients::new(&eps, r, mean_g, *gx / c as f64);
+                            (*g, *gx) = (k.mean_g, k.b);
+                        }
+                        columns::column_input_grad(
+                            xs, dys, dxs, s, at, mean, rstd, sg, sgx, &gamma,
+                        );
                     }
-                    columns::column_input_grad(xs, dys, dxs, s, at, mean, rstd, sg, sgx, &gamma);
                 }
                 (dg, db)
             })
             .collect();
-        Ok(per_sample)
+        Ok(sums)
     })?;
     let (mut sum_dg, mut sum_db) = (vec![0.0; c], vec![0.0; c]);
-    for (dg, db) in &per_sample {
+    for (dg, db) in &per_block_sums {
         for ch in 0..c {
             sum_dg[ch] += dg[ch];
             sum_db[ch] += db[ch];
