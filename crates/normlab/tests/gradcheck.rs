@@ -293,12 +293,16 @@ fn lrn_gradients_for_every_window() {
                         region,
                         even_window,
                     };
-                    let shape = [2, 5, 3, 4];
-                    let x = normal(&mut g, &shape, 0.0, 1.5);
-                    let r = normal(&mut g, &shape, 0.0, 1.0);
-                    let dx = lrn_backward(&x, &r, &options).unwrap();
-                    let numeric = numeric_grad(&x, H, |xp| dot(&lrn(xp, &options).unwrap(), &r));
-                    assert_close(&format!("lrn {options:?}"), dx.data(), &numeric, ATOL, RTOL);
+                    // Maps of 12 values, and of 1 and 6 (the value-by-value path).
+                    for shape in [&[2, 5, 3, 4][..], &[3, 6, 1], &[2, 5, 2, 3]] {
+                        let x = normal(&mut g, shape, 0.0, 1.5);
+                        let r = normal(&mut g, shape, 0.0, 1.0);
+                        let dx = lrn_backward(&x, &r, &options).unwrap();
+                        let numeric =
+                            numeric_grad(&x, H, |xp| dot(&lrn(xp, &options).unwrap(), &r));
+                        let what = format!("lrn {shape:?} {options:?}");
+                        assert_close(&what, dx.data(), &numeric, ATOL, RTOL);
+                    }
                 }
             }
         }

@@ -217,6 +217,24 @@ fn lrn_matches_reference_across_and_within() {
                 );
                 let y32 = lrn(&x.cast::<f32>(), &options).unwrap();
                 f32_vs_ref("lrn across f32", &widen(&y32), &want);
+                // One position and 2×2 maps: the value-by-value path.
+                for spatial in [1, 4] {
+                    let n = 2 * 7 * spatial;
+                    let tiny = Tensor::new(vec![2, 7, spatial], x.data()[..n].to_vec()).unwrap();
+                    let want = reference::lrn_across(
+                        tiny.data(),
+                        (2, 7, spatial),
+                        before,
+                        after,
+                        a,
+                        0.75,
+                        2.0,
+                    );
+                    let y = lrn(&tiny, &options).unwrap();
+                    assert_close("lrn across, tiny maps", y.data(), &want, 1e-12, 1e-10);
+                    let y32 = lrn(&tiny.cast::<f32>(), &options).unwrap();
+                    f32_vs_ref("lrn across f32, tiny maps", &widen(&y32), &want);
+                }
 
                 options.region = LrnRegion::WithinChannel;
                 let a = if alpha_over_size {
