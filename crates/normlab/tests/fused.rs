@@ -497,6 +497,44 @@ fn special_values_and_a_missing_output() {
         let (y, _) = layer_norm_act(&x, -1, None, None, eps, act).unwrap();
         assert!(y.data()[3..].iter().all(|v| v.is_nan()));
     }
+    // An infinite dy where ReLU's mask is closed contributes nothing (PyTorch's
+    // threshold_backward selects; 0·∞ would be NaN), on GroupNorm's
+    // value-by-value path ([N, C]) as on its vector paths ([N, C, 9]).
+    for shape in [vec![2, 4], vec![2, 4, 9]] {
+        let n: usize = shape.iter().product();
+        let x = Tensor::new(
+            shape.clone(),
+            (0..n).map(|i| (i % 7) as f32 - 3.0).collect(),
+        )
+        .unwrap();
+        let (y, s) = group_norm_act(&x, 2, None, None, eps, Activation::Relu).unwrap();
+        let closed = y.data().iter().position(|&v| v == 0.0).unwrap();
+        let mut dy = vec![1.0f32; n];
+        dy[closed] = f32::INFINITY;
+        let dy = Tensor::new(shape.clone(), dy).unwrap();
+        let b = Tensor::new(vec![4], vec![0.0f32; 4]).unwrap();
+        let g = group_norm_act_backward(
+            &x,
+            Some(&y),
+            &dy,
+            2,
+            None,
+            Some(&b),
+            Activation::Relu,
+            eps,
+            &s,
+        )
+        .unwrap();
+        assert!(
+            g.dx.data().iter().all(|v| v.is_finite()),
+            "{shape:?}: {:?}",
+            g.dx.data()
+        );
+        assert!(
+            g.dbias.unwrap().data().iter().all(|v| v.is_finite()),
+            "{shape:?}"
+        );
+    }
     let mut g = rng(5);
     let x = normal(&mut g, &[6, 4, 9], 0.5, 2.0).cast::<f32>();
     let dy = normal(&mut g, &[6, 4, 9], 0.0, 1.0).cast::<f32>();

@@ -231,9 +231,10 @@ fn lrn_matches_reference_across_and_within() {
                         2.0,
                     );
                     let y = lrn(&tiny, &options).unwrap();
-                    assert_close("lrn across, tiny maps", y.data(), &want, 1e-12, 1e-10);
+                    let what = format!("lrn across {size} {even_window:?}, {spatial} positions");
+                    assert_close(&what, y.data(), &want, 1e-12, 1e-10);
                     let y32 = lrn(&tiny.cast::<f32>(), &options).unwrap();
-                    f32_vs_ref("lrn across f32, tiny maps", &widen(&y32), &want);
+                    f32_vs_ref(&what, &widen(&y32), &want);
                 }
 
                 options.region = LrnRegion::WithinChannel;
