@@ -78,6 +78,18 @@ impl Activation {
             }
         }
     }
+
+    /// `dz = φ'(z)·dy` in f64. ReLU selects rather than multiplies, as
+    /// PyTorch's `threshold_backward` and the vector kernels do: where its
+    /// mask is closed `dz` is 0 even for an infinite or NaN `dy` (`0·∞`
+    /// would be NaN).
+    pub fn grad(self, z: f64, dy: f64) -> f64 {
+        match self {
+            Activation::Relu if z <= 0.0 => 0.0,
+            Activation::Relu => dy,
+            _ => self.derivative(z) * dy,
+        }
+    }
 }
 
 /// `max(z, 0)` as PyTorch's `clamp_min`: NaN and -0 pass through
@@ -371,6 +383,9 @@ mod tests {
         assert_eq!(relu(-2.0f32), 0.0);
         assert_eq!(Activation::Relu.derivative(0.0), 0.0);
         assert_eq!(Activation::Relu.derivative(f64::NAN), 1.0);
+        assert_eq!(Activation::Relu.grad(-1.0, f64::INFINITY), 0.0);
+        assert_eq!(Activation::Relu.grad(2.0, f64::INFINITY), f64::INFINITY);
+        assert_eq!(Activation::Tanh.grad(0.0, 3.0), 3.0);
         for a in Activation::ALL {
             assert_eq!(Activation::from_name(a.name()), Some(a));
         }

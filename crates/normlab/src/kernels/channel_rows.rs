@@ -26,8 +26,8 @@
 
 use rayon::prelude::*;
 
-use super::parallel::{block_units, min_units};
-use super::rows::RowNorm;
+use super::parallel::{block_units, min_units, sum_partials};
+use super::rows::{write_sums, RowNorm};
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,
     NcsLayout, Saved,
@@ -56,6 +56,15 @@ fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |at| (at, COLUMNS.min(s - at)))
 }
 
+/// A per-channel parameter in f64, or `default` for each of the `c`
+/// channels when absent.
+fn per_channel<T: Float>(p: Option<&Tensor<T>>, c: usize, default: f64) -> Scratch<f64> {
+    Scratch::collect(
+        c,
+        (0..c).map(|ch| param_at(p.map(Tensor::data), ch, default)),
+    )
+}
+
 /// The forward of either norm.
 fn forward<T: Float>(
     norm: RowNorm,
@@ -75,14 +84,8 @@ fn forward<T: Float>(
     if numel == 0 {
         return Ok((Tensor::new(x.shape().to_vec(), Vec::new())?, saved));
     }
-    let gamma = Scratch::collect(
-        c,
-        (0..c).map(|ch| param_at(weight.map(Tensor::data), ch, 1.0)),
-    );
-    let beta = Scratch::collect(
-        c,
-        (0..c).map(|ch| param_at(bias.map(Tensor::data), ch, 0.0)),
-    );
+    let gamma = per_channel(weight, c, 1.0);
+    let beta = per_channel(bias, c, 0.0);
     let centred = norm == RowNorm::LayerNorm;
     let (y, ()) = Tensor::filled_by(op, x.shape(), |y| {
         x.data()
@@ -135,10 +138,7 @@ fn backward<T: Float>(
         let dx = Tensor::new(x.shape().to_vec(), Vec::new())?;
         return Ok(Grads { dx, dweight, dbias });
     }
-    let gamma = Scratch::collect(
-        c,
-        (0..c).map(|ch| param_at(weight.map(Tensor::data), ch, 1.0)),
-    );
+    let gamma = per_channel(weight, c, 1.0);
     let centred = norm == RowNorm::LayerNorm;
     // Samples in fixed blocks (at most 64 a call, whatever N and the thread
     // count), each block's dγ, dβ summed over its samples in order and the
@@ -191,20 +191,9 @@ fn backward<T: Float>(
             .collect();
         Ok(sums)
     })?;
-    let (mut sum_dg, mut sum_db) = (vec![0.0; c], vec![0.0; c]);
-    for (dg, db) in &per_block_sums {
-        for ch in 0..c {
-            sum_dg[ch] += dg[ch];
-            sum_db[ch] += db[ch];
-        }
-    }
-    for (out, sums) in [(&mut dweight, &sum_dg), (&mut dbias, &sum_db)] {
-        if let Some(t) = out {
-            for (o, &v) in t.data_mut().iter_mut().zip(sums) {
-                *o = T::from_f64(v);
-            }
-        }
-    }
+    let (dg, db): (Vec<_>, Vec<_>) = per_block_sums.into_iter().unzip();
+    write_sums(dweight.as_mut().map(Tensor::data_mut), &sum_partials(c, dg));
+    write_sums(dbias.as_mut().map(Tensor::data_mut), &sum_partials(c, db));
     Ok(Grads { dx, dweight, dbias })
 }
 

@@ -371,19 +371,11 @@ fn backward_unchecked<T: Float, P: Float>(
             let tiny = s < TINY_SPATIAL;
             // `dz` at one value of channel `i`: `dy`, or `φ'(z)·dy` with `z`
             // as the tiny forward computes it.
-            // ReLU selects rather than multiplies, as `threshold_backward`
-            // and the vector paths do: 0·∞ would put a NaN where the mask
-            // is closed.
             let dz_at = |i: usize, v: f64, d: f64| match act {
                 None => d,
                 Some(a) => {
                     let k = affine(i);
-                    let z = (v - mean) * k.scale + k.shift;
-                    match a {
-                        Activation::Relu if z <= 0.0 => 0.0,
-                        Activation::Relu => d,
-                        _ => a.derivative(z) * d,
-                    }
+                    a.grad((v - mean) * k.scale + k.shift, d)
                 }
             };
             let channel_sums: Vec<(f64, f64)> = if tiny {

@@ -210,7 +210,7 @@ fn forward_unchecked<T: Float>(
     if sample == 0 {
         return;
     }
-    if let Some(pow) = fast_path(options) {
+    if let Some(pow) = fast_path(options, sample / shape[1]) {
         // Streaming stores measured no faster here: the loop is
         // compute-heavy (a power per value) and ordinary stores overlap
         // with it as well.
@@ -225,6 +225,7 @@ fn forward_unchecked<T: Float>(
     }
     x.par_chunks(sample)
         .zip(y.par_chunks_mut(sample))
+        .with_min_len(super::parallel::min_units(sample))
         .for_each(|(xs, ys)| {
             let s = scale_terms(xs, &sample_shape, options);
             for ((yv, &xv), &sv) in ys.iter_mut().zip(xs).zip(&s) {
@@ -266,7 +267,7 @@ fn backward_unchecked<T: Float>(
     if sample == 0 {
         return;
     }
-    if let Some(pow) = fast_path(options) {
+    if let Some(pow) = fast_path(options, sample / shape[1]) {
         let store = Store::Cached;
         x.par_chunks(sample)
             .zip(dy.par_chunks(sample))
@@ -291,6 +292,7 @@ fn backward_unchecked<T: Float>(
     x.par_chunks(sample)
         .zip(dy.par_chunks(sample))
         .zip(dx.par_chunks_mut(sample))
+        .with_min_len(super::parallel::min_units(sample))
         .for_each(|((xs, dys), dxs)| {
             let s = scale_terms(xs, &sample_shape, options);
             // t_i = dy_i·x_i·S_i^(-β-1), gathered over the transposed window.
@@ -319,14 +321,21 @@ fn sample_shape(shape: &[usize]) -> Vec<usize> {
 }
 
 /// The vector path covers LRN across channels with β ∈ {0.5, 0.75, 1} (a
-/// closed form in square roots), for every element type; other β and the
-/// within-channel region take the general f64 path.
-fn fast_path(options: &LrnOptions) -> Option<NegPow> {
+/// closed form in square roots) on maps of [`TINY_SPATIAL`] values or more,
+/// for every element type; other β, tiny maps and the within-channel region
+/// take the general f64 path.
+fn fast_path(options: &LrnOptions, spatial: usize) -> Option<NegPow> {
     match options.region {
-        LrnRegion::AcrossChannels => NegPow::of(options.beta),
-        LrnRegion::WithinChannel => None,
+        LrnRegion::AcrossChannels if spatial >= TINY_SPATIAL => NegPow::of(options.beta),
+        _ => None,
     }
 }
+
+/// Spatial sizes below which LRN across channels takes the f64 path too:
+/// `[N, C, 1]` (LRN in an MLP) and 2×2 maps, where the vector loops ran one
+/// padded vector per channel and window term, some 40 ns a value (a 6 × 64
+/// MLP's training step with LRN: 4.6 ms, against 1.7 ms in f64).
+const TINY_SPATIAL: usize = 8;
 
 /// Spatial positions per tile in the backward: a tile of every channel (terms
 /// and scales) stays in L2.
@@ -342,37 +351,6 @@ fn channel_window(
     c.saturating_sub(before)..=c.saturating_add(after).min(channels.saturating_sub(1))
 }
 
-/// Spatial sizes below which a sample is computed value by value in f64
-/// (rounded once): `[N, C, 1]` (LRN in an MLP) and 2×2 maps, where the
-/// vector loops ran one padded vector per channel and window term, some
-/// 40 ns a value (a 6 × 64 MLP's training step with LRN: 4.6 ms against
-/// LayerNorm's 0.75 ms).
-const TINY_SPATIAL: usize = 8;
-
-/// `S = k + a·Σ_window x²` at every value of a sample `[C, s]`, in f64.
-fn tiny_scale_terms<T: Float>(
-    x: &[T],
-    channels: usize,
-    s: usize,
-    options: &LrnOptions,
-) -> Vec<f64> {
-    let (before, after) = options.window();
-    let a = options.scale(1);
-    let mut out = Vec::with_capacity(channels * s);
-    for c in 0..channels {
-        for p in 0..s {
-            let sum: f64 = channel_window(c, channels, before, after)
-                .map(|j| {
-                    let v = x[j * s + p].to_f64();
-                    v * v
-                })
-                .sum();
-            out.push(options.k + a * sum);
-        }
-    }
-    out
-}
-
 /// Forward of one sample `[C, S]`, channel by channel: `x` is read as one
 /// sequential stream (each row is reused from cache by the `size` channels
 /// whose window holds it) and `y` written as another.
@@ -386,13 +364,6 @@ fn forward_sample<T: Float>(
     store: Store,
 ) {
     let (before, after) = options.window();
-    if s < TINY_SPATIAL {
-        let s_terms = tiny_scale_terms(x, channels, s, options);
-        for ((yv, xv), sv) in y.iter_mut().zip(x).zip(&s_terms) {
-            yv.write(T::from_f64(xv.to_f64() * sv.powf(-options.beta)));
-        }
-        return;
-    }
     let (k, a) = (T::Lane::of(options.k), T::Lane::of(options.scale(1)));
     for (c, row) in y.chunks_mut(s).enumerate().take(channels) {
         let window = channel_window(c, channels, before, after);
@@ -414,30 +385,6 @@ fn backward_sample<T: Float>(
     store: Store,
 ) {
     let (before, after) = options.window();
-    if s < TINY_SPATIAL {
-        // dx_c = dy_c·S_c^(-β) - 2aβ·x_c·Σ_{i: c in window(i)} dy_i·x_i·S_i^(-β-1)
-        let beta = options.beta;
-        let s_terms = tiny_scale_terms(x, channels, s, options);
-        let t: Vec<f64> = dy
-            .iter()
-            .zip(x)
-            .zip(&s_terms)
-            .map(|((d, xv), sv)| d.to_f64() * xv.to_f64() * sv.powf(-beta - 1.0))
-            .collect();
-        let coef = 2.0 * options.scale(1) * beta;
-        for c in 0..channels {
-            for p in 0..s {
-                let gathered: f64 = channel_window(c, channels, after, before)
-                    .map(|i| t[i * s + p])
-                    .sum();
-                let at = c * s + p;
-                let v =
-                    dy[at].to_f64() * s_terms[at].powf(-beta) - coef * x[at].to_f64() * gathered;
-                dx[at].write(T::from_f64(v));
-            }
-        }
-        return;
-    }
     let (k, a) = (T::Lane::of(options.k), T::Lane::of(options.scale(1)));
     let coef = T::Lane::of(2.0 * options.scale(1) * options.beta);
     let tile = TILE.min(s);
