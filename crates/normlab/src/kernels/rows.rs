@@ -222,6 +222,8 @@ fn backward_unchecked<T: Float, P: Float>(
             let (mut dw, mut db) = (Scratch::filled(n, 0.0), Scratch::filled(n, 0.0));
             let zero = T::Lane::ZERO;
             let (mut dw_lanes, mut db_lanes) = (Scratch::filled(n, zero), Scratch::filled(n, zero));
+            // `g = w·dz` of the current row, from the first pass to the second.
+            let mut g_row = Scratch::filled(n, zero);
             let rows = xb
                 .chunks_exact(n)
                 .zip(dyb.chunks_exact(n))
@@ -234,6 +236,7 @@ fn backward_unchecked<T: Float, P: Float>(
                 let (sum_g, sum_g_xhat) = sums::row_grad_sums(
                     x_row,
                     dy_row,
+                    &mut g_row,
                     &w,
                     hi,
                     lo,
@@ -245,9 +248,7 @@ fn backward_unchecked<T: Float, P: Float>(
                 );
                 let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
                 let (mean_g, b_k) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
-                transform::row_dx(
-                    x_row, dy_row, &w, hi, lo, r, mean_g, b_k, dx_row, store, &b, act,
-                );
+                transform::row_dx(x_row, &g_row, hi, lo, r, mean_g, b_k, dx_row, store);
                 if (i + 1) % FLUSH_ROWS == 0 {
                     sums::flush::<T>(&mut dw, &mut dw_lanes);
                     sums::flush::<T>(&mut db, &mut db_lanes);

@@ -325,12 +325,16 @@ simd_fn! {
 
 simd_fn! {
     /// One row of LayerNorm/RMSNorm backward, first pass: returns
-    /// `(Σg, Σg·x̂)` with `g = w·dy`, `x̂ = ((x - hi) - lo)·rstd`, and adds
-    /// `dy·x̂` to `dweight` and `dy` to `dbias` (lane partials, which the
+    /// `(Σg, Σg·x̂)` with `g = w·dz`, `x̂ = ((x - hi) - lo)·rstd`, `dz = dy`
+    /// or, fused, `φ'(z)·dy` at `z = x̂·w + bias`; writes `g` to `g_out` (the
+    /// second pass, [`super::transform::row_dx`], reads it there instead of
+    /// recomputing `z`, `dz` and `g` from `x`, `dy`, `w` and `bias`), and adds
+    /// `dz·x̂` to `dweight` and `dz` to `dbias` (lane partials, which the
     /// caller flushes into f64 every few rows).
     pub fn row_grad_sums<T: Float>[L](
         x: &[T],
         dy: &[T],
+        g_out: &mut [T::Lane],
         w: &[T::Lane],
         hi: T::Lane,
         lo: T::Lane,
@@ -346,11 +350,11 @@ simd_fn! {
         // `Σg`, `Σg·x̂` in [`LANES`] lane sums of at most [`FLUSH`] terms,
         // flushed into f64 lanes every segment, as [`grad_segment`] does.
         let (mut a1, mut a2) = ([V8::<f64, L>::zero(); GROUPS], [V8::<f64, L>::zero(); GROUPS]);
-        // One vector of `n` values at `at`: adds `dz·x̂` into `dweight` and
-        // `dz` into `dbias`, returns `(g, g·x̂)`.
+        // One vector of `n` values at `at`: stores `g`, adds `dz·x̂` into
+        // `dweight` and `dz` into `dbias`, returns `(g, g·x̂)`.
         let vector = {
             #[inline(always)]
-            |at: usize, n: usize, dweight: &mut [T::Lane], dbias: &mut [T::Lane]| {
+            |at: usize, n: usize, g_out: &mut [T::Lane], dweight: &mut [T::Lane], dbias: &mut [T::Lane]| {
                 let lanes = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, at, n, zero));
                 let xv = V8::new(load_n::<T, L>(x, at, n, hi));
                 let xh = ((xv - hi_v) - lo_v) * rstd_v;
@@ -359,6 +363,7 @@ simd_fn! {
                 let bv = if act.is_some() { lanes(bias) } else { V8::zero() };
                 let dv = act_lanes::grad(act, V8::new(load_n::<T, L>(dy, at, n, zero)), xh * wv + bv);
                 let gv = dv * wv;
+                put_n(g_out, at, n, gv.lanes);
                 put_n(dweight, at, n, (lanes(dweight) + dv * xh).lanes);
                 put_n(dbias, at, n, (lanes(dbias) + dv).lanes);
                 (gv, gv * xh)
@@ -375,7 +380,7 @@ simd_fn! {
             // sums on the stack), then the last values.
             while at + LANES <= end {
                 for g in 0..GROUPS {
-                    let (f, h) = vector(at + g * VECTOR, VECTOR, dweight, dbias);
+                    let (f, h) = vector(at + g * VECTOR, VECTOR, g_out, dweight, dbias);
                     sf[g] += f;
                     sg[g] += h;
                 }
@@ -384,7 +389,7 @@ simd_fn! {
             let mut g = 0;
             while at < end {
                 let n = (end - at).min(VECTOR);
-                let (f, h) = vector(at, n, dweight, dbias);
+                let (f, h) = vector(at, n, g_out, dweight, dbias);
                 sf[g] += f;
                 sg[g] += h;
                 g += 1;
