@@ -227,6 +227,12 @@ pub fn widen8_bf16<L: Isa>(src: &[half::bf16; 8]) -> [f32; 8] {
 #[inline(always)]
 pub fn narrow8_bf16<L: Isa>(v: [f32; 8]) -> [half::bf16; 8] {
     #[cfg(target_arch = "x86_64")]
+    if L::AVX512_BF16 {
+        // SAFETY: `L::AVX512_BF16` is true only for levels whose CPUs have
+        // AVX-512 BF16, DQ and VL (and AVX2).
+        return unsafe { narrow8_bf16_avx512(v) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if L::AVX2 {
         // SAFETY: as in `widen8_bf16`.
         return unsafe { narrow8_bf16_avx2(v) };
@@ -300,6 +306,28 @@ unsafe fn narrow8_bf16_avx2(v: [f32; 8]) -> [half::bf16; 8] {
         let packed = _mm256_packus_epi32(bits, bits);
         let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(packed);
         std::mem::transmute::<__m128i, [half::bf16; 8]>(_mm256_castsi256_si128(ordered))
+    }
+}
+
+/// [`narrow8_bf16`] with one `vcvtneps2bf16`, which rounds as
+/// [`f32_to_bf16_bits`] does (the same bias, NaNs quieted by the same bit)
+/// except that it reads subnormal inputs as zero; a vector with a subnormal
+/// lane (`vfpclassps`, a predictable branch) takes the integer form instead,
+/// so every level gives the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bf16,avx2")]
+#[inline]
+unsafe fn narrow8_bf16_avx512(v: [f32; 8]) -> [half::bf16; 8] {
+    use std::arch::x86_64::{__m128bh, __m256, _mm256_cvtneps_pbh, _mm256_fpclass_ps_mask};
+    /// `vfpclassps` category: denormal (subnormal).
+    const SUBNORMAL: i32 = 0x20;
+    // SAFETY: same sizes, any bits valid; the features are enabled here.
+    unsafe {
+        let x = std::mem::transmute::<[f32; 8], __m256>(v);
+        if _mm256_fpclass_ps_mask::<SUBNORMAL>(x) != 0 {
+            return narrow8_bf16_avx2(v);
+        }
+        std::mem::transmute::<__m128bh, [half::bf16; 8]>(_mm256_cvtneps_pbh(x))
     }
 }
 
@@ -710,14 +738,28 @@ mod tests {
             state
         };
         for round in 0..40_000 {
-            let v: [f32; 8] = std::array::from_fn(|k| match (round + k) % 4 {
+            let mut v: [f32; 8] = std::array::from_fn(|k| match (round + k) % 4 {
                 0 => f32::from_bits(next()),
                 1 => f32::from_bits((next() & 0xffff_0000) | 0x8000),
                 2 => f32::from_bits((next() & 0xffff_e000) | 0x1000),
                 _ => f32::from_bits(next() | 0x7f80_0000),
             });
+            // One vector in three with a subnormal or zero lane (which
+            // `vcvtneps2bf16` alone would flush).
+            if round % 3 == 0 {
+                v[round % 8] = f32::from_bits(next() & 0x807f_ffff);
+            }
             let nh = narrow8_f16::<Avx2>(v).map(half::f16::to_bits);
             let nb = narrow8_bf16::<Avx2>(v).map(half::bf16::to_bits);
+            if crate::simd::detected() == crate::simd::SimdLevel::Avx512 {
+                use crate::simd::Avx512;
+                assert_eq!(narrow8_f16::<Avx512>(v).map(half::f16::to_bits), nh);
+                assert_eq!(
+                    narrow8_bf16::<Avx512>(v).map(half::bf16::to_bits),
+                    nb,
+                    "{v:?}"
+                );
+            }
             assert_eq!(
                 nh,
                 narrow8_f16::<Baseline>(v).map(half::f16::to_bits),

@@ -4,7 +4,7 @@
 //! of eight compute lanes (`vector::V8`: one AVX instruction per
 //! operator at the AVX2 levels, plain Rust at the baseline), and compiled
 //! several times by [`simd_fn!`]: for the baseline target (the scalar path,
-//! always compiled), with AVX2+FMA+F16C, and with AVX-512. Elements of every
+//! always compiled), with AVX2+FMA+F16C, and with AVX-512 (BF16 included). Elements of every
 //! storage type are widened to their compute lanes ([`crate::float::Lane`]:
 //! f32 for f32, bf16 and f16; f64 for f64) in registers and narrowed once
 //! on store, round to nearest even:
@@ -41,7 +41,9 @@ pub enum SimdLevel {
     Scalar,
     /// AVX2 with FMA and F16C (x86-64).
     Avx2,
-    /// AVX-512 F/BW/VL (x86-64).
+    /// AVX-512 F/BW/VL/DQ with BF16 (x86-64: Cooper Lake, Sapphire Rapids,
+    /// Zen 4 and later). An AVX-512 CPU without BF16 runs the AVX2 level:
+    /// what this level adds is mostly the bf16 rounding in one instruction.
     Avx512,
 }
 
@@ -69,6 +71,8 @@ pub fn detected() -> SimdLevel {
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512bf16")
             {
                 return SimdLevel::Avx512;
             }
@@ -128,6 +132,9 @@ pub trait Isa: sealed::Sealed + Copy + 'static {
     const F16C: bool;
     /// AVX2 integer vectors may be used (the bf16 conversions in registers).
     const AVX2: bool;
+    /// AVX-512 BF16 and DQ on 256-bit vectors may be used (`vcvtneps2bf16`,
+    /// `vfpclassps`).
+    const AVX512_BF16: bool;
 }
 
 /// [`SimdLevel::Scalar`] as a type.
@@ -136,21 +143,24 @@ pub(crate) struct Baseline;
 /// [`SimdLevel::Avx2`] as a type (AVX2, FMA, F16C).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx2;
-/// [`SimdLevel::Avx512`] as a type (AVX-512 F/BW/VL, AVX2, FMA, F16C).
+/// [`SimdLevel::Avx512`] as a type (AVX-512 F/BW/VL/DQ/BF16, AVX2, FMA, F16C).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512;
 
 impl Isa for Baseline {
     const F16C: bool = false;
     const AVX2: bool = false;
+    const AVX512_BF16: bool = false;
 }
 impl Isa for Avx2 {
     const F16C: bool = true;
     const AVX2: bool = true;
+    const AVX512_BF16: bool = false;
 }
 impl Isa for Avx512 {
     const F16C: bool = true;
     const AVX2: bool = true;
+    const AVX512_BF16: bool = true;
 }
 
 /// Defines a function generic over an element type `T: Float`, whose body
@@ -179,7 +189,7 @@ macro_rules! simd_fn {
             }
 
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn avx512<$t: $bound>($($arg: $ty),*) $(-> $ret)? {
                 body::<$crate::simd::Avx512, $t>($($arg),*)
