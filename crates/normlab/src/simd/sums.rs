@@ -132,14 +132,25 @@ fn short_sums2<T: Float, L: Isa>(
     while at < len {
         let (mut sf, mut sg) = (V8::zero(), V8::zero());
         let end = (at + SHORT_GROUP).min(len);
-        while at < end {
-            let n = (end - at).min(VECTOR);
+        // Whole vectors without a length test each (a branch per vector
+        // cost as much as the arithmetic of 7×7 maps), then the partial
+        // one, which only a slice's last group has.
+        while at + VECTOR <= end {
+            let xv = V8::new(load::<T, L>(x, base + at));
+            let yv = V8::new(load::<T, L>(y, base + at));
+            let (f, g) = fg(xv, yv);
+            sf += f;
+            sg += g;
+            at += VECTOR;
+        }
+        if at < end {
+            let n = end - at;
             let xv = V8::new(load_n::<T, L>(x, base + at, n, pad_x));
             let yv = V8::new(load_n::<T, L>(y, base + at, n, pad_y));
             let (f, g) = fg(xv, yv);
             sf += f;
             sg += g;
-            at += n;
+            at = end;
         }
         wide_f += sf.wide();
         wide_g += sg.wide();
