@@ -244,7 +244,7 @@ pub fn group_norm(
     eps: f64,
     vb: VarBuilder,
 ) -> Result<GroupNorm> {
-    if num_groups == 0 || num_channels % num_groups != 0 {
+    if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
         candle_core::bail!(
             "group_norm: {num_channels} channels are not divisible by {num_groups} groups"
         )

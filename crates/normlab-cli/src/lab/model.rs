@@ -163,7 +163,7 @@ impl ModelConfig {
             );
         }
         if let NormKind::Group(g) = self.norm {
-            if self.width % g != 0 {
+            if !self.width.is_multiple_of(g) {
                 bail!(
                     "group normalization: width {} is not divisible by {g} groups",
                     self.width

@@ -47,7 +47,7 @@ impl GroupLayout {
     /// [`NormError::InvalidArgument`] for 0 groups, [`NormError::GroupsNotDivisible`].
     pub fn new(op: &'static str, ncs: NcsLayout, groups: usize, shape: &[usize]) -> Result<Self> {
         ensure(groups > 0, op, "num_groups", groups, "at least 1")?;
-        if ncs.c % groups != 0 {
+        if !ncs.c.is_multiple_of(groups) {
             return Err(NormError::GroupsNotDivisible {
                 op,
                 channels: ncs.c,

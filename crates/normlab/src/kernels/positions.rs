@@ -48,7 +48,7 @@ fn expand<C: Lane>(per_channel: impl Iterator<Item = f64>, (c, s): (usize, usize
     }
     Scratch::collect(
         c * s,
-        per_channel.flat_map(|v| std::iter::repeat(C::of(v)).take(s)),
+        per_channel.flat_map(|v| std::iter::repeat_n(C::of(v), s)),
     )
 }
 
