@@ -91,6 +91,20 @@ pub trait Lane:
     fn mul8<L: Isa>(a: [Self; 8], b: [Self; 8]) -> [Self; 8];
     /// Eight lanes widened to f64 (exact).
     fn wide8<L: Isa>(a: [Self; 8]) -> [f64; 8];
+    /// Sixteen lanes `a + b`, `a - b`, `a·b` (`op`: 0, 1, 2) with level
+    /// `L`'s instructions (`simd::vector::V16`): two eight-lane operations,
+    /// or one AVX-512 instruction for f32 lanes at the AVX-512 level.
+    #[inline(always)]
+    fn op16<L: Isa>(a: [Self; 16], b: [Self; 16], op: u8) -> [Self; 16] {
+        let (a0, a1) = split16(a);
+        let (b0, b1) = split16(b);
+        let f = |a, b| match op {
+            0 => Self::add8::<L>(a, b),
+            1 => Self::sub8::<L>(a, b),
+            _ => Self::mul8::<L>(a, b),
+        };
+        join16(f(a0, b0), f(a1, b1))
+    }
     /// The first `n` lanes of `a`, then those of `pad` (a blend in registers).
     fn keep8<L: Isa>(a: [Self; 8], pad: [Self; 8], n: usize) -> [Self; 8];
     /// `d` where `z > 0` or `z` is NaN, 0 where `z ≤ 0`: ReLU's gradient
@@ -164,11 +178,42 @@ macro_rules! lane_vector_ops {
     };
 }
 
+/// The two eight-lane halves of sixteen lanes.
+#[inline(always)]
+pub(crate) fn split16<C: Copy>(v: [C; 16]) -> ([C; 8], [C; 8]) {
+    (
+        std::array::from_fn(|k| v[k]),
+        std::array::from_fn(|k| v[8 + k]),
+    )
+}
+
+/// Sixteen lanes from two halves.
+#[inline(always)]
+pub(crate) fn join16<C: Copy>(a: [C; 8], b: [C; 8]) -> [C; 16] {
+    std::array::from_fn(|k| if k < 8 { a[k] } else { b[k - 8] })
+}
+
 impl Lane for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const SAFE_RANGE: (f64, f64) = (1e-10, 1e18);
     lane_vector_ops!(f32, keep_f32, add_f32, sub_f32, mul_f32, positive_f32);
+    #[inline(always)]
+    fn op16<L: Isa>(a: [f32; 16], b: [f32; 16], op: u8) -> [f32; 16] {
+        #[cfg(target_arch = "x86_64")]
+        if L::AVX512 {
+            // SAFETY: `L::AVX512` holds only at the AVX-512 level.
+            return unsafe { vector::avx512::op_f32(a, b, op) };
+        }
+        let (a0, a1) = split16(a);
+        let (b0, b1) = split16(b);
+        let f = |a, b| match op {
+            0 => Self::add8::<L>(a, b),
+            1 => Self::sub8::<L>(a, b),
+            _ => Self::mul8::<L>(a, b),
+        };
+        join16(f(a0, b0), f(a1, b1))
+    }
     #[inline(always)]
     fn wide8<L: Isa>(a: [f32; 8]) -> [f64; 8] {
         #[cfg(target_arch = "x86_64")]
@@ -292,6 +337,20 @@ pub trait Float:
     fn widen8<L: Isa>(src: &[Self; 8]) -> [Self::Lane; 8];
     /// Eight lanes rounded to this type in registers (round to nearest even).
     fn narrow8<L: Isa>(v: [Self::Lane; 8]) -> [Self; 8];
+    /// Sixteen values widened to lanes: two [`Float::widen8`], or one
+    /// AVX-512 register where the level and type have one.
+    #[inline(always)]
+    fn widen16<L: Isa>(src: &[Self; 16]) -> [Self::Lane; 16] {
+        let (a, b) = crate::float::split16(*src);
+        join16(Self::widen8::<L>(&a), Self::widen8::<L>(&b))
+    }
+    /// Sixteen lanes rounded to this type: two [`Float::narrow8`], or one
+    /// AVX-512 register where the level and type have one (the same bits).
+    #[inline(always)]
+    fn narrow16<L: Isa>(v: [Self::Lane; 16]) -> [Self; 16] {
+        let (a, b) = split16(v);
+        join16(Self::narrow8::<L>(a), Self::narrow8::<L>(b))
+    }
     /// `src` as lanes: the slice itself when this type is its lane type,
     /// else widened into `buf` (at least as long as `src`).
     #[inline(always)]
@@ -425,6 +484,14 @@ impl Float for half::f16 {
         convert::widen8_f16::<L>(src)
     }
     #[inline(always)]
+    fn widen16<L: Isa>(src: &[Self; 16]) -> [f32; 16] {
+        convert::widen16_f16::<L>(src)
+    }
+    #[inline(always)]
+    fn narrow16<L: Isa>(v: [f32; 16]) -> [Self; 16] {
+        convert::narrow16_f16::<L>(v)
+    }
+    #[inline(always)]
     fn narrow8<L: Isa>(v: [f32; 8]) -> [Self; 8] {
         convert::narrow8_f16::<L>(v)
     }
@@ -467,6 +534,14 @@ impl Float for half::bf16 {
     #[inline(always)]
     fn widen8<L: Isa>(src: &[Self; 8]) -> [f32; 8] {
         convert::widen8_bf16::<L>(src)
+    }
+    #[inline(always)]
+    fn widen16<L: Isa>(src: &[Self; 16]) -> [f32; 16] {
+        convert::widen16_bf16::<L>(src)
+    }
+    #[inline(always)]
+    fn narrow16<L: Isa>(v: [f32; 16]) -> [Self; 16] {
+        convert::narrow16_bf16::<L>(v)
     }
     #[inline(always)]
     fn narrow8<L: Isa>(v: [f32; 8]) -> [Self; 8] {

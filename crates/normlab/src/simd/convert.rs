@@ -227,8 +227,8 @@ pub fn widen8_bf16<L: Isa>(src: &[half::bf16; 8]) -> [f32; 8] {
 #[inline(always)]
 pub fn narrow8_bf16<L: Isa>(v: [f32; 8]) -> [half::bf16; 8] {
     #[cfg(target_arch = "x86_64")]
-    if L::AVX512_BF16 {
-        // SAFETY: `L::AVX512_BF16` is true only for levels whose CPUs have
+    if L::AVX512 {
+        // SAFETY: `L::AVX512` is true only for levels whose CPUs have
         // AVX-512 BF16, DQ and VL (and AVX2).
         return unsafe { narrow8_bf16_avx512(v) };
     }
@@ -309,6 +309,129 @@ unsafe fn narrow8_bf16_avx2(v: [f32; 8]) -> [half::bf16; 8] {
     }
 }
 
+/// Sixteen f16 values widened: one `vcvtph2ps` into a 512-bit register at
+/// the AVX-512 level, else two [`widen8_f16`].
+#[inline(always)]
+pub fn widen16_f16<L: Isa>(src: &[half::f16; 16]) -> [f32; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if L::AVX512 {
+        // SAFETY: `L::AVX512` holds only at the AVX-512 level.
+        return unsafe { avx512::widen16_f16(src) };
+    }
+    let (a, b) = crate::float::split16(*src);
+    crate::float::join16(widen8_f16::<L>(&a), widen8_f16::<L>(&b))
+}
+
+/// Sixteen lanes rounded to f16: one `vcvtps2ph` at the AVX-512 level
+/// (rounding as F16C's), else two [`narrow8_f16`].
+#[inline(always)]
+pub fn narrow16_f16<L: Isa>(v: [f32; 16]) -> [half::f16; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if L::AVX512 {
+        // SAFETY: as in `widen16_f16`.
+        return unsafe { avx512::narrow16_f16(v) };
+    }
+    let (a, b) = crate::float::split16(v);
+    crate::float::join16(narrow8_f16::<L>(a), narrow8_f16::<L>(b))
+}
+
+/// Sixteen bf16 values widened (zero-extend, shift left by 16), in one
+/// 512-bit register at the AVX-512 level, else two [`widen8_bf16`].
+#[inline(always)]
+pub fn widen16_bf16<L: Isa>(src: &[half::bf16; 16]) -> [f32; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if L::AVX512 {
+        // SAFETY: as in `widen16_f16`.
+        return unsafe { avx512::widen16_bf16(src) };
+    }
+    let (a, b) = crate::float::split16(*src);
+    crate::float::join16(widen8_bf16::<L>(&a), widen8_bf16::<L>(&b))
+}
+
+/// Sixteen lanes rounded to bf16: one `vcvtneps2bf16` at the AVX-512 level
+/// (a subnormal lane sends the vector to the integer form, as in
+/// [`narrow8_bf16`]), else two [`narrow8_bf16`].
+#[inline(always)]
+pub fn narrow16_bf16<L: Isa>(v: [f32; 16]) -> [half::bf16; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if L::AVX512 {
+        // SAFETY: as in `widen16_f16`.
+        return unsafe { avx512::narrow16_bf16(v) };
+    }
+    let (a, b) = crate::float::split16(v);
+    crate::float::join16(narrow8_bf16::<L>(a), narrow8_bf16::<L>(b))
+}
+
+/// The 512-bit forms of the sixteen-value conversions.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::{
+        __m256bh, __m256i, __m512, _mm256_loadu_si256, _mm512_castsi512_ps, _mm512_cvtepu16_epi32,
+        _mm512_cvtneps_pbh, _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_fpclass_ps_mask,
+        _mm512_slli_epi32, _MM_FROUND_TO_NEAREST_INT,
+    };
+    use std::mem::transmute;
+
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn widen16_f16(src: &[half::f16; 16]) -> [f32; 16] {
+        // SAFETY: 32 bytes read from sixteen f16; same sizes, any bits valid.
+        unsafe {
+            let h = _mm256_loadu_si256(src.as_ptr() as *const __m256i);
+            transmute::<__m512, [f32; 16]>(_mm512_cvtph_ps(h))
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn narrow16_f16(v: [f32; 16]) -> [half::f16; 16] {
+        // SAFETY: same sizes, any bits valid.
+        unsafe {
+            let v = transmute::<[f32; 16], __m512>(v);
+            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            transmute::<__m256i, [half::f16; 16]>(h)
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn widen16_bf16(src: &[half::bf16; 16]) -> [f32; 16] {
+        // SAFETY: 32 bytes read from sixteen bf16; same sizes, any bits valid.
+        unsafe {
+            let h = _mm256_loadu_si256(src.as_ptr() as *const __m256i);
+            let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+            transmute::<__m512, [f32; 16]>(_mm512_castsi512_ps(w))
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F, DQ, VL and BF16, and AVX2.
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bf16,avx2")]
+    #[inline]
+    pub unsafe fn narrow16_bf16(v: [f32; 16]) -> [half::bf16; 16] {
+        /// `vfpclassps` category: denormal (subnormal).
+        const SUBNORMAL: i32 = 0x20;
+        // SAFETY: same sizes, any bits valid; the features are enabled here.
+        unsafe {
+            let x = transmute::<[f32; 16], __m512>(v);
+            if _mm512_fpclass_ps_mask::<SUBNORMAL>(x) != 0 {
+                let (a, b) = crate::float::split16(v);
+                return crate::float::join16(
+                    super::narrow8_bf16_avx2(a),
+                    super::narrow8_bf16_avx2(b),
+                );
+            }
+            transmute::<__m256bh, [half::bf16; 16]>(_mm512_cvtneps_pbh(x))
+        }
+    }
+}
+
 /// [`narrow8_bf16`] with one `vcvtneps2bf16`, which rounds as
 /// [`f32_to_bf16_bits`] does (the same bias, NaNs quieted by the same bit)
 /// except that it reads subnormal inputs as zero; a vector with a subnormal
@@ -385,7 +508,7 @@ pub fn store_n<T: Float, L: Isa>(
         // every whole vector after its head; checked here all the same (a
         // predictable branch) rather than trusted, as this function is safe.
         #[cfg(target_arch = "x86_64")]
-        if streaming && (dst.as_ptr() as usize) % 16 == 0 {
+        if streaming && (dst.as_ptr() as usize).is_multiple_of(16) {
             stream(dst, narrowed);
             return;
         }
@@ -531,7 +654,7 @@ pub const MAX_BLOCK: usize = 512;
 pub fn write<T: Float, L: Isa>(out: &mut [MaybeUninit<T>], values: &[T::Lane], store: Store) {
     #[cfg(target_arch = "x86_64")]
     if store == Store::Streaming
-        && (out.as_ptr() as usize) % 16 == 0
+        && (out.as_ptr() as usize).is_multiple_of(16)
         && values.len() <= MAX_BLOCK
         && out.len() == values.len()
     {
@@ -737,6 +860,7 @@ mod tests {
             state ^= state << 5;
             state
         };
+        let mut previous = [0f32; 8];
         for round in 0..40_000 {
             let mut v: [f32; 8] = std::array::from_fn(|k| match (round + k) % 4 {
                 0 => f32::from_bits(next()),
@@ -759,7 +883,24 @@ mod tests {
                     nb,
                     "{v:?}"
                 );
+                // Sixteen lanes: this vector and the one before.
+                let v16 = crate::float::join16(v, previous);
+                let b16 = narrow16_bf16::<Avx512>(v16).map(half::bf16::to_bits);
+                let h16 = narrow16_f16::<Avx512>(v16).map(half::f16::to_bits);
+                let base_b = narrow16_bf16::<Baseline>(v16).map(half::bf16::to_bits);
+                let base_h = narrow16_f16::<Baseline>(v16).map(half::f16::to_bits);
+                assert_eq!((b16, h16), (base_b, base_h), "{v16:?}");
+                let (wb, wh) = (
+                    b16.map(half::bf16::from_bits),
+                    h16.map(half::f16::from_bits),
+                );
+                let (w1, w2) = (widen16_bf16::<Avx512>(&wb), widen16_f16::<Avx512>(&wh));
+                let (s1, s2) = (widen16_bf16::<Baseline>(&wb), widen16_f16::<Baseline>(&wh));
+                for k in 0..16 {
+                    assert!(same(w1[k], s1[k]) && same(w2[k], s2[k]), "{:#06x}", b16[k]);
+                }
             }
+            previous = v;
             assert_eq!(
                 nh,
                 narrow8_f16::<Baseline>(v).map(half::f16::to_bits),

@@ -132,9 +132,9 @@ pub trait Isa: sealed::Sealed + Copy + 'static {
     const F16C: bool;
     /// AVX2 integer vectors may be used (the bf16 conversions in registers).
     const AVX2: bool;
-    /// AVX-512 BF16 and DQ on 256-bit vectors may be used (`vcvtneps2bf16`,
-    /// `vfpclassps`).
-    const AVX512_BF16: bool;
+    /// The AVX-512 level's instructions may be used: 512-bit vectors
+    /// (F, BW), and BF16 and DQ (`vcvtneps2bf16`, `vfpclassps`).
+    const AVX512: bool;
 }
 
 /// [`SimdLevel::Scalar`] as a type.
@@ -150,17 +150,17 @@ pub(crate) struct Avx512;
 impl Isa for Baseline {
     const F16C: bool = false;
     const AVX2: bool = false;
-    const AVX512_BF16: bool = false;
+    const AVX512: bool = false;
 }
 impl Isa for Avx2 {
     const F16C: bool = true;
     const AVX2: bool = true;
-    const AVX512_BF16: bool = false;
+    const AVX512: bool = false;
 }
 impl Isa for Avx512 {
     const F16C: bool = true;
     const AVX2: bool = true;
-    const AVX512_BF16: bool = true;
+    const AVX512: bool = true;
 }
 
 /// Defines a function generic over an element type `T: Float`, whose body
