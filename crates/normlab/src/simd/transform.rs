@@ -135,8 +135,29 @@ simd_fn! {
     pub fn normalize_row<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], hi: T::Lane, lo: T::Lane, rstd: T::Lane, w: &[T::Lane], b: &[T::Lane], store: Store, act: Act) {
         unswitch!(act, {
         let zero = <T::Lane as Lane>::ZERO;
+        let y = &mut y[..x.len()];
+        // Sixteen values per step at the AVX-512 level, as in
+        // [`normalize_blocks`].
+        let mut done = 0;
+        if L::AVX512 && store == Store::Cached {
+            let (hi16, lo16, rstd16) = (V16::<T::Lane, L>::splat(hi), V16::splat(lo), V16::splat(rstd));
+            let lanes16 = |v: &[T::Lane], at: usize| V16::<T::Lane, L>::new(v[at..at + 16].try_into().expect("sixteen lanes"));
+            let whole = y.len() / 16 * 16;
+            while done < whole {
+                let src: &[T; 16] = x[done..done + 16].try_into().expect("sixteen values");
+                let xv = V16::new(T::widen16::<L>(src));
+                let z = ((xv - hi16) - lo16) * rstd16 * lanes16(w, done) + lanes16(b, done);
+                let (z0, z1) = z.halves();
+                let z = V16::join(act_lanes::apply(act, z0), act_lanes::apply(act, z1));
+                for (d, v) in y[done..done + 16].iter_mut().zip(T::narrow16::<L>(z.lanes)) {
+                    d.write(v);
+                }
+                done += 16;
+            }
+        }
         let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
-        convert::fill!(T, L, &mut y[..x.len()], store, |at, n| {
+        convert::fill!(T, L, &mut y[done..], store, |at, n| {
+            let at = done + at;
             let xv = V8::new(load_n::<T, L>(x, at, n, hi));
             let (wv, bv) = (V8::new(lanes_n(w, at, n, zero)), V8::new(lanes_n(b, at, n, zero)));
             act_lanes::apply(act, ((xv - hi_v) - lo_v) * rstd_v * wv + bv).lanes
