@@ -98,10 +98,15 @@ pub trait Lane:
     fn op16<L: Isa>(a: [Self; 16], b: [Self; 16], op: u8) -> [Self; 16] {
         let (a0, a1) = split16(a);
         let (b0, b1) = split16(b);
-        let f = |a, b| match op {
-            0 => Self::add8::<L>(a, b),
-            1 => Self::sub8::<L>(a, b),
-            _ => Self::mul8::<L>(a, b),
+        // A closure is compiled without its caller's `target_feature`s:
+        // unless inlined, each operator would become a call.
+        let f = {
+            #[inline(always)]
+            |a, b| match op {
+                0 => Self::add8::<L>(a, b),
+                1 => Self::sub8::<L>(a, b),
+                _ => Self::mul8::<L>(a, b),
+            }
         };
         join16(f(a0, b0), f(a1, b1))
     }
@@ -207,10 +212,15 @@ impl Lane for f32 {
         }
         let (a0, a1) = split16(a);
         let (b0, b1) = split16(b);
-        let f = |a, b| match op {
-            0 => Self::add8::<L>(a, b),
-            1 => Self::sub8::<L>(a, b),
-            _ => Self::mul8::<L>(a, b),
+        // A closure is compiled without its caller's `target_feature`s:
+        // unless inlined, each operator would become a call.
+        let f = {
+            #[inline(always)]
+            |a, b| match op {
+                0 => Self::add8::<L>(a, b),
+                1 => Self::sub8::<L>(a, b),
+                _ => Self::mul8::<L>(a, b),
+            }
         };
         join16(f(a0, b0), f(a1, b1))
     }

@@ -916,6 +916,28 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
+    fn sixteen_lane_widening_matches_the_scalar_one_on_every_pattern() {
+        use crate::simd::{Avx512, Baseline};
+        if crate::simd::detected() < crate::simd::SimdLevel::Avx512 {
+            return;
+        }
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for first in (0..=u16::MAX).step_by(16) {
+            let bits: [u16; 16] = std::array::from_fn(|k| first + k as u16);
+            let (h, b) = (
+                bits.map(half::f16::from_bits),
+                bits.map(half::bf16::from_bits),
+            );
+            let (wh, wb) = (widen16_f16::<Avx512>(&h), widen16_bf16::<Avx512>(&b));
+            let (sh, sb) = (widen16_f16::<Baseline>(&h), widen16_bf16::<Baseline>(&b));
+            for k in 0..16 {
+                assert!(same(wh[k], sh[k]) && same(wb[k], sb[k]), "{:#06x}", bits[k]);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
     fn f16c_and_scalar_conversions_give_the_same_bits() {
         if !is_x86_feature_detected!("f16c") {
             return;

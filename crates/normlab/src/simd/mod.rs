@@ -2,7 +2,10 @@
 //!
 //! Hot loops are written once, generic over the element type, on vectors
 //! of eight compute lanes (`vector::V8`: one AVX instruction per
-//! operator at the AVX2 levels, plain Rust at the baseline), and compiled
+//! operator at the AVX2 levels, plain Rust at the baseline; the
+//! element-wise passes also step by sixteen, `vector::V16`, one 512-bit
+//! instruction at the AVX-512 level and two eight-lane ones elsewhere, the
+//! same operations per value), and compiled
 //! several times by [`simd_fn!`]: for the baseline target (the scalar path,
 //! always compiled), with AVX2+FMA+F16C, and with AVX-512 (BF16 included). Elements of every
 //! storage type are widened to their compute lanes ([`crate::float::Lane`]:
@@ -42,8 +45,9 @@ pub enum SimdLevel {
     /// AVX2 with FMA and F16C (x86-64).
     Avx2,
     /// AVX-512 F/BW/VL/DQ with BF16 (x86-64: Cooper Lake, Sapphire Rapids,
-    /// Zen 4 and later). An AVX-512 CPU without BF16 runs the AVX2 level:
-    /// what this level adds is mostly the bf16 rounding in one instruction.
+    /// Zen 4 and later). An AVX-512 CPU without BF16 runs the AVX2 level.
+    /// This level adds the element-wise passes in 512-bit registers and
+    /// the bf16 rounding in one instruction.
     Avx512,
 }
 

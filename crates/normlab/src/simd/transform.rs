@@ -141,7 +141,10 @@ simd_fn! {
         let mut done = 0;
         if L::AVX512 && store == Store::Cached {
             let (hi16, lo16, rstd16) = (V16::<T::Lane, L>::splat(hi), V16::splat(lo), V16::splat(rstd));
-            let lanes16 = |v: &[T::Lane], at: usize| V16::<T::Lane, L>::new(v[at..at + 16].try_into().expect("sixteen lanes"));
+            let lanes16 = {
+                #[inline(always)]
+                |v: &[T::Lane], at: usize| V16::<T::Lane, L>::new(v[at..at + 16].try_into().expect("sixteen lanes"))
+            };
             let whole = y.len() / 16 * 16;
             while done < whole {
                 let src: &[T; 16] = x[done..done + 16].try_into().expect("sixteen values");
@@ -238,10 +241,13 @@ fn slice_dx_blocks<T: Float, L: Isa>(
         let s16 = V16::<T::Lane, L>::splat;
         let (hi16, lo16, rstd16, w16) = (s16(hi), s16(lo), s16(rstd), s16(w));
         let (mean_g16, b16, scale16, shift16) = (s16(mean_g), s16(b), s16(scale), s16(shift));
-        let load16 = |v: &[T], at: usize| {
-            V16::<T::Lane, L>::new(T::widen16::<L>(
-                v[at..at + 16].try_into().expect("sixteen values"),
-            ))
+        let load16 = {
+            #[inline(always)]
+            |v: &[T], at: usize| {
+                V16::<T::Lane, L>::new(T::widen16::<L>(
+                    v[at..at + 16].try_into().expect("sixteen values"),
+                ))
+            }
         };
         let whole = dx.len() / 16 * 16;
         while done < whole {
