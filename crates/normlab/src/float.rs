@@ -96,19 +96,7 @@ pub trait Lane:
     /// or one AVX-512 instruction for f32 lanes at the AVX-512 level.
     #[inline(always)]
     fn op16<L: Isa>(a: [Self; 16], b: [Self; 16], op: u8) -> [Self; 16] {
-        let (a0, a1) = split16(a);
-        let (b0, b1) = split16(b);
-        // A closure is compiled without its caller's `target_feature`s:
-        // unless inlined, each operator would become a call.
-        let f = {
-            #[inline(always)]
-            |a, b| match op {
-                0 => Self::add8::<L>(a, b),
-                1 => Self::sub8::<L>(a, b),
-                _ => Self::mul8::<L>(a, b),
-            }
-        };
-        join16(f(a0, b0), f(a1, b1))
+        op16_by_halves::<Self, L>(a, b, op)
     }
     /// The first `n` lanes of `a`, then those of `pad` (a blend in registers).
     fn keep8<L: Isa>(a: [Self; 8], pad: [Self; 8], n: usize) -> [Self; 8];
@@ -183,6 +171,24 @@ macro_rules! lane_vector_ops {
     };
 }
 
+/// [`Lane::op16`] as two eight-lane operations on the halves.
+#[inline(always)]
+fn op16_by_halves<C: Lane, L: Isa>(a: [C; 16], b: [C; 16], op: u8) -> [C; 16] {
+    let (a0, a1) = split16(a);
+    let (b0, b1) = split16(b);
+    // A closure is compiled without its caller's `target_feature`s:
+    // unless inlined, each operator would become a call.
+    let f = {
+        #[inline(always)]
+        |a, b| match op {
+            0 => C::add8::<L>(a, b),
+            1 => C::sub8::<L>(a, b),
+            _ => C::mul8::<L>(a, b),
+        }
+    };
+    join16(f(a0, b0), f(a1, b1))
+}
+
 /// The two eight-lane halves of sixteen lanes.
 #[inline(always)]
 pub(crate) fn split16<C: Copy>(v: [C; 16]) -> ([C; 8], [C; 8]) {
@@ -210,19 +216,7 @@ impl Lane for f32 {
             // SAFETY: `L::AVX512` holds only at the AVX-512 level.
             return unsafe { vector::avx512::op_f32(a, b, op) };
         }
-        let (a0, a1) = split16(a);
-        let (b0, b1) = split16(b);
-        // A closure is compiled without its caller's `target_feature`s:
-        // unless inlined, each operator would become a call.
-        let f = {
-            #[inline(always)]
-            |a, b| match op {
-                0 => Self::add8::<L>(a, b),
-                1 => Self::sub8::<L>(a, b),
-                _ => Self::mul8::<L>(a, b),
-            }
-        };
-        join16(f(a0, b0), f(a1, b1))
+        op16_by_halves::<Self, L>(a, b, op)
     }
     #[inline(always)]
     fn wide8<L: Isa>(a: [f32; 8]) -> [f64; 8] {
