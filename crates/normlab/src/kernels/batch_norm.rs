@@ -776,46 +776,55 @@ pub fn update_running<T: Float>(
     // statistics as they were.
     let mut new_mean = Scratch::filled(c, T::default());
     let mut new_var = Scratch::filled(c, T::default());
+    // `(1 - m)·running + m·batch` in f64, rounded once to `T`. Finiteness
+    // is gathered without a branch per channel (a check per value and type
+    // made this loop as slow as BatchNorm1d's normalization on 4096
+    // channels); the first failing channel is looked for only on failure.
+    let update = |old: T, batch: f64| (1.0 - m) * old.to_f64() + m * batch;
+    let mut finite = true;
     for ch in 0..c {
         let (bm, bv) = (batch_mean[ch], batch_var[ch]);
-        let nm = T::from_f64((1.0 - m) * running.mean[ch].to_f64() + m * bm);
-        let nv = T::from_f64((1.0 - m) * running.var[ch].to_f64() + m * bv);
-        // The first value that is not finite, in the type it must fit:
-        // the batch statistics are f64; the updated running values are `T`
-        // and may overflow it (an f32 running_var past 3.4e38) even when the
-        // f64 statistics are finite.
-        let bad = if !bm.is_finite() {
-            Some(("batch mean", bm, f64::NAME))
-        } else if !bv.is_finite() {
-            Some(("batch variance", bv, f64::NAME))
-        } else if !nm.to_f64().is_finite() {
-            Some((
-                "updated running_mean",
-                (1.0 - m) * running.mean[ch].to_f64() + m * bm,
-                T::NAME,
-            ))
-        } else if !nv.to_f64().is_finite() {
-            Some((
-                "updated running_var",
-                (1.0 - m) * running.var[ch].to_f64() + m * bv,
-                T::NAME,
-            ))
-        } else {
-            None
-        };
-        if let Some((what, value, dtype)) = bad {
-            return Err(NormError::NonFiniteStatistics {
-                op,
-                channel: ch,
-                what,
-                value,
-                dtype,
-                mean: bm,
-                var: bv,
-            });
-        }
+        let nm = T::from_f64(update(running.mean[ch], bm));
+        let nv = T::from_f64(update(running.var[ch], bv));
+        finite &=
+            bm.is_finite() & bv.is_finite() & nm.to_f64().is_finite() & nv.to_f64().is_finite();
         new_mean[ch] = nm;
         new_var[ch] = nv;
+    }
+    if !finite {
+        for ch in 0..c {
+            let (bm, bv) = (batch_mean[ch], batch_var[ch]);
+            // The first value that is not finite, in the type it must fit:
+            // the batch statistics are f64; the updated running values are
+            // `T` and may overflow it (an f32 running_var past 3.4e38) even
+            // when the f64 statistics are finite.
+            let bad = if !bm.is_finite() {
+                Some(("batch mean", bm, f64::NAME))
+            } else if !bv.is_finite() {
+                Some(("batch variance", bv, f64::NAME))
+            } else if !new_mean[ch].to_f64().is_finite() {
+                Some((
+                    "updated running_mean",
+                    update(running.mean[ch], bm),
+                    T::NAME,
+                ))
+            } else if !new_var[ch].to_f64().is_finite() {
+                Some(("updated running_var", update(running.var[ch], bv), T::NAME))
+            } else {
+                None
+            };
+            if let Some((what, value, dtype)) = bad {
+                return Err(NormError::NonFiniteStatistics {
+                    op,
+                    channel: ch,
+                    what,
+                    value,
+                    dtype,
+                    mean: bm,
+                    var: bv,
+                });
+            }
+        }
     }
     running.mean.copy_from_slice(&new_mean);
     running.var.copy_from_slice(&new_var);

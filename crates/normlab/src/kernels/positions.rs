@@ -292,9 +292,11 @@ pub(crate) fn normalize<T: Float>(
         z_scale: Scratch::filled(0, T::Lane::ZERO),
         z_shift: Scratch::filled(0, T::Lane::ZERO),
     };
-    x.par_chunks(row)
-        .zip(y.par_chunks_mut(row))
-        .with_min_len(min_units(row))
+    // Runs of whole rows, a task's worth each, so that a kernel call takes
+    // its rows in groups ([`transform::ROW_GROUP`]).
+    let run = row * min_units(row);
+    x.par_chunks(run)
+        .zip(y.par_chunks_mut(run))
         .for_each(|(xr, yr)| transform::normalize_positions(xr, yr, &k, act));
 }
 
@@ -379,9 +381,10 @@ pub(crate) fn input_grad<T: Float>(
         z_shift,
     };
     let act = fused.map(|f| f.act);
-    x.par_chunks(row)
-        .zip(dy.par_chunks(row))
-        .zip(dx.par_chunks_mut(row))
-        .with_min_len(min_units(row))
+    // Runs of whole rows, as in [`normalize`].
+    let run = row * min_units(row);
+    x.par_chunks(run)
+        .zip(dy.par_chunks(run))
+        .zip(dx.par_chunks_mut(run))
         .for_each(|((xr, dr), or)| transform::input_grad_positions(xr, dr, or, &k, act));
 }

@@ -303,66 +303,128 @@ pub struct PositionCoefs<C: Copy> {
     pub z_shift: Scratch<C>,
 }
 
+/// Rows of `[N, C·S]` a positions pass takes together: each vector of
+/// per-position coefficients is loaded once for this many rows. One row at
+/// a time, a BatchNorm1d row's pass was bound by its loads (four
+/// coefficient vectors for each vector of `x`).
+pub const ROW_GROUP: usize = 4;
+
 simd_fn! {
-    /// One row of `[N, C·S]`: `y = ((x - hi_j) - lo_j)·scale_j + shift_j`.
-    /// Whole vectors through zipped chunks, so that the slices' bounds are
-    /// checked once and their pointers stay in registers (indexing each
-    /// vector reloaded them after every store), then the partial one.
+    /// Whole rows of `[N, C·S]` (`x.len()` a multiple of the row,
+    /// `k.hi.len()`): `y = ((x - hi_j) - lo_j)·scale_j + shift_j`, in groups
+    /// of [`ROW_GROUP`] rows, column vector by column vector. Whole vectors
+    /// through zipped chunks, so that the coefficients' bounds are checked
+    /// once and their pointers stay in registers, then the partial one.
     pub fn normalize_positions<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>, act: Act) {
         unswitch!(act, {
-        let len = x.len();
-        let whole = len - len % VECTOR;
-        let y = &mut y[..len];
-        let coefs = k.hi[..whole].chunks_exact(VECTOR)
-            .zip(k.lo[..whole].chunks_exact(VECTOR))
-            .zip(k.scale[..whole].chunks_exact(VECTOR).zip(k.shift[..whole].chunks_exact(VECTOR)));
-        for (j, ((hi, lo), (scale, shift))) in coefs.enumerate() {
-            let xv = V8::<T::Lane, L>::new(load::<T, L>(x, j * VECTOR));
-            let v = act_lanes::apply(act, ((xv - lanes8(hi)) - lanes8(lo)) * lanes8(scale) + lanes8(shift));
-            convert::store_n::<T, L>(y, j * VECTOR, VECTOR, v.lanes, false);
-        }
-        let n = len - whole;
-        if n > 0 {
-            let zero = <T::Lane as Lane>::ZERO;
-            let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
-            let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
-            let v = act_lanes::apply(act, ((xv - part(&k.hi)) - part(&k.lo)) * part(&k.scale) + part(&k.shift));
-            convert::store_n::<T, L>(y, whole, n, v.lanes, false);
+        let row = k.hi.len();
+        let whole = row - row % VECTOR;
+        // Sixteen columns per step at the AVX-512 level (as in
+        // `normalize_blocks`), then eight.
+        let wide = if L::AVX512 { row / 16 * 16 } else { 0 };
+        let y = &mut y[..x.len()];
+        for (xg, yg) in x.chunks(row * ROW_GROUP).zip(y.chunks_mut(row * ROW_GROUP)) {
+            let rows = xg.len() / row;
+            let coefs16 = k.hi[..wide].chunks_exact(16)
+                .zip(k.lo[..wide].chunks_exact(16))
+                .zip(k.scale[..wide].chunks_exact(16).zip(k.shift[..wide].chunks_exact(16)));
+            for (j, ((hi, lo), (scale, shift))) in coefs16.enumerate() {
+                let (hi, lo, scale, shift) = (lanes16::<_, L>(hi), lanes16(lo), lanes16(scale), lanes16(shift));
+                for r in 0..rows {
+                    let at = r * row + j * 16;
+                    let (z0, z1) = (((load16::<T, L>(xg, at) - hi) - lo) * scale + shift).halves();
+                    store16::<T, L>(yg, at, V16::join(act_lanes::apply(act, z0), act_lanes::apply(act, z1)));
+                }
+            }
+            let coefs = k.hi[wide..whole].chunks_exact(VECTOR)
+                .zip(k.lo[wide..whole].chunks_exact(VECTOR))
+                .zip(k.scale[wide..whole].chunks_exact(VECTOR).zip(k.shift[wide..whole].chunks_exact(VECTOR)));
+            for (j, ((hi, lo), (scale, shift))) in coefs.enumerate() {
+                let (hi, lo, scale, shift) = (lanes8::<_, L>(hi), lanes8(lo), lanes8(scale), lanes8(shift));
+                for r in 0..rows {
+                    let at = r * row + wide + j * VECTOR;
+                    let xv = V8::<T::Lane, L>::new(load::<T, L>(xg, at));
+                    let v = act_lanes::apply(act, ((xv - hi) - lo) * scale + shift);
+                    convert::store_n::<T, L>(yg, at, VECTOR, v.lanes, false);
+                }
+            }
+            let n = row - whole;
+            if n > 0 {
+                let zero = <T::Lane as Lane>::ZERO;
+                let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
+                let (hi, lo, scale, shift) = (part(&k.hi), part(&k.lo), part(&k.scale), part(&k.shift));
+                for r in 0..rows {
+                    let at = r * row + whole;
+                    let xv = V8::new(load_n::<T, L>(xg, at, n, zero));
+                    let v = act_lanes::apply(act, ((xv - hi) - lo) * scale + shift);
+                    convert::store_n::<T, L>(yg, at, n, v.lanes, false);
+                }
+            }
         }
         })
     }
 }
 
 simd_fn! {
-    /// One row of `[N, C·S]`: `dx = shift_j·dz - offset_j + scale_j·((x - hi_j) - lo_j)`,
-    /// i.e. `rstd·(γ·dz - mean_g) + b·(x - μ)` per channel, `dz = dy` or,
-    /// fused, `φ'(z)·dy` with `z = ((x - hi_j) - lo_j)·z_scale_j + z_shift_j`.
+    /// Whole rows of `[N, C·S]`, as [`normalize_positions`]:
+    /// `dx = shift_j·dz - offset_j + scale_j·((x - hi_j) - lo_j)`, i.e.
+    /// `rstd·(γ·dz - mean_g) + b·(x - μ)` per channel, `dz = dy` or, fused,
+    /// `φ'(z)·dy` with `z = ((x - hi_j) - lo_j)·z_scale_j + z_shift_j`.
     pub fn input_grad_positions<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>, act: Act) {
         unswitch!(act, {
         if act.is_some() {
             return input_grad_positions_fused::<T, L>(x, dy, dx, k, act);
         }
-        let len = x.len();
-        let whole = len - len % VECTOR;
-        let dx = &mut dx[..len];
-        let coefs = k.hi[..whole].chunks_exact(VECTOR)
-            .zip(k.lo[..whole].chunks_exact(VECTOR))
-            .zip(k.scale[..whole].chunks_exact(VECTOR))
-            .zip(k.shift[..whole].chunks_exact(VECTOR).zip(k.offset[..whole].chunks_exact(VECTOR)));
-        for (j, (((hi, lo), scale), (shift, offset))) in coefs.enumerate() {
-            let xv = V8::new(load::<T, L>(x, j * VECTOR));
-            let dv = V8::new(load::<T, L>(dy, j * VECTOR));
-            let v = (lanes8::<_, L>(shift) * dv - lanes8(offset)) + lanes8(scale) * ((xv - lanes8(hi)) - lanes8(lo));
-            convert::store_n::<T, L>(dx, j * VECTOR, VECTOR, v.lanes, false);
-        }
-        let n = len - whole;
-        if n > 0 {
-            let zero = <T::Lane as Lane>::ZERO;
-            let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
-            let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
-            let dv = V8::new(load_n::<T, L>(dy, whole, n, zero));
-            let v = (part(&k.shift) * dv - part(&k.offset)) + part(&k.scale) * ((xv - part(&k.hi)) - part(&k.lo));
-            convert::store_n::<T, L>(dx, whole, n, v.lanes, false);
+        let row = k.hi.len();
+        let whole = row - row % VECTOR;
+        // Sixteen columns per step at the AVX-512 level, then eight.
+        let wide = if L::AVX512 { row / 16 * 16 } else { 0 };
+        let dx = &mut dx[..x.len()];
+        let groups = x.chunks(row * ROW_GROUP).zip(dy.chunks(row * ROW_GROUP)).zip(dx.chunks_mut(row * ROW_GROUP));
+        for ((xg, dg), og) in groups {
+            let rows = xg.len() / row;
+            let coefs16 = k.hi[..wide].chunks_exact(16)
+                .zip(k.lo[..wide].chunks_exact(16))
+                .zip(k.scale[..wide].chunks_exact(16))
+                .zip(k.shift[..wide].chunks_exact(16).zip(k.offset[..wide].chunks_exact(16)));
+            for (j, (((hi, lo), scale), (shift, offset))) in coefs16.enumerate() {
+                let (hi, lo, scale) = (lanes16::<_, L>(hi), lanes16(lo), lanes16(scale));
+                let (shift, offset) = (lanes16::<_, L>(shift), lanes16(offset));
+                for r in 0..rows {
+                    let at = r * row + j * 16;
+                    let (xv, dv) = (load16::<T, L>(xg, at), load16::<T, L>(dg, at));
+                    store16::<T, L>(og, at, (shift * dv - offset) + scale * ((xv - hi) - lo));
+                }
+            }
+            let coefs = k.hi[wide..whole].chunks_exact(VECTOR)
+                .zip(k.lo[wide..whole].chunks_exact(VECTOR))
+                .zip(k.scale[wide..whole].chunks_exact(VECTOR))
+                .zip(k.shift[wide..whole].chunks_exact(VECTOR).zip(k.offset[wide..whole].chunks_exact(VECTOR)));
+            for (j, (((hi, lo), scale), (shift, offset))) in coefs.enumerate() {
+                let (hi, lo, scale) = (lanes8::<_, L>(hi), lanes8(lo), lanes8(scale));
+                let (shift, offset) = (lanes8::<_, L>(shift), lanes8(offset));
+                for r in 0..rows {
+                    let at = r * row + wide + j * VECTOR;
+                    let xv = V8::new(load::<T, L>(xg, at));
+                    let dv = V8::new(load::<T, L>(dg, at));
+                    let v = (shift * dv - offset) + scale * ((xv - hi) - lo);
+                    convert::store_n::<T, L>(og, at, VECTOR, v.lanes, false);
+                }
+            }
+            let n = row - whole;
+            if n > 0 {
+                let zero = <T::Lane as Lane>::ZERO;
+                let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
+                let (hi, lo, scale) = (part(&k.hi), part(&k.lo), part(&k.scale));
+                let (shift, offset) = (part(&k.shift), part(&k.offset));
+                for r in 0..rows {
+                    let at = r * row + whole;
+                    let xv = V8::new(load_n::<T, L>(xg, at, n, zero));
+                    let dv = V8::new(load_n::<T, L>(dg, at, n, zero));
+                    let v = (shift * dv - offset) + scale * ((xv - hi) - lo);
+                    convert::store_n::<T, L>(og, at, n, v.lanes, false);
+                }
+            }
         }
         })
     }
@@ -389,6 +451,28 @@ impl<C> ZCoefs<'_, C> {
             scale: &[],
             shift: &[],
         }
+    }
+}
+
+/// Sixteen lanes of `v`, a whole sixteen-value chunk.
+#[inline(always)]
+fn lanes16<C: Lane, L: Isa>(v: &[C]) -> V16<C, L> {
+    V16::new(v.try_into().expect("sixteen lanes"))
+}
+
+/// Sixteen values of `x` from `at`, widened in registers.
+#[inline(always)]
+fn load16<T: Float, L: Isa>(x: &[T], at: usize) -> V16<T::Lane, L> {
+    V16::new(T::widen16::<L>(
+        x[at..at + 16].try_into().expect("sixteen values"),
+    ))
+}
+
+/// Narrows `v` into `out[at..at + 16]`.
+#[inline(always)]
+fn store16<T: Float, L: Isa>(out: &mut [MaybeUninit<T>], at: usize, v: V16<T::Lane, L>) {
+    for (d, value) in out[at..at + 16].iter_mut().zip(T::narrow16::<L>(v.lanes)) {
+        d.write(value);
     }
 }
 
@@ -542,9 +626,30 @@ simd_fn! {
 }
 
 /// [`input_grad_positions`] with an activation: whole vectors with the
-/// coefficients of their positions, then the partial one.
+/// coefficients of their positions, then the partial one, row by row.
 #[inline(always)]
 fn input_grad_positions_fused<T: Float, L: Isa>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [MaybeUninit<T>],
+    k: &PositionCoefs<T::Lane>,
+    act: Act,
+) {
+    // Row by row (the fused form has seven coefficient vectors, more than
+    // stay in registers across a row group).
+    let row = k.hi.len();
+    for ((x, dy), dx) in x
+        .chunks_exact(row)
+        .zip(dy.chunks_exact(row))
+        .zip(dx.chunks_exact_mut(row))
+    {
+        input_grad_row_fused::<T, L>(x, dy, dx, k, act);
+    }
+}
+
+/// One row of [`input_grad_positions_fused`].
+#[inline(always)]
+fn input_grad_row_fused<T: Float, L: Isa>(
     x: &[T],
     dy: &[T],
     dx: &mut [MaybeUninit<T>],
