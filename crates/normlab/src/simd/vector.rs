@@ -123,6 +123,12 @@ impl<C: Lane, L: Isa> V16<C, L> {
         Self::new([c; 16])
     }
 
+    /// Every lane zero.
+    #[inline(always)]
+    pub fn zero() -> Self {
+        Self::splat(C::ZERO)
+    }
+
     /// The two eight-lane halves.
     #[inline(always)]
     pub fn halves(self) -> (V8<C, L>, V8<C, L>) {
