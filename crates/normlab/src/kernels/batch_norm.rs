@@ -336,9 +336,12 @@ pub fn forward_train<T: Float, P: Float>(
             check_len(OP, arg, p.len(), &[layout.c])?;
         }
     }
-    let moments = channel_moments(x, layout)?;
-    forward_train_unchecked(x, layout, &moments, weight, bias, eps, y, None);
-    Ok(moments)
+    // Statistics and normalization in one hand-off to the pool.
+    super::parallel::on_pool(x.len(), || {
+        let moments = channel_moments(x, layout)?;
+        forward_train_unchecked(x, layout, &moments, weight, bias, eps, y, None);
+        Ok(moments)
+    })
 }
 
 /// Normalizes with the batch `moments` (and `act`); returns the statistics saved.
@@ -986,10 +989,13 @@ fn batch_norm_with<T: Float>(
             if count == 1 {
                 return Err(too_few());
             }
-            let moments = channel_moments(x.data(), layout)?;
-            let saved =
-                forward_train_unchecked(x.data(), layout, &moments, w, b, &options.eps, y, act);
-            Ok((saved, Some(moments)))
+            // Statistics and normalization in one hand-off to the pool.
+            let (x, eps) = (x.data(), &options.eps);
+            super::parallel::on_pool(x.len(), || {
+                let moments = channel_moments(x, layout)?;
+                let saved = forward_train_unchecked(x, layout, &moments, w, b, eps, y, act);
+                Ok((saved, Some(moments)))
+            })
         } else {
             let r = running
                 .as_ref()
@@ -1167,18 +1173,12 @@ fn backward_with<T: Float>(
         scale,
         shift,
     });
-    let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(op, x.shape(), |dx| {
-        Ok::<_, NormError>(backward_fused(
-            x.data(),
-            dy.data(),
-            layout,
-            saved,
-            w,
-            &eps,
-            batch_stats,
-            dx,
-            fused,
-        ))
+    let (shape, x, dy) = (x.shape(), x.data(), dy.data());
+    let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(op, shape, |dx| {
+        // Gradient sums and input gradient in one hand-off to the pool.
+        Ok::<_, NormError>(super::parallel::on_pool(x.len(), || {
+            backward_fused(x, dy, layout, saved, w, &eps, batch_stats, dx, fused)
+        }))
     })?;
     let to_tensor = |v: &[f64]| Tensor::from_vec(v.iter().map(|&a| T::from_f64(a)).collect());
     Ok(Grads {

@@ -20,6 +20,22 @@
 /// than they save; 64 Ki leaves one image's feature maps on one core.
 pub(crate) const MIN_TASK_VALUES: usize = 1 << 15;
 
+/// Runs `f`, whose parallel passes cover `values` values, on a worker of
+/// rayon's pool when those passes will be split (at least two tasks'
+/// worth) and the caller is outside the pool. Each parallel pass started
+/// from outside the pool hands its work to a worker and puts the caller
+/// to sleep until it is done, a context switch each way (tens of
+/// microseconds on a small VM, as long as a BatchNorm1d pass over 256 Ki
+/// values); inside the pool, a pass is a cheap `join`. An op with several
+/// passes (statistics, then normalization) pays the hand-off once.
+pub(crate) fn on_pool<R: Send>(values: usize, f: impl FnOnce() -> R + Send) -> R {
+    if values >= 2 * MIN_TASK_VALUES && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
+}
+
 /// Minimum number of units of `unit_len` values per rayon task.
 pub(crate) fn min_units(unit_len: usize) -> usize {
     (MIN_TASK_VALUES / unit_len.max(1)).max(1)
