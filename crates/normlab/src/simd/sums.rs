@@ -17,7 +17,7 @@ use super::activation::{self as act_lanes, unswitch, Act};
 use crate::float::{Float, Lane};
 use crate::simd::convert::{load, load_n, VECTOR};
 use crate::simd::transform::{lanes_n, put_n};
-use crate::simd::vector::V8;
+use crate::simd::vector::{V16, V8};
 use crate::simd::{simd_fn, Isa};
 
 /// Lanes of a segment sum (four AVX2 vectors of f32, so that four
@@ -380,6 +380,36 @@ simd_fn! {
                 (gv, gv * xh)
             }
         };
+        // Sixteen values of [`vector`] at once (the AVX-512 level: one
+        // instruction per operator where that takes two; the same operations
+        // per lane, so the same bits).
+        let s16 = V16::<T::Lane, L>::splat;
+        let (hi16, lo16, rstd16) = (s16(hi), s16(lo), s16(rstd));
+        let vector16 = {
+            #[inline(always)]
+            |at: usize, g_out: &mut [T::Lane], dweight: &mut [T::Lane], dbias: &mut [T::Lane]| {
+                let lanes = {
+                    #[inline(always)]
+                    |v: &[T::Lane]| V16::<T::Lane, L>::new(v[at..at + 16].try_into().expect("sixteen lanes"))
+                };
+                let widen = {
+                    #[inline(always)]
+                    |v: &[T]| V16::<T::Lane, L>::new(T::widen16::<L>(v[at..at + 16].try_into().expect("sixteen values")))
+                };
+                let xh = ((widen(x) - hi16) - lo16) * rstd16;
+                let wv = lanes(w);
+                let bv = if act.is_some() { lanes(bias) } else { V16::zero() };
+                let ((d0, d1), (z0, z1)) = (widen(dy).halves(), (xh * wv + bv).halves());
+                let dv = V16::join(act_lanes::grad(act, d0, z0), act_lanes::grad(act, d1, z1));
+                let gv = dv * wv;
+                g_out[at..at + 16].copy_from_slice(&gv.lanes);
+                let dw = lanes(dweight) + dv * xh;
+                dweight[at..at + 16].copy_from_slice(&dw.lanes);
+                let db = lanes(dbias) + dv;
+                dbias[at..at + 16].copy_from_slice(&db.lanes);
+                (gv, gv * xh)
+            }
+        };
         let len = x.len();
         let mut at = 0;
         while at < len {
@@ -389,13 +419,30 @@ simd_fn! {
             // whole rounds of the groups with whole vectors (the loop
             // without a length test per vector, which had kept the lane
             // sums on the stack), then the last values.
-            while at + LANES <= end {
-                for g in 0..GROUPS {
-                    let (f, h) = vector(at + g * VECTOR, VECTOR, g_out, dweight, dbias);
-                    sf[g] += f;
-                    sg[g] += h;
+            if L::AVX512 {
+                // Groups 2p and 2p + 1 as the halves of one sixteen-lane sum.
+                let (mut sf16, mut sg16) = ([V16::<T::Lane, L>::zero(); 2], [V16::<T::Lane, L>::zero(); 2]);
+                while at + LANES <= end {
+                    for p in 0..2 {
+                        let (f, h) = vector16(at + p * 16, g_out, dweight, dbias);
+                        sf16[p] = sf16[p] + f;
+                        sg16[p] = sg16[p] + h;
+                    }
+                    at += LANES;
                 }
-                at += LANES;
+                for p in 0..2 {
+                    (sf[2 * p], sf[2 * p + 1]) = sf16[p].halves();
+                    (sg[2 * p], sg[2 * p + 1]) = sg16[p].halves();
+                }
+            } else {
+                while at + LANES <= end {
+                    for g in 0..GROUPS {
+                        let (f, h) = vector(at + g * VECTOR, VECTOR, g_out, dweight, dbias);
+                        sf[g] += f;
+                        sg[g] += h;
+                    }
+                    at += LANES;
+                }
             }
             let mut g = 0;
             while at < end {
