@@ -180,6 +180,9 @@ fn every_path<T: normlab::Float>(tol_y: f64, tol_grad: f64) {
         // several column stripes × row blocks.
         &[300, 130, 1],
         &[130, 1100, 1],
+        // Large enough (128 Ki values) for the ops that hand all their
+        // passes to the pool at once when called from outside it.
+        &[8, 64, 16, 16],
     ];
     let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
         .iter()
@@ -246,6 +249,16 @@ fn every_path<T: normlab::Float>(tol_y: f64, tol_grad: f64) {
                     ),
                 }
             }
+            // From this thread, outside every pool: the global pool's
+            // hand-off gives the same bits.
+            let outside = run_all(&x, &dy, &w, &b, &wn, &bn);
+            assert_eq!(
+                first.as_ref(),
+                Some(&outside),
+                "{shape:?} {}: {} called from outside the pools differs",
+                T::NAME,
+                level.name()
+            );
         }
         simd::force(None);
     }

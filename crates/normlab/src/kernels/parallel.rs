@@ -22,16 +22,17 @@ pub(crate) const MIN_TASK_VALUES: usize = 1 << 15;
 
 /// Inputs from which [`on_pool`] moves an op onto the pool: four tasks'
 /// worth. At two (64 Ki values) a one-image BatchNorm eval backward
-/// (`[1, 2048, 7, 7]`, 100 Ki values, f32, 2 threads) took 0.095–0.11 ms
-/// against 0.047–0.057 ms with each pass handed over on its own; from
-/// 256 Ki values on (`[64, 4096]` BatchNorm1d) one hand-off measured faster
-/// (backward 0.10–0.11 against 0.14–0.15 ms).
+/// (`[1, 2048, 7, 7]`, 98 Ki values, f32, 2 threads) took 0.095–0.11 ms
+/// against 0.047–0.057 ms with each pass handed over on its own; at
+/// 256 Ki values (`[64, 4096]` BatchNorm1d) one hand-off measured faster
+/// (backward 0.10–0.11 against 0.14–0.15 ms). 128 Ki lies between the two
+/// and was not measured on its own.
 const ON_POOL_MIN_VALUES: usize = 4 * MIN_TASK_VALUES;
 
 /// Runs `f`, whose parallel passes cover `values` values, on a worker of
-/// rayon's pool when those passes will be split into several tasks (from
-/// [`ON_POOL_MIN_VALUES`]) and the caller is outside the pool. Each parallel pass started
-/// from outside the pool hands its work to a worker and puts the caller
+/// rayon's pool when there are at least [`ON_POOL_MIN_VALUES`] of them and
+/// the caller is outside the pool. Each parallel pass that splits, started
+/// from outside the pool, hands its work to a worker and puts the caller
 /// to sleep until it is done, a context switch each way (tens of
 /// microseconds on a small VM, as long as a BatchNorm1d pass over 256 Ki
 /// values); inside the pool, a pass is a cheap `join`. An op with several

@@ -271,6 +271,17 @@ fn split_means<C: Lane>(mean: &[f64], s: usize) -> (Scratch<C>, Scratch<C>) {
     (hi, lo)
 }
 
+/// Values per task of an element-wise pass over `rows` rows of `row`
+/// values: whole rows, as many tasks as there are whole tasks' worth of
+/// values ([`min_units`]; at least one), the rows shared evenly among them.
+/// Every task then holds at least a task's worth, so an input below two
+/// tasks' worth runs on the calling thread; the split depends on the shape
+/// alone.
+fn row_run(rows: usize, row: usize) -> usize {
+    let tasks = (rows / min_units(row)).max(1);
+    row * rows.div_ceil(tasks).max(1)
+}
+
 /// `y = φ((x - mean_c)·scale_c + shift_c)` (`φ` the identity without `act`).
 pub(crate) fn normalize<T: Float>(
     x: &[T],
@@ -292,9 +303,9 @@ pub(crate) fn normalize<T: Float>(
         z_scale: Scratch::filled(0, T::Lane::ZERO),
         z_shift: Scratch::filled(0, T::Lane::ZERO),
     };
-    // Runs of whole rows, a task's worth each, so that a kernel call takes
-    // its rows in groups ([`transform::ROW_GROUP`]).
-    let run = row * min_units(row);
+    // Runs of whole rows, so that a kernel call takes its rows in groups
+    // ([`transform::ROW_GROUP`]).
+    let run = row_run(x.len() / row, row);
     x.par_chunks(run)
         .zip(y.par_chunks_mut(run))
         .for_each(|(xr, yr)| transform::normalize_positions(xr, yr, &k, act));
@@ -382,7 +393,7 @@ pub(crate) fn input_grad<T: Float>(
     };
     let act = fused.map(|f| f.act);
     // Runs of whole rows, as in [`normalize`].
-    let run = row * min_units(row);
+    let run = row_run(x.len() / row, row);
     x.par_chunks(run)
         .zip(dy.par_chunks(run))
         .zip(dx.par_chunks_mut(run))

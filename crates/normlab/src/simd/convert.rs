@@ -176,7 +176,8 @@ unsafe fn narrow_f16_f16c(src: &[f32], dst: &mut [MaybeUninit<half::f16>]) {
         // SAFETY: eight values are in bounds of both slices at `i`.
         unsafe {
             let v = _mm256_loadu_ps(src.as_ptr().add(i));
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            let mut h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            keep_in_register_128(&mut h);
             _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut _, h);
         }
         i += 8;
@@ -432,6 +433,7 @@ mod avx512 {
         unsafe {
             let v = transmute::<[f32; 16], __m512>(v);
             let mut h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            // AVX-512 F implies AVX.
             super::keep_in_register_256(&mut h);
             transmute::<__m256i, [half::f16; 16]>(h)
         }

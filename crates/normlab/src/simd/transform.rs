@@ -5,7 +5,10 @@
 //! Each pass loads one vector of eight values at a time, widened in
 //! registers ([`convert::load_n`]), computes its lanes and stores them
 //! narrowed straight from registers ([`convert::fill!`]), streamed when
-//! asked; streaming stores are fenced by the kernel that issued them.
+//! asked; streaming stores are fenced by the kernel that issued them. At
+//! the AVX-512 level most passes take sixteen values per step (`V16`), the
+//! same operations per value; the `[N, C·S]` passes take their rows in
+//! groups of [`ROW_GROUP`].
 
 use std::mem::MaybeUninit;
 
@@ -314,10 +317,15 @@ simd_fn! {
     /// `k.hi.len()`): `y = ((x - hi_j) - lo_j)·scale_j + shift_j`, in groups
     /// of [`ROW_GROUP`] rows, column vector by column vector. Whole vectors
     /// through zipped chunks, so that the coefficients' bounds are checked
-    /// once and their pointers stay in registers, then the partial one.
+    /// once per row group and their pointers stay in registers, then the
+    /// partial one.
     pub fn normalize_positions<T: Float>[L](x: &[T], y: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>, act: Act) {
         unswitch!(act, {
         let row = k.hi.len();
+        if x.is_empty() {
+            return;
+        }
+        debug_assert!(row > 0 && x.len().is_multiple_of(row), "normalize_positions: whole rows of the coefficients' length (the callers pass whole rows)");
         let whole = row - row % VECTOR;
         // Sixteen columns per step at the AVX-512 level (as in
         // `normalize_blocks`), then eight.
@@ -372,10 +380,14 @@ simd_fn! {
     /// `φ'(z)·dy` with `z = ((x - hi_j) - lo_j)·z_scale_j + z_shift_j`.
     pub fn input_grad_positions<T: Float>[L](x: &[T], dy: &[T], dx: &mut [MaybeUninit<T>], k: &PositionCoefs<T::Lane>, act: Act) {
         unswitch!(act, {
+        let row = k.hi.len();
+        if x.is_empty() {
+            return;
+        }
+        debug_assert!(row > 0 && x.len().is_multiple_of(row), "input_grad_positions: whole rows of the coefficients' length (the callers pass whole rows)");
         if act.is_some() {
             return input_grad_positions_fused::<T, L>(x, dy, dx, k, act);
         }
-        let row = k.hi.len();
         let whole = row - row % VECTOR;
         // Sixteen columns per step at the AVX-512 level, then eight.
         let wide = if L::AVX512 { row / 16 * 16 } else { 0 };
