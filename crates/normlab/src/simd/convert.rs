@@ -10,6 +10,7 @@
 use std::mem::MaybeUninit;
 
 use crate::float::{Float, Lane};
+use crate::simd::vector::V16;
 use crate::simd::Isa;
 
 /// bf16 bits as f32 (exact).
@@ -503,6 +504,22 @@ pub use super::vector::VECTOR;
 pub fn load<T: Float, L: Isa>(x: &[T], at: usize) -> [T::Lane; VECTOR] {
     let src: &[T; VECTOR] = x[at..at + VECTOR].try_into().expect("eight values");
     T::widen8::<L>(src)
+}
+
+/// Sixteen values of `x` from `at`, widened in registers.
+#[inline(always)]
+pub(crate) fn load16<T: Float, L: Isa>(x: &[T], at: usize) -> V16<T::Lane, L> {
+    V16::new(T::widen16::<L>(
+        x[at..at + 16].try_into().expect("sixteen values"),
+    ))
+}
+
+/// Narrows `v` into `out[at..at + 16]`.
+#[inline(always)]
+pub(crate) fn store16<T: Float, L: Isa>(out: &mut [MaybeUninit<T>], at: usize, v: V16<T::Lane, L>) {
+    for (d, value) in out[at..at + 16].iter_mut().zip(T::narrow16::<L>(v.lanes)) {
+        d.write(value);
+    }
 }
 
 /// The `n` (at most eight) values of `x` from `at` as lanes, the lanes past

@@ -15,7 +15,7 @@
 
 use super::activation::{self as act_lanes, unswitch, Act};
 use crate::float::{Float, Lane};
-use crate::simd::convert::{load, load_n, VECTOR};
+use crate::simd::convert::{load, load16, load_n, VECTOR};
 use crate::simd::transform::{lanes_n, put_n};
 use crate::simd::vector::{V16, V8};
 use crate::simd::{simd_fn, Isa};
@@ -392,14 +392,10 @@ simd_fn! {
                     #[inline(always)]
                     |v: &[T::Lane]| V16::<T::Lane, L>::new(v[at..at + 16].try_into().expect("sixteen lanes"))
                 };
-                let widen = {
-                    #[inline(always)]
-                    |v: &[T]| V16::<T::Lane, L>::new(T::widen16::<L>(v[at..at + 16].try_into().expect("sixteen values")))
-                };
-                let xh = ((widen(x) - hi16) - lo16) * rstd16;
+                let xh = ((load16::<T, L>(x, at) - hi16) - lo16) * rstd16;
                 let wv = lanes(w);
                 let bv = if act.is_some() { lanes(bias) } else { V16::zero() };
-                let ((d0, d1), (z0, z1)) = (widen(dy).halves(), (xh * wv + bv).halves());
+                let ((d0, d1), (z0, z1)) = (load16::<T, L>(dy, at).halves(), (xh * wv + bv).halves());
                 let dv = V16::join(act_lanes::grad(act, d0, z0), act_lanes::grad(act, d1, z1));
                 let gv = dv * wv;
                 g_out[at..at + 16].copy_from_slice(&gv.lanes);

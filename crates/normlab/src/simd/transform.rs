@@ -13,7 +13,7 @@
 use std::mem::MaybeUninit;
 
 use super::activation::{self as act_lanes, unswitch, Act};
-use super::convert::{self, load, load_n, Store, VECTOR};
+use super::convert::{self, load, load16, load_n, store16, Store, VECTOR};
 use super::sums::{centred_segment_of, centred_tail, SEGMENT, WIDE};
 use super::vector::{V16, V8};
 use crate::alloc::Scratch;
@@ -67,15 +67,13 @@ fn normalize_blocks<T: Float, L: Isa>(
         let (scale16, shift16) = (V16::splat(scale), V16::splat(shift));
         let whole = y.len() / 16 * 16;
         while done < whole {
-            let src: &[T; 16] = x[base + done..base + done + 16]
-                .try_into()
-                .expect("sixteen values");
-            let xv = V16::new(T::widen16::<L>(src));
+            let xv = load16::<T, L>(x, base + done);
             let (z0, z1) = (((xv - hi16) - lo16) * scale16 + shift16).halves();
-            let z = V16::join(act_lanes::apply(act, z0), act_lanes::apply(act, z1));
-            for (d, v) in y[done..done + 16].iter_mut().zip(T::narrow16::<L>(z.lanes)) {
-                d.write(v);
-            }
+            store16::<T, L>(
+                y,
+                done,
+                V16::join(act_lanes::apply(act, z0), act_lanes::apply(act, z1)),
+            );
             done += 16;
         }
     }
@@ -144,20 +142,12 @@ simd_fn! {
         let mut done = 0;
         if L::AVX512 && store == Store::Cached {
             let (hi16, lo16, rstd16) = (V16::<T::Lane, L>::splat(hi), V16::splat(lo), V16::splat(rstd));
-            let lanes16 = {
-                #[inline(always)]
-                |v: &[T::Lane], at: usize| V16::<T::Lane, L>::new(v[at..at + 16].try_into().expect("sixteen lanes"))
-            };
             let whole = y.len() / 16 * 16;
             while done < whole {
-                let src: &[T; 16] = x[done..done + 16].try_into().expect("sixteen values");
-                let xv = V16::new(T::widen16::<L>(src));
-                let z = ((xv - hi16) - lo16) * rstd16 * lanes16(w, done) + lanes16(b, done);
+                let xv = load16::<T, L>(x, done);
+                let z = ((xv - hi16) - lo16) * rstd16 * lanes16(&w[done..done + 16]) + lanes16(&b[done..done + 16]);
                 let (z0, z1) = z.halves();
-                let z = V16::join(act_lanes::apply(act, z0), act_lanes::apply(act, z1));
-                for (d, v) in y[done..done + 16].iter_mut().zip(T::narrow16::<L>(z.lanes)) {
-                    d.write(v);
-                }
+                store16::<T, L>(y, done, V16::join(act_lanes::apply(act, z0), act_lanes::apply(act, z1)));
                 done += 16;
             }
         }
@@ -191,13 +181,9 @@ simd_fn! {
             let (hi16, lo16, rstd16, mean_g16, b16) = (s16(hi), s16(lo), s16(rstd), s16(mean_g), s16(b));
             let whole = dx.len() / 16 * 16;
             while done < whole {
-                let src: &[T; 16] = x[done..done + 16].try_into().expect("sixteen values");
-                let xc = (V16::new(T::widen16::<L>(src)) - hi16) - lo16;
-                let gv = V16::new(g[done..done + 16].try_into().expect("sixteen lanes"));
-                let v = rstd16 * (gv - mean_g16) + b16 * xc;
-                for (d, value) in dx[done..done + 16].iter_mut().zip(T::narrow16::<L>(v.lanes)) {
-                    d.write(value);
-                }
+                let xc = (load16::<T, L>(x, done) - hi16) - lo16;
+                let gv = lanes16::<_, L>(&g[done..done + 16]);
+                store16::<T, L>(dx, done, rstd16 * (gv - mean_g16) + b16 * xc);
                 done += 16;
             }
         }
@@ -244,29 +230,15 @@ fn slice_dx_blocks<T: Float, L: Isa>(
         let s16 = V16::<T::Lane, L>::splat;
         let (hi16, lo16, rstd16, w16) = (s16(hi), s16(lo), s16(rstd), s16(w));
         let (mean_g16, b16, scale16, shift16) = (s16(mean_g), s16(b), s16(scale), s16(shift));
-        let load16 = {
-            #[inline(always)]
-            |v: &[T], at: usize| {
-                V16::<T::Lane, L>::new(T::widen16::<L>(
-                    v[at..at + 16].try_into().expect("sixteen values"),
-                ))
-            }
-        };
         let whole = dx.len() / 16 * 16;
         while done < whole {
-            let xc = (load16(x, base + done) - hi16) - lo16;
+            let xc = (load16::<T, L>(x, base + done) - hi16) - lo16;
             let ((d0, d1), (z0, z1)) = (
-                load16(dy, base + done).halves(),
+                load16::<T, L>(dy, base + done).halves(),
                 (xc * scale16 + shift16).halves(),
             );
             let dz = V16::join(act_lanes::grad(act, d0, z0), act_lanes::grad(act, d1, z1));
-            let v = rstd16 * (w16 * dz - mean_g16) + b16 * xc;
-            for (d, value) in dx[done..done + 16]
-                .iter_mut()
-                .zip(T::narrow16::<L>(v.lanes))
-            {
-                d.write(value);
-            }
+            store16::<T, L>(dx, done, rstd16 * (w16 * dz - mean_g16) + b16 * xc);
             done += 16;
         }
     }
@@ -470,22 +442,6 @@ impl<C> ZCoefs<'_, C> {
 #[inline(always)]
 fn lanes16<C: Lane, L: Isa>(v: &[C]) -> V16<C, L> {
     V16::new(v.try_into().expect("sixteen lanes"))
-}
-
-/// Sixteen values of `x` from `at`, widened in registers.
-#[inline(always)]
-fn load16<T: Float, L: Isa>(x: &[T], at: usize) -> V16<T::Lane, L> {
-    V16::new(T::widen16::<L>(
-        x[at..at + 16].try_into().expect("sixteen values"),
-    ))
-}
-
-/// Narrows `v` into `out[at..at + 16]`.
-#[inline(always)]
-fn store16<T: Float, L: Isa>(out: &mut [MaybeUninit<T>], at: usize, v: V16<T::Lane, L>) {
-    for (d, value) in out[at..at + 16].iter_mut().zip(T::narrow16::<L>(v.lanes)) {
-        d.write(value);
-    }
 }
 
 /// Eight lanes of `v`, a whole-vector chunk.
@@ -694,47 +650,33 @@ fn input_grad_positions_fused<T: Float, L: Isa>(
 ) {
     // Row by row (the fused form has seven coefficient vectors, more than
     // stay in registers across a row group).
-    let row = k.hi.len();
-    for ((x, dy), dx) in x
-        .chunks_exact(row)
-        .zip(dy.chunks_exact(row))
-        .zip(dx.chunks_exact_mut(row))
-    {
-        input_grad_row_fused::<T, L>(x, dy, dx, k, act);
-    }
-}
-
-/// One row of [`input_grad_positions_fused`].
-#[inline(always)]
-fn input_grad_row_fused<T: Float, L: Isa>(
-    x: &[T],
-    dy: &[T],
-    dx: &mut [MaybeUninit<T>],
-    k: &PositionCoefs<T::Lane>,
-    act: Act,
-) {
-    let len = x.len();
+    let len = k.hi.len();
+    let rows = x
+        .chunks_exact(len)
+        .zip(dy.chunks_exact(len))
+        .zip(dx.chunks_exact_mut(len));
     let whole = len - len % VECTOR;
-    let dx = &mut dx[..len];
-    for at in (0..whole).step_by(VECTOR) {
-        let c8 = |v: &[T::Lane]| lanes8::<_, L>(&v[at..at + VECTOR]);
-        let xv = V8::new(load::<T, L>(x, at));
-        let dv = V8::new(load::<T, L>(dy, at));
-        let xc = (xv - c8(&k.hi)) - c8(&k.lo);
-        let dz = act_lanes::grad(act, dv, xc * c8(&k.z_scale) + c8(&k.z_shift));
-        let v = (c8(&k.shift) * dz - c8(&k.offset)) + c8(&k.scale) * xc;
-        convert::store_n::<T, L>(dx, at, VECTOR, v.lanes, false);
-    }
-    let n = len - whole;
-    if n > 0 {
-        let zero = <T::Lane as Lane>::ZERO;
-        let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
-        let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
-        let dv = V8::new(load_n::<T, L>(dy, whole, n, zero));
-        let xc = (xv - part(&k.hi)) - part(&k.lo);
-        let dz = act_lanes::grad(act, dv, xc * part(&k.z_scale) + part(&k.z_shift));
-        let v = (part(&k.shift) * dz - part(&k.offset)) + part(&k.scale) * xc;
-        convert::store_n::<T, L>(dx, whole, n, v.lanes, false);
+    for ((x, dy), dx) in rows {
+        for at in (0..whole).step_by(VECTOR) {
+            let c8 = |v: &[T::Lane]| lanes8::<_, L>(&v[at..at + VECTOR]);
+            let xv = V8::new(load::<T, L>(x, at));
+            let dv = V8::new(load::<T, L>(dy, at));
+            let xc = (xv - c8(&k.hi)) - c8(&k.lo);
+            let dz = act_lanes::grad(act, dv, xc * c8(&k.z_scale) + c8(&k.z_shift));
+            let v = (c8(&k.shift) * dz - c8(&k.offset)) + c8(&k.scale) * xc;
+            convert::store_n::<T, L>(dx, at, VECTOR, v.lanes, false);
+        }
+        let n = len - whole;
+        if n > 0 {
+            let zero = <T::Lane as Lane>::ZERO;
+            let part = |v: &[T::Lane]| V8::<T::Lane, L>::new(lanes_n(v, whole, n, zero));
+            let xv = V8::new(load_n::<T, L>(x, whole, n, zero));
+            let dv = V8::new(load_n::<T, L>(dy, whole, n, zero));
+            let xc = (xv - part(&k.hi)) - part(&k.lo);
+            let dz = act_lanes::grad(act, dv, xc * part(&k.z_scale) + part(&k.z_shift));
+            let v = (part(&k.shift) * dz - part(&k.offset)) + part(&k.scale) * xc;
+            convert::store_n::<T, L>(dx, whole, n, v.lanes, false);
+        }
     }
 }
 
