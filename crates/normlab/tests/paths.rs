@@ -249,8 +249,8 @@ fn every_path<T: normlab::Float>(tol_y: f64, tol_grad: f64) {
                     ),
                 }
             }
-            // From this thread, outside every pool: the global pool's
-            // hand-off gives the same bits.
+            // From this thread, outside every pool (the caller works on
+            // each pass, the global pool's workers help): the same bits.
             let outside = run_all(&x, &dy, &w, &b, &wn, &bn);
             assert_eq!(
                 first.as_ref(),

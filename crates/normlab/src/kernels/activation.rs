@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::check_view;
 use super::parallel::min_units;
+use super::parallel::{self};
 use crate::simd::transform;
 use crate::{Activation, Float, Result, Tensor, View};
 
@@ -31,9 +32,10 @@ pub fn activation<T: Float>(x: &(impl View<T> + ?Sized), act: Activation) -> Res
     let x = x.data();
     let (y, ()) = Tensor::filled_by(OP, &shape, |y| {
         let task = min_units(1);
-        x.par_chunks(task)
-            .zip(y.par_chunks_mut(task))
-            .for_each(|(xs, ys)| transform::activate(xs, ys, Some(act)));
+        parallel::for_each(
+            x.par_chunks(task).zip(y.par_chunks_mut(task)),
+            |(xs, ys)| transform::activate(xs, ys, Some(act)),
+        );
         Ok(())
     })?;
     Ok(y)
@@ -56,10 +58,12 @@ pub fn activation_backward<T: Float>(
     let (yd, dyd) = (y.data(), dy.data());
     let (dz, ()) = Tensor::filled_by(OP, y.shape(), |dz| {
         let task = min_units(1);
-        yd.par_chunks(task)
-            .zip(dyd.par_chunks(task))
-            .zip(dz.par_chunks_mut(task))
-            .for_each(|((ys, ds), out)| transform::activation_grad(ys, ds, out, Some(act)));
+        parallel::for_each(
+            yd.par_chunks(task)
+                .zip(dyd.par_chunks(task))
+                .zip(dz.par_chunks_mut(task)),
+            |((ys, ds), out)| transform::activation_grad(ys, ds, out, Some(act)),
+        );
         Ok(())
     })?;
     Ok(dz)

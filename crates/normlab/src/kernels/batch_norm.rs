@@ -12,6 +12,7 @@
 //! then the input gradient ([`backward_input`]), so that SyncBatchNorm can
 //! all-reduce the sums between them.
 
+use super::parallel::{self};
 use super::parallel::{channels, channels_mut, min_units, sum_partials};
 use super::slices::Affine;
 use super::{affine_at, positions, slices, BiasGrad, ChannelAct};
@@ -129,18 +130,20 @@ fn short_runs<T: Float>(
     let m = run.min(c);
     let runs = (x.len() / s).div_ceil(run);
     let mut partials = crate::alloc::scratch::<f64>(runs * m * 2);
-    partials
-        .par_chunks_mut(m * 2)
-        .zip(x.par_chunks(run * s))
-        .enumerate()
-        .for_each(|(t, (part, xr))| {
+    parallel::for_each(
+        partials
+            .par_chunks_mut(m * 2)
+            .zip(x.par_chunks(run * s))
+            .enumerate(),
+        |(t, (part, xr))| {
             let totals = &mut part[..(xr.len() / s).min(m) * 2];
             totals.fill(MaybeUninit::new(0.0));
             // SAFETY: every value was just written.
             let totals = unsafe { &mut *(totals as *mut [MaybeUninit<f64>] as *mut [f64]) };
             let dr = dy.map(|dy| &dy[t * run * s..][..xr.len()]);
             add(xr, dr, (t * run) % c, totals);
-        });
+        },
+    );
     let mut acc = vec![(0.0, 0.0); c];
     for (t, part) in partials.chunks(m * 2).enumerate() {
         let (first, used) = ((t * run) % c, (x.len() / s - t * run).min(m));
@@ -171,18 +174,14 @@ fn short_moments<T: Float>(x: &[T], layout: NcsLayout) -> Vec<Moments> {
         sums::centred_sums_slices(run, s, first, &shifts, totals)
     });
     let count = (layout.n * s) as f64;
-    totals
-        .into_par_iter()
-        .enumerate()
-        .map(|(ch, (s1, s2))| {
-            Moments::from_centred_sums_checked(count, shifts[ch], s1, s2).unwrap_or_else(|| {
-                x.chunks_exact(s)
-                    .skip(ch)
-                    .step_by(c)
-                    .fold(Moments::EMPTY, |acc, sl| acc.merge(Moments::of_slice(sl)))
-            })
+    parallel::collect(totals.into_par_iter().enumerate().map(|(ch, (s1, s2))| {
+        Moments::from_centred_sums_checked(count, shifts[ch], s1, s2).unwrap_or_else(|| {
+            x.chunks_exact(s)
+                .skip(ch)
+                .step_by(c)
+                .fold(Moments::EMPTY, |acc, sl| acc.merge(Moments::of_slice(sl)))
         })
-        .collect()
+    }))
 }
 
 /// Per-channel moments of `x` laid out as `layout`: channel `c` gathers
@@ -207,11 +206,11 @@ pub fn channel_moments<T: Float>(x: &[T], layout: NcsLayout) -> Result<Vec<Momen
     // Memory order, samples in tasks of at least `MIN_TASK_VALUES` values;
     // each channel's per-sample moments are merged in sample order, whatever
     // the number of threads.
-    let per_sample: Vec<Vec<Moments>> = x
-        .par_chunks(c * s)
-        .with_min_len(min_units(c * s))
-        .map(|sample| sample.chunks_exact(s).map(Moments::of_slice).collect())
-        .collect();
+    let per_sample: Vec<Vec<Moments>> = parallel::collect(
+        x.par_chunks(c * s)
+            .with_min_len(min_units(c * s))
+            .map(|sample| sample.chunks_exact(s).map(Moments::of_slice).collect()),
+    );
     Ok((0..c)
         .map(|ch| {
             per_sample
@@ -287,28 +286,30 @@ fn normalize_unchecked<T: Float, P: Float>(
             }),
         );
         let run = min_units(s);
-        x.par_chunks(run * s)
-            .zip(y.par_chunks_mut(run * s))
-            .enumerate()
-            .for_each(|(t, (xr, yr))| {
-                transform::normalize_slices(xr, yr, s, (t * run) % c, &coefs, act)
-            });
+        parallel::for_each(
+            x.par_chunks(run * s)
+                .zip(y.par_chunks_mut(run * s))
+                .enumerate(),
+            |(t, (xr, yr))| transform::normalize_slices(xr, yr, s, (t * run) % c, &coefs, act),
+        );
         return;
     }
     // Statistics are given: no per-channel gathering needed, so the slices
     // are visited in memory order, one sequential stream per thread.
-    x.par_chunks(s)
-        .zip(y.par_chunks_mut(s))
-        .enumerate()
-        .with_min_len(min_units(s))
-        .for_each(|(block, (x_sl, y_sl))| {
+    parallel::for_each(
+        x.par_chunks(s)
+            .zip(y.par_chunks_mut(s))
+            .enumerate()
+            .with_min_len(min_units(s)),
+        |(block, (x_sl, y_sl))| {
             let ch = block % c;
             let k = Affine {
                 scale: saved.rstd[ch] * param_at(weight, ch, 1.0),
                 shift: param_at(bias, ch, 0.0),
             };
             slices::normalize(x_sl, y_sl, saved.mean[ch], k, store, act);
-        });
+        },
+    );
 }
 
 /// Training forward: per-channel statistics, then normalization, each pass
@@ -336,12 +337,9 @@ pub fn forward_train<T: Float, P: Float>(
             check_len(OP, arg, p.len(), &[layout.c])?;
         }
     }
-    // Statistics and normalization in one hand-off to the pool.
-    super::parallel::on_pool(x.len(), || {
-        let moments = channel_moments(x, layout)?;
-        forward_train_unchecked(x, layout, &moments, weight, bias, eps, y, None);
-        Ok(moments)
-    })
+    let moments = channel_moments(x, layout)?;
+    forward_train_unchecked(x, layout, &moments, weight, bias, eps, y, None);
+    Ok(moments)
 }
 
 /// Normalizes with the batch `moments` (and `act`); returns the statistics saved.
@@ -416,21 +414,21 @@ fn channel_grad_sums_unchecked<T: Float>(
     }
     // Memory order, samples in tasks of at least `MIN_TASK_VALUES` values,
     // per-sample sums added in sample order.
-    let partials: Vec<(Vec<f64>, Vec<f64>)> = x
-        .par_chunks(c * s)
-        .zip(dy.par_chunks(c * s))
-        .with_min_len(min_units(c * s))
-        .map(|(xs, dys)| {
-            xs.chunks_exact(s)
-                .zip(dys.chunks_exact(s))
-                .enumerate()
-                .map(|(ch, (x_sl, dy_sl))| {
-                    let z_k = affine_at(fused, ch);
-                    slices::grad_sums(x_sl, dy_sl, saved.mean[ch], saved.rstd[ch], z_k, act)
-                })
-                .unzip()
-        })
-        .collect();
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = parallel::collect(
+        x.par_chunks(c * s)
+            .zip(dy.par_chunks(c * s))
+            .with_min_len(min_units(c * s))
+            .map(|(xs, dys)| {
+                xs.chunks_exact(s)
+                    .zip(dys.chunks_exact(s))
+                    .enumerate()
+                    .map(|(ch, (x_sl, dy_sl))| {
+                        let z_k = affine_at(fused, ch);
+                        slices::grad_sums(x_sl, dy_sl, saved.mean[ch], saved.rstd[ch], z_k, act)
+                    })
+                    .unzip()
+            }),
+    );
     let (a, b): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
     (sum_partials(c, a), sum_partials(c, b))
 }
@@ -576,22 +574,25 @@ fn backward_input_unchecked<T: Float, P: Float>(
             })
             .collect();
         let run = min_units(s);
-        x.par_chunks(run * s)
-            .zip(dy.par_chunks(run * s))
-            .zip(dx.par_chunks_mut(run * s))
-            .enumerate()
-            .for_each(|(t, ((xr, dr), or))| {
+        parallel::for_each(
+            x.par_chunks(run * s)
+                .zip(dy.par_chunks(run * s))
+                .zip(dx.par_chunks_mut(run * s))
+                .enumerate(),
+            |(t, ((xr, dr), or))| {
                 transform::input_grad_slices(xr, dr, or, s, (t * run) % c, &lanes, act)
-            });
+            },
+        );
         return;
     }
     // Memory order: one sequential stream per thread.
-    x.par_chunks(s)
-        .zip(dy.par_chunks(s))
-        .zip(dx.par_chunks_mut(s))
-        .enumerate()
-        .with_min_len(min_units(s))
-        .for_each(|(block, ((x_sl, dy_sl), dx_sl))| {
+    parallel::for_each(
+        x.par_chunks(s)
+            .zip(dy.par_chunks(s))
+            .zip(dx.par_chunks_mut(s))
+            .enumerate()
+            .with_min_len(min_units(s)),
+        |(block, ((x_sl, dy_sl), dx_sl))| {
             let ch = block % c;
             let w = param_at(weight, ch, 1.0);
             let z_k = affine_at(fused, ch);
@@ -606,7 +607,8 @@ fn backward_input_unchecked<T: Float, P: Float>(
                 z_k,
                 act,
             );
-        });
+        },
+    );
 }
 
 /// Backward with statistics held constant (evaluation): `dx = γ·r·dy` needs
@@ -649,23 +651,23 @@ fn backward_constant<T: Float, P: Float>(
     // Slices in memory order, in tasks of at least `MIN_TASK_VALUES` values
     // (a single image is many tasks); each slice's sums kept apart and
     // added per channel in slice order, whatever the number of threads.
-    let per_slice: Vec<(f64, f64)> = x
-        .par_chunks(s)
-        .zip(dy.par_chunks(s))
-        .zip(dx.par_chunks_mut(s))
-        .enumerate()
-        .with_min_len(min_units(s))
-        .map(|(i, ((x_sl, dy_sl), dx_sl))| {
-            let ch = i % c;
-            let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
-            let z_k = affine_at(fused, ch);
-            let sums = slices::grad_sums(x_sl, dy_sl, mean, rstd, z_k, act);
-            let w = param_at(weight, ch, 1.0);
-            let k = DxCoefficients::constant(rstd);
-            slices::input_grad(x_sl, dy_sl, mean, w, k, dx_sl, store, z_k, act);
-            sums
-        })
-        .collect();
+    let per_slice: Vec<(f64, f64)> = parallel::collect(
+        x.par_chunks(s)
+            .zip(dy.par_chunks(s))
+            .zip(dx.par_chunks_mut(s))
+            .enumerate()
+            .with_min_len(min_units(s))
+            .map(|(i, ((x_sl, dy_sl), dx_sl))| {
+                let ch = i % c;
+                let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
+                let z_k = affine_at(fused, ch);
+                let sums = slices::grad_sums(x_sl, dy_sl, mean, rstd, z_k, act);
+                let w = param_at(weight, ch, 1.0);
+                let k = DxCoefficients::constant(rstd);
+                slices::input_grad(x_sl, dy_sl, mean, w, k, dx_sl, store, z_k, act);
+                sums
+            }),
+    );
     let (mut sum_dy, mut sum_dy_xhat) = (vec![0.0; c], vec![0.0; c]);
     for (i, (a, b)) in per_slice.into_iter().enumerate() {
         sum_dy[i % c] += a;
@@ -736,23 +738,26 @@ fn backward_fused<T: Float, P: Float>(
         return sums;
     }
     let store = Store::for_output::<T>(x.len());
-    channels(x, c, s)
-        .into_par_iter()
-        .zip(channels(dy, c, s))
-        .zip(channels_mut(dx, c, s))
-        .enumerate()
-        .map(|(ch, ((xs, dys), dxs))| {
-            let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
-            let z_k = affine_at(fused, ch);
-            let (sum_dy, sum_dy_xhat) = channel_sums(&xs, &dys, mean, rstd, (z_k, act));
-            let w = param_at(weight, ch, 1.0);
-            let coefs = channel_coefficients(eps, w, rstd, Some((count, sum_dy, sum_dy_xhat)));
-            for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
-                slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl, store, z_k, act);
-            }
-            (sum_dy, sum_dy_xhat)
-        })
-        .unzip()
+    parallel::collect(
+        channels(x, c, s)
+            .into_par_iter()
+            .zip(channels(dy, c, s))
+            .zip(channels_mut(dx, c, s))
+            .enumerate()
+            .map(|(ch, ((xs, dys), dxs))| {
+                let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
+                let z_k = affine_at(fused, ch);
+                let (sum_dy, sum_dy_xhat) = channel_sums(&xs, &dys, mean, rstd, (z_k, act));
+                let w = param_at(weight, ch, 1.0);
+                let coefs = channel_coefficients(eps, w, rstd, Some((count, sum_dy, sum_dy_xhat)));
+                for ((x_sl, dy_sl), dx_sl) in xs.into_iter().zip(dys).zip(dxs) {
+                    slices::input_grad(x_sl, dy_sl, mean, w, coefs, dx_sl, store, z_k, act);
+                }
+                (sum_dy, sum_dy_xhat)
+            }),
+    )
+    .into_iter()
+    .unzip()
 }
 
 /// Folds a batch's per-channel `(mean, var)` into running statistics.
@@ -989,13 +994,10 @@ fn batch_norm_with<T: Float>(
             if count == 1 {
                 return Err(too_few());
             }
-            // Statistics and normalization in one hand-off to the pool.
             let (x, eps) = (x.data(), &options.eps);
-            super::parallel::on_pool(x.len(), || {
-                let moments = channel_moments(x, layout)?;
-                let saved = forward_train_unchecked(x, layout, &moments, w, b, eps, y, act);
-                Ok((saved, Some(moments)))
-            })
+            let moments = channel_moments(x, layout)?;
+            let saved = forward_train_unchecked(x, layout, &moments, w, b, eps, y, act);
+            Ok((saved, Some(moments)))
         } else {
             let r = running
                 .as_ref()
@@ -1175,10 +1177,17 @@ fn backward_with<T: Float>(
     });
     let (shape, x, dy) = (x.shape(), x.data(), dy.data());
     let (dx, (sum_dy, sum_dy_xhat)) = Tensor::filled_by(op, shape, |dx| {
-        // Gradient sums and input gradient in one hand-off to the pool.
-        Ok::<_, NormError>(super::parallel::on_pool(x.len(), || {
-            backward_fused(x, dy, layout, saved, w, &eps, batch_stats, dx, fused)
-        }))
+        Ok::<_, NormError>(backward_fused(
+            x,
+            dy,
+            layout,
+            saved,
+            w,
+            &eps,
+            batch_stats,
+            dx,
+            fused,
+        ))
     })?;
     let to_tensor = |v: &[f64]| Tensor::from_vec(v.iter().map(|&a| T::from_f64(a)).collect());
     Ok(Grads {

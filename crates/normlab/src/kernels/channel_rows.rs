@@ -26,6 +26,7 @@
 
 use rayon::prelude::*;
 
+use super::parallel::{self};
 use super::parallel::{block_units, min_units, sum_partials};
 use super::rows::{write_sums, RowNorm};
 use super::{
@@ -88,17 +89,18 @@ fn forward<T: Float>(
     let beta = per_channel(bias, c, 0.0);
     let centred = norm == RowNorm::LayerNorm;
     let (y, ()) = Tensor::filled_by(op, x.shape(), |y| {
-        x.data()
-            .par_chunks(c * s)
-            .zip(y.par_chunks_mut(c * s))
-            .zip(
-                saved
-                    .mean
-                    .par_chunks_mut(s)
-                    .zip(saved.rstd.par_chunks_mut(s)),
-            )
-            .with_min_len(min_units(c * s))
-            .for_each(|((xs, ys), (mean, rstd))| {
+        parallel::for_each(
+            x.data()
+                .par_chunks(c * s)
+                .zip(y.par_chunks_mut(c * s))
+                .zip(
+                    saved
+                        .mean
+                        .par_chunks_mut(s)
+                        .zip(saved.rstd.par_chunks_mut(s)),
+                )
+                .with_min_len(min_units(c * s)),
+            |((xs, ys), (mean, rstd))| {
                 for (at, w) in blocks(s) {
                     let (mean, rstd) = (&mut mean[at..at + w], &mut rstd[at..at + w]);
                     // The variance is computed into `rstd`, then replaced by it.
@@ -108,7 +110,8 @@ fn forward<T: Float>(
                     }
                     columns::column_normalize(xs, ys, s, at, mean, rstd, &gamma, &beta);
                 }
-            });
+            },
+        );
         Ok(())
     })?;
     Ok((y, saved))
@@ -146,49 +149,49 @@ fn backward<T: Float>(
     let per_block = block_units(layout.n);
     let sample = c * s;
     let (dx, per_block_sums) = Tensor::filled_by(op, x.shape(), |dx| {
-        let sums: Vec<(Scratch<f64>, Scratch<f64>)> = x
-            .data()
-            .par_chunks(per_block * sample)
-            .zip(dy.data().par_chunks(per_block * sample))
-            .zip(dx.par_chunks_mut(per_block * sample))
-            .zip(
-                saved
-                    .mean
-                    .par_chunks(per_block * s)
-                    .zip(saved.rstd.par_chunks(per_block * s)),
-            )
-            .with_min_len(min_units(per_block * sample))
-            .map(|(((xb, dyb), dxb), (means, rstds))| {
-                let (mut dg, mut db) = (Scratch::filled(c, 0.0), Scratch::filled(c, 0.0));
-                let width = COLUMNS.min(s);
-                let (mut sum_g, mut sum_gx) =
-                    (Scratch::filled(width, 0.0), Scratch::filled(width, 0.0));
-                let samples = xb
-                    .chunks_exact(sample)
-                    .zip(dyb.chunks_exact(sample))
-                    .zip(dxb.chunks_exact_mut(sample))
-                    .zip(means.chunks_exact(s).zip(rstds.chunks_exact(s)));
-                for (((xs, dys), dxs), (mean, rstd)) in samples {
-                    for (at, w) in blocks(s) {
-                        let (mean, rstd) = (&mean[at..at + w], &rstd[at..at + w]);
-                        let (sg, sgx) = (&mut sum_g[..w], &mut sum_gx[..w]);
-                        columns::column_grad_sums(
-                            xs, dys, s, at, mean, rstd, &gamma, sg, sgx, &mut dg, &mut db,
-                        );
-                        // Σg, Σg·x̂ become the dx coefficients `mean_g`, `b` in place.
-                        for ((g, gx), &r) in sg.iter_mut().zip(sgx.iter_mut()).zip(rstd) {
-                            let mean_g = if centred { *g / c as f64 } else { 0.0 };
-                            let k = DxCoefficients::new(&eps, r, mean_g, *gx / c as f64);
-                            (*g, *gx) = (k.mean_g, k.b);
+        let sums: Vec<(Scratch<f64>, Scratch<f64>)> = parallel::collect(
+            x.data()
+                .par_chunks(per_block * sample)
+                .zip(dy.data().par_chunks(per_block * sample))
+                .zip(dx.par_chunks_mut(per_block * sample))
+                .zip(
+                    saved
+                        .mean
+                        .par_chunks(per_block * s)
+                        .zip(saved.rstd.par_chunks(per_block * s)),
+                )
+                .with_min_len(min_units(per_block * sample))
+                .map(|(((xb, dyb), dxb), (means, rstds))| {
+                    let (mut dg, mut db) = (Scratch::filled(c, 0.0), Scratch::filled(c, 0.0));
+                    let width = COLUMNS.min(s);
+                    let (mut sum_g, mut sum_gx) =
+                        (Scratch::filled(width, 0.0), Scratch::filled(width, 0.0));
+                    let samples = xb
+                        .chunks_exact(sample)
+                        .zip(dyb.chunks_exact(sample))
+                        .zip(dxb.chunks_exact_mut(sample))
+                        .zip(means.chunks_exact(s).zip(rstds.chunks_exact(s)));
+                    for (((xs, dys), dxs), (mean, rstd)) in samples {
+                        for (at, w) in blocks(s) {
+                            let (mean, rstd) = (&mean[at..at + w], &rstd[at..at + w]);
+                            let (sg, sgx) = (&mut sum_g[..w], &mut sum_gx[..w]);
+                            columns::column_grad_sums(
+                                xs, dys, s, at, mean, rstd, &gamma, sg, sgx, &mut dg, &mut db,
+                            );
+                            // Σg, Σg·x̂ become the dx coefficients `mean_g`, `b` in place.
+                            for ((g, gx), &r) in sg.iter_mut().zip(sgx.iter_mut()).zip(rstd) {
+                                let mean_g = if centred { *g / c as f64 } else { 0.0 };
+                                let k = DxCoefficients::new(&eps, r, mean_g, *gx / c as f64);
+                                (*g, *gx) = (k.mean_g, k.b);
+                            }
+                            columns::column_input_grad(
+                                xs, dys, dxs, s, at, mean, rstd, sg, sgx, &gamma,
+                            );
                         }
-                        columns::column_input_grad(
-                            xs, dys, dxs, s, at, mean, rstd, sg, sgx, &gamma,
-                        );
                     }
-                }
-                (dg, db)
-            })
-            .collect();
+                    (dg, db)
+                }),
+        );
         Ok(sums)
     })?;
     let (dg, db): (Vec<_>, Vec<_>) = per_block_sums.into_iter().unzip();

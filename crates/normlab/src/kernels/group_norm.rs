@@ -11,6 +11,7 @@
 //! Each group is one contiguous block of `C/G·spatial` values.
 
 use super::parallel::min_units;
+use super::parallel::{self};
 use super::rows::write_sums;
 use super::slices::{self, Affine};
 use super::BiasGrad;
@@ -124,12 +125,13 @@ fn forward_unchecked<T: Float, P: Float>(
         forward_pipelined(x, layout, weight, bias, eps, y, saved, store, act);
         return;
     }
-    x.par_chunks(len)
-        .zip(y.par_chunks_mut(len))
-        .zip(saved.mean.par_iter_mut().zip(saved.rstd.par_iter_mut()))
-        .enumerate()
-        .with_min_len(min_units(len))
-        .for_each(|(group, ((x_grp, y_grp), (mean, rstd)))| {
+    parallel::for_each(
+        x.par_chunks(len)
+            .zip(y.par_chunks_mut(len))
+            .zip(saved.mean.par_iter_mut().zip(saved.rstd.par_iter_mut()))
+            .enumerate()
+            .with_min_len(min_units(len)),
+        |(group, ((x_grp, y_grp), (mean, rstd)))| {
             let m = Moments::of_slice(x_grp);
             (*mean, *rstd) = (m.mean, eps.rstd(m.var(0)));
             let first_channel = (group % layout.groups) * cpg;
@@ -172,7 +174,8 @@ fn forward_unchecked<T: Float, P: Float>(
                 };
                 slices::normalize(x_ch, y_ch, m.mean, k, store, act);
             }
-        });
+        },
+    );
 }
 
 /// Spatial size below which a group's channels are passed over in one call
@@ -238,16 +241,17 @@ fn forward_pipelined<T: Float, P: Float>(
         layout.channels_per_group(),
     );
     let run = min_units(len);
-    x.par_chunks(len * run)
-        .zip(y.par_chunks_mut(len * run))
-        .zip(
-            saved
-                .mean
-                .par_chunks_mut(run)
-                .zip(saved.rstd.par_chunks_mut(run)),
-        )
-        .enumerate()
-        .for_each(|(task, ((xs, ys), (means, rstds)))| {
+    parallel::for_each(
+        x.par_chunks(len * run)
+            .zip(y.par_chunks_mut(len * run))
+            .zip(
+                saved
+                    .mean
+                    .par_chunks_mut(run)
+                    .zip(saved.rstd.par_chunks_mut(run)),
+            )
+            .enumerate(),
+        |(task, ((xs, ys), (means, rstds)))| {
             let mut moments = group_moments(&xs[..len], s);
             let groups = xs.chunks_exact(len).zip(ys.chunks_exact_mut(len));
             for (i, (x_grp, y_grp)) in groups.enumerate() {
@@ -285,7 +289,8 @@ fn forward_pipelined<T: Float, P: Float>(
                 moments = next_moments;
             }
             fence(store);
-        });
+        },
+    );
 }
 
 /// Backward: writes `dx`, and `dweight`/`dbias` (length C) when given.
@@ -349,115 +354,115 @@ fn backward_unchecked<T: Float, P: Float>(
         return;
     }
     // Per group: (Σdy·x̂, Σdy) of each of its channels.
-    let per_group: Vec<Vec<(f64, f64)>> = x
-        .par_chunks(len)
-        .zip(dy.par_chunks(len))
-        .zip(dx.par_chunks_mut(len))
-        .enumerate()
-        .with_min_len(min_units(len))
-        .map(|(group, ((x_grp, dy_grp), dx_grp))| {
-            let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
-            let first_channel = (group % layout.groups) * cpg;
-            // Each channel's (Σdy, Σdy·x̂): short channels in one pass over
-            // the group (every channel shares the coefficients: one entry).
-            let short = s < SHORT_CHANNEL;
-            let (hi, lo) = T::Lane::split(mean);
-            // The forward's coefficients of channel `i` of the group, from
-            // which a fused backward recomputes `z`.
-            let affine = |i: usize| Affine {
-                scale: rstd * param_at(weight, first_channel + i, 1.0),
-                shift: param_at(bias, first_channel + i, 0.0),
-            };
-            let tiny = s < TINY_SPATIAL;
-            // `dz` at one value of channel `i`: `dy`, or `φ'(z)·dy` with `z`
-            // as the tiny forward computes it.
-            let dz_at = |i: usize, v: f64, d: f64| match act {
-                None => d,
-                Some(a) => {
-                    let k = affine(i);
-                    a.grad((v - mean) * k.scale + k.shift, d)
+    let per_group: Vec<Vec<(f64, f64)>> = parallel::collect(
+        x.par_chunks(len)
+            .zip(dy.par_chunks(len))
+            .zip(dx.par_chunks_mut(len))
+            .enumerate()
+            .with_min_len(min_units(len))
+            .map(|(group, ((x_grp, dy_grp), dx_grp))| {
+                let (mean, rstd) = (saved.mean[group], saved.rstd[group]);
+                let first_channel = (group % layout.groups) * cpg;
+                // Each channel's (Σdy, Σdy·x̂): short channels in one pass over
+                // the group (every channel shares the coefficients: one entry).
+                let short = s < SHORT_CHANNEL;
+                let (hi, lo) = T::Lane::split(mean);
+                // The forward's coefficients of channel `i` of the group, from
+                // which a fused backward recomputes `z`.
+                let affine = |i: usize| Affine {
+                    scale: rstd * param_at(weight, first_channel + i, 1.0),
+                    shift: param_at(bias, first_channel + i, 0.0),
+                };
+                let tiny = s < TINY_SPATIAL;
+                // `dz` at one value of channel `i`: `dy`, or `φ'(z)·dy` with `z`
+                // as the tiny forward computes it.
+                let dz_at = |i: usize, v: f64, d: f64| match act {
+                    None => d,
+                    Some(a) => {
+                        let k = affine(i);
+                        a.grad((v - mean) * k.scale + k.shift, d)
+                    }
+                };
+                let channel_sums: Vec<(f64, f64)> = if tiny {
+                    x_grp
+                        .chunks_exact(s)
+                        .zip(dy_grp.chunks_exact(s))
+                        .enumerate()
+                        .map(|(i, (x_ch, dy_ch))| {
+                            x_ch.iter().zip(dy_ch).fold((0.0, 0.0), |(a, b), (v, d)| {
+                                let (v, d) = (v.to_f64(), d.to_f64());
+                                let dz = dz_at(i, v, d);
+                                (a + dz, b + dz * ((v - mean) * rstd))
+                            })
+                        })
+                        .collect()
+                } else if short {
+                    let mut totals = vec![0.0; 2 * cpg];
+                    let coefs: Vec<[T::Lane; 5]> = (0..cpg)
+                        .map(|i| {
+                            let z = affine(i).z::<T::Lane>(act);
+                            [hi, lo, T::Lane::of(rstd), z.scale, z.shift]
+                        })
+                        .collect();
+                    sums::grad_sums_slices(x_grp, dy_grp, s, 0, &coefs, &mut totals, act);
+                    totals.chunks_exact(2).map(|t| (t[0], t[1])).collect()
+                } else {
+                    x_grp
+                        .chunks_exact(s)
+                        .zip(dy_grp.chunks_exact(s))
+                        .enumerate()
+                        .map(|(i, (x_ch, dy_ch))| {
+                            slices::grad_sums(x_ch, dy_ch, mean, rstd, affine(i), act)
+                        })
+                        .collect()
+                };
+                let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
+                for (i, &(sum_dy, sum_dy_xhat)) in channel_sums.iter().enumerate() {
+                    let w = param_at(weight, first_channel + i, 1.0);
+                    sum_g += w * sum_dy;
+                    sum_g_xhat += w * sum_dy_xhat;
                 }
-            };
-            let channel_sums: Vec<(f64, f64)> = if tiny {
-                x_grp
-                    .chunks_exact(s)
-                    .zip(dy_grp.chunks_exact(s))
-                    .enumerate()
-                    .map(|(i, (x_ch, dy_ch))| {
-                        x_ch.iter().zip(dy_ch).fold((0.0, 0.0), |(a, b), (v, d)| {
+                let k = DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
+                let weight_of = |i: usize| param_at(weight, first_channel + i, 1.0);
+                if tiny {
+                    let chans = x_grp
+                        .chunks_exact(s)
+                        .zip(dy_grp.chunks_exact(s))
+                        .zip(dx_grp.chunks_exact_mut(s));
+                    for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
+                        let w = weight_of(i);
+                        for ((v, d), out) in x_ch.iter().zip(dy_ch).zip(dx_ch) {
                             let (v, d) = (v.to_f64(), d.to_f64());
                             let dz = dz_at(i, v, d);
-                            (a + dz, b + dz * ((v - mean) * rstd))
+                            out.write(T::from_f64(k.rstd * (w * dz - k.mean_g) + k.b * (v - mean)));
+                        }
+                    }
+                } else if short {
+                    let of = T::Lane::of;
+                    let coefs: Vec<[T::Lane; 8]> = (0..cpg)
+                        .map(|i| {
+                            let z = affine(i).z::<T::Lane>(act);
+                            let (w, mean_g, b) = (of(weight_of(i)), of(k.mean_g), of(k.b));
+                            [hi, lo, of(k.rstd), w, mean_g, b, z.scale, z.shift]
                         })
-                    })
-                    .collect()
-            } else if short {
-                let mut totals = vec![0.0; 2 * cpg];
-                let coefs: Vec<[T::Lane; 5]> = (0..cpg)
-                    .map(|i| {
-                        let z = affine(i).z::<T::Lane>(act);
-                        [hi, lo, T::Lane::of(rstd), z.scale, z.shift]
-                    })
-                    .collect();
-                sums::grad_sums_slices(x_grp, dy_grp, s, 0, &coefs, &mut totals, act);
-                totals.chunks_exact(2).map(|t| (t[0], t[1])).collect()
-            } else {
-                x_grp
-                    .chunks_exact(s)
-                    .zip(dy_grp.chunks_exact(s))
-                    .enumerate()
-                    .map(|(i, (x_ch, dy_ch))| {
-                        slices::grad_sums(x_ch, dy_ch, mean, rstd, affine(i), act)
-                    })
-                    .collect()
-            };
-            let (mut sum_g, mut sum_g_xhat) = (0.0, 0.0);
-            for (i, &(sum_dy, sum_dy_xhat)) in channel_sums.iter().enumerate() {
-                let w = param_at(weight, first_channel + i, 1.0);
-                sum_g += w * sum_dy;
-                sum_g_xhat += w * sum_dy_xhat;
-            }
-            let k = DxCoefficients::new(eps, rstd, sum_g / len as f64, sum_g_xhat / len as f64);
-            let weight_of = |i: usize| param_at(weight, first_channel + i, 1.0);
-            if tiny {
-                let chans = x_grp
-                    .chunks_exact(s)
-                    .zip(dy_grp.chunks_exact(s))
-                    .zip(dx_grp.chunks_exact_mut(s));
-                for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
-                    let w = weight_of(i);
-                    for ((v, d), out) in x_ch.iter().zip(dy_ch).zip(dx_ch) {
-                        let (v, d) = (v.to_f64(), d.to_f64());
-                        let dz = dz_at(i, v, d);
-                        out.write(T::from_f64(k.rstd * (w * dz - k.mean_g) + k.b * (v - mean)));
+                        .collect();
+                    transform::input_grad_slices(x_grp, dy_grp, dx_grp, s, 0, &coefs, act);
+                } else {
+                    let chans = x_grp
+                        .chunks_exact(s)
+                        .zip(dy_grp.chunks_exact(s))
+                        .zip(dx_grp.chunks_exact_mut(s));
+                    for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
+                        let w = weight_of(i);
+                        slices::input_grad(x_ch, dy_ch, mean, w, k, dx_ch, store, affine(i), act);
                     }
                 }
-            } else if short {
-                let of = T::Lane::of;
-                let coefs: Vec<[T::Lane; 8]> = (0..cpg)
-                    .map(|i| {
-                        let z = affine(i).z::<T::Lane>(act);
-                        let (w, mean_g, b) = (of(weight_of(i)), of(k.mean_g), of(k.b));
-                        [hi, lo, of(k.rstd), w, mean_g, b, z.scale, z.shift]
-                    })
-                    .collect();
-                transform::input_grad_slices(x_grp, dy_grp, dx_grp, s, 0, &coefs, act);
-            } else {
-                let chans = x_grp
-                    .chunks_exact(s)
-                    .zip(dy_grp.chunks_exact(s))
-                    .zip(dx_grp.chunks_exact_mut(s));
-                for (i, ((x_ch, dy_ch), dx_ch)) in chans.enumerate() {
-                    let w = weight_of(i);
-                    slices::input_grad(x_ch, dy_ch, mean, w, k, dx_ch, store, affine(i), act);
-                }
-            }
-            channel_sums
-                .into_iter()
-                .map(|(sum_dy, sum_dy_xhat)| (sum_dy_xhat, sum_dy))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+                channel_sums
+                    .into_iter()
+                    .map(|(sum_dy, sum_dy_xhat)| (sum_dy_xhat, sum_dy))
+                    .collect::<Vec<_>>()
+            }),
+    );
     let (mut dw, mut db) = (vec![0.0; c_total], vec![0.0; c_total]);
     for (group, sums) in per_group.iter().enumerate() {
         let first_channel = (group % layout.groups) * cpg;

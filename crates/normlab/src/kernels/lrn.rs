@@ -21,6 +21,8 @@ use crate::simd::convert::Store;
 use crate::simd::lrn::{self as loops, NegPow};
 use crate::{Float, NormError, Tensor, View};
 use rayon::prelude::*;
+
+use super::parallel;
 use std::mem::MaybeUninit;
 
 const OP: &str = "local_response_norm";
@@ -215,23 +217,25 @@ fn forward_unchecked<T: Float>(
         // compute-heavy (a power per value) and ordinary stores overlap
         // with it as well.
         let store = Store::Cached;
-        x.par_chunks(sample)
-            .zip(y.par_chunks_mut(sample))
-            .with_min_len(super::parallel::min_units(sample))
-            .for_each(|(xs, ys)| {
-                forward_sample(xs, ys, shape[1], sample / shape[1], options, pow, store)
-            });
+        parallel::for_each(
+            x.par_chunks(sample)
+                .zip(y.par_chunks_mut(sample))
+                .with_min_len(super::parallel::min_units(sample)),
+            |(xs, ys)| forward_sample(xs, ys, shape[1], sample / shape[1], options, pow, store),
+        );
         return;
     }
-    x.par_chunks(sample)
-        .zip(y.par_chunks_mut(sample))
-        .with_min_len(super::parallel::min_units(sample))
-        .for_each(|(xs, ys)| {
+    parallel::for_each(
+        x.par_chunks(sample)
+            .zip(y.par_chunks_mut(sample))
+            .with_min_len(super::parallel::min_units(sample)),
+        |(xs, ys)| {
             let s = scale_terms(xs, &sample_shape, options);
             for ((yv, &xv), &sv) in ys.iter_mut().zip(xs).zip(&s) {
                 yv.write(T::from_f64(xv.to_f64() * sv.powf(-options.beta)));
             }
-        });
+        },
+    );
 }
 
 /// Backward on a buffer of `shape`: writes `dx` (LRN has no parameters).
@@ -269,11 +273,12 @@ fn backward_unchecked<T: Float>(
     }
     if let Some(pow) = fast_path(options, sample / shape[1]) {
         let store = Store::Cached;
-        x.par_chunks(sample)
-            .zip(dy.par_chunks(sample))
-            .zip(dx.par_chunks_mut(sample))
-            .with_min_len(super::parallel::min_units(sample))
-            .for_each(|((xs, dys), dxs)| {
+        parallel::for_each(
+            x.par_chunks(sample)
+                .zip(dy.par_chunks(sample))
+                .zip(dx.par_chunks_mut(sample))
+                .with_min_len(super::parallel::min_units(sample)),
+            |((xs, dys), dxs)| {
                 backward_sample(
                     xs,
                     dys,
@@ -284,16 +289,18 @@ fn backward_unchecked<T: Float>(
                     pow,
                     store,
                 )
-            });
+            },
+        );
         return;
     }
     let beta = options.beta;
     let coef = 2.0 * options.scale(shape.len() - 2) * beta;
-    x.par_chunks(sample)
-        .zip(dy.par_chunks(sample))
-        .zip(dx.par_chunks_mut(sample))
-        .with_min_len(super::parallel::min_units(sample))
-        .for_each(|((xs, dys), dxs)| {
+    parallel::for_each(
+        x.par_chunks(sample)
+            .zip(dy.par_chunks(sample))
+            .zip(dx.par_chunks_mut(sample))
+            .with_min_len(super::parallel::min_units(sample)),
+        |((xs, dys), dxs)| {
             let s = scale_terms(xs, &sample_shape, options);
             // t_i = dy_i·x_i·S_i^(-β-1), gathered over the transposed window.
             let t = dys
@@ -310,7 +317,8 @@ fn backward_unchecked<T: Float>(
                     d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u,
                 ));
             }
-        });
+        },
+    );
 }
 
 /// `[1, C, spatial…]`: the shape of one sample.

@@ -4,6 +4,17 @@
 //! a channel, a group, a sample, or a fixed number of blocks of them), and
 //! reductions across units (dγ, dβ) go through per-block partial sums added in
 //! block order. Results are therefore bit-identical for any thread count.
+//!
+//! Passes run through [`for_each`] and [`collect`] rather than rayon's own
+//! terminal operations: the calling thread works on the pass from its
+//! first piece, and the pool's workers help as they become free, instead of
+//! the caller handing the pass over and sleeping until it is done.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::iter::plumbing::{Producer, ProducerCallback};
+use rayon::iter::IndexedParallelIterator;
 
 /// Values a task should hold at least, so that scheduling stays cheap.
 /// An input smaller than this is one task, run on the calling thread
@@ -11,7 +22,8 @@
 /// the pool and waiting for them costs tens of microseconds, as long as
 /// normalizing 32 Ki values takes on one core. Measured against 16 Ki and
 /// 64 Ki (f32, 2 threads, `normlab bench --suite models`, medians of three
-/// alternating rounds, forward into / backward ms): RMSNorm `[8, 4096]`
+/// alternating rounds, forward into / backward ms, with each pass handed to
+/// the pool as a whole, before [`for_each`]): RMSNorm `[8, 4096]`
 /// 0.027/0.235 (16 Ki), 0.013/0.053 (32 Ki), 0.018/0.062 (64 Ki);
 /// BatchNorm1d `[256, 512]` 0.209/0.230, 0.165/0.189, 0.167/0.176;
 /// BatchNorm eval `[1, 2048, 7, 7]` 0.058/0.225, 0.078/0.265, 0.083/0.282;
@@ -20,28 +32,195 @@
 /// than they save; 64 Ki leaves one image's feature maps on one core.
 pub(crate) const MIN_TASK_VALUES: usize = 1 << 15;
 
-/// Inputs from which [`on_pool`] moves an op onto the pool: four tasks'
-/// worth. At two (64 Ki values) a one-image BatchNorm eval backward
-/// (`[1, 2048, 7, 7]`, 98 Ki values, f32, 2 threads) took 0.095–0.11 ms
-/// against 0.047–0.057 ms with each pass handed over on its own; at
-/// 256 Ki values (`[64, 4096]` BatchNorm1d) one hand-off measured faster
-/// (backward 0.10–0.11 against 0.14–0.15 ms). 128 Ki lies between the two
-/// and was not measured on its own.
-const ON_POOL_MIN_VALUES: usize = 4 * MIN_TASK_VALUES;
+/// Pieces a pass is cut into at most: enough for two to eight threads to
+/// balance their load when one of them starts late, few enough that
+/// claiming one (an atomic add and an uncontended lock) stays negligible.
+const MAX_PIECES: usize = 64;
 
-/// Runs `f`, whose parallel passes cover `values` values, on a worker of
-/// rayon's pool when there are at least [`ON_POOL_MIN_VALUES`] of them and
-/// the caller is outside the pool. Each parallel pass that splits, started
-/// from outside the pool, hands its work to a worker and puts the caller
-/// to sleep until it is done, a context switch each way (tens of
-/// microseconds on a small VM, as long as a BatchNorm1d pass over 256 Ki
-/// values); inside the pool, a pass is a cheap `join`. An op with several
-/// passes (statistics, then normalization) pays the hand-off once.
-pub(crate) fn on_pool<R: Send>(values: usize, f: impl FnOnce() -> R + Send) -> R {
-    if values >= ON_POOL_MIN_VALUES && rayon::current_thread_index().is_none() {
-        rayon::scope(|_| f())
-    } else {
-        f()
+/// Runs `f` on every item of `iter`, on the calling thread and on helpers
+/// from rayon's pool that join in when they are free.
+///
+/// rayon's own `for_each`, called from outside the pool, hands the whole
+/// pass to a worker and puts the caller to sleep until it is done. On a
+/// small VM that round trip is tens of microseconds when the workers are
+/// awake and up to a quarter of a millisecond when they have gone to sleep
+/// between two calls (an op every few hundred microseconds, as in a training
+/// step): longer than normalizing a few hundred thousand values. Here the
+/// caller starts on the first piece at once and keeps claiming pieces;
+/// helpers (one fewer than the pool's threads) claim the rest as they wake.
+/// A helper that wakes after the last piece is claimed does nothing, so a
+/// pass never waits for a sleeping thread, only for pieces already running.
+///
+/// Pieces hold at least `with_min_len`'s number of items (a task's worth of
+/// values, [`MIN_TASK_VALUES`]); there are at most [`MAX_PIECES`]. Every
+/// item is processed on its own, so the results depend neither on the
+/// pieces nor on the number of threads.
+pub(crate) fn for_each<I, F>(iter: I, f: F)
+where
+    I: IndexedParallelIterator,
+    F: Fn(I::Item) + Sync,
+{
+    struct Each<F>(usize, F);
+    impl<T, F: Fn(T) + Sync> ProducerCallback<T> for Each<F> {
+        type Output = ();
+        fn callback<P: Producer<Item = T>>(self, producer: P) {
+            let f = &self.1;
+            in_pieces(producer, self.0, |piece| piece.into_iter().for_each(f));
+        }
+    }
+    let len = iter.len();
+    iter.with_producer(Each(len, f));
+}
+
+/// The items of `iter` in order, computed as in [`for_each`].
+pub(crate) fn collect<I>(iter: I) -> Vec<I::Item>
+where
+    I: IndexedParallelIterator,
+{
+    struct Collect(usize);
+    impl<T: Send> ProducerCallback<T> for Collect {
+        type Output = Vec<T>;
+        fn callback<P: Producer<Item = T>>(self, producer: P) -> Vec<T> {
+            let pieces = in_pieces(producer, self.0, |piece| {
+                piece.into_iter().collect::<Vec<T>>()
+            });
+            if pieces.len() == 1 {
+                return pieces.into_iter().next().unwrap_or_default();
+            }
+            let mut out = Vec::with_capacity(self.0);
+            pieces.into_iter().for_each(|p| out.extend(p));
+            out
+        }
+    }
+    let len = iter.len();
+    iter.with_producer(Collect(len))
+}
+
+/// Cuts `producer` (of `len` items) into pieces and returns `work(piece)`
+/// for each, in order; see [`for_each`].
+fn in_pieces<P: Producer, R: Send>(
+    producer: P,
+    len: usize,
+    work: impl Fn(P) -> R + Sync,
+) -> Vec<R> {
+    let piece_len = producer.min_len().max(len.div_ceil(MAX_PIECES)).max(1);
+    let count = len.div_ceil(piece_len);
+    let helpers = (rayon::current_num_threads().saturating_sub(1)).min(count.saturating_sub(1));
+    if helpers == 0 {
+        return vec![work(producer)];
+    }
+    let mut pieces = Vec::with_capacity(count);
+    let mut rest = producer;
+    for _ in 1..count {
+        let (piece, tail) = rest.split_at(piece_len);
+        pieces.push(Mutex::new(Some(piece)));
+        rest = tail;
+    }
+    pieces.push(Mutex::new(Some(rest)));
+    let results: Vec<Mutex<Option<R>>> = (0..count).map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let claim = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= count {
+            break;
+        }
+        let piece = lock(&pieces[i]).take();
+        if let Some(piece) = piece {
+            let r = work(piece);
+            *lock(&results[i]) = Some(r);
+        }
+    };
+    with_helpers(helpers, &claim);
+    results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every piece was claimed and run")
+        })
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicking piece leaves the slot as it was: recover it (the panic is
+    // raised again by `with_helpers`).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a caller and its helpers share beyond the caller's stack frame: a
+/// helper that starts after the caller returned touches only this.
+struct Gate {
+    /// Helpers inside `claim`.
+    active: AtomicUsize,
+    /// Set by the caller once its own run of `claim` is over (every piece
+    /// claimed); a helper that sees it leaves without touching `claim`.
+    closed: AtomicBool,
+    panicked: AtomicBool,
+}
+
+/// `claim` with its lifetime erased, so that a helper job (which rayon
+/// requires to be `'static`) can hold it.
+struct Claim(*const (dyn Fn() + Sync + 'static));
+
+// SAFETY: the closure behind the pointer is `Sync`, and `with_helpers`
+// keeps it alive while any helper may call it.
+unsafe impl Send for Claim {}
+
+/// Runs `claim` on the calling thread and on up to `helpers` rayon jobs;
+/// returns once the caller's run is over and no helper is inside `claim`.
+fn with_helpers(helpers: usize, claim: &(dyn Fn() + Sync)) {
+    let gate = Arc::new(Gate {
+        active: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        panicked: AtomicBool::new(false),
+    });
+    let erased: *const (dyn Fn() + Sync + '_) = claim;
+    // SAFETY (of the erasure and of every later dereference): a helper
+    // calls `claim` only after announcing itself in `active` and then seeing
+    // `closed` unset. The caller sets `closed` and waits for `active` to
+    // fall to zero before this frame (and `claim`) goes away, also when it
+    // unwinds (`Close::drop`). Both sides use sequentially consistent
+    // operations, so a helper either sees `closed`, or is counted in the
+    // `active` the caller waits on.
+    let erased: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(erased) };
+    for _ in 0..helpers {
+        let (gate, claim) = (Arc::clone(&gate), Claim(erased));
+        rayon::spawn(move || {
+            let claim = claim;
+            gate.active.fetch_add(1, Ordering::SeqCst);
+            if !gate.closed.load(Ordering::SeqCst) {
+                // SAFETY: see above.
+                let run = unsafe { &*claim.0 };
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
+                    gate.panicked.store(true, Ordering::SeqCst);
+                }
+            }
+            gate.active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    struct Close<'a>(&'a Gate);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            self.0.closed.store(true, Ordering::SeqCst);
+            // Only pieces already running are waited for: short spins, then
+            // yields in case a helper's thread was preempted.
+            let mut spins = 0u32;
+            while self.0.active.load(Ordering::SeqCst) != 0 {
+                if spins < 1 << 12 {
+                    std::hint::spin_loop();
+                    spins += 1;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+    {
+        let _close = Close(&gate);
+        claim();
+    }
+    if gate.panicked.load(Ordering::SeqCst) {
+        panic!("a parallel piece of a normalization kernel panicked");
     }
 }
 
@@ -94,4 +273,105 @@ pub(crate) fn channels_mut<T>(data: &mut [T], c: usize, s: usize) -> Vec<Vec<&mu
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+    use std::sync::atomic::AtomicU32;
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool")
+    }
+
+    /// Every item once, results in order, from inside pools of 1 to 4
+    /// threads and from outside them, for lengths around the piece sizes.
+    #[test]
+    fn every_item_once_in_order() {
+        for threads in 1..=4 {
+            let pool = pool(threads);
+            for len in [0usize, 1, 2, 63, 64, 65, 1000, 4097] {
+                for min_len in [1usize, 3, 100] {
+                    let run = || {
+                        let seen: Vec<AtomicU32> = (0..len).map(|_| AtomicU32::new(0)).collect();
+                        let mut out = vec![0usize; len];
+                        for_each(
+                            out.par_iter_mut().enumerate().with_min_len(min_len),
+                            |(i, o)| {
+                                seen[i].fetch_add(1, Ordering::Relaxed);
+                                *o = i * 3;
+                            },
+                        );
+                        assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
+                        assert!(out.iter().enumerate().all(|(i, &o)| o == i * 3));
+                        let got = collect(
+                            (0..len)
+                                .into_par_iter()
+                                .with_min_len(min_len)
+                                .map(|i| i + 1),
+                        );
+                        assert_eq!(got, (1..=len).collect::<Vec<_>>());
+                    };
+                    pool.install(run);
+                    run();
+                }
+            }
+        }
+    }
+
+    /// A pass whose helpers cannot start (every other worker busy) is
+    /// finished by its caller alone, without waiting for them; the helper
+    /// jobs that run later do nothing.
+    #[test]
+    fn busy_pool_leaves_the_work_to_the_caller() {
+        let pool = pool(2);
+        let started = std::sync::Barrier::new(2);
+        let done = AtomicBool::new(false);
+        pool.scope(|scope| {
+            scope.spawn(|_| {
+                started.wait();
+                while !done.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+            });
+            scope.spawn(|_| {
+                started.wait();
+                let got = collect(
+                    (0..10_000usize)
+                        .into_par_iter()
+                        .with_min_len(10)
+                        .map(|i| i % 7),
+                );
+                let want: Vec<usize> = (0..10_000usize).map(|i| i % 7).collect();
+                done.store(true, Ordering::SeqCst);
+                assert_eq!(got, want);
+            });
+        });
+    }
+
+    /// A piece that panics makes the call panic, after every running piece
+    /// has finished.
+    #[test]
+    fn a_panicking_piece_panics_the_call() {
+        for threads in [1, 2, 3] {
+            let pool = pool(threads);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| {
+                    for_each((0..1000usize).into_par_iter().with_min_len(10), |i| {
+                        assert!(i != 777, "piece 777");
+                    })
+                })
+            }));
+            assert!(result.is_err(), "{threads} threads");
+            // The pool still works afterwards.
+            assert_eq!(
+                pool.install(|| collect((0..5usize).into_par_iter())),
+                vec![0, 1, 2, 3, 4]
+            );
+        }
+    }
 }

@@ -20,6 +20,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::parallel::min_units;
+use super::parallel::{self};
 use super::{ChannelAct, DxCoefficients};
 use crate::alloc::Scratch;
 use crate::float::Lane;
@@ -136,16 +137,18 @@ fn position_sums<T: Float>(
     // Each tile's per-position sums, the first then the second, in the order of `tiles`.
     let mut tile_sums = Scratch::filled(blocks * row * 2, 0f64);
     let pieces = per_tile(&mut tile_sums, &tiles, 2);
-    tiles
-        .par_iter()
-        .zip(pieces)
-        .with_min_len(min_units(tile_values(rows, row)))
-        .for_each(|((block, cols), out)| {
+    parallel::for_each(
+        tiles
+            .par_iter()
+            .zip(pieces)
+            .with_min_len(min_units(tile_values(rows, row))),
+        |((block, cols), out)| {
             let (w1, w2) = out.split_at_mut(cols.len());
             for_row_groups(x, dy, row, block, cols, |xs, dys| {
                 add(xs, dys, cols, w1, w2)
             });
-        });
+        },
+    );
     let (mut s1, mut s2) = (Scratch::filled(row, 0f64), Scratch::filled(row, 0f64));
     let mut at = 0;
     for (_, cols) in tiles.iter().step_by(blocks) {
@@ -233,10 +236,8 @@ fn exact_columns<T: Float>(x: &[T], row: usize, columns: &[usize]) -> Vec<Moment
     // Σ term(value, column index) per column over each block, then over
     // blocks in row order.
     let sums = |term: &(dyn Fn(f64, usize) -> f64 + Sync)| -> Vec<f64> {
-        let per_block: Vec<Vec<f64>> = blocks
-            .par_iter()
-            .with_min_len(min_len)
-            .map(|block| {
+        let per_block: Vec<Vec<f64>> =
+            parallel::collect(blocks.par_iter().with_min_len(min_len).map(|block| {
                 let mut acc = vec![0.0; columns.len()];
                 for r in block.clone() {
                     let values = &x[r * row..(r + 1) * row];
@@ -245,8 +246,7 @@ fn exact_columns<T: Float>(x: &[T], row: usize, columns: &[usize]) -> Vec<Moment
                     }
                 }
                 acc
-            })
-            .collect();
+            }));
         let mut total = vec![0.0; columns.len()];
         for block in per_block {
             for (t, v) in total.iter_mut().zip(block) {
@@ -306,9 +306,9 @@ pub(crate) fn normalize<T: Float>(
     // Runs of whole rows, so that a kernel call takes its rows in groups
     // ([`transform::ROW_GROUP`]).
     let run = row_run(x.len() / row, row);
-    x.par_chunks(run)
-        .zip(y.par_chunks_mut(run))
-        .for_each(|(xr, yr)| transform::normalize_positions(xr, yr, &k, act));
+    parallel::for_each(x.par_chunks(run).zip(y.par_chunks_mut(run)), |(xr, yr)| {
+        transform::normalize_positions(xr, yr, &k, act)
+    });
 }
 
 /// The fused activation's per-position `z` coefficients (empty without one).
@@ -394,8 +394,10 @@ pub(crate) fn input_grad<T: Float>(
     let act = fused.map(|f| f.act);
     // Runs of whole rows, as in [`normalize`].
     let run = row_run(x.len() / row, row);
-    x.par_chunks(run)
-        .zip(dy.par_chunks(run))
-        .zip(dx.par_chunks_mut(run))
-        .for_each(|((xr, dr), or)| transform::input_grad_positions(xr, dr, or, &k, act));
+    parallel::for_each(
+        x.par_chunks(run)
+            .zip(dy.par_chunks(run))
+            .zip(dx.par_chunks_mut(run)),
+        |((xr, dr), or)| transform::input_grad_positions(xr, dr, or, &k, act),
+    );
 }

@@ -22,6 +22,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::parallel::{self};
 use super::parallel::{block_units, min_units, sum_partials};
 use super::BiasGrad;
 use super::{
@@ -107,17 +108,19 @@ fn forward_unchecked<T: Float, P: Float>(
     let w: Vec<T::Lane> = param_lanes(op, "weight", weight, n, 1.0)?;
     let b: Vec<T::Lane> = param_lanes(op, "bias", bias, n, 0.0)?;
     let store = Store::for_output::<T>(x.len());
-    x.par_chunks(n)
-        .zip(y.par_chunks_mut(n))
-        .zip(saved.mean.par_iter_mut().zip(saved.rstd.par_iter_mut()))
-        .with_min_len(min_units(n))
-        .for_each(|((x_row, y_row), (mean, rstd))| {
+    parallel::for_each(
+        x.par_chunks(n)
+            .zip(y.par_chunks_mut(n))
+            .zip(saved.mean.par_iter_mut().zip(saved.rstd.par_iter_mut()))
+            .with_min_len(min_units(n)),
+        |((x_row, y_row), (mean, rstd))| {
             let (m, var) = row_stats(norm, x_row);
             let r = eps.rstd(var);
             let (hi, lo) = T::Lane::split(m);
             transform::normalize_row(x_row, y_row, hi, lo, T::Lane::of(r), &w, &b, store, act);
             (*mean, *rstd) = (m, r);
-        });
+        },
+    );
     Ok(())
 }
 
@@ -203,62 +206,63 @@ fn backward_unchecked<T: Float, P: Float>(
     // allocation of partial sums per row.
     let per_block = block_units(rows).max(min_units(n));
     let block = per_block * n;
-    let partials: Vec<(Scratch<f64>, Scratch<f64>)> = x
-        .par_chunks(block)
-        .zip(dy.par_chunks(block))
-        .zip(dx.par_chunks_mut(block))
-        .zip(
-            saved
-                .mean
-                .par_chunks(per_block)
-                .zip(saved.rstd.par_chunks(per_block)),
-        )
-        .with_min_len(min_units(block))
-        .map(|(((xb, dyb), dxb), (means, rstds))| {
-            // dγ, dβ: lanes over a few rows, flushed into the block's f64 sums.
-            // From the buffer cache: zeroed `vec!`s of a long row's length
-            // were fresh pages, faulted in (and copied on write) on every
-            // call, most of a decoding step's backward (`[8, 8192]`).
-            let (mut dw, mut db) = (Scratch::filled(n, 0.0), Scratch::filled(n, 0.0));
-            let zero = T::Lane::ZERO;
-            let (mut dw_lanes, mut db_lanes) = (Scratch::filled(n, zero), Scratch::filled(n, zero));
-            // `g = w·dz` of the current row, from the first pass to the second.
-            let mut g_row = Scratch::filled(n, zero);
-            let rows = xb
-                .chunks_exact(n)
-                .zip(dyb.chunks_exact(n))
-                .zip(dxb.chunks_exact_mut(n));
-            for (i, (((x_row, dy_row), dx_row), (&mean, &rstd))) in
-                rows.zip(means.iter().zip(rstds)).enumerate()
-            {
-                let (hi, lo) = T::Lane::split(mean);
-                let r = T::Lane::of(rstd);
-                let (sum_g, sum_g_xhat) = sums::row_grad_sums(
-                    x_row,
-                    dy_row,
-                    &mut g_row,
-                    &w,
-                    hi,
-                    lo,
-                    r,
-                    &mut dw_lanes,
-                    &mut db_lanes,
-                    &b,
-                    act,
-                );
-                let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
-                let (mean_g, b_k) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
-                transform::row_dx(x_row, &g_row, hi, lo, r, mean_g, b_k, dx_row, store);
-                if (i + 1) % FLUSH_ROWS == 0 {
-                    sums::flush::<T>(&mut dw, &mut dw_lanes);
-                    sums::flush::<T>(&mut db, &mut db_lanes);
+    let partials: Vec<(Scratch<f64>, Scratch<f64>)> = parallel::collect(
+        x.par_chunks(block)
+            .zip(dy.par_chunks(block))
+            .zip(dx.par_chunks_mut(block))
+            .zip(
+                saved
+                    .mean
+                    .par_chunks(per_block)
+                    .zip(saved.rstd.par_chunks(per_block)),
+            )
+            .with_min_len(min_units(block))
+            .map(|(((xb, dyb), dxb), (means, rstds))| {
+                // dγ, dβ: lanes over a few rows, flushed into the block's f64 sums.
+                // From the buffer cache: zeroed `vec!`s of a long row's length
+                // were fresh pages, faulted in (and copied on write) on every
+                // call, most of a decoding step's backward (`[8, 8192]`).
+                let (mut dw, mut db) = (Scratch::filled(n, 0.0), Scratch::filled(n, 0.0));
+                let zero = T::Lane::ZERO;
+                let (mut dw_lanes, mut db_lanes) =
+                    (Scratch::filled(n, zero), Scratch::filled(n, zero));
+                // `g = w·dz` of the current row, from the first pass to the second.
+                let mut g_row = Scratch::filled(n, zero);
+                let rows = xb
+                    .chunks_exact(n)
+                    .zip(dyb.chunks_exact(n))
+                    .zip(dxb.chunks_exact_mut(n));
+                for (i, (((x_row, dy_row), dx_row), (&mean, &rstd))) in
+                    rows.zip(means.iter().zip(rstds)).enumerate()
+                {
+                    let (hi, lo) = T::Lane::split(mean);
+                    let r = T::Lane::of(rstd);
+                    let (sum_g, sum_g_xhat) = sums::row_grad_sums(
+                        x_row,
+                        dy_row,
+                        &mut g_row,
+                        &w,
+                        hi,
+                        lo,
+                        r,
+                        &mut dw_lanes,
+                        &mut db_lanes,
+                        &b,
+                        act,
+                    );
+                    let k = row_coefficients(norm, eps, rstd, sum_g, sum_g_xhat, n);
+                    let (mean_g, b_k) = (T::Lane::of(k.mean_g), T::Lane::of(k.b));
+                    transform::row_dx(x_row, &g_row, hi, lo, r, mean_g, b_k, dx_row, store);
+                    if (i + 1) % FLUSH_ROWS == 0 {
+                        sums::flush::<T>(&mut dw, &mut dw_lanes);
+                        sums::flush::<T>(&mut db, &mut db_lanes);
+                    }
                 }
-            }
-            sums::flush::<T>(&mut dw, &mut dw_lanes);
-            sums::flush::<T>(&mut db, &mut db_lanes);
-            (dw, db)
-        })
-        .collect();
+                sums::flush::<T>(&mut dw, &mut dw_lanes);
+                sums::flush::<T>(&mut db, &mut db_lanes);
+                (dw, db)
+            }),
+    );
     let (dw, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
     write_sums(dweight, &sum_partials(n, dw));
     write_sums(dbias, &sum_partials(n, db));
