@@ -38,7 +38,8 @@ pub(crate) const MIN_TASK_VALUES: usize = 1 << 15;
 const MAX_PIECES: usize = 64;
 
 /// Runs `f` on every item of `iter`, on the calling thread and on helpers
-/// from rayon's pool that join in when they are free.
+/// from rayon's pool that join in when they are free (called from outside
+/// the pool; inside it, rayon's own `for_each`).
 ///
 /// rayon's own `for_each`, called from outside the pool, hands the whole
 /// pass to a worker and puts the caller to sleep until it is done. On a
@@ -68,6 +69,10 @@ where
             in_pieces(producer, self.0, |piece| piece.into_iter().for_each(f));
         }
     }
+    if rayon::current_thread_index().is_some() {
+        // Inside the pool a split is a cheap `join`: rayon's own scheduling.
+        return iter.for_each(&f);
+    }
     let len = iter.len();
     iter.with_producer(Each(len, f));
 }
@@ -91,6 +96,9 @@ where
             pieces.into_iter().for_each(|p| out.extend(p));
             out
         }
+    }
+    if rayon::current_thread_index().is_some() {
+        return iter.collect();
     }
     let len = iter.len();
     iter.with_producer(Collect(len))
@@ -323,49 +331,56 @@ mod tests {
         }
     }
 
-    /// A pass whose helpers cannot start (every other worker busy) is
-    /// finished by its caller alone, without waiting for them; the helper
-    /// jobs that run later do nothing.
+    /// A pass whose helpers cannot start (every worker of the global pool
+    /// busy) is finished by its caller alone, without waiting for them; the
+    /// helper jobs that run later do nothing.
     #[test]
     fn busy_pool_leaves_the_work_to_the_caller() {
-        let pool = pool(2);
-        let started = std::sync::Barrier::new(2);
-        let done = AtomicBool::new(false);
-        pool.scope(|scope| {
-            scope.spawn(|_| {
-                started.wait();
-                while !done.load(Ordering::SeqCst) {
+        let workers = rayon::current_num_threads();
+        let (started, release) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        {
+            let (started, release) = (Arc::clone(&started), Arc::clone(&release));
+            rayon::spawn_broadcast(move |_| {
+                started.fetch_add(1, Ordering::SeqCst);
+                while !release.load(Ordering::SeqCst) {
                     std::thread::yield_now();
                 }
             });
-            scope.spawn(|_| {
-                started.wait();
-                let got = collect(
-                    (0..10_000usize)
-                        .into_par_iter()
-                        .with_min_len(10)
-                        .map(|i| i % 7),
-                );
-                let want: Vec<usize> = (0..10_000usize).map(|i| i % 7).collect();
-                done.store(true, Ordering::SeqCst);
-                assert_eq!(got, want);
-            });
-        });
+        }
+        while started.load(Ordering::SeqCst) < workers {
+            std::thread::yield_now();
+        }
+        let got = collect(
+            (0..10_000usize)
+                .into_par_iter()
+                .with_min_len(10)
+                .map(|i| i % 7),
+        );
+        release.store(true, Ordering::SeqCst);
+        assert_eq!(got, (0..10_000usize).map(|i| i % 7).collect::<Vec<_>>());
     }
 
     /// A piece that panics makes the call panic, after every running piece
-    /// has finished.
+    /// has finished; from outside the pool (a helper or the caller panics)
+    /// and inside pools of 1 to 3 threads.
     #[test]
     fn a_panicking_piece_panics_the_call() {
+        let pass = || {
+            for_each((0..1000usize).into_par_iter().with_min_len(10), |i| {
+                assert!(i != 777, "piece 777");
+            })
+        };
+        for _ in 0..20 {
+            let result = std::panic::catch_unwind(pass);
+            assert!(result.is_err(), "from outside the pool");
+        }
         for threads in [1, 2, 3] {
             let pool = pool(threads);
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                pool.install(|| {
-                    for_each((0..1000usize).into_par_iter().with_min_len(10), |i| {
-                        assert!(i != 777, "piece 777");
-                    })
-                })
-            }));
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(pass)));
             assert!(result.is_err(), "{threads} threads");
             // The pool still works afterwards.
             assert_eq!(
