@@ -109,6 +109,11 @@ enum Command {
         /// The activation of the fused suite: relu, tanh or sigmoid.
         #[arg(long, default_value = "relu", value_parser = parse_activation)]
         activation: normlab::Activation,
+        /// Call the kernels from a thread outside the pool, as a program
+        /// that never set up rayon does (default: the main thread is one of
+        /// the pool's workers; the training suite always calls from outside).
+        #[arg(long)]
+        outside_pool: bool,
     },
 }
 
@@ -218,9 +223,15 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Bench { threads, .. } => *threads,
         _ => None,
     });
-    if let Command::Bench { threads, suite, .. } = &cli.command {
+    if let Command::Bench {
+        threads,
+        suite,
+        outside_pool,
+        ..
+    } = &cli.command
+    {
         // Training steps are timed in the pool the lab trains in.
-        bench_thread_pool(*threads, *suite != bench::Suite::Training)?;
+        bench_thread_pool(*threads, *suite != bench::Suite::Training && !outside_pool)?;
     }
     match cli.command {
         Command::Report(args) => {
@@ -246,6 +257,7 @@ fn run() -> anyhow::Result<ExitCode> {
             json,
             list,
             activation,
+            outside_pool: _,
         } => {
             let choice = BenchChoice {
                 suite,
@@ -276,7 +288,9 @@ fn run() -> anyhow::Result<ExitCode> {
 /// to be woken. The bf16 BatchNorm1d forward on `[256, 512]` took
 /// 0.20–0.37 ms from outside the pool and 0.17 ms from inside it (2
 /// threads, medians of 100 runs, `normlab bench --suite models --dtype
-/// bf16`). Only the bench does this: its main thread does nothing but call
+/// bf16`; rayon's own scheduling; the kernels' passes now run with the
+/// caller working on them from outside the pool too, see `--outside-pool`).
+/// Only the bench does this: its main thread does nothing but call
 /// kernels. The lab's SyncBatchNorm ranks are threads of their own whose
 /// kernels run on the pool while the main thread waits for them; with the
 /// main thread in the pool, that wait would hold one of its workers; so
