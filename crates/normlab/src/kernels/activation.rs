@@ -7,8 +7,7 @@
 use rayon::prelude::*;
 
 use super::check_view;
-use super::parallel::min_units;
-use super::parallel::{self};
+use super::parallel::{self, min_units};
 use crate::simd::transform;
 use crate::{Activation, Float, Result, Tensor, View};
 

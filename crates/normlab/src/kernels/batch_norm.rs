@@ -12,8 +12,7 @@
 //! then the input gradient ([`backward_input`]), so that SyncBatchNorm can
 //! all-reduce the sums between them.
 
-use super::parallel::{self};
-use super::parallel::{channels, channels_mut, min_units, sum_partials};
+use super::parallel::{self, channels, channels_mut, min_units, sum_partials};
 use super::slices::Affine;
 use super::{affine_at, positions, slices, BiasGrad, ChannelAct};
 use super::{
@@ -174,14 +173,20 @@ fn short_moments<T: Float>(x: &[T], layout: NcsLayout) -> Vec<Moments> {
         sums::centred_sums_slices(run, s, first, &shifts, totals)
     });
     let count = (layout.n * s) as f64;
-    parallel::collect(totals.into_par_iter().enumerate().map(|(ch, (s1, s2))| {
-        Moments::from_centred_sums_checked(count, shifts[ch], s1, s2).unwrap_or_else(|| {
-            x.chunks_exact(s)
-                .skip(ch)
-                .step_by(c)
-                .fold(Moments::EMPTY, |acc, sl| acc.merge(Moments::of_slice(sl)))
+    // On the calling thread: a channel is a few operations, unless its sums
+    // fail the check and it is redone.
+    totals
+        .into_iter()
+        .enumerate()
+        .map(|(ch, (s1, s2))| {
+            Moments::from_centred_sums_checked(count, shifts[ch], s1, s2).unwrap_or_else(|| {
+                x.chunks_exact(s)
+                    .skip(ch)
+                    .step_by(c)
+                    .fold(Moments::EMPTY, |acc, sl| acc.merge(Moments::of_slice(sl)))
+            })
         })
-    }))
+        .collect()
 }
 
 /// Per-channel moments of `x` laid out as `layout`: channel `c` gathers
@@ -744,6 +749,7 @@ fn backward_fused<T: Float, P: Float>(
             .zip(channels(dy, c, s))
             .zip(channels_mut(dx, c, s))
             .enumerate()
+            .with_min_len(min_units(layout.n * s))
             .map(|(ch, ((xs, dys), dxs))| {
                 let (mean, rstd) = (saved.mean[ch], saved.rstd[ch]);
                 let z_k = affine_at(fused, ch);

@@ -26,8 +26,7 @@
 
 use rayon::prelude::*;
 
-use super::parallel::{self};
-use super::parallel::{block_units, min_units, sum_partials};
+use super::parallel::{self, block_units, min_units, sum_partials};
 use super::rows::{write_sums, RowNorm};
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_at, DxCoefficients, Epsilon, Grads,

@@ -10,8 +10,7 @@
 //! ```
 //! Each group is one contiguous block of `C/G·spatial` values.
 
-use super::parallel::min_units;
-use super::parallel::{self};
+use super::parallel::{self, min_units};
 use super::rows::write_sums;
 use super::slices::{self, Affine};
 use super::BiasGrad;

@@ -113,7 +113,11 @@ fn in_pieces<P: Producer, R: Send>(
 ) -> Vec<R> {
     let piece_len = producer.min_len().max(len.div_ceil(MAX_PIECES)).max(1);
     let count = len.div_ceil(piece_len);
-    let helpers = (rayon::current_num_threads().saturating_sub(1)).min(count.saturating_sub(1));
+    if count <= 1 {
+        return vec![work(producer)];
+    }
+    let callers = Caller::enter();
+    let helpers = callers.helpers().min(count - 1);
     if helpers == 0 {
         return vec![work(producer)];
     }
@@ -134,11 +138,15 @@ fn in_pieces<P: Producer, R: Send>(
         }
         let piece = lock(&pieces[i]).take();
         if let Some(piece) = piece {
+            // A panicking piece ends the pass: nobody claims another.
+            let stop = StopOnPanic(&next, count);
             let r = work(piece);
+            std::mem::forget(stop);
             *lock(&results[i]) = Some(r);
         }
     };
     with_helpers(helpers, &claim);
+    drop(callers);
     results
         .into_iter()
         .map(|r| {
@@ -150,9 +158,50 @@ fn in_pieces<P: Producer, R: Send>(
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panicking piece leaves the slot as it was: recover it (the panic is
-    // raised again by `with_helpers`).
+    // No lock is held while a piece runs, so none is poisoned by one; take
+    // the value anyway rather than add a panic path.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Dropped only when a piece unwinds: marks every piece as claimed.
+struct StopOnPanic<'a>(&'a AtomicUsize, usize);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_max(self.1, Ordering::Relaxed);
+    }
+}
+
+/// Callers outside the pool inside a pass now (the lab's SyncBatchNorm
+/// ranks are threads of their own, each calling kernels).
+static CALLERS: AtomicUsize = AtomicUsize::new(0);
+/// Helper jobs spawned and not yet started.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+/// Helper jobs queued at most per thread of the pool.
+const MAX_QUEUED_PER_THREAD: usize = 16;
+
+/// A caller counted in [`CALLERS`] while it lives.
+struct Caller;
+
+impl Caller {
+    fn enter() -> Self {
+        CALLERS.fetch_add(1, Ordering::SeqCst);
+        Caller
+    }
+
+    /// Helpers this caller may have: the pool's threads less one for each
+    /// caller in a pass (each of which computes too), so that callers and
+    /// helpers together stay at the pool's thread count.
+    fn helpers(&self) -> usize {
+        let callers = CALLERS.load(Ordering::SeqCst).max(1);
+        rayon::current_num_threads().saturating_sub(callers)
+    }
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        CALLERS.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What a caller and its helpers share beyond the caller's stack frame: a
@@ -163,7 +212,8 @@ struct Gate {
     /// Set by the caller once its own run of `claim` is over (every piece
     /// claimed); a helper that sees it leaves without touching `claim`.
     closed: AtomicBool,
-    panicked: AtomicBool,
+    /// The first panic of a helper's piece, raised again by the caller.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 /// `claim` with its lifetime erased, so that a helper job (which rayon
@@ -174,47 +224,56 @@ struct Claim(*const (dyn Fn() + Sync + 'static));
 // keeps it alive while any helper may call it.
 unsafe impl Send for Claim {}
 
-/// Runs `claim` on the calling thread and on up to `helpers` rayon jobs;
-/// returns once the caller's run is over and no helper is inside `claim`.
+/// One helper's turn on a pass (see `with_helpers` for why `claim` is
+/// alive whenever it is called here).
+fn help(gate: &Gate, claim: &Claim) {
+    /// Leaves the pass also when dropping a panic's payload panics.
+    struct Leave<'a>(&'a AtomicUsize);
+    impl Drop for Leave<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    gate.active.fetch_add(1, Ordering::SeqCst);
+    let _leave = Leave(&gate.active);
+    if !gate.closed.load(Ordering::SeqCst) {
+        // SAFETY: see `with_helpers`.
+        let run = unsafe { &*claim.0 };
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            lock(&gate.panic).get_or_insert(payload);
+        }
+    }
+}
+
+/// Runs `claim` on the calling thread (outside the pool) and on up to
+/// `helpers` rayon jobs; returns once the caller's run is over and no
+/// helper is inside `claim`.
 fn with_helpers(helpers: usize, claim: &(dyn Fn() + Sync)) {
+    debug_assert!(rayon::current_thread_index().is_none());
     let gate = Arc::new(Gate {
         active: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
-        panicked: AtomicBool::new(false),
+        panic: Mutex::new(None),
     });
     let erased: *const (dyn Fn() + Sync + '_) = claim;
     // SAFETY (of the erasure and of every later dereference): a helper
     // calls `claim` only after announcing itself in `active` and then seeing
-    // `closed` unset. The caller sets `closed` and waits for `active` to
-    // fall to zero before this frame (and `claim`) goes away, also when it
-    // unwinds (`Close::drop`). Both sides use sequentially consistent
-    // operations, so a helper either sees `closed`, or is counted in the
-    // `active` the caller waits on.
+    // `closed` unset (`help`). The caller sets `closed` and waits for
+    // `active` to fall to zero before this frame (and `claim`) goes away,
+    // also when it unwinds (`Close::drop`, armed before any helper exists).
+    // Both sides use sequentially consistent operations, so a helper either
+    // sees `closed`, or is counted in the `active` the caller waits on.
     let erased: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(erased) };
-    for _ in 0..helpers {
-        let (gate, claim) = (Arc::clone(&gate), Claim(erased));
-        rayon::spawn(move || {
-            let claim = claim;
-            gate.active.fetch_add(1, Ordering::SeqCst);
-            if !gate.closed.load(Ordering::SeqCst) {
-                // SAFETY: see above.
-                let run = unsafe { &*claim.0 };
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).is_err() {
-                    gate.panicked.store(true, Ordering::SeqCst);
-                }
-            }
-            gate.active.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
     struct Close<'a>(&'a Gate);
     impl Drop for Close<'_> {
         fn drop(&mut self) {
             self.0.closed.store(true, Ordering::SeqCst);
-            // Only pieces already running are waited for: short spins, then
-            // yields in case a helper's thread was preempted.
+            // Only pieces already running are waited for (at most one
+            // piece's time): short spins, then yields in case a helper's
+            // thread was preempted.
             let mut spins = 0u32;
             while self.0.active.load(Ordering::SeqCst) != 0 {
-                if spins < 1 << 12 {
+                if spins < 1 << 10 {
                     std::hint::spin_loop();
                     spins += 1;
                 } else {
@@ -225,10 +284,26 @@ fn with_helpers(helpers: usize, claim: &(dyn Fn() + Sync)) {
     }
     {
         let _close = Close(&gate);
+        // Helpers queued from earlier passes find them closed; each spawn
+        // also wakes a sleeping worker, which then finds this pass open.
+        // Keeping no more queued than the pool has threads measured slower
+        // (0.62–0.80× on four small cases from outside the pool); the bound
+        // only stops a pile-up while the application keeps the pool busy.
+        let room = (MAX_QUEUED_PER_THREAD * rayon::current_num_threads())
+            .saturating_sub(QUEUED.load(Ordering::SeqCst));
+        for _ in 0..helpers.min(room) {
+            QUEUED.fetch_add(1, Ordering::SeqCst);
+            let (gate, claim) = (Arc::clone(&gate), Claim(erased));
+            rayon::spawn(move || {
+                QUEUED.fetch_sub(1, Ordering::SeqCst);
+                help(&gate, &claim);
+            });
+        }
         claim();
     }
-    if gate.panicked.load(Ordering::SeqCst) {
-        panic!("a parallel piece of a normalization kernel panicked");
+    let payload = lock(&gate.panic).take();
+    if let Some(payload) = payload {
+        std::panic::resume_unwind(payload);
     }
 }
 
@@ -289,6 +364,10 @@ mod tests {
     use rayon::prelude::*;
     use std::sync::atomic::AtomicU32;
 
+    /// Held by the tests that occupy or count on the global pool's
+    /// workers, so that they do not take them from each other.
+    static GLOBAL_POOL: Mutex<()> = Mutex::new(());
+
     fn pool(threads: usize) -> rayon::ThreadPool {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -300,6 +379,7 @@ mod tests {
     /// threads and from outside them, for lengths around the piece sizes.
     #[test]
     fn every_item_once_in_order() {
+        let _global = lock(&GLOBAL_POOL);
         for threads in 1..=4 {
             let pool = pool(threads);
             for len in [0usize, 1, 2, 63, 64, 65, 1000, 4097] {
@@ -336,11 +416,20 @@ mod tests {
     /// helper jobs that run later do nothing.
     #[test]
     fn busy_pool_leaves_the_work_to_the_caller() {
+        let _global = lock(&GLOBAL_POOL);
+        /// Frees the workers also when the pass panics.
+        struct Release(Arc<AtomicBool>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
         let workers = rayon::current_num_threads();
         let (started, release) = (
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
+        let _release = Release(Arc::clone(&release));
         {
             let (started, release) = (Arc::clone(&started), Arc::clone(&release));
             rayon::spawn_broadcast(move |_| {
@@ -353,14 +442,61 @@ mod tests {
         while started.load(Ordering::SeqCst) < workers {
             std::thread::yield_now();
         }
-        let got = collect(
-            (0..10_000usize)
-                .into_par_iter()
-                .with_min_len(10)
-                .map(|i| i % 7),
-        );
-        release.store(true, Ordering::SeqCst);
+        let caller = std::thread::current().id();
+        let elsewhere = AtomicUsize::new(0);
+        let got = collect((0..10_000usize).into_par_iter().with_min_len(10).map(|i| {
+            if std::thread::current().id() != caller {
+                elsewhere.fetch_add(1, Ordering::SeqCst);
+            }
+            i % 7
+        }));
         assert_eq!(got, (0..10_000usize).map(|i| i % 7).collect::<Vec<_>>());
+        drop(_release);
+        // The queued helpers now start, find the pass closed and leave.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            elsewhere.load(Ordering::SeqCst),
+            0,
+            "a late helper ran items"
+        );
+    }
+
+    /// A piece that panics on a helper makes the call panic with that
+    /// piece's payload.
+    #[test]
+    fn a_helpers_panic_reaches_the_caller() {
+        let _global = lock(&GLOBAL_POOL);
+        let caller = std::thread::current().id();
+        let helper_ran = AtomicBool::new(false);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for_each((0..64usize).into_par_iter(), |i| {
+                if std::thread::current().id() != caller {
+                    helper_ran.store(true, Ordering::SeqCst);
+                    panic!("helper piece {i}");
+                }
+                if i == 0 {
+                    // Give a helper (bounded) time to take a piece.
+                    let start = std::time::Instant::now();
+                    while !helper_ran.load(Ordering::SeqCst)
+                        && start.elapsed() < std::time::Duration::from_secs(5)
+                    {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        }));
+        // Without a second thread (a one-core machine, or other tests'
+        // passes taking the helpers) no helper runs and nothing panics.
+        if helper_ran.load(Ordering::SeqCst) {
+            let payload = result.expect_err("the helper's panic reaches the caller");
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_default();
+            assert!(message.starts_with("helper piece"), "{message}");
+        } else {
+            assert!(result.is_ok());
+        }
     }
 
     /// A piece that panics makes the call panic, after every running piece
@@ -368,6 +504,7 @@ mod tests {
     /// and inside pools of 1 to 3 threads.
     #[test]
     fn a_panicking_piece_panics_the_call() {
+        let _global = lock(&GLOBAL_POOL);
         let pass = || {
             for_each((0..1000usize).into_par_iter().with_min_len(10), |i| {
                 assert!(i != 777, "piece 777");

@@ -19,8 +19,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::parallel::min_units;
-use super::parallel::{self};
+use super::parallel::{self, min_units};
 use super::{ChannelAct, DxCoefficients};
 use crate::alloc::Scratch;
 use crate::float::Lane;

@@ -22,8 +22,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::parallel::{self};
-use super::parallel::{block_units, min_units, sum_partials};
+use super::parallel::{self, block_units, min_units, sum_partials};
 use super::BiasGrad;
 use super::{
     check_param, check_saved, check_view, grad_buffer, param_lanes, resolve_axis, DxCoefficients,
