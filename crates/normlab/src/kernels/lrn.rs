@@ -212,30 +212,26 @@ fn forward_unchecked<T: Float>(
     if sample == 0 {
         return;
     }
+    let samples = x
+        .par_chunks(sample)
+        .zip(y.par_chunks_mut(sample))
+        .with_min_len(super::parallel::min_units(sample));
     if let Some(pow) = fast_path(options, sample / shape[1]) {
         // Streaming stores measured no faster here: the loop is
         // compute-heavy (a power per value) and ordinary stores overlap
         // with it as well.
         let store = Store::Cached;
-        parallel::for_each(
-            x.par_chunks(sample)
-                .zip(y.par_chunks_mut(sample))
-                .with_min_len(super::parallel::min_units(sample)),
-            |(xs, ys)| forward_sample(xs, ys, shape[1], sample / shape[1], options, pow, store),
-        );
+        parallel::for_each(samples, |(xs, ys)| {
+            forward_sample(xs, ys, shape[1], sample / shape[1], options, pow, store)
+        });
         return;
     }
-    parallel::for_each(
-        x.par_chunks(sample)
-            .zip(y.par_chunks_mut(sample))
-            .with_min_len(super::parallel::min_units(sample)),
-        |(xs, ys)| {
-            let s = scale_terms(xs, &sample_shape, options);
-            for ((yv, &xv), &sv) in ys.iter_mut().zip(xs).zip(&s) {
-                yv.write(T::from_f64(xv.to_f64() * sv.powf(-options.beta)));
-            }
-        },
-    );
+    parallel::for_each(samples, |(xs, ys)| {
+        let s = scale_terms(xs, &sample_shape, options);
+        for ((yv, &xv), &sv) in ys.iter_mut().zip(xs).zip(&s) {
+            yv.write(T::from_f64(xv.to_f64() * sv.powf(-options.beta)));
+        }
+    });
 }
 
 /// Backward on a buffer of `shape`: writes `dx` (LRN has no parameters).
@@ -271,54 +267,47 @@ fn backward_unchecked<T: Float>(
     if sample == 0 {
         return;
     }
+    let samples = x
+        .par_chunks(sample)
+        .zip(dy.par_chunks(sample))
+        .zip(dx.par_chunks_mut(sample))
+        .with_min_len(super::parallel::min_units(sample));
     if let Some(pow) = fast_path(options, sample / shape[1]) {
         let store = Store::Cached;
-        parallel::for_each(
-            x.par_chunks(sample)
-                .zip(dy.par_chunks(sample))
-                .zip(dx.par_chunks_mut(sample))
-                .with_min_len(super::parallel::min_units(sample)),
-            |((xs, dys), dxs)| {
-                backward_sample(
-                    xs,
-                    dys,
-                    dxs,
-                    shape[1],
-                    sample / shape[1],
-                    options,
-                    pow,
-                    store,
-                )
-            },
-        );
+        parallel::for_each(samples, |((xs, dys), dxs)| {
+            backward_sample(
+                xs,
+                dys,
+                dxs,
+                shape[1],
+                sample / shape[1],
+                options,
+                pow,
+                store,
+            )
+        });
         return;
     }
     let beta = options.beta;
     let coef = 2.0 * options.scale(shape.len() - 2) * beta;
-    parallel::for_each(
-        x.par_chunks(sample)
-            .zip(dy.par_chunks(sample))
-            .zip(dx.par_chunks_mut(sample))
-            .with_min_len(super::parallel::min_units(sample)),
-        |((xs, dys), dxs)| {
-            let s = scale_terms(xs, &sample_shape, options);
-            // t_i = dy_i·x_i·S_i^(-β-1), gathered over the transposed window.
-            let t = dys
-                .iter()
-                .zip(xs)
-                .zip(&s)
-                .map(|((&d, &xv), &sv)| d.to_f64() * xv.to_f64() * sv.powf(-beta - 1.0))
-                .collect();
-            let gathered = window_sum(t, &sample_shape, options, true);
-            for (((dxv, &d), &xv), (&sv, &u)) in
-                dxs.iter_mut().zip(dys).zip(xs).zip(s.iter().zip(&gathered))
-            {
-                dxv.write(T::from_f64(
-                    d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u,
-                ));
-            }
-        },
-    );
+    parallel::for_each(samples, |((xs, dys), dxs)| {
+        let s = scale_terms(xs, &sample_shape, options);
+        // t_i = dy_i·x_i·S_i^(-β-1), gathered over the transposed window.
+        let t = dys
+            .iter()
+            .zip(xs)
+            .zip(&s)
+            .map(|((&d, &xv), &sv)| d.to_f64() * xv.to_f64() * sv.powf(-beta - 1.0))
+            .collect();
+        let gathered = window_sum(t, &sample_shape, options, true);
+        for (((dxv, &d), &xv), (&sv, &u)) in
+            dxs.iter_mut().zip(dys).zip(xs).zip(s.iter().zip(&gathered))
+        {
+            dxv.write(T::from_f64(
+                d.to_f64() * sv.powf(-beta) - coef * xv.to_f64() * u,
+            ));
+        }
+    });
 }
 
 /// `[1, C, spatial…]`: the shape of one sample.
