@@ -227,18 +227,17 @@ fn backward_unchecked<T: Float, P: Float>(
                     (Scratch::filled(n, zero), Scratch::filled(n, zero));
                 // `g = w·dz` of the current row, from the first pass to the second.
                 let mut g_row = Scratch::filled(n, zero);
-                let rows = xb
-                    .chunks_exact(n)
-                    .zip(dyb.chunks_exact(n))
-                    .zip(dxb.chunks_exact_mut(n));
-                for (i, (((x_row, dy_row), dx_row), (&mean, &rstd))) in
+                let rows = xb.chunks_exact(n).zip(dxb.chunks_exact_mut(n));
+                for (i, ((x_row, dx_row), (&mean, &rstd))) in
                     rows.zip(means.iter().zip(rstds)).enumerate()
                 {
                     let (hi, lo) = T::Lane::split(mean);
                     let r = T::Lane::of(rstd);
+                    // The row and the block's rows after it, which the pass prefetches.
+                    let (x_rest, dy_rest) = (&xb[i * n..], &dyb[i * n..]);
                     let (sum_g, sum_g_xhat) = sums::row_grad_sums(
-                        x_row,
-                        dy_row,
+                        x_rest,
+                        dy_rest,
                         &mut g_row,
                         &w,
                         hi,

@@ -15,7 +15,7 @@
 
 use super::activation::{self as act_lanes, unswitch, Act};
 use crate::float::{Float, Lane};
-use crate::simd::convert::{load, load16, load_n, VECTOR};
+use crate::simd::convert::{load, load16, load_n, prefetch, VECTOR};
 use crate::simd::transform::{lanes_n, put_n};
 use crate::simd::vector::{V16, V8};
 use crate::simd::{simd_fn, Isa};
@@ -341,10 +341,12 @@ simd_fn! {
     /// second pass, [`super::transform::row_dx`], reads it there instead of
     /// recomputing `z`, `dz` and `g` from `x`, `dy`, `w` and `bias`), and adds
     /// `dz·x̂` to `dweight` and `dz` to `dbias` (lane partials, which the
-    /// caller flushes into f64 every few rows).
+    /// caller flushes into f64 every few rows). The row is the first
+    /// `w.len()` values of `x_rest`, `dy_rest`; their rest, the next rows
+    /// of the caller's block, is prefetched.
     pub fn row_grad_sums<T: Float>[L](
-        x: &[T],
-        dy: &[T],
+        x_rest: &[T],
+        dy_rest: &[T],
         g_out: &mut [T::Lane],
         w: &[T::Lane],
         hi: T::Lane,
@@ -356,6 +358,7 @@ simd_fn! {
         act: Act,
     ) -> (f64, f64) {
         unswitch!(act, {
+        let (x, dy) = (&x_rest[..w.len()], &dy_rest[..w.len()]);
         let zero = <T::Lane as Lane>::ZERO;
         let (hi_v, lo_v, rstd_v) = (V8::<T::Lane, L>::splat(hi), V8::splat(lo), V8::splat(rstd));
         // `Σg`, `Σg·x̂` in [`LANES`] lane sums of at most [`FLUSH`] terms,
@@ -419,6 +422,8 @@ simd_fn! {
                 // Groups 2p and 2p + 1 as the halves of one sixteen-lane sum.
                 let (mut sf16, mut sg16) = ([V16::<T::Lane, L>::zero(); 2], [V16::<T::Lane, L>::zero(); 2]);
                 while at + LANES <= end {
+                    prefetch(x_rest, at, LANES);
+                    prefetch(dy_rest, at, LANES);
                     for p in 0..2 {
                         let (f, h) = vector16(at + p * 16, g_out, dweight, dbias);
                         sf16[p] = sf16[p] + f;
@@ -432,6 +437,8 @@ simd_fn! {
                 }
             } else {
                 while at + LANES <= end {
+                    prefetch(x_rest, at, LANES);
+                    prefetch(dy_rest, at, LANES);
                     for g in 0..GROUPS {
                         let (f, h) = vector(at + g * VECTOR, VECTOR, g_out, dweight, dbias);
                         sf[g] += f;
