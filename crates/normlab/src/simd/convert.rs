@@ -702,11 +702,12 @@ pub fn fence(store: Store) {
 /// at 9 GB/s, stalled on every line. Measured on that pass, one thread,
 /// medians of 15: no prefetch 77–81 ms, 1 KiB ahead 46–59, 2 KiB 45–51,
 /// 4 KiB 53–55 ms. The row backward uses it (`normlab bench`, 2 threads,
-/// alternating runs: LayerNorm/RMSNorm backward 1.3–1.9× faster on the
+/// alternating runs: LayerNorm/RMSNorm backward 1.26–1.94× faster on the
 /// default suite's rows and on BERT, ViT and LLaMA prefill shapes). The
 /// per-channel statistics and gradient sums measured mixed with it
-/// (BatchNorm backward on 56×56 maps 1.12× faster, on 28×28 maps 0.85×;
-/// element-wise activations unchanged) and do without.
+/// (BatchNorm backward 0.78–1.12× on 56×56 maps and 0.73–0.92× on 28×28,
+/// GroupNorm forward 1.02–1.54×; element-wise activations unchanged) and
+/// do without.
 pub const PREFETCH_AHEAD: usize = 2048;
 
 /// Asks the cache for the lines of `data` [`PREFETCH_AHEAD`] bytes past
@@ -719,10 +720,9 @@ pub const PREFETCH_AHEAD: usize = 2048;
 pub fn prefetch<T>(data: &[T], at: usize, n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let ahead = PREFETCH_AHEAD;
         let size = std::mem::size_of::<T>();
-        let end = ((at + n) * size + ahead).min(std::mem::size_of_val(data));
-        let mut offset = at * size + ahead;
+        let end = ((at + n) * size + PREFETCH_AHEAD).min(std::mem::size_of_val(data));
+        let mut offset = at * size + PREFETCH_AHEAD;
         while offset < end {
             // SAFETY: SSE is part of the x86-64 baseline; a prefetch is a
             // hint that never faults (and the address lies within `data`).
